@@ -1,0 +1,135 @@
+"""Socket addresses as written in proxsmtpd.conf, and their resolution.
+
+Forms (as upstream's sock_any): `host:port`, `host` (default port), a bare
+`port`, `[v6addr]:port`, `[v6addr]`, a bare IPv6 address, `/path/to/socket`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+
+
+class AddressError(ValueError):
+    """An address that cannot be parsed or resolved."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address; `host` is None for a bare port (all / loopback)."""
+
+    host: str | None = None
+    port: int = 0
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        if self.host is None:
+            return str(self.port)
+        if ":" in self.host:
+            return "[%s]:%d" % (self.host, self.port)
+        return "%s:%d" % (self.host, self.port)
+
+
+def _port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise AddressError("invalid port in address: %s" % whole)
+    return int(text)
+
+
+def _host(text: str, whole: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    if text == "*":
+        return "0.0.0.0"
+    if not _HOSTNAME.match(text):
+        raise AddressError("invalid host in address: %s" % whole)
+    return text
+
+
+def parse(text: str, default_port: int) -> Address:
+    """Parse one address as written in the config file."""
+    text = text.strip()
+    if not text:
+        raise AddressError("empty address")
+    if text.startswith("/"):
+        return Address(path=text)
+    if text.isdigit():
+        return Address(port=_port(text, text))
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise AddressError("unbalanced brackets in address: %s" % text)
+        try:
+            host = str(ipaddress.IPv6Address(text[1:end]))
+        except ValueError:
+            raise AddressError("invalid IPv6 address: %s" % text) from None
+        rest = text[end + 1:]
+        if not rest:
+            return Address(host, default_port)
+        if not rest.startswith(":"):
+            raise AddressError("invalid address: %s" % text)
+        return Address(host, _port(rest[1:], text))
+    if text.count(":") > 1:
+        try:
+            return Address(str(ipaddress.IPv6Address(text)), default_port)
+        except ValueError:
+            raise AddressError("invalid IPv6 address: %s" % text) from None
+    host, sep, port = text.partition(":")
+    return Address(_host(host, text), _port(port, text) if sep else default_port)
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_unspecified(host: str | None) -> bool:
+    """True for a bare port, 0.0.0.0 and ::: the 'loopback feature' of OutAddress."""
+    return host is None or (is_ip(host) and ipaddress.ip_address(host).is_unspecified)
+
+
+def plain_ip(ip: str) -> str:
+    """An IP as clients and filters should see it: IPv4-mapped IPv6 unwrapped."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def peer_ip(sockaddr: object) -> str:
+    """The IP part of a sockaddr tuple (or 'UNKNOWN' for unix sockets)."""
+    if isinstance(sockaddr, tuple) and sockaddr:
+        return plain_ip(str(sockaddr[0]))
+    return "UNKNOWN"
+
+
+def family_of(ip: str) -> int:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def resolve(addr: Address, passive: bool = False) -> list[tuple[int, tuple]]:
+    """(family, sockaddr) pairs for an inet address; blocking (config time)."""
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=flags)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise AddressError("couldn't resolve %s: %s" % (addr.host, exc)) from None
+    return [(family, sockaddr) for family, _, _, _, sockaddr in infos]

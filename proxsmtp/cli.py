@@ -1,0 +1,83 @@
+"""Command line: `proxsmtpd [-d level] [-f configfile] [-p pidfile]`, `proxsmtpd -v`."""
+
+from __future__ import annotations
+
+import getopt
+import os
+import sys
+
+from . import __version__, config as configuration, defaults
+from .log import DEBUG_LEVELS, log, setup_stderr
+
+USAGE = ("usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n"
+         "       proxsmtpd -v\n")
+
+
+class Options:
+    """What the command line asked for."""
+
+    def __init__(self) -> None:
+        self.debug: int | None = None         # None: daemonize and use syslog
+        self.config_file = defaults.CONFIG_FILE
+        self.pid_file: str | None = None
+
+
+def die(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+    sys.stderr.write("proxsmtpd: %s\n" % message)
+    sys.exit(code)
+
+
+def parse_args(argv: list[str]) -> Options:
+    """Parse argv (without the program name); exits 0 for -v, 2 on misuse."""
+    options = Options()
+    try:
+        opts, rest = getopt.getopt(argv, "d:f:p:v")
+    except getopt.GetoptError:
+        sys.stderr.write(USAGE)
+        sys.exit(2)
+    if rest:
+        sys.stderr.write(USAGE)
+        sys.exit(2)
+    for flag, value in opts:
+        if flag == "-d":
+            if not value.isdigit() or int(value) not in DEBUG_LEVELS:
+                die("invalid debug log level (must be between 0 and 4)")
+            options.debug = int(value)
+        elif flag == "-f":
+            options.config_file = value
+        elif flag == "-p":
+            options.pid_file = value
+        elif flag == "-v":
+            print("proxsmtpd (version %s)" % __version__)
+            print("          (config: %s)" % defaults.CONFIG_FILE)
+            sys.exit(0)
+    return options
+
+
+def load_config(options: Options) -> configuration.Config:
+    """The validated config, its warnings logged; exits 2 on a config error."""
+    if not os.path.exists(options.config_file):
+        log.warning("configuration file not found: %s", options.config_file)
+    try:
+        config = configuration.load(options.config_file)
+    except configuration.ConfigError as exc:
+        die(str(exc))
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    if "PidFile" in config.named:
+        if options.pid_file is not None:
+            log.warning("ignoring pid file specified on the command line.")
+        options.pid_file = config.PidFile
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = parse_args(sys.argv[1:] if argv is None else argv)
+    setup_stderr(DEBUG_LEVELS[options.debug] if options.debug is not None else DEBUG_LEVELS[1])
+    config = load_config(options)
+    from . import master
+    return master.run(config, options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Install-time paths.  `make install` rewrites SYSCONFDIR in the installed copy."""
+
+SYSCONFDIR = "/usr/local/etc"
+CONFIG_FILE = SYSCONFDIR + "/proxsmtpd.conf"

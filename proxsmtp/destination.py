@@ -1,0 +1,128 @@
+"""Where a session's server connection goes (SPEC §4), and opening it.
+
+- OutAddress (resolved again for every connection);
+- a bare port (or 0.0.0.0 / ::): that port on the client's own address;
+- TransparentProxy client: the original destination from netfilter
+  (SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST), after an iptables REDIRECT;
+- TransparentProxy full: the accepted socket's local address (TPROXY), with
+  the outgoing socket bound to the client's address (IP_TRANSPARENT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+from . import addresses
+from .config import Config
+from .log import log
+
+if TYPE_CHECKING:
+    from .smtppass import Session
+
+SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IPV6_TRANSPARENT = 75
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+
+class DestinationError(Exception):
+    """No server connection for this session (the client gets 421)."""
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """The address the client meant to reach, before an iptables REDIRECT."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return str(ipaddress.IPv6Address(raw[8:24])), port
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return socket.inet_ntoa(raw[4:8]), port
+
+
+def client_addresses(sock: socket.socket, config: Config) -> tuple[str, str]:
+    """(client IP, the IP the client connected to) for logs, filters and %l."""
+    client = addresses.peer_ip(sock.getpeername()) if sock.family != socket.AF_UNIX else "UNKNOWN"
+    local = addresses.peer_ip(sock.getsockname()) if sock.family != socket.AF_UNIX else "UNKNOWN"
+    if config.TransparentProxy == "client":
+        try:
+            local = addresses.plain_ip(original_destination(sock)[0])
+        except OSError:
+            pass
+    return client, local
+
+
+def target(session: "Session", sock: socket.socket) -> tuple[object, tuple | None]:
+    """(where to connect, local address to bind or None) for this client."""
+    config = session.config
+    client_ip = session.client_ip
+    if config.TransparentProxy != "off":
+        try:
+            if config.TransparentProxy == "client":
+                host, port = original_destination(sock)
+            else:
+                host, port = sock.getsockname()[:2]
+        except OSError as exc:
+            raise DestinationError("couldn't get original destination for transparent "
+                                   "proxying: %s" % exc.strerror) from None
+        host = addresses.plain_ip(host)
+        if host == client_ip:
+            raise DestinationError("loop detected in transparent proxying")
+        source = (client_ip, 0) if config.TransparentProxy == "full" else None
+        return addresses.Address(host, port), source
+    out = config.OutAddress
+    if not out.is_unix and addresses.is_unspecified(out.host):
+        return addresses.Address(client_ip, out.port), None
+    return out, None
+
+
+async def connect(session: "Session", client_sock: socket.socket) -> tuple[socket.socket, str]:
+    """A connected, non-blocking socket to the server, and the server's IP."""
+    dest, source = target(session, client_sock)
+    loop = asyncio.get_running_loop()
+    timeout = session.config.TimeOut
+    try:
+        if dest.is_unix:
+            family, sockaddr = socket.AF_UNIX, dest.path
+        elif addresses.is_ip(dest.host):
+            family, sockaddr = addresses.family_of(dest.host), (dest.host, dest.port)
+        else:
+            infos = await loop.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+    except (OSError, UnicodeError) as exc:
+        raise DestinationError("couldn't resolve %s: %s" % (dest, exc)) from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if source is not None:
+            bind_transparent(sock, family, source, session.tag)
+        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        raise DestinationError("SERVER: couldn't connect to: %s: %s" % (dest, reason)) from None
+    except BaseException:
+        sock.close()
+        raise
+    if family == socket.AF_UNIX:
+        return sock, "127.0.0.1"
+    return sock, addresses.peer_ip(sockaddr)
+
+
+def bind_transparent(sock: socket.socket, family: int, source: tuple, tag: str) -> None:
+    """Make the server see the client's address: IP_TRANSPARENT and bind to it."""
+    source_ip = source[0]
+    if family == socket.AF_INET6 and ":" not in source_ip:
+        source_ip = "::ffff:" + source_ip
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    sock.bind((source_ip, 0))
+    log.debug("%s: SERVER: setup source of transparent connection: %s", tag, source[0])

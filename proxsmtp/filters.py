@@ -1,0 +1,319 @@
+"""The filter callbacks (upstream's proxsmtpd.c): what to do with a spooled message.
+
+`check()` returns a Verdict: forward a file, or reply with a rejection.  A
+filter that fails (crash, signal, timeout, cannot start, filter node gone)
+raises FilterError, which the session turns into `451 Local Error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import addresses, spool
+from .log import clean, log
+from .spio import Channel, ChannelClosed, wait_any
+
+if TYPE_CHECKING:
+    from .smtppass import Session
+
+REJECT_PREFIX = "550 Content Rejected"
+STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line matters)
+KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
+_CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
+
+
+class FilterError(Exception):
+    """The filter could not give a verdict; the message is deferred (451)."""
+
+
+@dataclass
+class Verdict:
+    """Forward `path` (accept), or answer the client with `reply` (reject)."""
+
+    accept: bool
+    path: str = ""
+    reply: str = ""
+    status: str = "FILTERED"
+
+
+def reject_reply(text: str) -> str:
+    """A rejection as the client sees it: `NNN text` as is, else 550 Content Rejected."""
+    text = text.strip()
+    if not text:
+        return REJECT_PREFIX
+    if _CODE.match(text):
+        return text[:512]
+    return "%s; %s" % (REJECT_PREFIX, text[:256])
+
+
+def last_line(data: bytes) -> str:
+    """The last non-blank line of a filter's stderr."""
+    for line in reversed(data.splitlines()):
+        if line.strip():
+            return line.strip().decode("utf-8", "replace")
+    return ""
+
+
+async def check(session: "Session", message: spool.Spool) -> Verdict:
+    """Run the configured filter over a spooled message."""
+    config = session.config
+    if not config.FilterCommand:
+        return Verdict(True, message.path)
+    if config.FilterType == "smtp":
+        return await smtp_verdict(session, message)
+    return await command_verdict(session, message, config.FilterType == "pipe")
+
+
+def environment(session: "Session", email: str | None) -> dict[str, str]:
+    """The filter's environment: the daemon's, plus the message's facts."""
+    env = dict(os.environ)
+    facts = {
+        "SENDER": session.sender,
+        "RECIPIENTS": "\n".join(session.recipients) if session.recipients else None,
+        "CLIENT": session.client_ip,
+        "SERVER": session.server_ip,
+        "HELO": session.helo,
+        "REMOTE": session.xforward_addr,
+        "REMOTE_HELO": session.xforward_helo,
+        "EMAIL": email,
+        "TMPDIR": session.config.TempDirectory,
+    }
+    for name, value in facts.items():
+        env.pop(name, None)
+        if value:
+            env[name] = value
+    return env
+
+
+async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) -> Verdict:
+    """FilterType pipe (message on stdin, new one on stdout) or file (EMAIL= rewritten)."""
+    config = session.config
+    out_fd, out_path = message.new_file() if pipe else (-1, "")
+    stdin = open(message.path, "rb") if pipe else open(os.devnull, "rb")
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", config.FilterCommand,
+                stdin=stdin, stdout=out_fd if pipe else asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE, env=environment(session, None if pipe else message.path),
+                start_new_session=True, close_fds=True)
+        except OSError as exc:
+            raise FilterError("couldn't run filter command: %s" % exc.strerror) from None
+        log.debug("%s: executed filter command: %s (pid: %d)", session.tag, config.FilterCommand, proc.pid)
+        watched = out_fd if pipe else message.path
+        status, stderr = await _supervise(session, proc, stdin, watched)
+    finally:
+        stdin.close()
+        if out_fd >= 0:
+            os.close(out_fd)
+    if status < 0:
+        raise FilterError("filter command terminated abnormally (signal %d)" % -status)
+    log.debug("%s: filter exit code: %d", session.tag, status)
+    if status == 0:
+        return Verdict(True, out_path if pipe else message.path)
+    if status in (126, 127):
+        raise FilterError("filter command could not be executed (exit %d): %s"
+                          % (status, clean(last_line(stderr))))
+    reply = reject_reply(last_line(stderr))
+    return Verdict(False, reply=reply, status=reply)
+
+
+def _progress(stdin, watched) -> tuple:
+    """What moves while a filter works: its input offset and its output."""
+    try:
+        offset = os.lseek(stdin.fileno(), 0, os.SEEK_CUR)
+        st = os.fstat(watched) if isinstance(watched, int) else os.stat(watched)
+        return offset, st.st_size, st.st_mtime_ns, st.st_ino
+    except OSError:
+        return ()
+
+
+async def _supervise(session: "Session", proc, stdin, watched) -> tuple[int, bytes]:
+    """Wait for the filter, collecting stderr, killing it after FilterTimeout
+    seconds without progress.  Only this filter's own pid is ever waited for."""
+    timeout = session.config.FilterTimeout
+    tail = bytearray()
+    loop = asyncio.get_running_loop()
+    last_change = loop.time()
+    marks = _progress(stdin, watched)
+    reader = loop.create_task(proc.stderr.read(STDERR_KEEP))
+    waiter = loop.create_task(proc.wait())
+    try:
+        while True:
+            pending = {waiter} | ({reader} if reader is not None else set())
+            done, _ = await asyncio.wait(pending, timeout=min(1.0, timeout),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            now = loop.time()
+            if reader in done:
+                chunk = reader.result()
+                if chunk:
+                    tail += chunk
+                    del tail[:-STDERR_KEEP]
+                    last_change = now
+                    reader = loop.create_task(proc.stderr.read(STDERR_KEEP))
+                else:
+                    reader = None
+            if waiter.done() and reader is None:
+                return waiter.result(), bytes(tail)
+            current = _progress(stdin, watched)
+            if current != marks:
+                marks, last_change = current, now
+            await session.keepalive()
+            if now - last_change >= timeout:
+                if waiter.done():   # exited, but something it started holds stderr open
+                    _signal_group(proc, signal.SIGKILL)
+                    return waiter.result(), bytes(tail)
+                raise FilterError("timeout while waiting for filter command")
+    except BaseException:
+        if not waiter.done():
+            log.warning("%s: killing filter process (pid %d)", session.tag, proc.pid)
+            await _kill(proc, waiter)
+        raise
+    finally:
+        for task in (reader, waiter):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+def _signal_group(proc, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _kill(proc, waiter: asyncio.Task) -> None:
+    """SIGTERM the filter's process group, then SIGKILL if it lingers."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter), KILL_GRACE)
+        _signal_group(proc, signal.SIGKILL)     # anything it left behind
+        return
+    except asyncio.TimeoutError:
+        pass
+    log.error("process wouldn't quit. forced termination (pid %d)", proc.pid)
+    _signal_group(proc, signal.SIGKILL)
+    try:
+        await asyncio.wait_for(asyncio.shield(waiter), KILL_GRACE)
+    except asyncio.TimeoutError:
+        pass
+
+
+# --- FilterType smtp: a verdict from a filter node (e.g. Halon behind haproxy) ---
+
+def xtext(value: str) -> str:
+    """RFC 1891 xtext, as XCLIENT attribute values need."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else "+%02X" % ord(c)
+                   for c in value.encode("utf-8", "replace").decode("latin-1"))
+
+
+class _Node:
+    """A tiny SMTP client over a Channel, reading multi-line replies whole."""
+
+    def __init__(self, channel: Channel, timeout: float) -> None:
+        self.channel = channel
+        self.timeout = timeout
+
+    async def reply(self) -> tuple[int, str]:
+        lines: list[bytes] = []
+        while True:
+            got = self.channel.take_line()
+            if got is not None:
+                line = got[0]
+                lines.append(line.rstrip(b"\r\n"))
+                if not (len(line) > 3 and line[3:4] == b"-"):
+                    break
+                continue
+            if self.channel.eof:
+                raise FilterError("filter node closed the connection")
+            try:
+                await self.channel.wait(self.timeout)
+            except asyncio.TimeoutError:
+                raise FilterError("timeout talking to filter node") from None
+        text = "\r\n".join(line.decode("utf-8", "replace") for line in lines)
+        code = int(text[:3]) if text[:3].isdigit() else 0
+        return code, text
+
+    async def command(self, line: str) -> tuple[int, str]:
+        try:
+            self.channel.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+        except ChannelClosed as exc:
+            raise FilterError(str(exc)) from None
+        return await self.reply()
+
+
+def _as_rejection(code: int, text: str, step: str) -> Verdict:
+    if not 400 <= code < 600:
+        raise FilterError("unexpected reply from filter node to %s: %s" % (step, clean(text)))
+    if code == 421:     # the node is going away; the client's session is not
+        text = "451" + text[3:]
+    return Verdict(False, reply=text, status=text.splitlines()[-1])
+
+
+async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
+    """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts."""
+    config = session.config
+    target = config.FilterAddress
+    timeout = config.FilterTimeout
+    loop = asyncio.get_running_loop()
+    channel = Channel("FILTER", session.tag)
+    try:
+        try:
+            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+            except BaseException:
+                sock.close()
+                raise
+            await loop.create_connection(lambda: channel, sock=sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise FilterError("couldn't connect to filter node %s: %s" % (target, exc or "timed out")) from None
+        node = _Node(channel, timeout)
+        code, text = await node.reply()
+        if code != 220:
+            raise FilterError("filter node greeting: %s" % clean(text))
+        code, text = await node.command("EHLO proxsmtp")
+        if code != 250:
+            raise FilterError("filter node refused EHLO: %s" % clean(text))
+        ip = session.client_ip
+        xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
+        if session.helo:
+            xclient += " HELO=%s" % xtext(session.helo)
+        code, text = await node.command(xclient)
+        if code // 100 != 2:
+            raise FilterError("filter node refused XCLIENT: %s" % clean(text))
+        sender = "" if session.sender in (None, "<>") else session.sender
+        code, text = await node.command("MAIL FROM:<%s>" % sender)
+        if code // 100 != 2:
+            return _as_rejection(code, text, "MAIL FROM")
+        for rcpt in session.recipients:
+            code, text = await node.command("RCPT TO:<%s>" % rcpt)
+            if code // 100 != 2:
+                return _as_rejection(code, text, "RCPT TO")
+        code, text = await node.command("DATA")
+        if code != 354:
+            return _as_rejection(code, text, "DATA")
+        try:
+            await spool.send(channel, message.path, None, timeout)
+        except ChannelClosed as exc:
+            raise FilterError(str(exc)) from None
+        code, text = await node.reply()
+        try:
+            channel.write(b"QUIT\r\n")
+        except ChannelClosed:
+            pass
+        if code // 100 == 2:
+            return Verdict(True, message.path)
+        return _as_rejection(code, text, "the message")
+    finally:
+        channel.close()

@@ -1,0 +1,49 @@
+"""The Header template: escapes `\\r \\n \\t \\\\`, and `%i %l %d %%`."""
+
+from __future__ import annotations
+
+import time
+
+from .log import log
+
+MAX_HEADER_LENGTH = 1023
+_ESCAPES = {"r": "\r", "n": "\n", "t": "\t"}
+
+
+def date() -> str:
+    """`Tue Nov 24 17:10:00 2026 +0100 (CET)`: asctime plus offset and zone."""
+    now = time.localtime()
+    return "%s %s (%s)" % (time.asctime(now), time.strftime("%z", now), time.strftime("%Z", now))
+
+
+def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes:
+    """Expand the template for one message; unknown `%x` warns and is dropped."""
+    out: list[str] = []
+    i, n = 0, len(template)
+    while i < n:
+        ch = template[i]
+        if ch == "\\" and i + 1 < n:
+            i += 1
+            out.append(_ESCAPES.get(template[i], template[i]))
+        elif ch == "%" and i + 1 < n:
+            i += 1
+            symbol = template[i]
+            if symbol == "i":
+                out.append(client_ip)
+            elif symbol == "l":
+                out.append(local_ip)
+            elif symbol == "d":
+                out.append(date())
+            elif symbol == "%":
+                out.append("%")
+            else:
+                log.warning("%s: invalid header symbol: %%%s", tag, symbol)
+        else:
+            out.append(ch)
+        i += 1
+    return "".join(out).encode("utf-8", "surrogateescape")[:MAX_HEADER_LENGTH]
+
+
+def is_received(header: bytes) -> bool:
+    """A Received: header goes first in the message, others at the end of the headers."""
+    return header[:9].lower() == b"received:"

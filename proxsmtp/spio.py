@@ -1,0 +1,243 @@
+"""Socket I/O for one side of a session (upstream's spio.c).
+
+A Channel is an asyncio Protocol that keeps what arrived in a buffer and
+hands it out as lines (with upstream's line-length limit) or, during DATA,
+as chunks up to the terminating `.` line.  The session polls both of its
+channels and sleeps on one shared wake-up future (upstream's spio_select),
+so no task is created per line and writes are coalesced by the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .log import clean, log
+
+# Longest line, CRLF included, that is relayed; longer client lines get 500.
+LINE_LIMIT = 4096
+CRLF = b"\r\n"
+DATA_END = b"\r\n.\r\n"
+
+_READ_HIGH = 256 * 1024     # stop reading from a peer that floods us...
+_READ_LOW = 64 * 1024       # ...until the buffer has drained to this
+
+
+class ChannelClosed(Exception):
+    """The peer went away, a write failed, or a read or write timed out."""
+
+
+class Channel(asyncio.Protocol):
+    """One connection (CLIENT, SERVER or FILTER) with line buffering."""
+
+    def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False) -> None:
+        self.name = name
+        self.tag = tag                       # session id for log lines
+        self.buf = bytearray()
+        self.eof = False
+        self.error: BaseException | None = None
+        self.transport: asyncio.Transport | None = None
+        self.last_action = time.monotonic()
+        self.on_ready = None                 # callable set by the session
+        self._keep_open = keep_open_on_eof
+        self._scan = 0
+        self._discarding: bytes | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drain: asyncio.Future | None = None
+        self._data_started = False
+        self._trace = log.isEnabledFor(logging.DEBUG)
+
+    # --- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        self.last_action = time.monotonic()
+        if len(self.buf) > _READ_HIGH and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return self._keep_open
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def _wake(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    # --- reading ------------------------------------------------------------
+
+    def _consumed(self) -> None:
+        if self._paused_reading and len(self.buf) < _READ_LOW and self.transport:
+            self._paused_reading = False
+            self.transport.resume_reading()
+
+    def take_line(self) -> tuple[bytes, bool] | None:
+        """The next complete line and whether it was too long (then cut short).
+
+        A line that runs past LINE_LIMIT is read to its end and discarded but
+        for its first LINE_LIMIT bytes, as upstream's SPIO_DISCARD.  A partial
+        line at end of file is not returned (see `rest()`).
+        """
+        buf = self.buf
+        if self._discarding is not None:
+            end = buf.find(b"\n")
+            if end < 0:
+                del buf[:]
+                self._consumed()
+                return None
+            del buf[:end + 1]
+            head, self._discarding = self._discarding, None
+            self._consumed()
+            return head, True
+        end = buf.find(b"\n", self._scan)
+        if end < 0:
+            if len(buf) >= LINE_LIMIT:
+                self._discarding = bytes(buf[:LINE_LIMIT])
+                del buf[:]
+                self._scan = 0
+                self._consumed()
+                return self.take_line()
+            self._scan = len(buf)
+            return None
+        self._scan = 0
+        if end >= LINE_LIMIT:
+            line = bytes(buf[:LINE_LIMIT])
+            del buf[:end + 1]
+            self._consumed()
+            return line, True
+        line = bytes(buf[:end + 1])
+        del buf[:end + 1]
+        self._consumed()
+        if self._trace:
+            self.trace("<", line)
+        return line, False
+
+    def rest(self) -> bytes:
+        """What is left in the buffer (a partial last line after EOF)."""
+        data = bytes(self.buf)
+        del self.buf[:]
+        self._scan = 0
+        return data
+
+    def start_data(self) -> None:
+        """The next bytes are a message body, read with take_data()."""
+        self._data_started = False
+        self._scan = 0
+
+    def take_data(self) -> tuple[bytes, bool]:
+        """Message bytes ready to pass on, and whether the final `.` was seen.
+
+        The terminating CRLF.CRLF is not part of the data; its first CRLF is.
+        Dot-stuffing is kept: the bytes are what the client sent.
+        """
+        buf = self.buf
+        if not self._data_started:
+            if len(buf) < 3 and b".\r\n".startswith(bytes(buf)):
+                return b"", False
+            self._data_started = True
+            if buf.startswith(b".\r\n"):
+                del buf[:3]
+                self._consumed()
+                return b"", True
+        end = buf.find(DATA_END)
+        if end >= 0:
+            data = bytes(buf[:end + 2])
+            del buf[:end + 5]
+            self._consumed()
+            return data, True
+        keep = len(DATA_END) - 1
+        if len(buf) <= keep:
+            return b"", False
+        data = bytes(buf[:-keep])
+        del buf[:-keep]
+        self._consumed()
+        return data, False
+
+    async def wait(self, timeout: float) -> None:
+        """Sleep until this channel has news (data, EOF), or time out."""
+        await wait_any((self,), timeout)
+
+    # --- writing ------------------------------------------------------------
+
+    def write(self, data: bytes, trace: bool = True) -> None:
+        """Queue bytes for the peer; raises ChannelClosed if it is gone.
+        Message content is written with trace=False: it is never logged."""
+        if self.transport is None or self.transport.is_closing():
+            raise ChannelClosed("%s: connection closed, can't write data" % self.name)
+        if trace and self._trace:
+            self.trace(">", data)
+        self.last_action = time.monotonic()
+        self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until the kernel has taken what was written (flow control)."""
+        while self._paused_writing:
+            if self.transport is None or self.transport.is_closing():
+                raise ChannelClosed("%s: connection closed while writing" % self.name)
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._drain, timeout)
+            except asyncio.TimeoutError:
+                raise ChannelClosed("%s: network write operation timed out" % self.name) from None
+            finally:
+                self._drain = None
+        if self.transport is None or self.transport.is_closing():
+            raise ChannelClosed("%s: connection closed while writing" % self.name)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def closed(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    def trace(self, direction: str, data: bytes) -> None:
+        """Protocol trace at debug level, one log line per SMTP line."""
+        for line in bytes(data).splitlines()[:50]:
+            if line:
+                log.debug("%s: %s %s %s", self.tag, self.name, direction, clean(line[:120]))
+
+
+async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
+    """Sleep until any of the channels has news, or raise TimeoutError."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for channel in channels:
+        channel.on_ready = ready
+    try:
+        await asyncio.wait_for(waiter, timeout)
+    finally:
+        for channel in channels:
+            channel.on_ready = None

@@ -1,0 +1,146 @@
+"""A worker: one asyncio loop accepting on the shared socket and serving sessions.
+
+Each worker waits for the listening socket to become readable and accepts
+one connection per wake-up, so that several workers sharing the socket take
+turns.  A session only starts once a MaxConnections slot is taken from the
+shared Slots; it gives the slot back on every way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import socket
+import sys
+
+from .config import Config
+from .log import log
+from .smtppass import Session
+
+R_BUSY = b"421 Server busy, too many connections\r\n"
+SHUTDOWN_GRACE = 10.0        # seconds open sessions get to finish on SIGTERM
+
+
+class LocalSlots:
+    """MaxConnections for a single process (the master/worker model shares one)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self) -> bool:
+        if self.used >= self.limit:
+            return False
+        self.used += 1
+        return True
+
+    def release(self) -> None:
+        self.used -= 1
+
+
+class Worker:
+    """Serves connections from `sock` until stopped."""
+
+    def __init__(self, config: Config, sock: socket.socket, slots, on_change=None,
+                 grace: float = SHUTDOWN_GRACE) -> None:
+        self.config = config
+        self.sock = sock
+        self.slots = slots
+        self.on_change = on_change       # called with the live session count
+        self.grace = grace
+        self.sessions: set[asyncio.Task] = set()
+        self._stopping: asyncio.Future | None = None
+
+    def run(self) -> None:
+        """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
+        asyncio.run(self.main())
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        _watch_children_with_pidfds(loop)
+        self._stopping = loop.create_future()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        loop.add_reader(self.sock.fileno(), self._accept)
+        await self._stopping
+        loop.remove_reader(self.sock.fileno())
+        await self.finish_sessions()
+
+    def stop(self) -> None:
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(None)
+
+    async def finish_sessions(self) -> None:
+        """Stop accepting; sessions get `grace` seconds, then 421 and close."""
+        if self.sessions:
+            log.debug("waiting for %d sessions to finish", len(self.sessions))
+            await asyncio.wait(set(self.sessions), timeout=self.grace)
+        for task in list(self.sessions):
+            task.cancel()
+        if self.sessions:
+            await asyncio.wait(set(self.sessions), timeout=5)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as exc:
+            log.error("couldn't accept a connection: %s", exc.strerror)
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self._pause_accepting()
+            return
+        if not self.slots.acquire():
+            log.error("too many connections open (max %d). sent busy response",
+                      self.config.MaxConnections)
+            _busy(conn)
+            return
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self.sessions.add(task)
+        task.add_done_callback(self._done)
+        self._changed()
+
+    def _pause_accepting(self) -> None:
+        """Out of descriptors: stop accepting for a moment instead of spinning."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.sock.fileno())
+        loop.call_later(0.5, lambda: self._stopping.done() or
+                        loop.add_reader(self.sock.fileno(), self._accept))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await Session(self.config, conn).run()
+        finally:
+            self.slots.release()
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.sessions.discard(task)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(len(self.sessions))
+
+
+def _busy(conn: socket.socket) -> None:
+    try:
+        conn.setblocking(False)
+        conn.send(R_BUSY)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+def _watch_children_with_pidfds(loop: asyncio.AbstractEventLoop) -> None:
+    """Filters are waited for through their own pidfd: never a waitpid(-1)
+    that could reap another session's filter, and no thread per child."""
+    if sys.version_info >= (3, 12) or not hasattr(asyncio, "PidfdChildWatcher"):
+        return
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        watcher = asyncio.PidfdChildWatcher()
+        watcher.attach_loop(loop)
+        asyncio.set_child_watcher(watcher)
