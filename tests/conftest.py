@@ -1,0 +1,78 @@
+"""pytest fixtures around tests/harness.py: upstream servers and proxsmtpd runs.
+
+Every proxsmtpd started through `proxy` gets a private TempDirectory; at
+teardown the proxy is stopped and that directory must be empty (SPEC §5.5).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Proxy, RecordingServer, SmtpSink  # noqa: E402
+
+
+@pytest.fixture
+def upstream():
+    """A RecordingServer with default replies on 127.0.0.1."""
+    server = RecordingServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def make_upstream():
+    """Factory for RecordingServers with custom replies; all stopped at teardown."""
+    servers: list[RecordingServer] = []
+
+    def make(**kwargs) -> RecordingServer:
+        server = RecordingServer(**kwargs)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def sink():
+    """Postfix's smtp-sink on 127.0.0.1, one dump file per message."""
+    server = SmtpSink()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(tmp_path, request):
+    """Factory: `proxy({settings}, debug=4, args=(), start=True)` -> a running Proxy.
+
+    At teardown every proxy is stopped by pid and its spool must be empty.
+    """
+    proxies: list[Proxy] = []
+
+    def make(settings: dict | None = None, start: bool = True, **kwargs) -> Proxy:
+        instance = Proxy(tmp_path / ("proxy%d" % len(proxies)), settings, **kwargs)
+        proxies.append(instance)
+        return instance.start() if start else instance
+
+    yield make
+    leftovers = []
+    for instance in proxies:
+        instance.stop()
+        if instance.spool.exists() and instance.spool_files():
+            leftovers.append((instance.spool, instance.spool_files()))
+    if request.node.rep_call.passed if hasattr(request.node, "rep_call") else True:
+        assert not leftovers, "temp files left behind: %r" % leftovers
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the item so fixtures can see failures."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
