@@ -1,0 +1,288 @@
+"""Unit tests of the parsers: config lines, addresses, replies, header, DotGuard."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, strategies as st
+
+from proxsmtp import addresses, config, filters, header, smtppass, spool
+from proxsmtp.addresses import Address, AddressError
+
+
+def parse(text: str) -> config.Config:
+    return config.parse(text, "test.conf")
+
+
+# --- config --------------------------------------------------------------------
+
+def test_config_defaults():
+    conf = parse("OutAddress: 127.0.0.1:10026\n")
+    assert conf.OutAddress == Address("127.0.0.1", 10026)
+    assert conf.Listen == Address("0.0.0.0", 10025)
+    assert (conf.MaxConnections, conf.TimeOut, conf.KeepAlives) == (64, 180, 0)
+    assert conf.XClient is False and conf.TransparentProxy == "off"
+    assert conf.TempDirectory == "/tmp" and conf.User is None and conf.PidFile is None
+    assert conf.Skip is None and conf.FilterCommand is None
+    assert (conf.FilterType, conf.FilterTimeout) == ("pipe", 30)
+    assert conf.FilterReject == "530 Email Rejected" and conf.Header is None
+
+
+def test_config_syntax_case_whitespace_comments():
+    conf = parse("# a comment\n\n   # indented comment\n"
+                 "  outaddress  :   10026  \n"
+                 "TIMEOUT:5\n"
+                 "filtertype :  FILE\n"
+                 "Header: X-A: b: c\n")
+    assert conf.OutAddress == Address(None, 10026)
+    assert conf.TimeOut == 5
+    assert conf.FilterType == "file"
+    assert conf.Header == "X-A: b: c"      # only the first colon separates
+
+
+@pytest.mark.parametrize("line", ["OutAddress 10026", "NoSuchSetting: 1", "just words"])
+def test_config_invalid_line_names_the_line(line):
+    with pytest.raises(config.ConfigError) as err:
+        parse("OutAddress: 10026\n\n" + line + "\n")
+    assert "invalid config line: %s" % line in str(err.value)
+    assert "line 3" in str(err.value)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("MaxConnections", "1"), ("MaxConnections", "lots"), ("TimeOut", "0"), ("TimeOut", "-3"),
+    ("KeepAlives", "-1"), ("XClient", "maybe"), ("TransparentProxy", "half"),
+    ("FilterType", "milter"), ("FilterTimeout", "0"), ("Skip", "everything"),
+    ("TempDirectory", ""), ("Listen", "1.2.3.4:99999"), ("OutAddress", "[::1"),
+    ("OutAddress", "host name:25"),
+])
+def test_config_invalid_values(setting, value):
+    with pytest.raises(config.ConfigError) as err:
+        parse("OutAddress: 10026\n%s: %s\n" % (setting, value))
+    assert setting in str(err.value)
+    assert "line 2" in str(err.value) or setting == "OutAddress"
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("on", True), ("YES", True), ("true", True), ("t", True), ("1", True),
+    ("off", False), ("No", False), ("false", False), ("f", False), ("0", False)])
+def test_config_booleans(value, expected):
+    assert parse("OutAddress: 25\nXClient: %s\n" % value).XClient is expected
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("on", "client"), ("client", "client"), ("Full", "full"), ("off", "off"), ("no", "off")])
+def test_config_transparent(value, expected):
+    assert parse("OutAddress: 25\nTransparentProxy: %s\n" % value).TransparentProxy == expected
+
+
+def test_config_max_connections_bounds():
+    assert parse("OutAddress: 25\nMaxConnections: 2\n").MaxConnections == 2
+    assert parse("OutAddress: 25\nMaxConnections: 65535\n").MaxConnections == 65535
+    assert parse("OutAddress: 25\nMaxConnections: 3000\n").MaxConnections == 3000
+
+
+def test_config_requires_out_address():
+    with pytest.raises(config.ConfigError, match="OutAddress"):
+        parse("TimeOut: 5\n")
+
+
+def test_config_transparent_ignores_out_address_with_warning():
+    conf = parse("TransparentProxy: full\nOutAddress: 10026\n")
+    assert any("OutAddress" in warning for warning in conf.warnings)
+    assert parse("TransparentProxy: full\n").OutAddress is None
+
+
+def test_config_empty_values_clear():
+    conf = parse("OutAddress: 25\nPidFile:\nHeader:\nFilterCommand:\n")
+    assert conf.PidFile is None and conf.Header is None and conf.FilterCommand is None
+
+
+def test_config_skip_authenticated():
+    assert parse("OutAddress: 25\nSkip: Authenticated\n").skip_authenticated
+
+
+def test_config_seed_filter_line():
+    conf = parse("TransparentProxy: full\nListen: 0.0.0.0:10025\nFilterType: smtp\n"
+                 "FilterCommand: 192.168.0.100 # or 127.0.0.1 for haproxy\n")
+    assert conf.FilterAddress == Address("192.168.0.100", 25)
+    conf = parse("OutAddress: 25\nFilterType: smtp\nFilterCommand: 127.0.0.1:20025\n")
+    assert conf.FilterAddress == Address("127.0.0.1", 20025)
+
+
+def test_config_smtp_filter_needs_host():
+    with pytest.raises(config.ConfigError):
+        parse("OutAddress: 25\nFilterType: smtp\n")
+    with pytest.raises(config.ConfigError):
+        parse("OutAddress: 25\nFilterType: smtp\nFilterCommand: 20025\n")
+
+
+def test_config_later_line_wins():
+    assert parse("OutAddress: 25\nTimeOut: 5\nTimeOut: 7\n").TimeOut == 7
+
+
+# --- addresses -------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("mail.example.com:2525", Address("mail.example.com", 2525)),
+    ("mail.example.com", Address("mail.example.com", 25)),
+    ("10026", Address(None, 10026)),
+    ("127.0.0.1:10026", Address("127.0.0.1", 10026)),
+    ("[::1]:10026", Address("::1", 10026)),
+    ("[2001:db8::1]", Address("2001:db8::1", 25)),
+    ("2001:db8::1", Address("2001:db8::1", 25)),
+    ("/run/proxsmtpd.sock", Address(path="/run/proxsmtpd.sock")),
+    ("  127.0.0.1:25  ", Address("127.0.0.1", 25)),
+])
+def test_address_forms(text, expected):
+    assert addresses.parse(text, 25) == expected
+
+
+@pytest.mark.parametrize("text", ["", "host:", "host:0", "host:65536", "host:abc", "[::1",
+                                  "[nothing]:25", "[::1]x", "bad host:25", "1:2:zz::1"])
+def test_address_errors(text):
+    with pytest.raises(AddressError):
+        addresses.parse(text, 25)
+
+
+def test_address_str_round_trip():
+    for text in ("127.0.0.1:25", "[::1]:26", "/tmp/x.sock", "10026"):
+        assert str(addresses.parse(text, 25)) == text
+
+
+def test_unspecified_means_loopback_feature():
+    assert addresses.is_unspecified(None)
+    assert addresses.is_unspecified("0.0.0.0") and addresses.is_unspecified("::")
+    assert not addresses.is_unspecified("127.0.0.1")
+
+
+def test_plain_ip_unwraps_mapped():
+    assert addresses.plain_ip("::ffff:10.1.2.3") == "10.1.2.3"
+    assert addresses.plain_ip("fe80::1%eth0") == "fe80::1"
+    assert addresses.peer_ip(("::1", 25, 0, 0)) == "::1"
+    assert addresses.peer_ip("/a/unix/path") == "UNKNOWN"
+
+
+# --- rejection replies -----------------------------------------------------------------
+
+@pytest.mark.parametrize("text, reply", [
+    ("554 5.7.1 Spam detected", "554 5.7.1 Spam detected"),
+    ("250 dropped", "250 dropped"),
+    ("451 4.7.1 try later", "451 4.7.1 try later"),
+    ("virus found: Eicar", "550 Content Rejected; virus found: Eicar"),
+    ("", "550 Content Rejected"),
+    ("   ", "550 Content Rejected"),
+    ("1234 not a code", "550 Content Rejected; 1234 not a code"),
+    ("55 short", "550 Content Rejected; 55 short"),
+])
+def test_reject_reply(text, reply):
+    assert filters.reject_reply(text) == reply
+
+
+def test_last_line_of_stderr():
+    assert filters.last_line(b"first\nsecond line\n\n  \n") == "second line"
+    assert filters.last_line(b"") == ""
+
+
+def test_xtext():
+    assert filters.xtext("a+b=c d") == "a+2Bb+3Dc+20d"
+    assert filters.xtext("IPv6:::1") == "IPv6:::1"
+
+
+# --- session parsers -------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg, address", [
+    (b"<a@example.com>", "a@example.com"),
+    (b" <a@example.com> SIZE=100 BODY=8BITMIME", "a@example.com"),
+    (b"<>", "<>"),
+    (b"<> SIZE=10", "<>"),
+    (b"a@example.com", "a@example.com"),
+    (b"a@example.com SIZE=5", "a@example.com"),
+    (b"", ""),
+])
+def test_parse_address(arg, address):
+    assert smtppass.parse_address(arg) == address
+
+
+def test_parse_xforward():
+    attrs = smtppass.parse_xforward(b"XFORWARD ADDR=10.0.0.9 HELO=mx.example.org NAME=[UNAVAILABLE]")
+    assert attrs["ADDR"] == "10.0.0.9" and attrs["HELO"] == "mx.example.org"
+    assert attrs["NAME"] == "UNAVAILABLE"
+    assert smtppass.parse_xforward(b"XFORWARD addr=IPv6:2001:db8::5 helo=a+2Bb")["ADDR"] == "IPv6:2001:db8::5"
+    assert smtppass.parse_xforward(b"XFORWARD helo=a+2Bb")["HELO"] == "a+b"
+
+
+def test_is_continued():
+    assert smtppass.is_continued(b"250-PIPELINING\r\n")
+    assert not smtppass.is_continued(b"250 OK\r\n")
+    assert not smtppass.is_continued(b"25-x\r\n")
+
+
+# --- header --------------------------------------------------------------------------
+
+def test_header_escapes():
+    rendered = header.render(r"X-A: 1\r\nX-B:\t2 \\ 100%% from %i to %l", "10.0.0.1", "10.0.0.2")
+    assert rendered == b"X-A: 1\r\nX-B:\t2 \\ 100% from 10.0.0.1 to 10.0.0.2"
+
+
+def test_header_date():
+    rendered = header.render("X-Date: %d", "a", "b").decode()
+    assert re.fullmatch(r"X-Date: \w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} [+-]\d{4} \(\S+\)",
+                        rendered), rendered
+
+
+def test_header_unknown_symbol_warns(caplog):
+    with caplog.at_level("WARNING", logger="proxsmtpd"):
+        rendered = header.render("X-A: %q!", "a", "b")
+    assert b"%q" not in rendered and rendered.startswith(b"X-A: ")
+    assert any("%q" in record.getMessage() for record in caplog.records)
+
+
+def test_header_length_limit():
+    rendered = header.render("X-Long: " + "x" * 5000, "a", "b")
+    assert 900 <= len(rendered) <= 1024
+
+
+def test_header_is_received():
+    assert header.is_received(b"Received: from x")
+    assert header.is_received(b"received: from x")
+    assert not header.is_received(b"X-Received: from x")
+
+
+# --- DotGuard ---------------------------------------------------------------------------
+
+def guard_all(chunks: list[bytes]) -> bytes:
+    guard = spool.DotGuard()
+    return b"".join(guard.feed(chunk) for chunk in chunks) + guard.finish()
+
+
+def test_dotguard_escapes_lone_dot_lines():
+    data = b"Subject: x\r\n\r\nbefore\r\n.\r\nafter\r\n..stuffed\r\n.x\r\n"
+    out = guard_all([data])
+    assert out == b"Subject: x\r\n\r\nbefore\r\n. \r\nafter\r\n..stuffed\r\n.x\r\n"
+
+
+def test_dotguard_bare_lf_and_first_line():
+    assert guard_all([b".\nline\n.\r\n"]) == b". \nline\n. \r\n"
+
+
+def test_dotguard_unterminated_last_line():
+    assert guard_all([b"a\r\nlast"]) == b"a\r\nlast\r\n"
+    assert guard_all([b"a\r\n."]) == b"a\r\n. \r\n"
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\n", b"..", b"x.y", b"\r"]), max_size=40),
+       st.data())
+def test_dotguard_any_split_same_result(pieces, data):
+    """However the stream is cut into chunks, the output is the same, and it
+    never contains a line that is just `.`."""
+    whole = b"".join(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(whole)), max_size=6)))
+    chunks, last = [], 0
+    for cut in cuts + [len(whole)]:
+        chunks.append(whole[last:cut])
+        last = cut
+    out = guard_all(chunks)
+    assert out == guard_all([whole])
+    for line in out.split(b"\n"):
+        assert line not in (b".", b".\r")
