@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getopt
+import logging
 import os
 import sys
 
@@ -76,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     setup_stderr(DEBUG_LEVELS[options.debug] if options.debug is not None else DEBUG_LEVELS[1])
     config = load_config(options)
     from . import master
-    return master.run(config, options)
+    try:
+        return master.run(config, options)
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:    # a bug: say so in one line, not a traceback
+        log.critical("unexpected error: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,30 +1,347 @@
-"""The master process: listening socket, privileges, daemon, workers."""
+"""The master process (after gunicorn's arbiter): bind, detach, drop root, pre-fork.
+
+The master binds the listening socket, becomes a daemon unless -d was
+given, writes the pid file, drops to `User:` and forks `Workers` workers
+that share the socket and one MaxConnections semaphore.  It then only
+supervises: a worker that dies is logged, its slots are reclaimed and it
+is replaced; SIGHUP re-reads the configuration and replaces the workers
+(old ones finish their sessions first); SIGTERM/SIGINT stop everything.
+"""
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
+import select
+import signal
+import sys
+import time
+from dataclasses import dataclass
 
-from . import listener
+import daemon
+import prctl
+from setproctitle import setproctitle
+
+from . import config as configuration
+from . import listener, log as logs, privileges, smtppass
 from .config import Config
 from .log import log
-from .worker import LocalSlots, Worker
+from .slots import SharedSlots
+from .worker import SHUTDOWN_GRACE, Worker
+
+READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be ready
+
+
+@dataclass
+class WorkerInfo:
+    index: int              # its place in the shared slot books
+    number: int             # shown in its process title
+    started: float
+    retiring: bool = False
+
+
+class Master:
+    """Owns the listening socket and the workers; see the module docstring."""
+
+    def __init__(self, config: Config, options) -> None:
+        self.config = config
+        self.options = options
+        self.config_file = os.path.abspath(options.config_file)
+        self.sock = None
+        self.slots: SharedSlots | None = None
+        self.workers: dict[int, WorkerInfo] = {}
+        self.signals: list[int] = []
+        self.numbers = itertools.count(1)
+        self.ready_fd = -1
+        self.pid_file = options.pid_file
+        self._wake_r = self._wake_w = -1
+        self._backoff_until = 0.0
+
+    # --- start-up -------------------------------------------------------------
+
+    def run(self) -> int:
+        try:
+            if self.config.User and os.geteuid() == 0:
+                privileges.lookup(self.config.User)
+            self.sock = listener.create(self.config)
+        except (listener.ListenError, privileges.PrivilegeError) as exc:
+            log.error("%s", exc)
+            return 2 if isinstance(exc, privileges.PrivilegeError) else 1
+        if self.options.debug is None:
+            self.daemonize()
+        self.slots = SharedSlots(self.config.MaxConnections)
+        _preload()
+        try:
+            self.write_pid_file()
+            privileges.drop(self.config.User)
+        except (OSError, privileges.PrivilegeError) as exc:
+            log.error("%s", exc)
+            self.tell_launcher("%s" % exc)
+            self.remove_pid_file()
+            return 1
+        self.install_signals()
+        setproctitle("proxsmtpd: master -f %s" % self.config_file)
+        self.maintain()
+        log.debug("accepting connections")
+        self.tell_launcher("")
+        try:
+            self.supervise()
+        finally:
+            self.remove_pid_file()
+        log.debug("stopped processing")
+        return 0
+
+    def daemonize(self) -> None:
+        """Detach; the launching process exits 0 only once we report ready."""
+        read_fd, self.ready_fd = os.pipe()
+        pid = os.fork()
+        if pid:
+            os.close(self.ready_fd)
+            message = _read_until_closed(read_fd, READY_TIMEOUT)
+            os.waitpid(pid, 0)
+            if message == b"ready":
+                os._exit(0)
+            sys.stderr.write("proxsmtpd: %s\n" % (message.decode(errors="replace")
+                                                  or "the daemon did not start"))
+            os._exit(1)
+        os.close(read_fd)
+        context = daemon.DaemonContext(files_preserve=[self.sock.fileno(), self.ready_fd],
+                                       working_directory="/", umask=0o022, signal_map={})
+        context.open()
+        logs.setup_syslog()
+        log.debug("running as a daemon")
+
+    def tell_launcher(self, error: str) -> None:
+        """Report readiness (or the reason we could not start) to `proxsmtpd`."""
+        if self.ready_fd >= 0:
+            try:
+                os.write(self.ready_fd, error.encode() if error else b"ready")
+            except OSError:
+                pass
+            os.close(self.ready_fd)
+            self.ready_fd = -1
+
+    def write_pid_file(self) -> None:
+        """Written as root, and handed to `User:` so that it can be emptied at exit
+        even where the directory (e.g. /run) does not let that user remove it."""
+        if self.pid_file:
+            with open(self.pid_file, "w") as handle:
+                handle.write("%d\n" % os.getpid())
+                if self.config.User and os.geteuid() == 0:
+                    entry = privileges.lookup(self.config.User)
+                    os.fchown(handle.fileno(), entry.pw_uid, entry.pw_gid)
+
+    def remove_pid_file(self) -> None:
+        if not self.pid_file:
+            return
+        try:
+            os.unlink(self.pid_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("couldn't remove pid file: %s: %s (emptied it)", self.pid_file, exc.strerror)
+            try:
+                open(self.pid_file, "w").close()
+            except OSError:
+                pass
+
+    def install_signals(self) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.signals.append(signum)
+
+    # --- supervision ------------------------------------------------------------
+
+    def supervise(self) -> None:
+        while True:
+            try:
+                select.select([self._wake_r], [], [], 1.0)
+            except InterruptedError:
+                pass
+            try:
+                while os.read(self._wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+            self.reap()
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    log.debug("received signal %d, stopping", signum)
+                    self.stop()
+                    return
+                if signum == signal.SIGHUP:
+                    self.reload()
+            self.slots.collect_debt()
+            self.maintain()
+
+    def reap(self) -> None:
+        """Collect exited workers; one that died unasked for is logged."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            info = self.workers.pop(pid, None)
+            if info is None:
+                continue
+            lost = self.slots.reclaim(info.index)
+            if info.retiring:
+                log.debug("worker %d (pid %d) finished", info.number, pid)
+                continue
+            how = ("killed by signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                   else "exited with code %d" % os.WEXITSTATUS(status))
+            log.error("worker %d (pid %d) %s; %d sessions lost, replacing it",
+                      info.number, pid, how, lost)
+            if time.monotonic() - info.started < 1.0:
+                self._backoff_until = time.monotonic() + 1.0   # crashing at start: don't spin
+
+    def maintain(self) -> None:
+        """Keep `Workers` current workers running."""
+        current = [pid for pid, info in self.workers.items() if not info.retiring]
+        for pid in current[self.config.workers:]:
+            self.retire(pid)
+        missing = self.config.workers - len(current)
+        if missing > 0 and time.monotonic() >= self._backoff_until:
+            for _ in range(missing):
+                self.spawn()
+
+    def spawn(self) -> None:
+        index = self.slots.free_index({info.index for info in self.workers.values()})
+        number = next(self.numbers)
+        pid = os.fork()
+        if pid:
+            self.workers[pid] = WorkerInfo(index, number, time.monotonic())
+            return
+        code = 1
+        try:
+            self._become_worker(index, number)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException as exc:
+            log.error("worker %d failed: %s", number, exc)
+        finally:
+            os._exit(code)
+
+    def _become_worker(self, index: int, number: int) -> None:
+        master = os.getppid()
+        signal.set_wakeup_fd(-1)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        prctl.set_pdeathsig(signal.SIGTERM)
+        if os.getppid() != master:
+            return
+        self.slots.bind(index)
+        smtppass.set_id_source((index << 14) | (n & 0x3FFF) for n in itertools.count(1))
+        title = "proxsmtpd: worker %d" % number
+
+        def show(sessions: int) -> None:
+            setproctitle("%s [%d sessions]" % (title, sessions))
+
+        show(0)
+        Worker(self.config, self.sock, self.slots, on_change=show).run()
+
+    def retire(self, pid: int) -> None:
+        """Ask a worker to stop accepting and exit once its sessions are done."""
+        info = self.workers.get(pid)
+        if info is not None and not info.retiring:
+            info.retiring = True
+            _kill(pid, signal.SIGUSR1)
+
+    # --- signals ----------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: new workers with the new settings; old ones finish their sessions."""
+        try:
+            new = configuration.load(self.config_file)
+        except configuration.ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        for name in ("Listen", "TransparentProxy", "User", "PidFile"):
+            if getattr(new, name) != getattr(self.config, name):
+                log.warning("%s changes need a restart; keeping %s", name, getattr(self.config, name))
+                setattr(new, name, getattr(self.config, name))
+        for warning in new.warnings:
+            log.warning("%s", warning)
+        self.slots.resize(new.MaxConnections)
+        self.config = new
+        for pid in list(self.workers):
+            self.retire(pid)
+        self._backoff_until = 0.0
+        self.maintain()
+        logs.notice("reloaded configuration from %s", self.config_file)
+
+    def stop(self) -> None:
+        """Stop accepting, let workers finish their sessions (bounded), exit."""
+        self.sock.close()
+        for pid, info in self.workers.items():
+            info.retiring = True
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE + 10
+        while self.workers and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for pid in list(self.workers):
+            log.warning("worker pid %d did not stop, killing it", pid)
+            _kill(pid, signal.SIGKILL)
+        while self.workers:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            self.workers.pop(pid, None)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _read_until_closed(fd: int, timeout: float) -> bytes:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError as exc:
+            if exc.errno == errno.EINTR:
+                continue
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    return data
+
+
+def _preload() -> None:
+    """Import now what sessions import lazily: after the switch to `User:` the
+    interpreter's own library directory may no longer be readable."""
+    import asyncio.subprocess  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+    import encodings.idna  # noqa: F401
+    import multiprocessing.synchronize  # noqa: F401
+    import tempfile  # noqa: F401
+    import unicodedata  # noqa: F401
 
 
 def run(config: Config, options) -> int:
-    try:
-        sock = listener.create(config)
-    except listener.ListenError as exc:
-        log.error("%s", exc)
-        return 1
-    if options.pid_file:
-        with open(options.pid_file, "w") as handle:
-            handle.write("%d\n" % os.getpid())
-    try:
-        Worker(config, sock, LocalSlots(config.MaxConnections)).run()
-    finally:
-        if options.pid_file:
-            try:
-                os.unlink(options.pid_file)
-            except OSError:
-                pass
-    return 0
+    """Entry point from the command line."""
+    return Master(config, options).run()

@@ -20,6 +20,7 @@ from .smtppass import Session
 
 R_BUSY = b"421 Server busy, too many connections\r\n"
 SHUTDOWN_GRACE = 10.0        # seconds open sessions get to finish on SIGTERM
+RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 
 
 class LocalSlots:
@@ -62,10 +63,17 @@ class Worker:
         self._stopping = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.retire)
         loop.add_reader(self.sock.fileno(), self._accept)
         await self._stopping
         loop.remove_reader(self.sock.fileno())
+        self.sock.close()
         await self.finish_sessions()
+
+    def retire(self) -> None:
+        """After a reload: stop accepting, let sessions run their course."""
+        self.grace = max(self.grace, RETIRE_GRACE)
+        self.stop()
 
     def stop(self) -> None:
         if self._stopping is not None and not self._stopping.done():

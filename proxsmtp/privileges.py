@@ -1,0 +1,57 @@
+"""Dropping root: switch to `User:` keeping only CAP_NET_ADMIN.
+
+CAP_NET_ADMIN is what transparent proxying needs (IP_TRANSPARENT on the
+outgoing sockets).  Filters are exec'd by the unprivileged user without
+ambient capabilities, so they run with none.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+
+import prctl
+
+from .log import log
+
+
+class PrivilegeError(Exception):
+    """The switch to User: failed; the daemon must not run half-privileged."""
+
+
+def lookup(user: str) -> pwd.struct_passwd:
+    """The passwd entry of a user name or numeric uid."""
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError("couldn't look up user: %s" % user) from None
+
+
+def drop(user: str | None) -> None:
+    """Become `user` (if given and we are root) with only CAP_NET_ADMIN left."""
+    if user and os.geteuid() != 0:
+        log.warning("must be started as root to switch to user: %s", user)
+    elif user:
+        entry = lookup(user)
+        try:
+            prctl.set_keepcaps(True)
+            os.setgroups([entry.pw_gid])
+            os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
+            os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+            prctl.set_keepcaps(False)
+            prctl.cap_inheritable.limit()
+            prctl.cap_permitted.limit(prctl.CAP_NET_ADMIN)
+            prctl.cap_effective.limit(prctl.CAP_NET_ADMIN)
+            prctl.cap_effective.net_admin = True    # the uid switch cleared it
+        except OSError as exc:
+            raise PrivilegeError("unable to switch to user: %s (uid %d, gid %d): %s" % (
+                user, entry.pw_uid, entry.pw_gid, exc.strerror)) from None
+        try:
+            os.setreuid(-1, 0)
+        except PermissionError:
+            pass
+        else:
+            raise PrivilegeError("unable to completely drop privileges")
+        log.debug("switched to user %s (uid %d, gid %d)", user, entry.pw_uid, entry.pw_gid)
+    if os.geteuid() == 0:
+        log.warning("running as root is NOT recommended")
