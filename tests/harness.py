@@ -347,6 +347,7 @@ class ServerConnection:
         self.sender = ""
         self.recipients: list[str] = []
         self.xclient: list[str] = []
+        self.closed = False
         self.peer = sock.getpeername() if sock.family != socket.AF_UNIX else None
 
 
@@ -442,9 +443,20 @@ class RecordingServer:
                                            if line.upper().startswith(verb)), None),
                              timeout, "command %s" % verb)
 
-    def wait_closed(self, count: int = 1, timeout: float = 10.0) -> None:
-        self.wait_for(lambda: self.closed_connections >= count, timeout,
-                      "%d closed connections" % count)
+    def connection_with(self, line: str) -> ServerConnection | None:
+        """The first connection that received the command `line`."""
+        with self.cond:
+            number = next((n for n, seen in self.lines if seen == line), None)
+            return None if number is None else self.connections[number]
+
+    def wait_closed(self, line: str, timeout: float = 10.0) -> ServerConnection:
+        """Wait until the connection that received `line` is closed (the proxy's
+        readiness probe makes connections of its own, so they are told apart
+        by what they were sent)."""
+        def closed():
+            conn = self.connection_with(line)
+            return conn if conn is not None and conn.closed else None
+        return self.wait_for(closed, timeout, "connection with %r closed" % line)
 
     # --- serving -------------------------------------------------------------------
 
@@ -503,6 +515,7 @@ class RecordingServer:
             except OSError:
                 pass
             with self.cond:
+                conn.closed = True
                 self.closed_connections += 1
                 self.cond.notify_all()
 
