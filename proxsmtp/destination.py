@@ -35,14 +35,22 @@ class DestinationError(Exception):
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """The address the client meant to reach, before an iptables REDIRECT."""
-    if sock.family == socket.AF_INET6:
+    """The address the client meant to reach, before an iptables REDIRECT.
+
+    Asked of the IPv4 or IPv6 conntrack by the connection's own family: an
+    IPv4 client on a dual-stack IPv6 socket (`Listen: port`) is IPv4 to it.
+    """
+    if sock.family == socket.AF_INET6 and not _ipv4_mapped(sock.getpeername()[0]):
         raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
         port = struct.unpack_from("!H", raw, 2)[0]
         return str(ipaddress.IPv6Address(raw[8:24])), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port = struct.unpack_from("!H", raw, 2)[0]
     return socket.inet_ntoa(raw[4:8]), port
+
+
+def _ipv4_mapped(ip: str) -> bool:
+    return ipaddress.IPv6Address(ip.split("%", 1)[0]).ipv4_mapped is not None
 
 
 def client_addresses(sock: socket.socket, config: Config) -> tuple[str, str]:
