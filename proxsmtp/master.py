@@ -235,8 +235,9 @@ class Master:
     def _become_worker(self, index: int, number: int) -> None:
         master = os.getppid()
         signal.set_wakeup_fd(-1)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self.ready_fd):
+            if fd >= 0:
+                os.close(fd)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

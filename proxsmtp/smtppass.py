@@ -118,7 +118,7 @@ class Session:
         self.auth_started = False
         self.xclient_supported = False
         self.xclient_sent = False
-        self.messages = 0
+        self.in_data = False
         self.reset()
 
     # --- the message (transaction) state ------------------------------------
@@ -138,6 +138,11 @@ class Session:
         """The one info line per message: client, from, to..., status."""
         self.note("status", status)
         log.info("%s: %s", self.tag, ", ".join(self.logline))
+
+    @property
+    def idle(self) -> bool:
+        """Between messages with nothing outstanding: safe to close at shutdown."""
+        return not self.in_data and self.sender is None and not self.pending
 
     @property
     def timeout(self) -> float:
@@ -248,8 +253,12 @@ class Session:
         verb = verb_of(line)
         kind = verb
         if verb == b"DATA":
-            await self.drain_replies()
-            await self.data()
+            self.in_data = True
+            try:
+                await self.drain_replies()
+                await self.data()
+            finally:
+                self.in_data = False
             self.reset()
             return
         if verb in (b"EHLO", b"HELO"):

@@ -19,7 +19,7 @@ from .log import log
 from .smtppass import Session
 
 R_BUSY = b"421 Server busy, too many connections\r\n"
-SHUTDOWN_GRACE = 10.0        # seconds open sessions get to finish on SIGTERM
+SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 
 
@@ -50,7 +50,8 @@ class Worker:
         self.slots = slots
         self.on_change = on_change       # called with the live session count
         self.grace = grace
-        self.sessions: set[asyncio.Task] = set()
+        self.retiring = False
+        self.sessions: dict[asyncio.Task, Session] = {}
         self._stopping: asyncio.Future | None = None
 
     def run(self) -> None:
@@ -72,6 +73,7 @@ class Worker:
 
     def retire(self) -> None:
         """After a reload: stop accepting, let sessions run their course."""
+        self.retiring = True
         self.grace = max(self.grace, RETIRE_GRACE)
         self.stop()
 
@@ -80,10 +82,19 @@ class Worker:
             self._stopping.set_result(None)
 
     async def finish_sessions(self) -> None:
-        """Stop accepting; sessions get `grace` seconds, then 421 and close."""
+        """After accepting stopped.  Shutting down: sessions between messages
+        are closed with 421 at once, one in the middle of a message gets up to
+        `grace` seconds to finish it, then 421 too.  Retiring after a reload:
+        sessions go on undisturbed (for up to `grace`)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace
         if self.sessions:
             log.debug("waiting for %d sessions to finish", len(self.sessions))
-            await asyncio.wait(set(self.sessions), timeout=self.grace)
+        while self.sessions and loop.time() < deadline:
+            for task, session in list(self.sessions.items()):
+                if session.idle and not self.retiring:
+                    task.cancel()
+            await asyncio.wait(set(self.sessions), timeout=0.2)
         for task in list(self.sessions):
             task.cancel()
         if self.sessions:
@@ -104,8 +115,9 @@ class Worker:
                       self.config.MaxConnections)
             _busy(conn)
             return
-        task = asyncio.get_running_loop().create_task(self._serve(conn))
-        self.sessions.add(task)
+        session = Session(self.config, conn)
+        task = asyncio.get_running_loop().create_task(self._serve(session))
+        self.sessions[task] = session
         task.add_done_callback(self._done)
         self._changed()
 
@@ -116,14 +128,14 @@ class Worker:
         loop.call_later(0.5, lambda: self._stopping.done() or
                         loop.add_reader(self.sock.fileno(), self._accept))
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, session: Session) -> None:
         try:
-            await Session(self.config, conn).run()
+            await session.run()
         finally:
             self.slots.release()
 
     def _done(self, task: asyncio.Task) -> None:
-        self.sessions.discard(task)
+        self.sessions.pop(task, None)
         self._changed()
 
     def _changed(self) -> None:
