@@ -169,7 +169,6 @@ class Master:
                     pass
             except BlockingIOError:
                 pass
-            self.reap()
             while self.signals:
                 signum = self.signals.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
@@ -178,6 +177,7 @@ class Master:
                     return
                 if signum == signal.SIGHUP:
                     self.reload()
+            self.reap()
             self.slots.collect_debt()
             self.maintain()
 
@@ -197,10 +197,14 @@ class Master:
             if info.retiring:
                 log.debug("worker %d (pid %d) finished", info.number, pid)
                 continue
-            how = ("killed by signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
-                   else "exited with code %d" % os.WEXITSTATUS(status))
-            log.error("worker %d (pid %d) %s; %d sessions lost, replacing it",
-                      info.number, pid, how, lost)
+            if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+                logs.notice("worker %d (pid %d) was stopped from outside, replacing it",
+                            info.number, pid)
+            else:
+                how = ("killed by signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+                       else "exited with code %d" % os.WEXITSTATUS(status))
+                log.error("worker %d (pid %d) %s; %d sessions lost, replacing it",
+                          info.number, pid, how, lost)
             if time.monotonic() - info.started < 1.0:
                 self._backoff_until = time.monotonic() + 1.0   # crashing at start: don't spin
 
