@@ -7,9 +7,12 @@ PY = $(VENV)/bin/python
 
 # What the tests drive: Postfix's smtp-sink/smtp-source, swaks, haproxy,
 # iptables and ip in network namespaces, and libcap-dev for python-prctl.
-TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod
+# groff-base/man-db render the manual pages; the python3-* packages are
+# what an installed proxsmtpd runs on (see `install` below).
+TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod \
+	groff-base man-db $(RUNTIME_DEBS)
 
-.PHONY: all venv deps test run clean
+.PHONY: all venv deps test run clean install install-deps uninstall
 
 all: venv
 
@@ -38,9 +41,97 @@ deps:
 test: venv deps
 	$(PY) -m pytest -q tests
 
+# The benchmark (bench/README.md); not part of `make test`.  BENCH_ARGS=--quick, --check, ...
+.PHONY: bench
+bench: venv deps
+	$(PY) bench/run.py $(BENCH_ARGS)
+
 run: venv
 	@sh demo/run.sh $(PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# --- make install / make uninstall ----------------------------------------------
+# A self-contained layout: the package in $(LIBDIR), run by a small wrapper
+# $(SBINDIR)/proxsmtpd with $(INSTALL_PYTHON).  That interpreter needs the
+# dependencies: Debian's python3-* packages (`make install-deps`), or point
+# INSTALL_PYTHON at a virtualenv's python that has them (see README.md).
+# Paths written as /usr/local/... in the installed text files (man pages,
+# sample config, scripts, init script, unit) are rewritten to match PREFIX.
+SBINDIR ?= $(PREFIX)/sbin
+LIBDIR ?= $(PREFIX)/lib/proxsmtpd
+DATADIR ?= $(PREFIX)/share/proxsmtpd
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= $(if $(filter /usr /usr/,$(PREFIX)),/etc,$(PREFIX)/etc)
+INITDIR ?= /etc/init.d
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+INSTALL_PYTHON ?= /usr/bin/python3
+INSTALL ?= install
+RUNTIME_DEBS = python3-configobj python3-daemon python3-setproctitle python3-prctl
+EXAMPLES = add_header.sh reject_pattern.sh spamassassin.sh
+MODULES = $(notdir $(wildcard proxsmtp/*.py))
+
+SUBST = sed -e 's|/usr/local/etc|$(SYSCONFDIR)|g' \
+	-e 's|/usr/local/sbin|$(SBINDIR)|g' \
+	-e 's|/usr/local/share/proxsmtpd|$(DATADIR)|g' \
+	-e 's|/usr/local/share/man|$(MANDIR)|g' \
+	-e 's|/usr/local/lib/systemd/system|$(SYSTEMDUNITDIR)|g' \
+	-e 's|/usr/local/lib/proxsmtpd|$(LIBDIR)|g'
+
+install:
+	$(INSTALL) -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LIBDIR)/proxsmtp \
+	  $(DESTDIR)$(DATADIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 \
+	  $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(INITDIR) $(DESTDIR)$(SYSTEMDUNITDIR)
+	$(INSTALL) -m 644 $(addprefix proxsmtp/,$(MODULES)) $(DESTDIR)$(LIBDIR)/proxsmtp/
+	sed -i 's|^SYSCONFDIR = .*|SYSCONFDIR = "$(SYSCONFDIR)"|' $(DESTDIR)$(LIBDIR)/proxsmtp/defaults.py
+	rel=$$($(PYTHON) -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' \
+	  $(LIBDIR) $(SBINDIR)) && \
+	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e "s|@LIBDIR_REL@|$$rel|" \
+	  init/proxsmtpd.sbin.in > $(DESTDIR)$(SBINDIR)/proxsmtpd
+	chmod 755 $(DESTDIR)$(SBINDIR)/proxsmtpd
+	$(SUBST) man/proxsmtpd.8 > $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8
+	$(SUBST) man/proxsmtpd.conf.5 > $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
+	chmod 644 $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8 $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
+	for f in $(EXAMPLES); do \
+	  $(SUBST) scripts/$$f > $(DESTDIR)$(DATADIR)/$$f && chmod 755 $(DESTDIR)$(DATADIR)/$$f || exit 1; \
+	done
+	$(SUBST) etc/proxsmtpd.conf > $(DESTDIR)$(DATADIR)/proxsmtpd.conf
+	$(SUBST) init/proxsmtpd.default > $(DESTDIR)$(DATADIR)/proxsmtpd.default
+	chmod 644 $(DESTDIR)$(DATADIR)/proxsmtpd.conf $(DESTDIR)$(DATADIR)/proxsmtpd.default
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf ]; then \
+	  echo "kept the existing $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf (new sample: $(DATADIR)/proxsmtpd.conf)"; \
+	else \
+	  echo "installing the sample configuration as $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf"; \
+	  $(SUBST) etc/proxsmtpd.conf > $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf && \
+	  chmod 644 $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf; \
+	fi
+	$(SUBST) init/proxsmtpd.init > $(DESTDIR)$(INITDIR)/proxsmtpd
+	chmod 755 $(DESTDIR)$(INITDIR)/proxsmtpd
+	$(SUBST) init/proxsmtpd.service > $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
+	chmod 644 $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
+	@$(INSTALL_PYTHON) -c 'import configobj, daemon, setproctitle, prctl' 2>/dev/null || \
+	  echo "warning: $(INSTALL_PYTHON) lacks proxsmtpd's dependencies: run 'make install-deps'" \
+	    "or install with INSTALL_PYTHON=<a python that has them> (see README.md)" >&2
+	@if [ -z "$(DESTDIR)" ]; then \
+	  echo "installed.  Edit $(SYSCONFDIR)/proxsmtpd.conf (OutAddress), then either"; \
+	  echo "  systemctl daemon-reload && systemctl enable --now proxsmtpd"; \
+	  echo "or  update-rc.d proxsmtpd defaults && service proxsmtpd start"; \
+	fi
+
+# Debian's packages of the dependencies, for INSTALL_PYTHON=/usr/bin/python3.
+install-deps:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RUNTIME_DEBS)
+
+# Everything install added except the configuration file.
+uninstall:
+	rm -f $(DESTDIR)$(SBINDIR)/proxsmtpd
+	rm -f $(addprefix $(DESTDIR)$(LIBDIR)/proxsmtp/,$(MODULES))
+	rm -rf $(DESTDIR)$(LIBDIR)/proxsmtp/__pycache__
+	-rmdir $(DESTDIR)$(LIBDIR)/proxsmtp $(DESTDIR)$(LIBDIR)
+	rm -f $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8 $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
+	rm -f $(addprefix $(DESTDIR)$(DATADIR)/,$(EXAMPLES) proxsmtpd.conf proxsmtpd.default)
+	-rmdir $(DESTDIR)$(DATADIR)
+	rm -f $(DESTDIR)$(INITDIR)/proxsmtpd $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
+	@echo "kept $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf"
