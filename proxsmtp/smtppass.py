@@ -484,18 +484,19 @@ class Session:
         return error
 
     async def wait_client_data(self) -> None:
-        """Wait for more of the message, keeping the server alive meanwhile."""
+        """Wait for more of the message, keeping the server alive meanwhile.
+
+        Returns after each keepalive too: data that arrives while the NOOP's
+        reply is awaited wakes no one, so the caller must look at the buffer.
+        """
         every = self.config.KeepAlives
         step = min(self.timeout, every) if every > 0 else self.timeout
-        deadline = self.client.last_action + self.timeout
-        while True:
-            try:
-                await self.client.wait(step)
-                return
-            except asyncio.TimeoutError:
-                await self.keepalive()
-                if time.monotonic() >= deadline:
-                    raise SessionEnd("network operation timed out reading message", None) from None
+        try:
+            await self.client.wait(step)
+        except asyncio.TimeoutError:
+            if time.monotonic() >= self.client.last_action + self.timeout:
+                raise SessionEnd("network operation timed out reading message", None) from None
+            await self.keepalive()
 
     async def done_data(self, path: str) -> None:
         """Offer the filtered message to the server; relay its verdict verbatim."""
