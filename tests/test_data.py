@@ -1,0 +1,236 @@
+"""SPEC §5: DATA end to end: spooling, forwarding, dots, temp files, keepalives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from harness import send_mail, wait_until
+
+BODY = b"Subject: test\r\n\r\nhello\r\n"
+
+
+def test_dot_lines_passed_verbatim(proxy, upstream):
+    """Dot-stuffed lines are stored and forwarded as the client sent them."""
+    body = (b"Subject: dots\r\n\r\n..leading dot\r\n...two dots\r\n..\r\n"
+            b"middle.line\r\n. space\r\n.\tx\r\nend\r\n")
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], body)[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert message.raw == body.rstrip(b"\r\n")
+    assert b"\r\n.leading dot\r\n" in b"\r\n" + message.body
+
+
+def test_dot_lines_with_smtplib_through_pipe_filter(proxy, upstream):
+    """smtplib stuffs dots; `cat` as a filter must keep them so the server sees
+    exactly the original message after unstuffing."""
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"})
+    text = "Subject: dots\r\n\r\n.hidden\r\n..two\r\n.\r\nlast line\r\n"
+    smtp = p.smtp()
+    smtp.sendmail("a@x.test", ["b@y.test"], text)
+    smtp.quit()
+    message = upstream.wait_messages(1)[0]
+    assert message.body == text.encode().rstrip(b"\r\n")
+    assert "last line" not in upstream.commands()
+
+
+def test_big_message(proxy, upstream):
+    line = b"0123456789" * 7 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * 40000          # about 2.9 MB
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], body)[0].startswith("250")
+    message = upstream.wait_messages(1, timeout=60)[0]
+    assert message.raw == body.rstrip(b"\r\n")
+
+
+def test_message_without_final_crlf_before_dot(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        send_mail(client, "a@x.test", ["b@y.test"], b"Subject: x\r\n\r\nno blank")
+    assert upstream.wait_messages(1)[0].raw == b"Subject: x\r\n\r\nno blank"
+
+
+def test_empty_message(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA")[0].startswith("354")
+        client.send(b".\r\n")
+        assert client.reply()[0].startswith("250")
+    assert upstream.wait_messages(1)[0].raw == b""
+
+
+def test_proxy_answers_354_itself(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA") == ["354 Start mail input; end with <CRLF>.<CRLF>"]
+        # the server hears DATA only once the whole message is spooled
+        time.sleep(0.3)
+        assert "DATA" not in upstream.verbs()
+        client.send(BODY + b".\r\n")
+        assert client.reply()[0].startswith("250")
+    assert upstream.verbs()[-1] == "DATA"
+
+
+def test_server_refuses_data(proxy, make_upstream):
+    upstream = make_upstream(replies={"DATA": "451 4.3.0 Try again later"})
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY) == ["451 4.3.0 Try again later"]
+        assert client.cmd("NOOP")[0].startswith("250")
+    assert upstream.messages == []
+
+
+def test_final_reply_passed_verbatim(proxy, make_upstream):
+    upstream = make_upstream(data_reply="552-5.3.4 Message too big\r\n552 5.3.4 Really too big")
+    p = proxy({"OutAddress": upstream.address}, debug=3)
+    with p.connect() as client:
+        final = send_mail(client, "a@x.test", ["b@y.test"], BODY)
+    assert final == ["552-5.3.4 Message too big", "552 5.3.4 Really too big"]
+    assert len(upstream.rejected) == 1 and upstream.messages == []
+
+
+def test_client_disconnects_mid_data(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"})
+    client = p.connect()
+    client.cmd("EHLO client.example")
+    client.cmd("MAIL FROM:<a@x.test>")
+    client.cmd("RCPT TO:<b@y.test>")
+    assert client.cmd("DATA")[0].startswith("354")
+    client.send(b"Subject: partial\r\n\r\n" + b"x" * 100000 + b"\r\nmore\r\n")
+    wait_until(lambda: p.spool_files(), what="the spool file")
+    client.close()
+    upstream.wait_closed("RCPT TO:<b@y.test>")
+    wait_until(lambda: not p.spool_files(), what="the spool file to be removed")
+    assert upstream.messages == [] and "DATA" not in upstream.verbs()
+
+
+def test_client_stalls_mid_data_times_out(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address, "TimeOut": 2})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        client.cmd("DATA")
+        client.send(b"Subject: stall\r\n\r\nsome")
+        assert client.closed_by_peer(timeout=30)
+    upstream.wait_closed("RCPT TO:<b@y.test>")
+    wait_until(lambda: not p.spool_files(), what="the spool file to be removed")
+    assert upstream.messages == []
+
+
+def test_temp_file_private_and_removed(proxy, upstream, tmp_path):
+    out = tmp_path / "mode"
+    p = proxy({"OutAddress": upstream.address, "FilterType": "file",
+               "FilterCommand": "stat -c '%%a %%n' \"$EMAIL\" > %s" % out})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0].startswith("250")
+    upstream.wait_messages(1)
+    mode, path = out.read_text().split()
+    assert mode == "600"
+    assert os.path.dirname(path) == str(p.spool)
+    wait_until(lambda: not os.path.exists(path), what="the temp file to be removed")
+    assert p.spool_files() == []
+
+
+def test_pipe_filter_files_private(proxy, upstream, tmp_path):
+    out = tmp_path / "modes"
+    p = proxy({"OutAddress": upstream.address,
+               "FilterCommand": "stat -c '%%a' \"$TMPDIR\"/* > %s; cat" % out})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0].startswith("250")
+    upstream.wait_messages(1)
+    modes = out.read_text().split()
+    assert len(modes) == 2 and set(modes) == {"600"}     # the message and the filter's output
+    wait_until(lambda: not p.spool_files(), what="the temp files to be removed")
+
+
+def test_temp_directory_missing_gives_451(proxy, upstream, tmp_path):
+    p = proxy({"OutAddress": upstream.address, "TempDirectory": str(tmp_path / "missing")},
+              debug=3)
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA") == ["451 Local Error"]
+    upstream.wait_command("RSET")
+    assert upstream.messages == []
+    p.wait_log("status=FILTER-ERROR")
+
+
+def test_keepalives_while_client_is_slow(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address, "KeepAlives": 1, "TimeOut": 20})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA")[0].startswith("354")
+        client.send(b"Subject: slow\r\n\r\n")
+        for number in range(4):
+            time.sleep(0.8)
+            client.send(b"line %d\r\n" % number)
+        upstream.wait_command("NOOP", timeout=10)
+        client.send(b".\r\n")
+        assert client.reply()[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert message.raw.endswith(b"line 3")
+    verbs = upstream.verbs()
+    assert verbs.index("NOOP") < verbs.index("DATA")
+
+
+def test_no_keepalives_by_default(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        client.cmd("DATA")
+        client.send(b"Subject: slow\r\n\r\n")
+        time.sleep(2.5)
+        client.send(b"end\r\n.\r\n")
+        assert client.reply()[0].startswith("250")
+    assert "NOOP" not in upstream.verbs()
+
+
+def test_keepalives_while_filter_is_slow(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address, "KeepAlives": 1, "FilterTimeout": 20,
+               "FilterCommand": "sleep 3; cat"})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0].startswith("250")
+    upstream.wait_messages(1)
+    assert "NOOP" in upstream.verbs()
+
+
+def test_data_through_unix_socket_listener(proxy, upstream, tmp_path):
+    path = str(tmp_path / "listen.sock")
+    p = proxy({"OutAddress": upstream.address, "Listen": path}, debug=3)
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0].startswith("250")
+    upstream.wait_messages(1)
+    p.wait_log(r"client=UNKNOWN, from=a@x\.test, to=b@y\.test, status=FILTERED")
+
+
+def test_half_closed_client_still_gets_reply(proxy, upstream):
+    """A client that sends its whole transaction and shuts down its side still
+    has its message delivered and its replies sent."""
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        client.send(b"EHLO c.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
+                    b"DATA\r\n" + BODY + b".\r\nQUIT\r\n")
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = []
+        while True:
+            reply = client.reply()
+            if not reply:
+                break
+            replies.append(reply[-1][:3])
+    assert replies == ["250", "250", "250", "354", "250", "221"]
+    assert len(upstream.wait_messages(1)) == 1
