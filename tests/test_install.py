@@ -106,6 +106,11 @@ def test_installed_paths_follow_prefix(destdir, prefix, sysconfdir):
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[0].startswith("proxsmtpd (version ")
     assert "(config: %s/proxsmtpd.conf)" % sysconfdir in shown.stdout
+    default_config = Path(sysconfdir) / "proxsmtpd.conf"
+    if not default_config.exists():     # don't start a daemon on a host's real config
+        ran = subprocess.run([str(program), "-d", "1"], capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 2, ran.stderr
+        assert "configuration file not found: %s" % default_config in ran.stderr
     root = Path(destdir)
     man5 = (root / prefix.lstrip("/") / "share/man/man5/proxsmtpd.conf.5").read_text()
     assert "%s/proxsmtpd.conf" % sysconfdir in man5
