@@ -61,7 +61,7 @@ class DotGuard:
 
     def __init__(self) -> None:
         self.tail = b""
-        self.ends_with_newline = True
+        self.ends_with_crlf = True          # nothing sent yet counts as a clean end
 
     def feed(self, data: bytes) -> bytes:
         data = self.tail + data
@@ -69,17 +69,24 @@ class DotGuard:
         self.tail = data[cut:]
         block = data[:cut]
         if block:
-            self.ends_with_newline = True
+            self.ends_with_crlf = block.endswith(b"\r\n")
         return _LONE_DOT.sub(b". ", block) if b"\n." in block or block[:1] == b"." else block
 
     def finish(self) -> bytes:
-        """The rest, ending in CRLF so that the final `.` stands on its own line."""
+        """The rest, ending in CRLF so that the final `.` stands on its own line.
+
+        A stream ending in a bare LF (a filter writing LF line ends) gets a
+        CRLF too: only CRLF.CRLF ends DATA for a strict server.
+        """
         tail, self.tail = self.tail, b""
+        clean, self.ends_with_crlf = self.ends_with_crlf, True
         if tail:
-            if tail.rstrip(b"\r") == b".":
+            if tail.endswith(b"\r"):
+                tail = tail[:-1]
+            if tail == b".":
                 tail = b". "
             return tail + b"\r\n"
-        return b""
+        return b"" if clean else b"\r\n"
 
 
 async def send(channel: Channel, path: str, header: bytes | None, timeout: float) -> None:
