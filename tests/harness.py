@@ -554,11 +554,11 @@ class RecordingServer:
                 return reply
             conn.sock.sendall(reply.encode() + CRLF)
             raw = bytearray()
-            while True:
+            while True:         # strictly CRLF.CRLF ends it, as for a careful MTA
                 chunk = reader.readline()
                 if not chunk:
                     return None
-                if chunk == b".\r\n":
+                if chunk == b".\r\n" and (not raw or raw.endswith(CRLF)):
                     break
                 raw += chunk
             if self.drop_at == "DATA-END":

@@ -269,6 +269,14 @@ def test_dotguard_bare_lf_and_first_line():
 def test_dotguard_unterminated_last_line():
     assert guard_all([b"a\r\nlast"]) == b"a\r\nlast\r\n"
     assert guard_all([b"a\r\n."]) == b"a\r\n. \r\n"
+    assert guard_all([b"a\r\nlast\r"]) == b"a\r\nlast\r\n"
+    assert guard_all([b""]) == b""
+
+
+def test_dotguard_bare_lf_end_gets_crlf():
+    """`.` CRLF must follow a CRLF, or a strict server never sees the end."""
+    assert guard_all([b"a\nb\n"]) == b"a\nb\n\r\n"
+    assert guard_all([b"a\r\n"]) == b"a\r\n"
 
 
 @given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\n", b"..", b"x.y", b"\r"]), max_size=40),
@@ -284,5 +292,6 @@ def test_dotguard_any_split_same_result(pieces, data):
         last = cut
     out = guard_all(chunks)
     assert out == guard_all([whole])
+    assert out == b"" or out.endswith(b"\r\n")
     for line in out.split(b"\n"):
         assert line not in (b".", b".\r")
