@@ -208,8 +208,8 @@ class Proxy:
     def spool_files(self) -> list[str]:
         return sorted(os.listdir(self.spool))
 
-    def connect(self, timeout: float = 20.0) -> "Client":
-        return Client(self.host, self.port, timeout)
+    def connect(self, timeout: float = 20.0, source: str | None = None) -> "Client":
+        return Client(self.host, self.port, timeout, source)
 
     def smtp(self, timeout: float = 20.0):
         """An smtplib client connected to the proxy."""
@@ -224,13 +224,16 @@ class Proxy:
 class Client:
     """A plain socket speaking SMTP line by line, for exact protocol checks."""
 
-    def __init__(self, host: str, port: int | None, timeout: float = 20.0) -> None:
+    def __init__(self, host: str, port: int | None, timeout: float = 20.0,
+                 source: str | None = None) -> None:
         if port is None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: object = host
         else:
             self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
             target = (host, port)
+            if source is not None:          # e.g. 127.0.0.9: another loopback client
+                self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect(target)
         self.file = self.sock.makefile("rb")
