@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import configparser
 import os
+import pwd
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -180,7 +182,6 @@ def test_installed_program_relays_through_installed_filter(staged, tmp_path):
 
 
 def listening(port: int) -> bool:
-    import socket
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
@@ -338,7 +339,6 @@ def test_init_script_restart_and_force_reload(init_script, tmp_path):
 
 
 def test_init_script_reports_start_failures(init_script, tmp_path):
-    import socket
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
@@ -366,6 +366,41 @@ def test_init_script_follows_pidfile_setting(init_script, tmp_path):
     init.started.add(int(pidfile.read_text()))
     assert init("status").returncode == 0
     assert init("stop").returncode == 0 and not pidfile.exists()
+
+
+def test_init_script_with_user_drops_root_and_cleans_up(staged):
+    """User: nobody: the pid file is handed to nobody and the daemon cannot remove
+    it from a root-owned directory; stop still leaves nothing behind."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to User: nobody")
+    workdir = Path(tempfile.mkdtemp(prefix="pxs-init-"))
+    workdir.chmod(0o755)
+    spool = workdir / "spool"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)
+    init = InitScript(staged, workdir, "OutAddress: 127.0.0.1:9\nListen: 127.0.0.1:%d\n"
+                      "TempDirectory: %s\nUser: nobody\nWorkers: 1\n" % (free_port(), spool))
+    try:
+        started = init("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        master = init.pid()
+        status = Path("/proc/%d/status" % master).read_text()
+        uid = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+        assert set(uid) == {str(pwd_uid("nobody"))}, status
+        effective = next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+        assert int(effective, 16) == 1 << 12, "only CAP_NET_ADMIN should be left: %s" % effective
+        assert init.pidfile.stat().st_uid == pwd_uid("nobody")
+        assert init("reload").returncode == 0 and init("status").returncode == 0
+        assert init("stop").returncode == 0
+        assert not pid_alive(master) and not init.pidfile.exists()
+        assert init("status").returncode == 3
+    finally:
+        init.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pwd_uid(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
 
 
 def test_init_script_has_an_lsb_header(staged):
