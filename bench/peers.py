@@ -1,0 +1,160 @@
+"""The processes a benchmark drives: smtp-sink, proxsmtpd and smtp-source.
+
+Every process is started here with its output in a log file of the run's
+work directory, and stopped by its own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import time
+
+NOFILE = 10000        # the seed's "High volume" recipe: ulimit -n 10000
+HOST = "127.0.0.1"
+
+
+class PeerError(Exception):
+    """A peer could not be started, or a client run failed."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def raise_nofile(limit: int = NOFILE) -> None:
+    """Open-file limit of at least `limit` (raising the hard limit needs root)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= limit:
+        return
+    if hard != resource.RLIM_INFINITY and hard < limit:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+            return
+        except (ValueError, OSError):
+            limit = hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+def greeting(port: int, timeout: float = 5.0) -> bytes:
+    """The first reply line a fresh connection to `port` gets (then QUIT)."""
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        data = b""
+        while b"\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        try:
+            sock.sendall(b"QUIT\r\n")
+            sock.recv(4096)
+        except OSError:
+            pass
+    return data.split(b"\n", 1)[0].rstrip(b"\r")
+
+
+class Peer:
+    """A long-running server process, stopped by its pid."""
+
+    def __init__(self, name: str, argv: list[str], logdir: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = os.path.join(logdir, name + ".log")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, port: int, timeout: float = 15.0) -> "Peer":
+        """Start and wait until `port` greets with 220."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise PeerError("%s exited with %s at start: %s"
+                                % (self.name, self.proc.returncode, self.log_tail()))
+            try:
+                line = greeting(port, timeout=2.0)
+                if line.startswith(b"220"):
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PeerError("%s did not greet on port %d: %s"
+                                % (self.name, port, self.log_tail()))
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                text = handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+
+def sink(name: str, port: int, logdir: str, max_sessions: int = 5000) -> Peer:
+    """smtp-sink on `port`: accepts and discards everything."""
+    argv = ["smtp-sink"]
+    if os.geteuid() == 0:
+        argv += ["-u", "nobody"]
+    argv += ["-m", str(max_sessions), "%s:%d" % (HOST, port), "4096"]
+    return Peer(name, argv, logdir).start(port)
+
+
+def proxy(name: str, program: str, port: int, out_port: int, workdir: str,
+          settings: dict[str, str], max_connections: int) -> Peer:
+    """proxsmtpd in the foreground (-d 0: errors only) with a generated config."""
+    spool = os.path.join(workdir, "spool-" + name)
+    os.makedirs(spool, exist_ok=True)
+    conf = os.path.join(workdir, name + ".conf")
+    lines = {"Listen": "%s:%d" % (HOST, port), "OutAddress": "%s:%d" % (HOST, out_port),
+             "MaxConnections": str(max_connections), "TempDirectory": spool}
+    lines.update(settings)
+    with open(conf, "w") as handle:
+        handle.writelines("%s: %s\n" % item for item in lines.items())
+    return Peer(name, [program, "-d", "0", "-f", conf], workdir).start(port)
+
+
+def source(port: int, sessions: int, messages: int, size: int, same_session: bool = False,
+           timeout: float = 900.0) -> float:
+    """Run smtp-source; the wall-clock seconds it took.  Raises PeerError when
+    it fails (it exits non-zero on any unexpected reply)."""
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", "bench@example.com", "-t", "sink@example.com", "-M", "bench.example"]
+    if same_session:
+        argv.append("-d")
+    argv.append("%s:%d" % (HOST, port))
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, preexec_fn=raise_nofile)
+    except subprocess.TimeoutExpired:
+        raise PeerError("smtp-source timed out after %.0f s" % timeout) from None
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
+        raise PeerError("smtp-source exited %d: %s" % (done.returncode, text[-300:]))
+    return elapsed

@@ -1,0 +1,432 @@
+#!/usr/bin/env python3
+"""proxsmtpd benchmark: throughput, serial latency, held sessions, a large message.
+
+Postfix's smtp-source (client) and smtp-sink (server) are the peers.  Every
+figure is also measured on the direct path (smtp-source straight to
+smtp-sink), and the configurations are alternated round by round, so machine
+noise falls on all of them alike; the table shows medians over the rounds
+and ratios against direct.  See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import memory  # noqa: E402
+import peers  # noqa: E402
+from hold import Holder  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MB = 1024 * 1024
+
+# The proxy configurations compared (the smtp filter's address is added at run time).
+FILE_FILTER = "sed -i -e '1s/^/X-Bench: file\\r\\n/' \"$EMAIL\""
+FILTERS = {
+    "none": {},
+    "pipe": {"FilterType": "pipe", "FilterCommand": "cat"},
+    "file": {"FilterType": "file", "FilterCommand": FILE_FILTER},
+    "smtp": {"FilterType": "smtp"},
+}
+
+FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
+            latency_size=1024, hold=3000, large_mb=50)
+QUICK = dict(rounds=1, parallel=20, messages=200, size=10240, latency_messages=20,
+             latency_size=1024, hold=300, large_mb=5)
+
+TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-test sizes: 1 round, 200 messages, 300 held sessions, 5 MB")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--rounds", type=int, help="rounds to take medians over")
+    parser.add_argument("--messages", type=int, help="throughput: messages per run")
+    parser.add_argument("--parallel", type=int, help="throughput: parallel sessions")
+    parser.add_argument("--size", type=int, help="throughput: message payload bytes")
+    parser.add_argument("--latency-messages", type=int, help="serial latency: messages")
+    parser.add_argument("--latency-size", type=int, help="serial latency: message payload bytes")
+    parser.add_argument("--hold", type=int, help="concurrency: sessions to hold")
+    parser.add_argument("--large-mb", type=int, help="large message: size in MiB")
+    parser.add_argument("--only", default="throughput,latency,concurrency,large",
+                        help="comma-separated sections to run")
+    parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
+    parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
+    parser.add_argument("--json", default=os.path.join(REPO, "bench", "results", "latest.json"),
+                        help="where to write the results (the table goes next to it as .txt)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.only = {part.strip() for part in args.only.split(",") if part.strip()}
+    return args
+
+
+def summary(runs: list[dict], key: str) -> float | None:
+    values = [run[key] for run in runs if key in run]
+    return statistics.median(values) if values else None
+
+
+def attempt(runs: list[dict], label: str, measure) -> None:
+    """Run one measurement; a failure is recorded (and printed), not fatal."""
+    try:
+        runs.append(measure())
+    except peers.PeerError as exc:
+        print("  %s: FAILED: %s" % (label, exc), file=sys.stderr, flush=True)
+        runs.append({"error": str(exc)})
+
+
+def rotated(items: list, round_no: int) -> list:
+    shift = round_no % len(items)
+    return items[shift:] + items[:shift]
+
+
+class Bench:
+    """Starts the peers, runs the sections, collects results."""
+
+    def __init__(self, args: argparse.Namespace, workdir: str) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.peers: list[peers.Peer] = []
+        self.ports: dict[str, int] = {}
+        self.results: dict = {}
+
+    # -- peers ---------------------------------------------------------------
+
+    def settings(self, name: str) -> dict[str, str]:
+        settings = dict(FILTERS[name])
+        if name == "smtp":
+            settings["FilterCommand"] = "%s:%d" % (peers.HOST, self.ports["filter-sink"])
+        if self.args.workers is not None:
+            settings["Workers"] = str(self.args.workers)
+        return settings
+
+    def start_proxy(self, name: str, filter_name: str) -> peers.Peer:
+        port = peers.free_port()
+        peer = peers.proxy(name, self.args.proxsmtpd, port, self.ports["sink"], self.workdir,
+                           self.settings(filter_name), max(4000, self.args.hold + 500))
+        self.peers.append(peer)
+        self.ports[name] = port
+        return peer
+
+    def stop(self, peer: peers.Peer) -> None:
+        peer.stop()
+        if peer in self.peers:
+            self.peers.remove(peer)
+
+    def start(self) -> None:
+        for name in ("sink", "filter-sink"):
+            self.ports[name] = peers.free_port()
+            self.peers.append(peers.sink(name, self.ports[name], self.workdir))
+        self.ports["direct"] = self.ports["sink"]
+        if self.args.only & {"throughput", "latency", "large"}:
+            for name in FILTERS:
+                self.start_proxy(name, name)
+
+    def stop_all(self) -> None:
+        for peer in reversed(self.peers):
+            peer.stop()
+        self.peers.clear()
+
+    # -- sections ------------------------------------------------------------
+
+    def throughput(self) -> None:
+        a = self.args
+        paths = ["direct"] + list(FILTERS)
+        runs: dict[str, list[dict]] = {path: [] for path in paths}
+        print("throughput: %d sessions, %d messages of %d bytes"
+              % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
+        for round_no in range(a.rounds):
+            for path in rotated(paths, round_no):
+                def measure(path=path) -> dict:
+                    seconds = peers.source(self.ports[path], a.parallel, a.messages, a.size)
+                    return {"seconds": seconds, "per_second": a.messages / seconds}
+                attempt(runs[path], path, measure)
+        self.results["throughput"] = self.table(runs, "per_second", paths)
+
+    def latency(self) -> None:
+        a = self.args
+        variants = [(path, path, False) for path in ["direct"] + list(FILTERS)]
+        variants += [("direct, one session", "direct", True), ("none, one session", "none", True)]
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+        print("latency: %d messages of %d bytes, one at a time"
+              % (a.latency_messages, a.latency_size), file=sys.stderr, flush=True)
+        for round_no in range(a.rounds):
+            for label, path, same in rotated(variants, round_no):
+                def measure(path=path, same=same) -> dict:
+                    seconds = peers.source(self.ports[path], 1, a.latency_messages,
+                                           a.latency_size, same_session=same)
+                    return {"seconds": seconds, "ms": 1000.0 * seconds / a.latency_messages}
+                attempt(runs[label], label, measure)
+        table = self.table({k: v for k, v in runs.items() if "one session" not in k}, "ms",
+                           ["direct"] + list(FILTERS))
+        table.update(self.table({k: v for k, v in runs.items() if "one session" in k}, "ms",
+                                ["direct, one session", "none, one session"]))
+        self.results["latency"] = table
+
+    def table(self, runs: dict[str, list[dict]], key: str, order: list[str]) -> dict:
+        """Per path: the runs, the median of `key`, and its ratio to the first path."""
+        base = summary(runs[order[0]], key)
+        table = {}
+        for path in order:
+            median = summary(runs[path], key)
+            ratio = median / base if median is not None and base else None
+            table[path] = {"runs": runs[path], "median": median, "ratio": ratio}
+        return table
+
+    def large(self) -> None:
+        a = self.args
+        paths = ["direct", "none", "pipe"]
+        runs: dict[str, list[dict]] = {path: [] for path in paths}
+        size = a.large_mb * MB
+        print("large message: %d MiB" % a.large_mb, file=sys.stderr, flush=True)
+        for round_no in range(a.rounds):
+            for path in rotated(paths, round_no):
+                def measure(path=path) -> dict:
+                    if path == "direct":
+                        return {"seconds": peers.source(self.ports[path], 1, 1, size)}
+                    proxy = next(p for p in self.peers if p.name == path)
+                    with memory.RssSampler(proxy.pid) as sampler:
+                        seconds = peers.source(self.ports[path], 1, 1, size)
+                    return {"seconds": seconds, "rss_baseline_mb": sampler.baseline / 1024,
+                            "rss_growth_mb": sampler.growth_kb / 1024,
+                            "processes": len(sampler.pids), "samples": sampler.samples}
+                attempt(runs[path], path, measure)
+        table = self.table(runs, "seconds", paths)
+        for path in paths[1:]:
+            table[path]["rss_growth_mb"] = summary(runs[path], "rss_growth_mb")
+            table[path]["rss_growth_max_mb"] = max(
+                (run["rss_growth_mb"] for run in runs[path] if "rss_growth_mb" in run),
+                default=None)
+        self.results["large"] = table
+
+    def concurrency(self) -> None:
+        a = self.args
+        runs: list[dict] = []
+        print("concurrency: %d sessions held" % a.hold, file=sys.stderr, flush=True)
+        for round_no in range(a.rounds):
+            attempt(runs, "hold", self.hold_once)
+        result: dict = {"runs": runs, "sessions": a.hold}
+        for key in ("greeted", "seconds_to_greet", "idle_pss_mb", "held_pss_mb",
+                    "pss_kb_per_session", "fresh_greeting_ms", "processes"):
+            result[key] = summary(runs, key)
+        result["fresh_accepted"] = bool(runs) and all(run.get("fresh_accepted") for run in runs)
+        result["all_greeted"] = bool(runs) and all(
+            run.get("greeted") == a.hold for run in runs)
+        self.results["concurrency"] = result
+
+    def hold_once(self) -> dict:
+        """A fresh proxy: warm it up, take the idle PSS, hold the sessions, take
+        the PSS again, and check that a new client still gets a greeting."""
+        a = self.args
+        proxy = self.start_proxy("hold", "none")
+        try:
+            port = self.ports["hold"]
+            peers.source(port, 5, 10, 1024)
+            time.sleep(0.5)
+            idle = memory.pss_kb(proxy.pid)
+            with Holder(peers.HOST, port, a.hold).open() as holder:
+                time.sleep(1.0)
+                held = memory.pss_kb(proxy.pid)
+                processes = len(memory.family(proxy.pid))
+                started = time.perf_counter()
+                try:
+                    fresh = peers.greeting(port, timeout=10.0)
+                except OSError as exc:
+                    fresh = ("error: %s" % exc).encode()
+                fresh_ms = 1000.0 * (time.perf_counter() - started)
+                greeted, refused = len(holder.greeted), holder.refused
+                seconds = holder.seconds
+            return {"greeted": greeted, "refused": len(refused),
+                    "refused_sample": sorted(set(refused))[:5],
+                    "seconds_to_greet": seconds,
+                    "idle_pss_mb": idle / 1024, "held_pss_mb": held / 1024,
+                    "pss_kb_per_session": (held - idle) / max(1, greeted),
+                    "fresh_accepted": fresh.startswith(b"220"),
+                    "fresh_reply": fresh.decode("ascii", "replace"),
+                    "fresh_greeting_ms": fresh_ms, "processes": processes}
+        finally:
+            self.stop(proxy)
+
+
+def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
+    """Each target: what it is, the measured value, and PASS/FAIL."""
+    targets = []
+
+    def target(name: str, value, ok: bool, shown: str) -> None:
+        targets.append({"target": name, "value": value, "pass": bool(ok), "shown": shown})
+
+    def fmt(value, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    if "throughput" in results:
+        ratio = results["throughput"]["none"]["ratio"]
+        target("throughput, no filter >= %.2f x direct" % TARGETS["throughput_ratio"], ratio,
+               ratio is not None and ratio >= TARGETS["throughput_ratio"], fmt(ratio, ".2f") + " x")
+    if "latency" in results:
+        for path in ("none", "none, one session"):
+            ratio = results["latency"][path]["ratio"]
+            target("serial latency, %s <= %.0f x direct" % (path, TARGETS["latency_ratio"]),
+                   ratio, ratio is not None and ratio <= TARGETS["latency_ratio"],
+                   fmt(ratio, ".2f") + " x")
+    if "concurrency" in results:
+        held = results["concurrency"]
+        target("%d sessions held, all greeted" % args.hold, held["greeted"],
+               held["all_greeted"], "%s/%d" % (fmt(held["greeted"], ".0f"), args.hold))
+        per = held["pss_kb_per_session"]
+        target("PSS per held session <= %.0f KB" % TARGETS["pss_kb"], per,
+               per is not None and per <= TARGETS["pss_kb"], fmt(per, ".1f") + " KB")
+        target("master still accepting while they are held", held["fresh_accepted"],
+               held["fresh_accepted"], "yes" if held["fresh_accepted"] else "no")
+    if "large" in results:
+        for path in ("none", "pipe"):
+            row = results["large"][path]
+            worst = row["rss_growth_max_mb"]
+            ok = (worst is not None and worst < TARGETS["rss_growth_mb"]
+                  and not any("error" in run for run in row["runs"]))
+            target("%d MiB message, %s: relayed, RSS growth < %.0f MB"
+                   % (args.large_mb, path, TARGETS["rss_growth_mb"]),
+                   worst, ok, fmt(worst, ".1f") + " MB (worst run)")
+    return targets
+
+
+def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namespace) -> str:
+    """The human-readable table."""
+    out = []
+
+    def fmt(value, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def errors(row: dict) -> str:
+        failed = sum(1 for run in row["runs"] if "error" in run)
+        return "  (%d failed)" % failed if failed else ""
+
+    out.append("proxsmtpd benchmark: medians of %d round(s); %s CPUs; workers %s; commit %s"
+               % (args.rounds, meta["cpus"], meta["workers"], meta["commit"]))
+    if "throughput" in results:
+        out.append("")
+        out.append("throughput: %d parallel sessions, %d messages of %d bytes, one per session"
+                   % (args.parallel, args.messages, args.size))
+        out.append("  %-22s %10s %10s" % ("path", "msg/s", "x direct"))
+        for path, row in results["throughput"].items():
+            out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".1f"),
+                                                 fmt(row["ratio"], ".3f"), errors(row)))
+    if "latency" in results:
+        out.append("")
+        out.append("serial latency: 1 client, %d messages of %d bytes one after another"
+                   % (args.latency_messages, args.latency_size))
+        out.append("  %-22s %10s %10s" % ("path", "ms/msg", "x direct"))
+        for path, row in results["latency"].items():
+            out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".3f"),
+                                                 fmt(row["ratio"], ".2f"), errors(row)))
+    if "concurrency" in results:
+        held = results["concurrency"]
+        out.append("")
+        out.append("concurrency: %d sessions opened through the proxy and held" % args.hold)
+        out.append("  greeted %s/%d in %s s; %s proxy processes; PSS idle %s MB, held %s MB"
+                   % (fmt(held["greeted"], ".0f"), args.hold, fmt(held["seconds_to_greet"], ".2f"),
+                      fmt(held["processes"], ".0f"), fmt(held["idle_pss_mb"], ".1f"),
+                      fmt(held["held_pss_mb"], ".1f")))
+        out.append("  PSS per held session %s KB; a fresh client greeted while held: %s (%s ms)"
+                   % (fmt(held["pss_kb_per_session"], ".1f"),
+                      "yes" if held["fresh_accepted"] else "NO",
+                      fmt(held["fresh_greeting_ms"], ".1f")))
+    if "large" in results:
+        out.append("")
+        out.append("large message: one message of %d MiB" % args.large_mb)
+        out.append("  %-22s %10s %10s %14s" % ("path", "seconds", "x direct", "RSS growth MB"))
+        for path, row in results["large"].items():
+            out.append("  %-22s %10s %10s %14s%s"
+                       % (path, fmt(row["median"], ".2f"), fmt(row["ratio"], ".2f"),
+                          fmt(row.get("rss_growth_mb"), ".1f"), errors(row)))
+    out.append("")
+    out.append("targets:")
+    for item in targets:
+        out.append("  %s  %-58s %s" % ("PASS" if item["pass"] else "FAIL", item["target"],
+                                        item["shown"]))
+    return "\n".join(out) + "\n"
+
+
+def describe(args: argparse.Namespace, workdir: str) -> dict:
+    """Where and on what the figures were taken."""
+    def output(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, cwd=REPO,
+                                  timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    dirty = bool(output(["git", "status", "--porcelain", "--untracked-files=no"]))
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "host": socket.gethostname(),
+            "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "proxsmtpd": args.proxsmtpd,
+            "workers": args.workers if args.workers is not None else "default",
+            "commit": (output(["git", "rev-parse", "--short", "HEAD"]) or "?")
+            + ("+dirty" if dirty else ""),
+            "postfix": output(["postconf", "-d", "-h", "mail_version"]),
+            "loadavg_at_start": os.getloadavg(), "workdir_fs": output(
+                ["stat", "-f", "-c", "%T", workdir])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    for tool in ("smtp-sink", "smtp-source"):
+        if shutil.which(tool) is None:
+            print("%s not found (Debian package postfix)" % tool, file=sys.stderr)
+            return 2
+    if not os.access(args.proxsmtpd, os.X_OK):
+        print("%s not found: run `make venv`" % args.proxsmtpd, file=sys.stderr)
+        return 2
+    peers.raise_nofile(peers.NOFILE)
+    workdir = tempfile.mkdtemp(prefix="proxsmtpd-bench-")
+    meta = describe(args, workdir)
+    bench = Bench(args, workdir)
+    started = time.monotonic()
+    try:
+        bench.start()
+        for section in ("throughput", "latency", "concurrency", "large"):
+            if section in args.only:
+                getattr(bench, section)()
+    except peers.PeerError as exc:
+        print("benchmark setup failed: %s" % exc, file=sys.stderr)
+        return 2
+    finally:
+        bench.stop_all()
+        if args.keep:
+            print("work directory kept: %s" % workdir, file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    meta["seconds"] = round(time.monotonic() - started, 1)
+    targets = check_targets(bench.results, args)
+    text = render(bench.results, targets, meta, args)
+    sys.stdout.write(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        params = {k: getattr(args, k) for k in FULL}
+        params.update(quick=args.quick, only=sorted(args.only))
+        with open(args.json, "w") as handle:
+            json.dump({"meta": meta, "params": params, "results": bench.results,
+                       "targets": targets, "limits": TARGETS}, handle, indent=2)
+            handle.write("\n")
+        with open(os.path.splitext(args.json)[0] + ".txt", "w") as handle:
+            handle.write(text)
+    if args.check and not all(item["pass"] for item in targets):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

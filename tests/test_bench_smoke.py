@@ -1,0 +1,59 @@
+"""The benchmark harness (bench/run.py) still runs end to end.
+
+Tiny sizes (a few seconds), no `--check`: the figures of a run squeezed into
+a test suite say nothing about speed, so only the harness's own machinery is
+asserted (every path relayed its mail, the held sessions were greeted and
+counted over master and workers, the memory sampler saw the proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which("smtp-sink") and shutil.which("smtp-source")),
+    reason="needs Postfix's smtp-sink and smtp-source")
+
+
+def test_bench_quick_run_produces_every_figure(tmp_path):
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--rounds", "1",
+         "--messages", "40", "--latency-messages", "10", "--hold", "60", "--large-mb", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "targets:" in done.stdout
+    data = json.loads(out.read_text())
+    assert (tmp_path / "result.txt").read_text() == done.stdout
+    results = data["results"]
+
+    for path in ("direct", "none", "pipe", "file", "smtp"):
+        row = results["throughput"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["median"] > 0
+        assert results["latency"][path]["median"] > 0
+    assert results["throughput"]["direct"]["ratio"] == 1.0
+
+    held = results["concurrency"]
+    assert held["greeted"] == 60 and held["all_greeted"]
+    assert held["fresh_accepted"]
+    assert held["processes"] >= 2          # the master and at least one worker
+    assert held["held_pss_mb"] > 0
+
+    for path in ("none", "pipe"):
+        row = results["large"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["rss_growth_mb"] is not None
+        assert row["runs"][0]["rss_baseline_mb"] > 1
+
+    names = [item["target"] for item in data["targets"]]
+    assert len(names) == 8 and all(isinstance(item["pass"], bool) for item in data["targets"])
