@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["proxsmtp", "proxsmtp.*"]),
     python_requires=">=3.11",
     install_requires=[
-        "python-daemon>=3.0",
+        "python-daemon>=2.3",
         "setproctitle>=1.3",
         "python-prctl>=1.8",
         "configobj>=5.0.8",

@@ -52,8 +52,14 @@ def workers(proxy, count: int | None = None) -> list[int]:
         children(proxy.proc.pid)), 15, what="%d workers" % count)
 
 
+def wait_idle(proxy) -> None:
+    """Until every worker's title shows no session (the readiness probe ended)."""
+    wait_until(lambda: all("[0 sessions]" in title(pid) for pid in children(proxy.proc.pid)),
+               10, what="idle workers")
+
+
 def session_holder(proxy) -> int:
-    """The worker whose title says it serves one session."""
+    """The worker whose title says it serves one session (call wait_idle first)."""
     return wait_until(lambda: next((pid for pid in children(proxy.proc.pid)
                                     if "[1 sessions]" in title(pid)), None), 10,
                       what="a worker with one session")
@@ -93,6 +99,7 @@ def test_max_connections_shared_by_all_workers(proxy, upstream):
 def test_killed_worker_is_replaced_and_its_slots_reclaimed(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 2, "MaxConnections": 2})
     before = workers(px, 2)
+    wait_idle(px)
     victim_client = px.connect()
     assert victim_client.cmd("EHLO c.example")[-1].startswith("250")
     assert victim_client.cmd("MAIL FROM:<a@example.org>")[-1].startswith("250")
@@ -119,6 +126,7 @@ def test_killed_worker_is_replaced_and_its_slots_reclaimed(proxy, upstream):
 def test_sigterm_closes_idle_session_with_421_and_exits(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 2})
     pids = workers(px, 2)
+    wait_idle(px)
     client = px.connect()
     assert client.cmd("EHLO c.example")[-1].startswith("250")
     session_holder(px)
@@ -132,6 +140,7 @@ def test_sigterm_closes_idle_session_with_421_and_exits(proxy, upstream):
 
 def test_sigterm_lets_a_message_in_progress_finish(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 1, "FilterCommand": "cat"})
+    wait_idle(px)
     client = px.connect()
     assert client.cmd("EHLO c.example")[-1].startswith("250")
     assert client.cmd("MAIL FROM:<a@example.org>")[-1].startswith("250")
@@ -154,6 +163,7 @@ def test_sigterm_lets_a_message_in_progress_finish(proxy, upstream):
 def test_sighup_reload_new_sessions_get_new_settings(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 2, "Header": "X-Gen: one"})
     old = workers(px, 2)
+    wait_idle(px)
     early = px.connect()
     assert early.cmd("EHLO c.example")[-1].startswith("250")
     session_holder(px)
@@ -240,11 +250,13 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
                                              "Listen": "127.0.0.1:%d" % port,
                                              "TempDirectory": str(tmp_path)})
-    result = subprocess.run([PYTHON, "-m", "proxsmtp.cli", "-f", str(conf), "-p", str(pid_file)],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    daemon = int(pid_file.read_text())
     try:
+        result = subprocess.run([PYTHON, "-m", "proxsmtp.cli", "-f", str(conf), "-p", str(pid_file)],
+                                cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        daemon = int(pid_file.read_text()) if pid_file.exists() else None
+    try:
+        assert result.returncode == 0, result.stderr
         assert pid_alive(daemon)
         assert os.getsid(daemon) != os.getsid(0)       # left the launching session
         assert int(status(daemon)["PPid"]) != os.getpid()
@@ -258,6 +270,7 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
         assert again.returncode != 0
         assert "Address already in use" in again.stderr
     finally:
-        os.kill(daemon, signal.SIGTERM)
-        wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
+        if daemon is not None:
+            os.kill(daemon, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
     assert not pid_file.exists()
