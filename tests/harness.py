@@ -59,6 +59,31 @@ def can_connect(host: str, port: int | None) -> bool:
         return False
 
 
+def answers(host: str, port: int | None, wait: float = 5.0) -> bool:
+    """True once a connection is accepted *and served*: a greeting, a close or
+    silence for `wait` seconds.  The kernel accepts into the backlog as soon as
+    the socket listens, before the daemon is ready for signals; the first
+    bytes (or EOF) come from a worker."""
+    try:
+        if port is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target: object = host
+        else:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            target = (host, port)
+        with sock:
+            sock.settimeout(1)
+            sock.connect(target)
+            sock.settimeout(wait)
+            try:
+                sock.recv(1)
+            except (socket.timeout, ConnectionResetError):
+                pass
+        return True
+    except OSError:
+        return False
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
                interval: float = 0.05, what: str = "condition") -> object:
     """Poll `predicate` until it returns something true; AssertionError on timeout."""
@@ -174,14 +199,42 @@ class Proxy:
                                      stdout=self._stderr, stderr=self._stderr,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not can_connect(self.host, self.port):
+        while not answers(self.host, self.port):
             if self.proc.poll() is not None:
                 raise RuntimeError("proxsmtpd exited with %d:\n%s" % (self.proc.returncode, self.log()))
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("proxsmtpd didn't listen on %s:\n%s" % (self.listen, self.log()))
             time.sleep(0.05)
+        self._wait_workers(deadline)
         return self
+
+    def children(self) -> dict[int, str]:
+        """{pid: process title} of the daemon's child processes (its workers)."""
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open("/proc/%s/stat" % entry) as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                if ppid != self.proc.pid:
+                    continue
+                with open("/proc/%s/cmdline" % entry, "rb") as handle:
+                    found[int(entry)] = handle.read().split(b"\0")[0].decode(errors="replace")
+            except (OSError, IndexError, ValueError):
+                continue
+        return found
+
+    def _wait_workers(self, deadline: float) -> None:
+        """Best effort: wait until every expected worker has its title, i.e. has
+        set up its own signal handling, so that an early SIGTERM is not lost."""
+        expected = int(self.settings.get("Workers") or 0) or (os.cpu_count() or 1)
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            titles = list(self.children().values())
+            if len(titles) >= expected and all(t.startswith("proxsmtpd: worker") for t in titles):
+                return
+            time.sleep(0.05)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait (then SIGKILL its process group); the exit status."""
