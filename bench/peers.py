@@ -125,9 +125,10 @@ def sink(name: str, port: int, logdir: str, max_sessions: int = 5000) -> Peer:
 
 
 def proxy(name: str, program: str, port: int, out_port: int, workdir: str,
-          settings: dict[str, str], max_connections: int) -> Peer:
-    """proxsmtpd in the foreground (-d 0: errors only) with a generated config."""
-    spool = os.path.join(workdir, "spool-" + name)
+          settings: dict[str, str], max_connections: int, spool_root: str | None = None) -> Peer:
+    """proxsmtpd in the foreground (-d 0: errors only) with a generated config;
+    its TempDirectory is a fresh directory in `spool_root` (default: workdir)."""
+    spool = os.path.join(spool_root or workdir, "spool-" + name)
     os.makedirs(spool, exist_ok=True)
     conf = os.path.join(workdir, name + ".conf")
     lines = {"Listen": "%s:%d" % (HOST, port), "OutAddress": "%s:%d" % (HOST, out_port),

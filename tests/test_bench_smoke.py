@@ -36,12 +36,13 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert (tmp_path / "result.txt").read_text() == done.stdout
     results = data["results"]
 
-    for path in ("direct", "none", "pipe", "file", "smtp"):
+    for path in ("direct", "none", "pipe", "file", "smtp", "direct, reused", "none, reused"):
         row = results["throughput"][path]
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0
         assert results["latency"][path]["median"] > 0
     assert results["throughput"]["direct"]["ratio"] == 1.0
+    assert results["latency"]["direct, reused"]["ratio"] == 1.0
 
     held = results["concurrency"]
     assert held["greeted"] == 60 and held["all_greeted"]
@@ -56,4 +57,4 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert row["runs"][0]["rss_baseline_mb"] > 1
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 8 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 9 and all(isinstance(item["pass"], bool) for item in data["targets"])
