@@ -213,6 +213,24 @@ def test_rset_forgets_sender_and_recipients(proxy, upstream, tmp_path):
     assert out.read_text() == "new@x.test|new@y.test|\n"
 
 
+def test_new_ehlo_forgets_transaction(proxy, upstream, tmp_path):
+    out = tmp_path / "env"
+    p = proxy({"OutAddress": upstream.address,
+               "FilterCommand": "echo \"$SENDER|$RECIPIENTS|$HELO\" > %s; cat" % out})
+    with p.connect() as client:
+        client.cmd("EHLO first.example")
+        client.cmd("MAIL FROM:<old@x.test>")
+        client.cmd("RCPT TO:<old@y.test>")
+        assert client.cmd("EHLO second.example")[0].startswith("250")
+        client.cmd("MAIL FROM:<new@x.test>")
+        client.cmd("RCPT TO:<new@y.test>")
+        client.cmd("DATA")
+        client.send(BODY + b".\r\n")
+        assert client.reply()[0].startswith("250")
+    upstream.wait_messages(1)
+    assert out.read_text() == "new@x.test|new@y.test|second.example\n"
+
+
 def test_null_sender_kept(proxy, upstream, tmp_path):
     out = tmp_path / "sender"
     p = proxy({"OutAddress": upstream.address,
