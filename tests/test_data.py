@@ -234,3 +234,19 @@ def test_half_closed_client_still_gets_reply(proxy, upstream):
             replies.append(reply[-1][:3])
     assert replies == ["250", "250", "250", "354", "250", "221"]
     assert len(upstream.wait_messages(1)) == 1
+
+
+def test_message_end_split_across_packets(proxy, upstream):
+    """The final CRLF.CRLF may arrive a byte at a time."""
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA")[0].startswith("354")
+        for piece in (b"Subject: split\r\n\r\n.", b".x\r", b"\n", b".", b"y\r", b"\n",
+                      b"end\r", b"\n", b".", b"\r", b"\n"):
+            client.send(piece)
+            time.sleep(0.05)
+        assert client.reply()[0].startswith("250")
+    assert upstream.wait_messages(1)[0].raw == b"Subject: split\r\n\r\n..x\r\n.y\r\nend"

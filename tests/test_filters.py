@@ -126,6 +126,16 @@ def test_rejection_text(proxy, upstream, stderr, reply):
     p.wait_log(r"from=a@x\.test, to=b@y\.test, status=%s$" % status.replace(".", r"\."))
 
 
+def test_rejection_after_lots_of_stderr(proxy, upstream):
+    """More stderr than a pipe holds: the filter is not blocked, its last line counts."""
+    p = proxy({"OutAddress": upstream.address,
+               "FilterCommand": "cat; head -c 300000 /dev/zero | tr '\\0' 'e' >&2; "
+                                "printf '\\n554 5.7.1 last words\\n' >&2; exit 1"})
+    with p.connect() as client:
+        assert transaction(client) == ["554 5.7.1 last words"]
+    assert upstream.messages == []
+
+
 def test_250_from_filter_drops_silently(proxy, upstream):
     p = proxy({"OutAddress": upstream.address,
                "FilterCommand": "cat >/dev/null; echo '250 2.0.0 Ok: dropped' >&2; exit 1"})
