@@ -88,10 +88,13 @@ def test_pid_file_setting_overrides_option(tmp_path, upstream):
 
 
 def test_sigterm_exits_zero(tmp_path, upstream):
-    p = Proxy(tmp_path / "p", {"OutAddress": upstream.address}, debug=2).start()
-    p.proc.send_signal(signal.SIGTERM)
-    assert p.proc.wait(20) == 0
-    p.stop()
+    p = Proxy(tmp_path / "p", {"OutAddress": upstream.address}, debug=2)
+    try:
+        p.start()
+        p.proc.send_signal(signal.SIGTERM)
+        assert p.proc.wait(20) == 0
+    finally:
+        p.stop()
 
 
 def test_foreground_logs_to_stderr_by_level(proxy, upstream):
