@@ -344,6 +344,9 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         for path, row in results["latency"].items():
             out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".3f"),
                                                  fmt(row["ratio"], ".2f"), errors(row)))
+    if "throughput" in results or "latency" in results:
+        out.append("  (one message per session; rows marked%s send all messages over the same"
+                   " sessions: smtp-source -d)" % REUSED.replace(",", ""))
     if "concurrency" in results:
         held = results["concurrency"]
         out.append("")
@@ -364,9 +367,6 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
             out.append("  %-22s %10s %10s %14s%s"
                        % (path, fmt(row["median"], ".2f"), fmt(row["ratio"], ".2f"),
                           fmt(row.get("rss_growth_mb"), ".1f"), errors(row)))
-    if "throughput" in results or "latency" in results:
-        out.append("  (one message per session; rows marked%s send all messages over the same"
-                   " sessions: smtp-source -d)" % REUSED.replace(",", ""))
     out.append("")
     out.append("targets:")
     for item in targets:
