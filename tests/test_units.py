@@ -295,3 +295,16 @@ def test_dotguard_any_split_same_result(pieces, data):
     assert out == b"" or out.endswith(b"\r\n")
     for line in out.split(b"\n"):
         assert line not in (b".", b".\r")
+
+
+def test_config_values_taken_literally():
+    """configobj validates, but quotes, commas, `#` and `%(x)s` stay as written."""
+    conf = parse("OutAddress: 25\n"
+                 "Header: X-Tag: #1, \"quoted\" %(x)s 'single'\n"
+                 "FilterCommand: grep -v '#' | sed \"s/a,b/c/\" | awk '{print $1}'\n"
+                 "FilterReject: \"554 5.7.1 No\"\n"
+                 "TempDirectory: /tmp/with space\n")
+    assert conf.Header == "X-Tag: #1, \"quoted\" %(x)s 'single'"
+    assert conf.FilterCommand == "grep -v '#' | sed \"s/a,b/c/\" | awk '{print $1}'"
+    assert conf.FilterReject == "\"554 5.7.1 No\""
+    assert conf.TempDirectory == "/tmp/with space"
