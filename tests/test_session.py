@@ -353,6 +353,20 @@ def test_filter_reject_text_normalised(proxy, upstream):
     assert "MAIL" not in upstream.verbs() and "RCPT" not in upstream.verbs()
 
 
+def test_filter_type_reject_spares_authenticated_with_skip(proxy, make_upstream):
+    """As upstream: Skip: authenticated bypasses the reject check too."""
+    upstream = make_upstream(extensions=("AUTH PLAIN",))
+    p = proxy({"OutAddress": upstream.address, "FilterType": "reject",
+               "Skip": "authenticated"}, debug=3)
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert client.cmd("MAIL FROM:<a@x.test>") == ["530 Email Rejected"]
+        assert client.cmd("AUTH PLAIN AHVzZXIAcGFzcw==")[0].startswith("235")
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY, helo="RSET")[0].startswith("250")
+    upstream.wait_messages(1)
+    p.wait_log(r"from=a@x\.test, to=b@y\.test, status=SKIPPED")
+
+
 def test_server_unreachable_421(proxy):
     port = free_port()
     p = proxy({"OutAddress": "127.0.0.1:%d" % port})
