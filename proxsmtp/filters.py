@@ -35,10 +35,11 @@ class FilterError(Exception):
 
 @dataclass
 class Verdict:
-    """Forward `path` (accept), or answer the client with `reply` (reject)."""
+    """Forward the message (accept; `path` when a filter wrote a new one),
+    or answer the client with `reply` (reject)."""
 
     accept: bool
-    path: str = ""
+    path: str | None = None
     reply: str = ""
     status: str = "FILTERED"
 
@@ -65,7 +66,7 @@ async def check(session: "Session", message: spool.Spool) -> Verdict:
     """Run the configured filter over a spooled message."""
     config = session.config
     if not config.FilterCommand:
-        return Verdict(True, message.path)
+        return Verdict(True)
     if config.FilterType == "smtp":
         return await smtp_verdict(session, message)
     return await command_verdict(session, message, config.FilterType == "pipe")
@@ -266,8 +267,11 @@ async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
     channel = Channel("FILTER", session.tag)
     try:
         try:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = infos[0]
+            if addresses.is_ip(target.host):
+                family, sockaddr = addresses.family_of(target.host), (target.host, target.port)
+            else:
+                infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+                family, _, _, _, sockaddr = infos[0]
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             try:
@@ -304,7 +308,7 @@ async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
         if code != 354:
             return _as_rejection(code, text, "DATA")
         try:
-            await spool.send(channel, message.path, None, timeout)
+            await spool.send(channel, message.reader(), None, timeout)
         except ChannelClosed as exc:
             raise FilterError(str(exc)) from None
         code, text = await node.reply()
@@ -313,7 +317,7 @@ async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
         except ChannelClosed:
             pass
         if code // 100 == 2:
-            return Verdict(True, message.path)
+            return Verdict(True)
         return _as_rejection(code, text, "the message")
     finally:
         channel.close()

@@ -140,6 +140,11 @@ class Session:
         log.info("%s: %s", self.tag, ", ".join(self.logline))
 
     @property
+    def message_in_memory(self) -> bool:
+        """Only filter programs need the message in a file."""
+        return not self.config.FilterCommand or self.config.FilterType == "smtp"
+
+    @property
     def idle(self) -> bool:
         """Between messages with nothing outstanding: safe to close at shutdown."""
         return not self.in_data and self.sender is None and not self.pending
@@ -421,7 +426,7 @@ class Session:
             await self.refused_data()
             return
         try:
-            message = spool.Spool(self.config.TempDirectory)
+            message = spool.Spool(self.config.TempDirectory, in_memory=self.message_in_memory)
         except OSError as exc:
             log.error("%s: couldn't open cache file in %s: %s", self.tag,
                       self.config.TempDirectory, exc.strerror)
@@ -449,7 +454,7 @@ class Session:
             self.log_message("FILTER-ERROR")
             return
         if verdict.accept:
-            await self.done_data(verdict.path)
+            await self.done_data(message, verdict.path)
             self.log_message("FILTERED")
         else:
             await self.fail_data(verdict.reply)
@@ -498,8 +503,9 @@ class Session:
                 raise SessionEnd("network operation timed out reading message", None) from None
             await self.keepalive()
 
-    async def done_data(self, path: str) -> None:
-        """Offer the filtered message to the server; relay its verdict verbatim."""
+    async def done_data(self, message: spool.Spool, path: str | None) -> None:
+        """Offer the message (or the filter's new version at `path`) to the
+        server; relay its verdict verbatim."""
         self.server.write(b"DATA\r\n")
         reply = await self.read_reply()
         if reply[-1][:3] != b"354":
@@ -509,8 +515,8 @@ class Session:
         header = None
         if self.config.Header:
             header = render_header(self.config.Header, self.client_ip, self.local_ip, self.tag)
-        log.debug("%s: sending from cache file: %s", self.tag, path)
-        await spool.send(self.server, path, header, self.timeout)
+        source = open(path, "rb") if path else message.reader()
+        await spool.send(self.server, source, header, self.timeout)
         final = await self.read_reply()
         self.client.write(b"".join(final))
 

@@ -10,7 +10,9 @@ so no task is created per line and writes are coalesced by the caller.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import socket
 import time
 
 from .log import clean, log
@@ -53,6 +55,11 @@ class Channel(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # asyncio only does this for sockets made with proto=IPPROTO_TCP.
+            # Without it a reply's last small write waits for a delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -225,19 +232,28 @@ class Channel(asyncio.Protocol):
                 log.debug("%s: %s %s %s", self.tag, self.name, direction, clean(line[:120]))
 
 
+def _wake(waiter: asyncio.Future, error: type[BaseException] | None = None) -> None:
+    if not waiter.done():
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error())
+
+
 async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
-    """Sleep until any of the channels has news, or raise TimeoutError."""
+    """Sleep until any of the channels has news, or raise TimeoutError.
+
+    One future and one timer per wait (cheaper than asyncio.wait_for, which
+    matters as the session waits once per line)."""
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
-
-    def ready() -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-
+    timer = loop.call_later(timeout, _wake, waiter, asyncio.TimeoutError)
+    ready = functools.partial(_wake, waiter)
     for channel in channels:
         channel.on_ready = ready
     try:
-        await asyncio.wait_for(waiter, timeout)
+        await waiter
     finally:
+        timer.cancel()
         for channel in channels:
             channel.on_ready = None

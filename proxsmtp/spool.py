@@ -8,52 +8,82 @@ neither a filter's output nor a bare-LF trick can end the DATA early.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tempfile
+from typing import BinaryIO
 
 from . import header as headers
 from .spio import Channel
 
 CHUNK = 64 * 1024
+MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)
 _LONE_DOT = re.compile(rb"^\.(?=\r?$)", re.M)
 
 
 class Spool:
-    """A temp file holding one message (and, for pipe filters, its output)."""
+    """One message: a private temp file, or memory while small when asked.
 
-    def __init__(self, directory: str) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="proxsmtpd.", dir=directory)
-        self.file = os.fdopen(fd, "wb", buffering=CHUNK)
+    `in_memory` is for filter types that never hand the message to a program
+    (none, smtp): a message up to MEMORY_LIMIT then costs no file at all.
+    Beyond it, or for pipe/file filters, it lives in a temp file."""
+
+    def __init__(self, directory: str, in_memory: bool = False) -> None:
+        self.directory = directory
         self.size = 0
+        self.path: str | None = None
+        self.file = None
+        self.memory: bytearray | None = bytearray() if in_memory else None
         self.extra: list[str] = []          # more files to remove with this one
+        if not in_memory:
+            self._to_file(b"")
+
+    def _to_file(self, data: bytes) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="proxsmtpd.", dir=self.directory)
+        self.file = os.fdopen(fd, "wb", buffering=CHUNK)
+        self.file.write(data)
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
         self.size += len(data)
+        if self.memory is None:
+            self.file.write(data)
+            return
+        self.memory += data
+        if len(self.memory) > MEMORY_LIMIT:
+            spilled, self.memory = self.memory, None
+            self._to_file(spilled)
 
     def finish(self) -> None:
         """Flush and close for writing; raises OSError on disk trouble."""
-        if not self.file.closed:
+        if self.file is not None and not self.file.closed:
             self.file.close()
+
+    def reader(self) -> BinaryIO:
+        """The message, to read from the start."""
+        if self.memory is not None:
+            return io.BytesIO(self.memory)
+        return open(self.path, "rb")
 
     def new_file(self) -> tuple[int, str]:
         """Another private file beside this one (a filter's output)."""
-        fd, path = tempfile.mkstemp(prefix="proxsmtpd.", dir=os.path.dirname(self.path))
+        fd, path = tempfile.mkstemp(prefix="proxsmtpd.", dir=self.directory)
         self.extra.append(path)
         return fd, path
 
     def remove(self) -> None:
-        try:
-            self.file.close()
-        except OSError:
-            pass
-        for path in [self.path] + self.extra:
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        for path in ([self.path] if self.path else []) + self.extra:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         self.extra = []
+        self.memory = None
 
 
 class DotGuard:
@@ -89,40 +119,42 @@ class DotGuard:
         return b"" if clean else b"\r\n"
 
 
-async def send(channel: Channel, path: str, header: bytes | None, timeout: float) -> None:
+async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
     """Stream a spooled message to `channel`, header inserted, then `.`.
 
     The header goes first when it is a Received: line, else before the first
-    blank line (or at the end of a message that has no body).
+    blank line (or at the end of a message that has no body).  Output is
+    gathered into CHUNK-sized writes: a small message leaves in one send.
     """
     guard = DotGuard()
-    with open(path, "rb") as message:
+    out = bytearray()
+
+    async def emit(data: bytes) -> None:
+        out.extend(data)
+        if len(out) >= CHUNK:
+            channel.write(bytes(out), False)
+            out.clear()
+            await channel.drain(timeout)
+
+    with message:
         if header is not None:
-            header = header + b"\r\n"
+            header += b"\r\n"
             if headers.is_received(header):
-                channel.write(header, False)
+                await emit(header)
             else:
-                block = bytearray()
                 for line in message:
                     if not line.strip():
-                        block += header
+                        await emit(guard.feed(header + line))
                         header = None
-                        block += line
                         break
-                    block += line
-                    if len(block) >= CHUNK:
-                        channel.write(guard.feed(bytes(block)), False)
-                        del block[:]
-                        await channel.drain(timeout)
-                channel.write(guard.feed(bytes(block)), False)
+                    await emit(guard.feed(line))
                 if header is not None:      # no blank line: all of it was headers
-                    channel.write(guard.finish() + header, False)
+                    await emit(guard.finish() + header)
         while True:
             chunk = message.read(CHUNK)
             if not chunk:
                 break
-            channel.write(guard.feed(chunk), False)
-            await channel.drain(timeout)
-    channel.write(guard.finish(), False)
-    channel.write(b".\r\n")
+            await emit(guard.feed(chunk))
+    out += guard.finish() + b".\r\n"
+    channel.write(bytes(out), False)
     await channel.drain(timeout)

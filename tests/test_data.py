@@ -154,8 +154,10 @@ def test_pipe_filter_files_private(proxy, upstream, tmp_path):
 
 
 def test_temp_directory_missing_gives_451(proxy, upstream, tmp_path):
-    p = proxy({"OutAddress": upstream.address, "TempDirectory": str(tmp_path / "missing")},
-              debug=3)
+    # A filter program needs the message in a file (without one, a small
+    # message is kept in memory and TempDirectory is not used at all).
+    p = proxy({"OutAddress": upstream.address, "TempDirectory": str(tmp_path / "missing"),
+               "FilterCommand": "cat"}, debug=3)
     with p.connect() as client:
         client.cmd("EHLO client.example")
         client.cmd("MAIL FROM:<a@x.test>")
