@@ -46,6 +46,15 @@ def test_big_message(proxy, upstream):
     assert message.raw == body.rstrip(b"\r\n")
 
 
+def test_big_message_pass_through(proxy, upstream):
+    body = b"Subject: big\r\n\r\n" + b"..dotted " * 20 + b"\r\n" + b"y" * 70 + b"\r\n" * 1 \
+        + (b"z" * 998 + b"\r\n") * 1500                    # 1.5 MB, more than fits in memory
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], body)[0].startswith("250")
+    assert upstream.wait_messages(1, timeout=60)[0].raw == body.rstrip(b"\r\n")
+
+
 def test_message_without_final_crlf_before_dot(proxy, upstream):
     p = proxy({"OutAddress": upstream.address})
     with p.connect() as client:
