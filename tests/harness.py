@@ -168,6 +168,7 @@ class Proxy:
         self.args = tuple(args)
         self.stderr_path = self.workdir / "proxsmtpd.stderr"
         self.proc: subprocess.Popen | None = None
+        self.wrapper: tuple[str, ...] = ()   # a command that execs the rest (e.g. unshare)
 
     @property
     def host(self) -> str:
@@ -192,8 +193,8 @@ class Proxy:
         return self.host, self.port
 
     def start(self, timeout: float = 15.0) -> "Proxy":
-        command = [PYTHON, "-m", "proxsmtp.cli", "-d", str(self.debug), "-f", str(self.conf),
-                   *self.args]
+        command = [*self.wrapper, PYTHON, "-m", "proxsmtp.cli", "-d", str(self.debug),
+                   "-f", str(self.conf), *self.args]
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL,
                                      stdout=self._stderr, stderr=self._stderr,
