@@ -14,6 +14,7 @@ setup(
         "setproctitle>=1.3",
         "python-prctl>=1.8",
         "configobj>=5.0.8",
+        "uvloop>=0.17",
     ],
     extras_require={"test": ["pytest>=7", "aiosmtpd>=1.4", "hypothesis>=6"]},
     entry_points={"console_scripts": ["proxsmtpd = proxsmtp.cli:main"]},

@@ -6,6 +6,7 @@ import getopt
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from . import __version__, config as configuration, defaults
 from .log import DEBUG_LEVELS, log, setup_stderr
@@ -23,7 +24,7 @@ class Options:
         self.pid_file: str | None = None
 
 
-def die(message: str, code: int = 2) -> "NoReturn":  # noqa: F821
+def die(message: str, code: int = 2) -> NoReturn:
     sys.stderr.write("proxsmtpd: %s\n" % message)
     sys.exit(code)
 

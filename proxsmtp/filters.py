@@ -12,13 +12,13 @@ import os
 import re
 import signal
 import socket
-import time
+import subprocess
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from . import addresses, spool
 from .log import clean, log
-from .spio import Channel, ChannelClosed, wait_any
+from .spio import Channel, ChannelClosed
 
 if TYPE_CHECKING:
     from .smtppass import Session
@@ -100,16 +100,15 @@ async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) 
     stdin = open(message.path, "rb") if pipe else open(os.devnull, "rb")
     try:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", config.FilterCommand,
-                stdin=stdin, stdout=out_fd if pipe else asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE, env=environment(session, None if pipe else message.path),
-                start_new_session=True, close_fds=True)
+            proc = FilterProcess(config.FilterCommand, stdin, out_fd if pipe else subprocess.DEVNULL,
+                                 environment(session, None if pipe else message.path))
         except OSError as exc:
             raise FilterError("couldn't run filter command: %s" % exc.strerror) from None
         log.debug("%s: executed filter command: %s (pid: %d)", session.tag, config.FilterCommand, proc.pid)
-        watched = out_fd if pipe else message.path
-        status, stderr = await _supervise(session, proc, stdin, watched)
+        try:
+            status, stderr = await _supervise(session, proc, stdin, out_fd if pipe else message.path)
+        finally:
+            proc.close()
     finally:
         stdin.close()
         if out_fd >= 0:
@@ -118,12 +117,111 @@ async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) 
         raise FilterError("filter command terminated abnormally (signal %d)" % -status)
     log.debug("%s: filter exit code: %d", session.tag, status)
     if status == 0:
+        if pipe and message.size and not os.path.getsize(out_path):
+            raise FilterError("filter command wrote no message (exit 0, no output)")
         return Verdict(True, out_path if pipe else message.path)
     if status in (126, 127):
         raise FilterError("filter command could not be executed (exit %d): %s"
                           % (status, clean(last_line(stderr))))
     reply = reject_reply(last_line(stderr))
     return Verdict(False, reply=reply, status=reply)
+
+
+class FilterProcess:
+    """`/bin/sh -c command` in its own process group, watched from the event loop.
+
+    Spawned with subprocess (close_fds: the filter gets fds 0-2 only), its
+    stderr read without blocking (the last STDERR_KEEP bytes kept), and its
+    exit seen through a pidfd: only this child's own pid is ever waited for,
+    so no session can reap another session's filter."""
+
+    def __init__(self, command: str, stdin, stdout, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=stdout,
+                                     stderr=subprocess.PIPE, env=env, close_fds=True,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.loop = asyncio.get_running_loop()
+        self.stderr = bytearray()
+        self.status: int | None = None
+        self._news: asyncio.Future | None = None
+        self._err = self.proc.stderr.fileno()
+        os.set_blocking(self._err, False)
+        self.loop.add_reader(self._err, self._on_stderr)
+        self._pidfd = os.pidfd_open(self.pid)
+        self.loop.add_reader(self._pidfd, self._on_exit)
+
+    @property
+    def exited(self) -> bool:
+        return self.status is not None
+
+    @property
+    def finished(self) -> bool:
+        """Exited, and its stderr read to the end."""
+        return self.exited and self._err < 0
+
+    def _wake(self) -> None:
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
+
+    def _on_stderr(self) -> None:
+        try:
+            chunk = os.read(self._err, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if chunk:
+            self.stderr += chunk
+            del self.stderr[:-STDERR_KEEP]
+            return
+        self.loop.remove_reader(self._err)
+        self.proc.stderr.close()
+        self._err = -1
+        self._wake()
+
+    def _on_exit(self) -> None:
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
+        self.status = self.proc.wait()      # waitpid(this pid): returns at once
+        self._wake()
+
+    async def wait(self, timeout: float) -> None:
+        """Until it exits or its stderr closes, or `timeout` seconds."""
+        self._news = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self._news, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._news = None
+
+    async def wait_exit(self, timeout: float) -> bool:
+        deadline = self.loop.time() + timeout
+        while not self.exited and self.loop.time() < deadline:
+            await self.wait(deadline - self.loop.time())
+        return self.exited
+
+    def signal(self, signum: int) -> None:
+        """Signal its whole process group (what the shell started too)."""
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        """Stop watching; a filter still running by now is killed and reaped."""
+        if self._err >= 0:
+            self.loop.remove_reader(self._err)
+            self.proc.stderr.close()
+            self._err = -1
+        if self._pidfd >= 0:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        if self.status is None:
+            self.signal(signal.SIGKILL)
+            self.status = self.proc.wait()
 
 
 def _progress(stdin, watched) -> tuple:
@@ -136,75 +234,42 @@ def _progress(stdin, watched) -> tuple:
         return ()
 
 
-async def _supervise(session: "Session", proc, stdin, watched) -> tuple[int, bytes]:
-    """Wait for the filter, collecting stderr, killing it after FilterTimeout
-    seconds without progress.  Only this filter's own pid is ever waited for."""
+async def _supervise(session: "Session", proc: FilterProcess, stdin, watched) -> tuple[int, bytes]:
+    """Wait for the filter, killing it after FilterTimeout seconds without
+    progress (its input read, its output written; stderr chatter alone is no
+    progress: a filter that only talks there is stuck)."""
     timeout = session.config.FilterTimeout
-    tail = bytearray()
     loop = asyncio.get_running_loop()
     last_change = loop.time()
     marks = _progress(stdin, watched)
-    reader = loop.create_task(proc.stderr.read(STDERR_KEEP))
-    waiter = loop.create_task(proc.wait())
     try:
-        while True:
-            pending = {waiter} | ({reader} if reader is not None else set())
-            done, _ = await asyncio.wait(pending, timeout=min(1.0, timeout),
-                                         return_when=asyncio.FIRST_COMPLETED)
+        while not proc.finished:
+            await proc.wait(min(1.0, timeout))
             now = loop.time()
-            if reader in done:
-                chunk = reader.result()
-                if chunk:
-                    tail += chunk
-                    del tail[:-STDERR_KEEP]
-                    last_change = now
-                    reader = loop.create_task(proc.stderr.read(STDERR_KEEP))
-                else:
-                    reader = None
-            if waiter.done() and reader is None:
-                return waiter.result(), bytes(tail)
             current = _progress(stdin, watched)
             if current != marks:
                 marks, last_change = current, now
             await session.keepalive()
-            if now - last_change >= timeout:
-                if waiter.done():   # exited, but something it started holds stderr open
-                    _signal_group(proc, signal.SIGKILL)
-                    return waiter.result(), bytes(tail)
+            if now - last_change >= timeout and not proc.finished:
+                if proc.exited:     # exited, but something it started holds stderr open
+                    proc.signal(signal.SIGKILL)
+                    break
                 raise FilterError("timeout while waiting for filter command")
+        return proc.status, bytes(proc.stderr)
     except BaseException:
-        if not waiter.done():
+        if not proc.exited:
             log.warning("%s: killing filter process (pid %d)", session.tag, proc.pid)
-            await _kill(proc, waiter)
+            await _kill(proc)
         raise
-    finally:
-        for task in (reader, waiter):
-            if task is not None and not task.done():
-                task.cancel()
 
 
-def _signal_group(proc, signum: int) -> None:
-    try:
-        os.killpg(proc.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def _kill(proc, waiter: asyncio.Task) -> None:
+async def _kill(proc: FilterProcess) -> None:
     """SIGTERM the filter's process group, then SIGKILL if it lingers."""
-    _signal_group(proc, signal.SIGTERM)
-    try:
-        await asyncio.wait_for(asyncio.shield(waiter), KILL_GRACE)
-        _signal_group(proc, signal.SIGKILL)     # anything it left behind
-        return
-    except asyncio.TimeoutError:
-        pass
-    log.error("process wouldn't quit. forced termination (pid %d)", proc.pid)
-    _signal_group(proc, signal.SIGKILL)
-    try:
-        await asyncio.wait_for(asyncio.shield(waiter), KILL_GRACE)
-    except asyncio.TimeoutError:
-        pass
+    proc.signal(signal.SIGTERM)
+    if not await proc.wait_exit(KILL_GRACE):
+        log.error("process wouldn't quit. forced termination (pid %d)", proc.pid)
+    proc.signal(signal.SIGKILL)     # it, or anything it left behind
+    await proc.wait_exit(KILL_GRACE)
 
 
 # --- FilterType smtp: a verdict from a filter node (e.g. Halon behind haproxy) ---
