@@ -34,6 +34,7 @@ R_NOTSUPP = b"502 Command not implemented\r\n"
 R_NOTAUTH = b"554 Insufficient authorization\r\n"
 R_FEATURE = b"250 XFILTERED\r\n"
 R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"
+R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
 
 FILTERED_FEATURES = {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
@@ -223,6 +224,9 @@ class Session:
                 rest = server.rest()
                 if rest.strip() and not client.closed:
                     client.write(rest.rstrip(b"\r\n") + CRLF)
+                elif self.waiting_for_server():     # the client must not wait forever
+                    raise SessionEnd("server closed the connection before replying",
+                                     R_SERVERGONE, logging.WARNING)
                 log.debug("%s: server closed the connection", self.tag)
                 return
             got = client.take_line()
