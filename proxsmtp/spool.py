@@ -91,16 +91,29 @@ class DotGuard:
 
     def __init__(self) -> None:
         self.tail = b""
+        self.midline = False                # the tail continues a line partly sent
         self.ends_with_crlf = True          # nothing sent yet counts as a clean end
 
     def feed(self, data: bytes) -> bytes:
+        """Only what could still become a lone-dot line (`.`, `.` CR) or a final
+        CR is held back: a huge line without LF passes through, not piles up."""
         data = self.tail + data
         cut = data.rfind(b"\n") + 1
-        self.tail = data[cut:]
-        block = data[:cut]
+        tail = data[cut:]
+        at_start = cut > 0 or not self.midline
+        hold = len(tail) if at_start and len(tail) <= 2 else int(tail.endswith(b"\r"))
+        block, self.tail = data[:len(data) - hold], data[len(data) - hold:]
+        skip = 0
+        if self.midline:                    # the first line was begun in an earlier feed
+            skip = block.find(b"\n") + 1 or len(block)
+        self.midline = len(tail) > hold or (self.midline and not cut)
         if block:
             self.ends_with_crlf = block.endswith(b"\r\n")
-        return _LONE_DOT.sub(b". ", block) if b"\n." in block or block[:1] == b"." else block
+        end = max(skip, cut)                # a partial last line sent on is no lone dot
+        rest = block[skip:end]
+        if b"\n." in rest or rest[:1] == b".":
+            return block[:skip] + _LONE_DOT.sub(b". ", rest) + block[end:]
+        return block
 
     def finish(self) -> bytes:
         """The rest, ending in CRLF so that the final `.` stands on its own line.
