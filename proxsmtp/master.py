@@ -24,7 +24,7 @@ import prctl
 from setproctitle import setproctitle
 
 from . import config as configuration
-from . import listener, log as logs, privileges, smtppass
+from . import listener, log as logs, privileges, smtppass, spool
 from .config import Config
 from .log import log
 from .slots import SharedSlots
@@ -39,6 +39,7 @@ class WorkerInfo:
     number: int             # shown in its process title
     started: float
     retiring: bool = False
+    tempdir: str = ""       # its TempDirectory, to clean up after it
 
 
 class Master:
@@ -81,6 +82,7 @@ class Master:
             self.remove_pid_file()
             return 1
         self.install_signals()
+        prctl.set_child_subreaper(True)     # a dead worker's filters become ours
         setproctitle("proxsmtpd: master -f %s" % self.config_file)
         self.maintain()
         log.debug("accepting connections")
@@ -194,6 +196,7 @@ class Master:
             if info is None:
                 continue
             lost = self.slots.reclaim(info.index)
+            self.clean_up_after(pid, info, os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
             if info.retiring:
                 log.debug("worker %d (pid %d) finished", info.number, pid)
                 continue
@@ -207,6 +210,18 @@ class Master:
                           info.number, pid, how, lost)
             if time.monotonic() - info.started < 1.0:
                 self._backoff_until = time.monotonic() + 1.0   # crashing at start: don't spin
+
+    def clean_up_after(self, pid: int, info: WorkerInfo, clean_exit: bool) -> None:
+        """What a worker killed mid-message (SIGKILL, a crash) could not clean up
+        itself: its filters, adopted by the master (a child subreaper), and its
+        temp files, named after its pid (spool.prefix)."""
+        for orphan in [] if clean_exit else _adopted(os.getpid(), set(self.workers)):
+            log.warning("killing filter process %d left behind by worker %d (pid %d)",
+                        orphan, info.number, pid)
+            _kill_group(orphan)
+        for name in spool.remove_orphans(info.tempdir, pid):
+            log.warning("removed temp file %s left behind by worker %d (pid %d)",
+                        name, info.number, pid)
 
     def maintain(self) -> None:
         """Keep `Workers` current workers running."""
@@ -223,7 +238,8 @@ class Master:
         number = next(self.numbers)
         pid = os.fork()
         if pid:
-            self.workers[pid] = WorkerInfo(index, number, time.monotonic())
+            self.workers[pid] = WorkerInfo(index, number, time.monotonic(),
+                                           tempdir=self.config.TempDirectory)
             return
         code = 1
         try:
@@ -307,6 +323,34 @@ class Master:
             except ChildProcessError:
                 break
             self.workers.pop(pid, None)
+
+
+def _adopted(master: int, workers: set[int]) -> list[int]:
+    """Live children of the master that are not workers: orphaned filters."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in workers:
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == master and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL a filter's process group (a filter leads its own), or just it."""
+    try:
+        group = os.getpgid(pid)
+        if group == pid:
+            os.killpg(group, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -22,6 +22,29 @@ MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)
 _LONE_DOT = re.compile(rb"^\.(?=\r?$)", re.M)
 
 
+def prefix(pid: int | None = None) -> str:
+    """Temp file names carry the worker's pid: what a worker killed mid-message
+    leaves behind is found and removed by the master (`remove_orphans`)."""
+    return "proxsmtpd.%d." % (os.getpid() if pid is None else pid)
+
+
+def remove_orphans(directory: str, pid: int) -> list[str]:
+    """Remove the temp files of the dead process `pid`; the names removed."""
+    start = prefix(pid)
+    removed = []
+    try:
+        names = [name for name in os.listdir(directory) if name.startswith(start)]
+    except OSError:
+        return removed
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
 class Spool:
     """One message: a private temp file, or memory while small when asked.
 
@@ -40,7 +63,7 @@ class Spool:
             self._to_file(b"")
 
     def _to_file(self, data: bytes) -> None:
-        fd, self.path = tempfile.mkstemp(prefix="proxsmtpd.", dir=self.directory)
+        fd, self.path = tempfile.mkstemp(prefix=prefix(), dir=self.directory)
         self.file = os.fdopen(fd, "wb", buffering=CHUNK)
         self.file.write(data)
 
@@ -67,7 +90,7 @@ class Spool:
 
     def new_file(self) -> tuple[int, str]:
         """Another private file beside this one (a filter's output)."""
-        fd, path = tempfile.mkstemp(prefix="proxsmtpd.", dir=self.directory)
+        fd, path = tempfile.mkstemp(prefix=prefix(), dir=self.directory)
         self.extra.append(path)
         return fd, path
 
