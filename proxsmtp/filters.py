@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 REJECT_PREFIX = "550 Content Rejected"
 STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line matters)
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
+TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
 _CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
 
 
@@ -52,6 +53,16 @@ def reject_reply(text: str) -> str:
     if _CODE.match(text):
         return text[:512]
     return "%s; %s" % (REJECT_PREFIX, text[:256])
+
+
+def temp_full(directory: str) -> bool:
+    """TempDirectory (nearly) out of space or inodes.  A filter that failed then
+    most likely failed for that: the message deserves a retry (451), not a bounce."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < TEMP_MIN_FREE or (st.f_files > 0 and st.f_favail == 0)
 
 
 def last_line(data: bytes) -> str:
@@ -122,6 +133,9 @@ async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) 
         return Verdict(True, out_path if pipe else message.path)
     if status in (126, 127):
         raise FilterError("filter command could not be executed (exit %d): %s"
+                          % (status, clean(last_line(stderr))))
+    if temp_full(config.TempDirectory):
+        raise FilterError("filter command failed (exit %d) with TempDirectory full: %s"
                           % (status, clean(last_line(stderr))))
     reply = reject_reply(last_line(stderr))
     return Verdict(False, reply=reply, status=reply)
