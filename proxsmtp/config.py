@@ -8,6 +8,7 @@ values validated by configobj's Validator against SPEC below.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from configobj import ConfigObj, flatten_errors
@@ -177,6 +178,7 @@ def _finish(config: Config, where) -> None:
         config.Header = None
     if config.FilterCommand == "":
         config.FilterCommand = None
+    _check_temp_directory(config.TempDirectory, where("TempDirectory"))
     if config.OutAddress is None and config.TransparentProxy == "off":
         raise ConfigError("no OutAddress specified.")
     if config.OutAddress is not None and config.TransparentProxy != "off":
@@ -203,6 +205,19 @@ def _finish(config: Config, where) -> None:
                 addresses.resolve(addr)
             except AddressError as exc:
                 raise ConfigError("invalid setting: %s: %s" % (name, exc)) from None
+
+
+def _check_temp_directory(path: str, where: str) -> None:
+    """Refuse a world-writable TempDirectory without the sticky bit: anyone could
+    rename or replace the spooled messages there (between spooling and filtering
+    or sending).  A directory that is missing now is only an error per message."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):       # missing, or not a path at all (NUL)
+        return
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise ConfigError("invalid setting: TempDirectory: %s is world-writable without the "
+                          "sticky bit (chmod +t, or use a private directory)%s" % (path, where))
 
 
 def load(path: str) -> Config:
