@@ -31,6 +31,9 @@ from .slots import SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
 READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be ready
+# Held back while handlers are not in place (start-up, and a fork until the
+# worker's own handlers exist), so that none is lost or kills us half-started.
+CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Master:
     # --- start-up -------------------------------------------------------------
 
     def run(self) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         try:
             if self.config.User and os.geteuid() == 0:
                 privileges.lookup(self.config.User)
@@ -154,6 +158,7 @@ class Master:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signum, self._on_signal)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.signals.append(signum)
@@ -236,8 +241,10 @@ class Master:
     def spawn(self) -> None:
         index = self.slots.free_index({info.index for info in self.workers.values()})
         number = next(self.numbers)
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         pid = os.fork()
         if pid:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
             self.workers[pid] = WorkerInfo(index, number, time.monotonic(),
                                            tempdir=self.config.TempDirectory)
             return
@@ -383,7 +390,6 @@ def _read_until_closed(fd: int, timeout: float) -> bytes:
 def _preload() -> None:
     """Import now what sessions import lazily: after the switch to `User:` the
     interpreter's own library directory may no longer be readable."""
-    import asyncio.subprocess  # noqa: F401
     import concurrent.futures.thread  # noqa: F401
     import encodings.idna  # noqa: F401
     import multiprocessing.synchronize  # noqa: F401

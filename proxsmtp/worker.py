@@ -71,6 +71,8 @@ class Worker:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         loop.add_signal_handler(signal.SIGUSR1, self.retire)
+        # the master forks us with these blocked: from here on they are handled
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
         loop.add_reader(self.sock.fileno(), self._accept)
         await self._stopping
         loop.remove_reader(self.sock.fileno())
