@@ -91,11 +91,14 @@ def parse(text: str, default_port: int) -> Address:
 
 
 def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    """An IPv4 or IPv6 literal (inet_pton: this runs for every connection)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError, TypeError):
+            pass
+    return False
 
 
 def is_unspecified(host: str | None) -> bool:
@@ -105,6 +108,8 @@ def is_unspecified(host: str | None) -> bool:
 
 def plain_ip(ip: str) -> str:
     """An IP as clients and filters should see it: IPv4-mapped IPv6 unwrapped."""
+    if ":" not in ip:
+        return ip           # IPv4 already, the common case
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
