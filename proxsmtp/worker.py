@@ -60,10 +60,9 @@ class Worker:
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
-        if uvloop is not None:
-            uvloop.run(self.main())
-        else:
-            asyncio.run(self.main())
+        factory = uvloop.new_event_loop if uvloop is not None else None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self.main())
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()

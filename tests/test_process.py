@@ -274,3 +274,24 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
             os.kill(daemon, signal.SIGTERM)
             wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
     assert not pid_file.exists()
+
+
+def test_stdlib_event_loop_when_uvloop_is_missing(proxy, upstream, tmp_path):
+    """uvloop is used when installed; without it asyncio's own loop serves,
+    filters included (fds 0-2 only, their exit seen)."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "uvloop.py").write_text("raise ImportError('hidden by the test')\n")
+    fds = tmp_path / "fds"
+    px = proxy({"OutAddress": upstream.address, "Workers": 1,
+                "FilterCommand": "ls /proc/self/fd > %s; cat" % fds}, start=False)
+    px.wrapper = ("env", "PYTHONPATH=%s" % hide)
+    px.start()
+    with open("/proc/%d/maps" % workers(px, 1)[0]) as handle:
+        assert "uvloop" not in handle.read()
+    with px.connect() as client:
+        assert send_mail(client, "a@x.example", ["b@y.example"], b"\r\nbody\r\n")[-1] \
+            .startswith("250")
+    upstream.wait_messages(1)
+    # 0-2, plus the one `ls` opens to read the directory
+    assert len(fds.read_text().split()) <= 4
