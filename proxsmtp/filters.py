@@ -302,22 +302,13 @@ class _Node:
         self.timeout = timeout
 
     async def reply(self) -> tuple[int, str]:
-        lines: list[bytes] = []
-        while True:
-            got = self.channel.take_line()
-            if got is not None:
-                line = got[0]
-                lines.append(line.rstrip(b"\r\n"))
-                if not (len(line) > 3 and line[3:4] == b"-"):
-                    break
-                continue
-            if self.channel.eof:
-                raise FilterError("filter node closed the connection")
-            try:
-                await self.channel.wait(self.timeout)
-            except asyncio.TimeoutError:
-                raise FilterError("timeout talking to filter node") from None
-        text = "\r\n".join(line.decode("utf-8", "replace") for line in lines)
+        try:
+            lines = await self.channel.read_reply(self.timeout)
+        except ChannelClosed:
+            raise FilterError("filter node closed the connection") from None
+        except asyncio.TimeoutError:
+            raise FilterError("timeout talking to filter node") from None
+        text = "\r\n".join(line.rstrip(b"\r\n").decode("utf-8", "replace") for line in lines)
         code = int(text[:3]) if text[:3].isdigit() else 0
         return code, text
 

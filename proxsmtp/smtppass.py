@@ -15,7 +15,6 @@ import asyncio
 import collections
 import itertools
 import logging
-import os
 import re
 import socket
 import time
@@ -24,7 +23,7 @@ from . import destination, filters, spool
 from .config import Config
 from .header import render as render_header
 from .log import clean, log
-from .spio import Channel, ChannelClosed, wait_any
+from .spio import Channel, ChannelClosed, is_continued, wait_any
 
 CRLF = b"\r\n"
 R_TOOLONG = b"500 Line too long\r\n"
@@ -94,10 +93,6 @@ def parse_xforward(line: bytes) -> dict[str, str]:
 def verb_of(line: bytes) -> bytes:
     words = line.split(None, 1)
     return words[0].upper() if words else b""
-
-
-def is_continued(line: bytes) -> bool:
-    return len(line) > 3 and line[3:4] == b"-" and line[:3].isdigit()
 
 
 class Session:
@@ -377,33 +372,20 @@ class Session:
 
     # --- sequential reads, for the proxy's own commands -----------------------
 
-    async def next_server_line(self) -> bytes:
-        while True:
-            got = self.server.take_line()
-            if got is not None:
-                line, too_long = got
-                if too_long:
-                    log.warning("%s: SMTP response line too long. discarded extra", self.tag)
-                    line = line[:-2].rstrip(b"\r\n") + CRLF
-                return line
-            if self.server.eof:
-                raise SessionEnd("server disconnected unexpectedly")
-            try:
-                await self.server.wait(self.timeout)
-            except asyncio.TimeoutError:
-                raise SessionEnd("network operation timed out waiting for server") from None
-
     async def read_reply(self) -> list[bytes]:
         """One whole (multi-line) reply from the server."""
-        lines = [await self.next_server_line()]
-        while is_continued(lines[-1]):
-            lines.append(await self.next_server_line())
-        return lines
+        try:
+            return await self.server.read_reply(self.timeout)
+        except ChannelClosed:
+            raise SessionEnd("server disconnected unexpectedly") from None
+        except asyncio.TimeoutError:
+            raise SessionEnd("network operation timed out waiting for server") from None
 
     async def drain_replies(self) -> None:
         """Relay every reply still due, so the proxy may speak to the server."""
         while self.waiting_for_server():
-            self.on_server_line(await self.next_server_line(), False)
+            for line in await self.read_reply():
+                self.on_server_line(line, False)
 
     async def keepalive(self) -> None:
         """KeepAlives: NOOP to a server left idle while the client or filter works."""

@@ -26,6 +26,11 @@ _READ_HIGH = 256 * 1024     # stop reading from a peer that floods us...
 _READ_LOW = 64 * 1024       # ...until the buffer has drained to this
 
 
+def is_continued(line: bytes) -> bool:
+    """`250-...`: more lines of this reply follow."""
+    return len(line) > 3 and line[3:4] == b"-" and line[:3].isdigit()
+
+
 class ChannelClosed(Exception):
     """The peer went away, a write failed, or a read or write timed out."""
 
@@ -185,6 +190,29 @@ class Channel(asyncio.Protocol):
     async def wait(self, timeout: float) -> None:
         """Sleep until this channel has news (data, EOF), or time out."""
         await wait_any((self,), timeout)
+
+    async def next_line(self, timeout: float) -> tuple[bytes, bool]:
+        """The next line (as take_line), waiting for it; ChannelClosed at EOF,
+        asyncio.TimeoutError after `timeout` seconds without news."""
+        while True:
+            got = self.take_line()
+            if got is not None:
+                return got
+            if self.eof:
+                raise ChannelClosed("%s: connection closed by peer" % self.name)
+            await self.wait(timeout)
+
+    async def read_reply(self, timeout: float) -> list[bytes]:
+        """One whole (multi-line) SMTP reply; an overlong line is cut short."""
+        lines = []
+        while True:
+            line, too_long = await self.next_line(timeout)
+            if too_long:
+                log.warning("%s: SMTP response line too long. discarded extra", self.tag)
+                line = line[:-2].rstrip(b"\r\n") + CRLF
+            lines.append(line)
+            if not is_continued(line):
+                return lines
 
     # --- writing ------------------------------------------------------------
 
