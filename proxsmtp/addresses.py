@@ -40,8 +40,13 @@ class Address:
         return "%s:%d" % (self.host, self.port)
 
 
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes `²`, which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not _is_number(text) or not 0 < int(text) < 65536:
         raise AddressError("invalid port in address: %s" % whole)
     return int(text)
 
@@ -65,7 +70,7 @@ def parse(text: str, default_port: int) -> Address:
         raise AddressError("empty address")
     if text.startswith("/"):
         return Address(path=text)
-    if text.isdigit():
+    if _is_number(text):
         return Address(port=_port(text, text))
     if text.startswith("["):
         end = text.find("]")
