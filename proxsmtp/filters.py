@@ -50,8 +50,8 @@ def reject_reply(text: str) -> str:
     text = text.strip()
     if not text:
         return REJECT_PREFIX
-    if _CODE.match(text):
-        return text[:512]
+    if _CODE.match(text):       # `550-text` would leave the client waiting for more lines
+        return (text[:3] + " " + text[4:] if text[3:4] == "-" else text)[:512]
     return "%s; %s" % (REJECT_PREFIX, text[:256])
 
 
