@@ -100,7 +100,7 @@ def environment(session: "Session", email: str | None) -> dict[str, str]:
     for name, value in facts.items():
         env.pop(name, None)
         if value:
-            env[name] = value
+            env[name] = value.replace("\0", "")     # a NUL can't be in the environment
     return env
 
 
