@@ -134,6 +134,9 @@ async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) 
     if status in (126, 127):
         raise FilterError("filter command could not be executed (exit %d): %s"
                           % (status, clean(last_line(stderr))))
+    if 128 < status <= 128 + signal.SIGRTMAX:  # how /bin/sh reports a program it ran
+        raise FilterError("filter command terminated abnormally (exit %d: signal %d)"
+                          % (status, status - 128))
     if temp_full(config.TempDirectory):
         raise FilterError("filter command failed (exit %d) with TempDirectory full: %s"
                           % (status, clean(last_line(stderr))))
