@@ -34,6 +34,7 @@ R_NOTAUTH = b"554 Insufficient authorization\r\n"
 R_FEATURE = b"250 XFILTERED\r\n"
 R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"
 R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
+R_BARECR = b"500 5.5.2 Syntax error: bare CR in command\r\n"
 
 FILTERED_FEATURES = {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
@@ -251,6 +252,10 @@ class Session:
     async def on_client_line(self, line: bytes, too_long: bool) -> None:
         if too_long:
             self.answer(R_TOOLONG)
+            return
+        if b"\r" in line[:-1].removesuffix(b"\r"):    # a server may split the line there
+            log.warning("%s: bare CR in a command from the client: %s", self.tag, clean(line[:80]))
+            self.answer(R_BARECR)
             return
         if self.xclient_supported and not self.xclient_sent and self.config.XClient:
             await self.send_xclient()
