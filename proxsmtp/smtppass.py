@@ -232,10 +232,12 @@ class Session:
             if client.eof and not self.waiting_for_server():
                 log.debug("%s: client closed the connection", self.tag)
                 return
+            reason = "network operation timed out"
             try:
-                await wait_any((client, server), self.timeout)
+                await wait_any((client, server), self.client_wait(reason))
             except asyncio.TimeoutError:
-                raise SessionEnd("network operation timed out", None) from None
+                self.client_wait(reason)        # says so if a line was left unfinished
+                raise SessionEnd(reason, None) from None
 
     def waiting_for_server(self) -> bool:
         return any(isinstance(entry, bytes) for entry in self.pending)
@@ -487,12 +489,26 @@ class Session:
         """
         every = self.config.KeepAlives
         step = min(self.timeout, every) if every > 0 else self.timeout
+        reason = "network operation timed out reading message"
         try:
-            await self.client.wait(step)
+            await self.client.wait(min(step, self.client_wait(reason)))
         except asyncio.TimeoutError:
             if time.monotonic() >= self.client.last_action + self.timeout:
-                raise SessionEnd("network operation timed out reading message", None) from None
+                raise SessionEnd(reason, None) from None
+            self.client_wait(reason)
             await self.keepalive()
+
+    def client_wait(self, reason: str) -> float:
+        """How long to wait for the client: TimeOut, but a line it has begun must
+        be finished TimeOut after its first byte (a slow-loris trickle of bytes
+        does not start the clock again); raises SessionEnd once that is past."""
+        started = self.client.line_started
+        if started is None:
+            return self.timeout
+        left = started + self.timeout - time.monotonic()
+        if left <= 0:
+            raise SessionEnd(reason + " (a line unfinished for %d seconds)" % self.timeout, None)
+        return min(self.timeout, left)
 
     async def done_data(self, message: spool.Spool, path: str | None) -> None:
         """Offer the message (or the filter's new version at `path`) to the

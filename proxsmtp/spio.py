@@ -46,6 +46,7 @@ class Channel(asyncio.Protocol):
         self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
         self.last_action = time.monotonic()
+        self.line_started: float | None = None   # when an unfinished last line began
         self.on_ready = None                 # callable set by the session
         self._keep_open = keep_open_on_eof
         self._scan = 0
@@ -68,7 +69,11 @@ class Channel(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        self.last_action = time.monotonic()
+        now = self.last_action = time.monotonic()
+        if data.endswith(b"\n"):
+            self.line_started = None
+        elif self.line_started is None or b"\n" in data:
+            self.line_started = now
         if len(self.buf) > _READ_HIGH and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
