@@ -41,6 +41,11 @@ deps:
 test: venv deps
 	$(PY) -m pytest -q tests
 
+# The conservation test at ten times its size (tests/test_soak.py; SOAK_SCALE=N for more).
+.PHONY: soak
+soak: venv deps
+	SOAK_SCALE=$${SOAK_SCALE:-10} $(PY) -m pytest -q -s tests/test_soak.py
+
 # The benchmark (bench/README.md); not part of `make test`.  BENCH_ARGS=--quick, --check, ...
 .PHONY: bench
 bench: venv deps
