@@ -340,11 +340,12 @@ class Session:
             self.reset()
             if kind == b"EHLO":
                 return self.filter_features(lines)
-        elif kind == b"MAIL":
-            self.sender = parse_address(_MAIL.match(command).group(1))
+        # A lax server may accept `MAIL TO:` or a bare `RCPT`: nothing to record.
+        elif kind == b"MAIL" and (match := _MAIL.match(command)):
+            self.sender = parse_address(match.group(1))
             self.note("from", self.sender)
-        elif kind == b"RCPT":
-            recipient = parse_address(_RCPT.match(command).group(1))
+        elif kind == b"RCPT" and (match := _RCPT.match(command)):
+            recipient = parse_address(match.group(1))
             self.recipients.append(recipient)
             self.note("to", recipient)
         elif kind == b"XFORWARD":
