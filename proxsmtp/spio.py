@@ -250,10 +250,6 @@ class Channel(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
     @property
     def closed(self) -> bool:
         return self.transport is None or self.transport.is_closing()

@@ -27,23 +27,6 @@ SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on S
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 
 
-class LocalSlots:
-    """MaxConnections for a single process (the master/worker model shares one)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def acquire(self) -> bool:
-        if self.used >= self.limit:
-            return False
-        self.used += 1
-        return True
-
-    def release(self) -> None:
-        self.used -= 1
-
-
 class Worker:
     """Serves connections from `sock` until stopped."""
 
