@@ -42,19 +42,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def connected(host: str, port: int | None, timeout: float = 1.0) -> socket.socket:
+    """A socket connected to host:port, or to the unix socket path `host`."""
+    if port is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: object = host
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        target = (host, port)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def can_connect(host: str, port: int | None) -> bool:
     """True once something accepts connections at host:port (or unix path host)."""
     try:
-        if port is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = host
-        else:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            target = (host, port)
-        with sock:
-            sock.settimeout(1)
-            sock.connect(target)
-        return True
+        with connected(host, port):
+            return True
     except OSError:
         return False
 
@@ -65,15 +74,7 @@ def answers(host: str, port: int | None, wait: float = 5.0) -> bool:
     the socket listens, before the daemon is ready for signals; the first
     bytes (or EOF) come from a worker."""
     try:
-        if port is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: object = host
-        else:
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            target = (host, port)
-        with sock:
-            sock.settimeout(1)
-            sock.connect(target)
+        with connected(host, port) as sock:
             sock.settimeout(wait)
             try:
                 sock.recv(1)
@@ -104,6 +105,31 @@ def pid_alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def title(pid: int) -> str:
+    """A process's title (its command line; setproctitle rewrites it), '' if gone."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def children(pid: int) -> dict[int, str]:
+    """{pid: title} of the live (not zombie) processes whose parent is `pid`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found[int(entry)] = title(int(entry))
+    return found
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0, group: bool = False) -> None:
@@ -212,20 +238,7 @@ class Proxy:
 
     def children(self) -> dict[int, str]:
         """{pid: process title} of the daemon's child processes (its workers)."""
-        found = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-                if ppid != self.proc.pid:
-                    continue
-                with open("/proc/%s/cmdline" % entry, "rb") as handle:
-                    found[int(entry)] = handle.read().split(b"\0")[0].decode(errors="replace")
-            except (OSError, IndexError, ValueError):
-                continue
-        return found
+        return children(self.proc.pid)
 
     def _wait_workers(self, deadline: float) -> None:
         """Best effort: wait until every expected worker has its title, i.e. has

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import REPO, RecordingServer, free_port, pid_alive, stop_process, wait_until
+from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process,
+                     title, wait_until)
 
 MESSAGE = b"From: a@client.test\r\nTo: b@server.test\r\nSubject: installed\r\n\r\nbody\r\n"
 DEPENDENCIES = "import configobj, daemon, setproctitle, prctl"
@@ -230,27 +231,6 @@ class InitScript:
                 if group != os.getpgrp():
                     os.killpg(group, signal.SIGKILL)
                 os.kill(pid, signal.SIGKILL)
-
-
-def children(pid: int) -> dict[int, str]:
-    """{pid: process title} of the processes whose parent is `pid`."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                found[int(entry)] = title(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def title(pid: int) -> str:
-    with open("/proc/%d/cmdline" % pid, "rb") as handle:
-        return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()
 
 
 @pytest.fixture

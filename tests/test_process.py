@@ -12,31 +12,15 @@ import time
 
 import pytest
 
-from harness import (PYTHON, REPO, Client, free_port, pid_alive, send_mail, wait_until,
-                     write_config)
+from harness import (PYTHON, REPO, Client, children, free_port, pid_alive, send_mail, title,
+                     wait_until, write_config)
 
 NOBODY_CAPS = "0000000000001000"       # CAP_NET_ADMIN only
 
 
-def children(pid: int) -> list[int]:
+def worker_pids(pid: int) -> list[int]:
     """Live child processes of `pid` (zombies excluded)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % entry) as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry))
-    return sorted(found)
-
-
-def title(pid: int) -> str:
-    with open("/proc/%d/cmdline" % pid, "rb") as handle:
-        return handle.read().replace(b"\0", b" ").decode().strip()
+    return sorted(children(pid))
 
 
 def status(pid: int) -> dict[str, str]:
@@ -47,20 +31,20 @@ def status(pid: int) -> dict[str, str]:
 def workers(proxy, count: int | None = None) -> list[int]:
     """The master's worker pids, waiting until there are `count` of them."""
     if count is None:
-        return children(proxy.proc.pid)
+        return worker_pids(proxy.proc.pid)
     return wait_until(lambda: (lambda pids: pids if len(pids) == count else None)(
-        children(proxy.proc.pid)), 15, what="%d workers" % count)
+        worker_pids(proxy.proc.pid)), 15, what="%d workers" % count)
 
 
 def wait_idle(proxy) -> None:
     """Until every worker's title shows no session (the readiness probe ended)."""
-    wait_until(lambda: all("[0 sessions]" in title(pid) for pid in children(proxy.proc.pid)),
+    wait_until(lambda: all("[0 sessions]" in title(pid) for pid in worker_pids(proxy.proc.pid)),
                10, what="idle workers")
 
 
 def session_holder(proxy) -> int:
     """The worker whose title says it serves one session (call wait_idle first)."""
-    return wait_until(lambda: next((pid for pid in children(proxy.proc.pid)
+    return wait_until(lambda: next((pid for pid in worker_pids(proxy.proc.pid)
                                     if "[1 sessions]" in title(pid)), None), 10,
                       what="a worker with one session")
 
@@ -108,7 +92,7 @@ def test_killed_worker_is_replaced_and_its_slots_reclaimed(proxy, upstream):
     assert victim_client.closed_by_peer()
     victim_client.close()
     after = wait_until(lambda: (lambda pids: pids if len(pids) == 2 and victim not in pids
-                                else None)(children(px.proc.pid)), 15, what="a new worker")
+                                else None)(worker_pids(px.proc.pid)), 15, what="a new worker")
     assert set(after) - set(before)
     px.wait_log(r"worker \d+ \(pid %d\) killed by signal 9; 1 sessions lost" % victim)
     # Both slots are usable again: two sessions at once, and mail flows.
@@ -157,7 +141,7 @@ def test_sigterm_lets_a_message_in_progress_finish(proxy, upstream):
     assert px.proc.wait(20) == 0
     [message] = upstream.wait_messages(1)
     assert b"first half\r\nsecond half" in message.raw
-    assert not children(px.proc.pid)
+    assert not worker_pids(px.proc.pid)
 
 
 def test_sighup_reload_new_sessions_get_new_settings(proxy, upstream):
@@ -171,7 +155,7 @@ def test_sighup_reload_new_sessions_get_new_settings(proxy, upstream):
     write_config(px.conf, settings)
     px.proc.send_signal(signal.SIGHUP)
     px.wait_log(r"reloaded configuration")
-    wait_until(lambda: len([p for p in children(px.proc.pid) if p not in old]) == 2, 15,
+    wait_until(lambda: len([p for p in worker_pids(px.proc.pid) if p not in old]) == 2, 15,
                what="two new workers")
     with px.connect() as late:
         assert send_mail(late, "a@x.example", ["b@y.example"], b"Subject: late\r\n\r\nl\r\n")[-1] \
