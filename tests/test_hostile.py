@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import re
+import select
 import socket
 import threading
 import time
@@ -17,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
 from harness import Client, Proxy, RecordingServer, send_mail, wait_until
-from proxsmtp import addresses, config, filters, header, log as logs, smtppass, spio, spool
+from proxsmtp import addresses, commands, config, filters, header, log as logs, spio, spool
 
 BODY = b"Subject: hostile\r\n\r\nbody\r\n"
 FORBIDDEN = ("XCLIENT", "STARTTLS", "BDAT")
@@ -78,15 +79,15 @@ def test_address_parse_only_raises_address_error(text, port):
 @FAST
 @given(st.binary(max_size=200))
 def test_command_argument_parsers_never_raise(line):
-    assert isinstance(smtppass.parse_address(line), str)
-    for name, value in smtppass.parse_xforward(b"XFORWARD " + line).items():
+    assert isinstance(commands.parse_address(line), str)
+    for name, value in commands.parse_xforward(b"XFORWARD " + line).items():
         assert isinstance(name, str) and isinstance(value, str)
-    smtppass.verb_of(line)
-    smtppass.is_continued(line)
-    for pattern in (smtppass._MAIL, smtppass._RCPT):
+    commands.verb_of(line)
+    spio.is_continued(line)
+    for pattern in (commands.MAIL, commands.RCPT):
         match = pattern.match(b"MAIL FROM:" + line) or pattern.match(b"RCPT TO:" + line)
         if match:
-            smtppass.parse_address(match.group(1))
+            commands.parse_address(match.group(1))
 
 
 @FAST
@@ -241,7 +242,7 @@ def relay(request, tmp_path_factory):
 ADDRESS = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="<>"),
                   min_size=1, max_size=16).map(lambda s: s + "@x.test")
 RAW = st.binary(max_size=80).filter(
-    lambda b: b"\n" not in b and smtppass.verb_of(b) not in (b"DATA", b"QUIT", b"BDAT"))
+    lambda b: b"\n" not in b and commands.verb_of(b) not in (b"DATA", b"QUIT", b"BDAT"))
 FORBIDDEN_LINES = st.sampled_from([b"XCLIENT ADDR=10.6.6.6", b"xclient name=spoof",
                                    b"  XCLIENT ADDR=10.6.6.6", b"XCLIENT\tADDR=1.2.3.4",
                                    b"STARTTLS", b"starttls", b"BDAT 10 LAST", b"bdat 0",
@@ -263,6 +264,15 @@ def data_stream(body: bytes) -> bytes | None:
     if (b"\r\n" + stream).find(b"\r\n.\r\n") != len(stream) - 3:
         return None
     return stream
+
+
+def peer_closed(client) -> bool:
+    """After a 421/451: did the proxy end the session (its last word)?"""
+    ready, _, _ = select.select([client.sock], [], [], 0.5)
+    try:
+        return bool(ready) and client.sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
 
 
 def reply_code(reply: list[str]) -> int:
@@ -298,6 +308,8 @@ def test_random_sessions(relay, ops):
                 if not reply:
                     break
                 last = reply_code(reply)
+                if last in (421, 451) and peer_closed(client):
+                    break
                 if last != 354:
                     continue
                 client.send(stream)
@@ -330,6 +342,8 @@ def test_random_sessions(relay, ops):
             if not reply:
                 break
             code = last = reply_code(reply)
+            if last in (421, 451) and peer_closed(client):
+                break
             if kind == "FORBIDDEN":
                 assert code in (500, 502, 554)
             if kind == "LONG":
@@ -343,7 +357,7 @@ def test_random_sessions(relay, ops):
     new_lines = [line for _, line in upstream.lines[lines_before:]]
     for line in new_lines:
         for part in line.split("\r"):
-            assert smtppass.verb_of(part.encode("utf-8", "surrogateescape")).decode(
+            assert commands.verb_of(part.encode("utf-8", "surrogateescape")).decode(
                 "latin-1") not in FORBIDDEN, line
     assert len(upstream.messages) - accepted_before == len(accepted)
     event("messages accepted: %d" % min(len(accepted), 2))
