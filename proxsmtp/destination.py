@@ -14,14 +14,11 @@ import asyncio
 import ipaddress
 import socket
 import struct
-from typing import TYPE_CHECKING
 
 from . import addresses
 from .config import Config
+from .envelope import Envelope
 from .log import log
-
-if TYPE_CHECKING:
-    from .smtppass import Session
 
 SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h
@@ -65,10 +62,8 @@ def client_addresses(sock: socket.socket, config: Config) -> tuple[str, str]:
     return client, local
 
 
-def target(session: "Session", sock: socket.socket) -> tuple[object, tuple | None]:
+def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object, tuple | None]:
     """(where to connect, local address to bind or None) for this client."""
-    config = session.config
-    client_ip = session.client_ip
     if config.TransparentProxy != "off":
         try:
             if config.TransparentProxy == "client":
@@ -89,11 +84,12 @@ def target(session: "Session", sock: socket.socket) -> tuple[object, tuple | Non
     return out, None
 
 
-async def connect(session: "Session", client_sock: socket.socket) -> tuple[socket.socket, str]:
+async def connect(config: Config, envelope: Envelope,
+                  client_sock: socket.socket) -> tuple[socket.socket, str]:
     """A connected, non-blocking socket to the server, and the server's IP."""
-    dest, source = target(session, client_sock)
+    dest, source = target(config, envelope.client_ip, client_sock)
     loop = asyncio.get_running_loop()
-    timeout = session.config.TimeOut
+    timeout = config.TimeOut
     try:
         if dest.is_unix:
             family, sockaddr = socket.AF_UNIX, dest.path
@@ -108,7 +104,7 @@ async def connect(session: "Session", client_sock: socket.socket) -> tuple[socke
     try:
         sock.setblocking(False)
         if source is not None:
-            bind_transparent(sock, family, source, session.tag)
+            bind_transparent(sock, family, source, envelope.tag)
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()

@@ -14,14 +14,16 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Awaitable, Callable
 
 from . import addresses, spool
+from .config import Config
+from .envelope import Envelope
 from .log import clean, log
 from .spio import Channel, ChannelClosed
 
-if TYPE_CHECKING:
-    from .smtppass import Session
+# Called while a filter works: keeps the server connection alive (KeepAlives).
+KeepAlive = Callable[[], Awaitable[None]]
 
 REJECT_PREFIX = "550 Content Rejected"
 STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line matters)
@@ -73,29 +75,29 @@ def last_line(data: bytes) -> str:
     return ""
 
 
-async def check(session: "Session", message: spool.Spool) -> Verdict:
+async def check(config: Config, envelope: Envelope, message: spool.Spool,
+                keepalive: KeepAlive) -> Verdict:
     """Run the configured filter over a spooled message."""
-    config = session.config
     if not config.FilterCommand:
         return Verdict(True)
     if config.FilterType == "smtp":
-        return await smtp_verdict(session, message)
-    return await command_verdict(session, message, config.FilterType == "pipe")
+        return await smtp_verdict(config, envelope, message)
+    return await command_verdict(config, envelope, message, keepalive, config.FilterType == "pipe")
 
 
-def environment(session: "Session", email: str | None) -> dict[str, str]:
+def environment(config: Config, envelope: Envelope, email: str | None) -> dict[str, str]:
     """The filter's environment: the daemon's, plus the message's facts."""
     env = dict(os.environ)
     facts = {
-        "SENDER": session.sender,
-        "RECIPIENTS": "\n".join(session.recipients) if session.recipients else None,
-        "CLIENT": session.client_ip,
-        "SERVER": session.server_ip,
-        "HELO": session.helo,
-        "REMOTE": session.xforward_addr,
-        "REMOTE_HELO": session.xforward_helo,
+        "SENDER": envelope.sender,
+        "RECIPIENTS": "\n".join(envelope.recipients) if envelope.recipients else None,
+        "CLIENT": envelope.client_ip,
+        "SERVER": envelope.server_ip,
+        "HELO": envelope.helo,
+        "REMOTE": envelope.xforward_addr,
+        "REMOTE_HELO": envelope.xforward_helo,
         "EMAIL": email,
-        "TMPDIR": session.config.TempDirectory,
+        "TMPDIR": config.TempDirectory,
     }
     for name, value in facts.items():
         env.pop(name, None)
@@ -104,20 +106,22 @@ def environment(session: "Session", email: str | None) -> dict[str, str]:
     return env
 
 
-async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) -> Verdict:
+async def command_verdict(config: Config, envelope: Envelope, message: spool.Spool,
+                          keepalive: KeepAlive, pipe: bool) -> Verdict:
     """FilterType pipe (message on stdin, new one on stdout) or file (EMAIL= rewritten)."""
-    config = session.config
+    tag = envelope.tag
     out_fd, out_path = message.new_file() if pipe else (-1, "")
     stdin = open(message.path, "rb") if pipe else open(os.devnull, "rb")
     try:
         try:
             proc = FilterProcess(config.FilterCommand, stdin, out_fd if pipe else subprocess.DEVNULL,
-                                 environment(session, None if pipe else message.path))
+                                 environment(config, envelope, None if pipe else message.path))
         except OSError as exc:
             raise FilterError("couldn't run filter command: %s" % exc.strerror) from None
-        log.debug("%s: executed filter command: %s (pid: %d)", session.tag, config.FilterCommand, proc.pid)
+        log.debug("%s: executed filter command: %s (pid: %d)", tag, config.FilterCommand, proc.pid)
         try:
-            status, stderr = await _supervise(session, proc, stdin, out_fd if pipe else message.path)
+            status, stderr = await _supervise(config.FilterTimeout, tag, keepalive, proc, stdin,
+                                              out_fd if pipe else message.path)
         finally:
             proc.close()
     finally:
@@ -126,7 +130,7 @@ async def command_verdict(session: "Session", message: spool.Spool, pipe: bool) 
             os.close(out_fd)
     if status < 0:
         raise FilterError("filter command terminated abnormally (signal %d)" % -status)
-    log.debug("%s: filter exit code: %d", session.tag, status)
+    log.debug("%s: filter exit code: %d", tag, status)
     if status == 0:
         if pipe and message.size and not os.path.getsize(out_path):
             raise FilterError("filter command wrote no message (exit 0, no output)")
@@ -251,11 +255,11 @@ def _progress(stdin, watched) -> tuple:
         return ()
 
 
-async def _supervise(session: "Session", proc: FilterProcess, stdin, watched) -> tuple[int, bytes]:
+async def _supervise(timeout: float, tag: str, keepalive: KeepAlive, proc: FilterProcess,
+                     stdin, watched) -> tuple[int, bytes]:
     """Wait for the filter, killing it after FilterTimeout seconds without
     progress (its input read, its output written; stderr chatter alone is no
     progress: a filter that only talks there is stuck)."""
-    timeout = session.config.FilterTimeout
     loop = asyncio.get_running_loop()
     last_change = loop.time()
     marks = _progress(stdin, watched)
@@ -266,7 +270,7 @@ async def _supervise(session: "Session", proc: FilterProcess, stdin, watched) ->
             current = _progress(stdin, watched)
             if current != marks:
                 marks, last_change = current, now
-            await session.keepalive()
+            await keepalive()
             if now - last_change >= timeout and not proc.finished:
                 if proc.exited:     # exited, but something it started holds stderr open
                     proc.signal(signal.SIGKILL)
@@ -275,7 +279,7 @@ async def _supervise(session: "Session", proc: FilterProcess, stdin, watched) ->
         return proc.status, bytes(proc.stderr)
     except BaseException:
         if not proc.exited:
-            log.warning("%s: killing filter process (pid %d)", session.tag, proc.pid)
+            log.warning("%s: killing filter process (pid %d)", tag, proc.pid)
             await _kill(proc)
         raise
 
@@ -331,13 +335,12 @@ def _as_rejection(code: int, text: str, step: str) -> Verdict:
     return Verdict(False, reply=text, status=text.splitlines()[-1])
 
 
-async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
+async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool) -> Verdict:
     """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts."""
-    config = session.config
     target = config.FilterAddress
     timeout = config.FilterTimeout
     loop = asyncio.get_running_loop()
-    channel = Channel("FILTER", session.tag)
+    channel = Channel("FILTER", envelope.tag)
     try:
         try:
             if addresses.is_ip(target.host):
@@ -362,18 +365,18 @@ async def smtp_verdict(session: "Session", message: spool.Spool) -> Verdict:
         code, text = await node.command("EHLO proxsmtp")
         if code != 250:
             raise FilterError("filter node refused EHLO: %s" % clean(text))
-        ip = session.client_ip
+        ip = envelope.client_ip
         xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
-        if session.helo:
-            xclient += " HELO=%s" % xtext(session.helo)
+        if envelope.helo:
+            xclient += " HELO=%s" % xtext(envelope.helo)
         code, text = await node.command(xclient)
         if code // 100 != 2:
             raise FilterError("filter node refused XCLIENT: %s" % clean(text))
-        sender = "" if session.sender in (None, "<>") else session.sender
+        sender = "" if envelope.sender in (None, "<>") else envelope.sender
         code, text = await node.command("MAIL FROM:<%s>" % sender)
         if code // 100 != 2:
             return _as_rejection(code, text, "MAIL FROM")
-        for rcpt in session.recipients:
+        for rcpt in envelope.recipients:
             code, text = await node.command("RCPT TO:<%s>" % rcpt)
             if code // 100 != 2:
                 return _as_rejection(code, text, "RCPT TO")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 from .log import log
@@ -47,3 +48,18 @@ def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes
 def is_received(header: bytes) -> bool:
     """A Received: header goes first in the message, others at the end of the headers."""
     return header[:9].lower() == b"received:"
+
+
+_MESSAGE_ID = re.compile(rb"^Message-ID[ \t]*:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
+HEAD_LIMIT = 32 * 1024       # bytes of a message looked at for its Message-ID
+
+
+def message_id(head: bytes) -> str | None:
+    """The Message-ID header of a message whose first bytes are `head`
+    (unfolded, as sent; None when the header block has none)."""
+    end = min((i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0), default=len(head))
+    match = _MESSAGE_ID.search(head, 0, end)
+    if not match:
+        return None
+    value = b" ".join(match.group(1).split())
+    return value.decode("utf-8", "backslashreplace") or None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -170,7 +171,7 @@ def test_refused_recipient(proxy, make_upstream, tmp_path):
     message = upstream.wait_messages(1)[0]
     assert message.recipients == ["b@y.test", "c@y.test"]
     assert out.read_text() == "b@y.test\nc@y.test"
-    p.wait_log(r"client=127\.0\.0\.1, from=a@x\.test, to=b@y\.test, to=c@y\.test, status=FILTERED")
+    p.wait_log(r"client=127\.0\.0\.1, from=a@x\.test, to=b@y\.test, to=c@y\.test, (?:.*, )?status=FILTERED")
 
 
 def test_two_messages_in_one_session(proxy, upstream, tmp_path):
@@ -190,7 +191,7 @@ def test_two_messages_in_one_session(proxy, upstream, tmp_path):
     assert (second.sender, second.recipients) == ("two@x.test", ["r2@y.test"])
     assert b"first" in first.raw and b"second" in second.raw
     assert out.read_text() == "one@x.test r1@y.test\ntwo@x.test r2@y.test\n"
-    p.wait_log(r"from=two@x\.test, to=r2@y\.test, status=FILTERED")
+    p.wait_log(r"from=two@x\.test, to=r2@y\.test, (?:.*, )?status=FILTERED")
     assert first.conn == second.conn
 
 
@@ -239,7 +240,7 @@ def test_null_sender_kept(proxy, upstream, tmp_path):
         send_mail(client, "", ["b@y.test"], BODY)
     upstream.wait_messages(1)
     assert out.read_text() == "<>"
-    p.wait_log(r"from=<>, to=b@y\.test, status=FILTERED")
+    p.wait_log(r"from=<>, to=b@y\.test, (?:.*, )?status=FILTERED")
 
 
 def test_xforward_addr_and_helo_reach_filter(proxy, make_upstream, tmp_path):
@@ -293,7 +294,7 @@ def test_auth_then_skip_authenticated(proxy, make_upstream, tmp_path):
         assert client.reply() == ["250 2.0.0 Ok: queued as TEST"]
     message = upstream.wait_messages(1)[0]
     assert message.raw == body.rstrip(b"\r\n")
-    p.wait_log(r"from=a@x\.test, to=b@y\.test, status=SKIPPED")
+    p.wait_log(r"from=a@x\.test, to=b@y\.test, (?:.*, )?status=SKIPPED")
     assert not marker.exists()
 
 
@@ -336,7 +337,7 @@ def test_filter_type_reject(proxy, upstream):
         assert client.cmd("NOOP")[0].startswith("250")
         client.cmd("QUIT")
     assert upstream.verbs() == ["EHLO", "NOOP", "QUIT"]
-    p.wait_log(r"client=127\.0\.0\.1, from=a@x\.test, status=REJECTED")
+    p.wait_log(r"client=127\.0\.0\.1, from=a@x\.test, (?:.*, )?status=REJECTED")
 
 
 def test_filter_reject_text_normalised(proxy, upstream):
@@ -364,7 +365,7 @@ def test_filter_type_reject_spares_authenticated_with_skip(proxy, make_upstream)
         assert client.cmd("AUTH PLAIN AHVzZXIAcGFzcw==")[0].startswith("235")
         assert send_mail(client, "a@x.test", ["b@y.test"], BODY, helo="RSET")[0].startswith("250")
     upstream.wait_messages(1)
-    p.wait_log(r"from=a@x\.test, to=b@y\.test, status=SKIPPED")
+    p.wait_log(r"from=a@x\.test, to=b@y\.test, (?:.*, )?status=SKIPPED")
 
 
 def test_server_unreachable_421(proxy):
@@ -414,7 +415,7 @@ def test_ipv6_listen(proxy, upstream):
         final = send_mail(client, "a@x.test", ["b@y.test"], BODY)
         assert final[0].startswith("250")
     upstream.wait_messages(1)
-    p.wait_log(r"client=::1, from=a@x\.test, to=b@y\.test, status=FILTERED")
+    p.wait_log(r"client=::1, from=a@x\.test, to=b@y\.test, (?:.*, )?status=FILTERED")
 
 
 def test_ipv6_client_xclient_addr(proxy, make_upstream):
@@ -433,7 +434,9 @@ def test_message_log_line_at_info(proxy, upstream):
         send_mail(client, "a@x.test", ["b@y.test", "c@y.test"], BODY)
         client.cmd("QUIT")
     match = p.wait_log(r"^proxsmtpd: ([0-9A-F]+): client=127\.0\.0\.1, from=a@x\.test, "
-                       r"to=b@y\.test, to=c@y\.test, status=FILTERED$")
+                       r"to=b@y\.test, to=c@y\.test, size=%d, relay=127\.0\.0\.1, "
+                       r"delay=\d+\.\d{3}, reply=\"250 2\.0\.0 Ok: queued as TEST\", "
+                       r"status=FILTERED$" % len(BODY))
     assert match
     log = p.log()
     assert "accepted connection from: 127.0.0.1" in log
@@ -480,3 +483,28 @@ def test_data_without_recipients(proxy, upstream):
         client.cmd("MAIL FROM:<a@x.test>")
         assert client.cmd("DATA") == ["503 5.5.1 Error: need RCPT command"]
         assert client.cmd("NOOP")[0].startswith("250")
+
+
+def test_message_log_line_traces_the_message(proxy, upstream):
+    """size, Message-ID (cleaned), filter time and the server's final reply
+    (its queue id) are on the message's one log line."""
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"}, debug=3)
+    body = (b"Subject: t\r\nMessage-ID:\r\n <id.1@x.test\x1b[2J>\r\n\r\n"
+            b"Message-ID: <not-this@x.test>\r\n")
+    with p.connect() as client:
+        send_mail(client, "a@x.test", ["b@y.test"], body)
+        client.cmd("QUIT")
+    line = p.wait_log(r"status=FILTERED$").string.splitlines()[-1]
+    assert ", size=%d, msgid=<id.1@x.test\\x1b[2J>, relay=127.0.0.1, delay=" % len(body) in line
+    assert re.search(r", filter=\d+\.\d{3}, reply=\"250 2\.0\.0 Ok: queued as TEST\", status=FILTERED$",
+                     line), line
+
+
+def test_message_log_line_of_a_refusal_by_the_server(proxy, make_upstream):
+    """A server that refuses the message: its reply is on the line, and the client got it."""
+    upstream = make_upstream(data_reply="554 5.7.1 no thanks")
+    p = proxy({"OutAddress": upstream.address}, debug=3)
+    with p.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0] == "554 5.7.1 no thanks"
+    p.wait_log(r"size=%d, relay=127\.0\.0\.1, delay=\d+\.\d+, reply=\"554 5\.7\.1 no thanks\", "
+               r"status=FILTERED$" % len(BODY))

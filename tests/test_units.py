@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from proxsmtp import addresses, config, filters, header, smtppass, spool
+from proxsmtp import addresses, commands, config, filters, header, spio, spool
 from proxsmtp.addresses import Address, AddressError
 
 
@@ -201,21 +201,21 @@ def test_xtext():
     (b"", ""),
 ])
 def test_parse_address(arg, address):
-    assert smtppass.parse_address(arg) == address
+    assert commands.parse_address(arg) == address
 
 
 def test_parse_xforward():
-    attrs = smtppass.parse_xforward(b"XFORWARD ADDR=10.0.0.9 HELO=mx.example.org NAME=[UNAVAILABLE]")
+    attrs = commands.parse_xforward(b"XFORWARD ADDR=10.0.0.9 HELO=mx.example.org NAME=[UNAVAILABLE]")
     assert attrs["ADDR"] == "10.0.0.9" and attrs["HELO"] == "mx.example.org"
     assert attrs["NAME"] == "UNAVAILABLE"
-    assert smtppass.parse_xforward(b"XFORWARD addr=IPv6:2001:db8::5 helo=a+2Bb")["ADDR"] == "IPv6:2001:db8::5"
-    assert smtppass.parse_xforward(b"XFORWARD helo=a+2Bb")["HELO"] == "a+b"
+    assert commands.parse_xforward(b"XFORWARD addr=IPv6:2001:db8::5 helo=a+2Bb")["ADDR"] == "IPv6:2001:db8::5"
+    assert commands.parse_xforward(b"XFORWARD helo=a+2Bb")["HELO"] == "a+b"
 
 
 def test_is_continued():
-    assert smtppass.is_continued(b"250-PIPELINING\r\n")
-    assert not smtppass.is_continued(b"250 OK\r\n")
-    assert not smtppass.is_continued(b"25-x\r\n")
+    assert spio.is_continued(b"250-PIPELINING\r\n")
+    assert not spio.is_continued(b"250 OK\r\n")
+    assert not spio.is_continued(b"25-x\r\n")
 
 
 # --- header --------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""Reading SMTP command lines: the verb, MAIL/RCPT addresses, XFORWARD attributes.
+
+The relay passes command lines on as the client wrote them; these helpers
+only extract what the proxy must know (SPEC §3) and never rewrite a line.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAIL = re.compile(rb"^\s*MAIL\s+FROM\s*:(.*)$", re.I | re.S)
+RCPT = re.compile(rb"^\s*RCPT\s+TO\s*:(.*)$", re.I | re.S)
+
+
+def verb_of(line: bytes) -> bytes:
+    """The command's first word, upper-cased (b"" for a blank line)."""
+    words = line.split(None, 1)
+    return words[0].upper() if words else b""
+
+
+def parse_address(arg: bytes) -> str:
+    """The address of a MAIL FROM/RCPT TO argument, without angle brackets.
+
+    Without brackets it is the first word: what follows are ESMTP parameters."""
+    text = arg.decode("utf-8", "surrogateescape").strip()
+    if text.startswith("<>"):
+        return "<>"
+    if text.startswith("<"):
+        end = text.find(">")
+        if end > 0:
+            return text[1:end]
+    return text.split()[0] if text.split() else ""
+
+
+def envelope_address(line: bytes) -> tuple[bytes, str] | None:
+    """(b"MAIL" or b"RCPT", address) for a MAIL FROM:/RCPT TO: line, else None.
+
+    A lax server may accept `MAIL TO:` or a bare `RCPT`: those are no
+    envelope commands here, so nothing is recorded for them."""
+    match = MAIL.match(line)
+    if match:
+        return b"MAIL", parse_address(match.group(1))
+    match = RCPT.match(line)
+    if match:
+        return b"RCPT", parse_address(match.group(1))
+    return None
+
+
+def parse_xforward(line: bytes) -> dict[str, str]:
+    """ATTR=value pairs of an XFORWARD command (xtext decoded, [brackets] removed)."""
+    attrs = {}
+    for word in line.decode("utf-8", "surrogateescape").split()[1:]:
+        name, eq, value = word.partition("=")
+        if not eq:
+            continue
+        value = re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), value)
+        if value.startswith("[") and value.endswith("]"):
+            value = value[1:-1]
+        attrs[name.upper()] = value
+    return attrs

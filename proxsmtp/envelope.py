@@ -1,0 +1,68 @@
+"""What is known about one message: who sent it, to whom, from where — and
+what became of it.
+
+The session fills an Envelope as the server accepts MAIL, RCPT and XFORWARD;
+filters read it (environment, XCLIENT to a filter node) and never see the
+session itself.  The per-message log line is built from it, so the line and
+the filter always agree on the facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .log import clean
+
+
+@dataclass
+class Envelope:
+    """Facts of the connection (kept) and of the current transaction (reset)."""
+
+    tag: str                                 # session id, as in every log line
+    client_ip: str = "UNKNOWN"
+    local_ip: str = "UNKNOWN"                # the address the client connected to
+    server_ip: str = "UNKNOWN"
+    helo: str | None = None
+    sender: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    xforward_addr: str | None = None
+    xforward_helo: str | None = None
+    # what became of the message, for the log line (SPEC §3, `status=`)
+    size: int | None = None
+    msgid: str | None = None
+    delay: float | None = None               # seconds from DATA to the final reply
+    filter_seconds: float | None = None
+    reply: str | None = None                 # the server's final reply to the message
+
+    def reset(self) -> None:
+        """Forget sender, recipients, XFORWARD data and the outcome (RSET, EHLO, after DATA)."""
+        self.sender = None
+        self.recipients = []
+        self.xforward_addr = self.xforward_helo = None
+        self.size = self.msgid = self.delay = self.filter_seconds = self.reply = None
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.sender is not None
+
+    def log_line(self, status: str) -> str:
+        """`client=..., from=..., to=..., size=..., ..., status=...`: one line,
+        every network-supplied value cleaned."""
+        parts = ["client=" + self.client_ip]
+        if self.sender is not None:
+            parts.append("from=" + clean(self.sender, 256))
+        parts.extend("to=" + clean(rcpt, 256) for rcpt in self.recipients)
+        if self.size is not None:
+            parts.append("size=%d" % self.size)
+        if self.msgid:
+            parts.append("msgid=" + clean(self.msgid, 256))
+        if self.reply is not None or self.delay is not None:
+            parts.append("relay=" + self.server_ip)
+        if self.delay is not None:
+            parts.append("delay=%.3f" % self.delay)
+        if self.filter_seconds is not None:
+            parts.append("filter=%.3f" % self.filter_seconds)
+        if self.reply is not None:
+            parts.append('reply="%s"' % clean(self.reply, 256).replace('"', "'"))
+        parts.append("status=" + clean(status, 256))
+        return ", ".join(parts)

@@ -1,0 +1,150 @@
+"""The command/reply relay: which reply belongs to which command.
+
+Every command line the session passes to the server, and every reply the
+proxy makes itself, takes a place in one queue, in the order the client
+sent the commands.  Server replies fill the places in turn; a proxy reply
+is sent as soon as everything before it has been answered.  So a client
+that pipelines gets every reply in order, whoever made it.
+
+Also here: SessionEnd, the way a session ends with a last word to the
+client, and ServerLeg, the server connection as the proxy's own commands
+(NOOP, XCLIENT, DATA, RSET) use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .log import log
+from .spio import CRLF, Channel, ChannelClosed, is_continued
+
+R_FAILED = b"451 Local Error\r\n"
+
+
+class SessionEnd(Exception):
+    """Ends the session; `reply` (if any) is the last thing the client hears."""
+
+    def __init__(self, reason: str, reply: bytes | None = R_FAILED, level: int = logging.ERROR):
+        super().__init__(reason)
+        self.reply = reply
+        self.level = level
+
+
+@dataclass(slots=True)
+class ServerAnswers:
+    """A place for the server's reply to a command the proxy relayed."""
+
+    verb: bytes              # EHLO, MAIL, RCPT, ... (b"" for the greeting)
+    line: bytes              # the command as the client sent it
+
+
+@dataclass(slots=True)
+class ProxyAnswers:
+    """A reply the proxy makes itself, sent when its turn comes."""
+
+    reply: bytes
+
+
+GREETING = ServerAnswers(b"", b"")
+
+# What to send the client for a whole server reply: (the command it answers, its lines).
+OnReply = Callable[[ServerAnswers, list[bytes]], list[bytes]]
+
+
+class ReplyQueue:
+    """The places of replies still due to the client, in command order."""
+
+    def __init__(self, client: Channel, on_reply: OnReply) -> None:
+        self.client = client
+        self.on_reply = on_reply
+        self.places: collections.deque[ServerAnswers | ProxyAnswers] = collections.deque()
+        self.lines: list[bytes] = []            # the server reply read so far
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    @property
+    def waiting_for_server(self) -> bool:
+        """Some reply due to the client can only come from the server."""
+        return any(isinstance(place, ServerAnswers) for place in self.places)
+
+    def expect(self, place: ServerAnswers) -> None:
+        """A command went to the server: its reply takes the next place."""
+        self.places.append(place)
+
+    def answer(self, reply: bytes) -> None:
+        """A reply made by the proxy, kept in order behind outstanding ones."""
+        if self.places:
+            self.places.append(ProxyAnswers(reply))
+        else:
+            self.client.write(reply)
+
+    def server_line(self, line: bytes, too_long: bool, tag: str) -> None:
+        """One line from the server; a whole reply goes to the client in its place."""
+        if too_long:
+            log.warning("%s: SMTP response line too long. discarded extra", tag)
+            line = line[:-2].rstrip(b"\r\n") + CRLF
+        self.lines.append(line)
+        if is_continued(line):
+            return
+        lines, self.lines = self.lines, []
+        place = self.places.popleft() if self.places else GREETING
+        if isinstance(place, ProxyAnswers):      # no reply was due: unsolicited
+            self.places.appendleft(place)
+            place = GREETING
+        lines = self.on_reply(place, lines)
+        if not self.client.closed:
+            self.client.write(b"".join(lines))
+        while self.places and isinstance(self.places[0], ProxyAnswers):
+            self.client.write(self.places.popleft().reply)
+
+
+class ServerLeg:
+    """The server connection for commands the proxy sends itself."""
+
+    def __init__(self, channel: Channel, timeout: float, keepalives: int) -> None:
+        self.channel = channel
+        self.timeout = timeout
+        self.keepalives = keepalives
+
+    def write(self, data: bytes, trace: bool = True) -> None:
+        self.channel.write(data, trace)
+
+    async def read_reply(self, timeout: float | None = None) -> list[bytes]:
+        """One whole (multi-line) reply; SessionEnd if the server fails us."""
+        try:
+            return await self.channel.read_reply(self.timeout if timeout is None else timeout)
+        except ChannelClosed:
+            raise SessionEnd("server disconnected unexpectedly") from None
+        except asyncio.TimeoutError:
+            raise SessionEnd("network operation timed out waiting for server") from None
+
+    async def command(self, line: bytes) -> list[bytes]:
+        """Send one command of the proxy's own and read its reply."""
+        self.write(line)
+        return await self.read_reply()
+
+    async def keepalive(self) -> None:
+        """KeepAlives: NOOP to a server left idle while the client or filter works."""
+        every = self.keepalives
+        if every > 0 and time.monotonic() - self.channel.last_action > every and not self.channel.closed:
+            log.debug("%s: sending NOOP to server as keepalive", self.channel.tag)
+            await self.command(b"NOOP\r\n")
+
+
+def client_wait(client: Channel, timeout: float, reason: str) -> float:
+    """How long to wait for the client: TimeOut, but a line it has begun must
+    be finished TimeOut after its first byte (a slow-loris trickle of bytes
+    does not start the clock again); raises SessionEnd once that is past."""
+    started = client.line_started
+    if started is None:
+        return timeout
+    left = started + timeout - time.monotonic()
+    if left <= 0:
+        raise SessionEnd(reason + " (a line unfinished for %d seconds)" % timeout, None)
+    return min(timeout, left)
