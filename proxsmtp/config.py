@@ -26,6 +26,7 @@ SPEC = {
     "Workers": "integer(min=0, max=256, default=0)",
     "TimeOut": "integer(min=1, default=180)",
     "KeepAlives": "integer(min=0, default=0)",
+    "MaxMessageSize": "integer(min=0, default=0)",
     "XClient": "flag(default='off')",
     "TransparentProxy": "transparent(default='off')",
     "TempDirectory": "string(min=1, default='/tmp')",
@@ -61,6 +62,7 @@ class Config:
     Workers: int = 0
     TimeOut: int = 180
     KeepAlives: int = 0
+    MaxMessageSize: int = 0                # bytes; 0: the server's SIZE only
     XClient: bool = False
     TransparentProxy: str = "off"
     TempDirectory: str = "/tmp"

@@ -17,23 +17,27 @@ from .config import Config
 from .envelope import Envelope
 from .header import HEAD_LIMIT, message_id, render as render_header
 from .log import log
-from .relay import R_FAILED, ServerLeg, SessionEnd, client_wait
+from .relay import FINAL_REPLY_WAIT, R_FAILED, ServerLeg, SessionEnd, client_wait
 from .spio import CRLF, Channel
 
 R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
 FAILED = R_FAILED.decode().strip()
+TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
 
 class Transfer:
     """One DATA command, from the client's DATA line to the final reply."""
 
     def __init__(self, config: Config, envelope: Envelope, client: Channel,
-                 server: ServerLeg, skip: bool) -> None:
+                 server: ServerLeg, skip: bool, size_limit: int = 0) -> None:
         self.config = config
         self.envelope = envelope
         self.client = client
         self.server = server
         self.skip = skip                  # authenticated, and FilterType says so
+        self.size_limit = size_limit      # bytes; 0: none (MaxMessageSize, server's SIZE)
+        self.too_big = False
+        self.awaiting_final = False       # the server has the message; its verdict is due
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
         self.head = bytearray()           # the first bytes, for the Message-ID
@@ -70,6 +74,10 @@ class Transfer:
     async def handle_message(self, message: spool.Spool) -> str:
         self.client.write(R_DATAINTERMED)
         error = await self.cache_data(message)
+        if self.too_big:
+            log.info("%s: message larger than %d bytes refused", self.tag, self.size_limit)
+            await self.fail_data(TOO_BIG)
+            return TOO_BIG
         if error:
             log.error("%s: %s", self.tag, error)
             await self.fail_data(FAILED)
@@ -95,6 +103,8 @@ class Transfer:
         if len(self.head) < HEAD_LIMIT:
             self.head += data[:HEAD_LIMIT - len(self.head)]
         self.envelope.size = (self.envelope.size or 0) + len(data)
+        if self.size_limit and self.envelope.size > self.size_limit:
+            self.too_big = True
 
     def _seen_all(self) -> None:
         self.envelope.msgid = message_id(bytes(self.head))
@@ -103,8 +113,10 @@ class Transfer:
     async def cache_data(self, message: spool.Spool) -> str:
         """Read the client's message into the spool; returns an error or ''.
 
-        On a disk error the rest of the message is still read (and dropped)
-        so that the client can be told 451 in step with the protocol.
+        On a disk error, or once the message is past the size limit, the rest
+        of the message is still read (and dropped) so that the client can be
+        told 451 or 552 in step with the protocol.  A steady upload keeps the
+        server alive too (KeepAlives): the server only sees us when we write.
         """
         client = self.client
         client.start_data()
@@ -113,7 +125,7 @@ class Transfer:
             data, done = client.take_data()
             if data:
                 self._seen(data)
-                if not error:
+                if not error and not self.too_big:
                     try:
                         message.write(data)
                     except OSError as exc:
@@ -122,6 +134,9 @@ class Transfer:
                 break
             if client.eof:
                 raise SessionEnd("unexpected end of data from client", None)
+            if self.server.keepalive_due:
+                await self.server.keepalive()
+                continue
             await self.wait_client_data()
         self._seen_all()
         try:
@@ -148,6 +163,15 @@ class Transfer:
             client_wait(self.client, self.timeout, reason)
             await self.server.keepalive()
 
+    async def final_reply(self) -> list[bytes]:
+        """The server's reply to the message: waited for as long as RFC 5321
+        says (not TimeOut), and never cut short by a shutdown (see worker.py)."""
+        self.awaiting_final = True
+        try:
+            return await self.server.read_reply(max(self.timeout, FINAL_REPLY_WAIT))
+        finally:
+            self.awaiting_final = False
+
     def _final(self, reply: list[bytes]) -> None:
         """The server's last word on the message goes to the client and the log."""
         self.envelope.reply = reply[-1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
@@ -168,7 +192,7 @@ class Transfer:
                                    self.envelope.local_ip, self.tag)
         source = open(path, "rb") if path else message.reader()
         await spool.send(self.server.channel, source, header, self.timeout)
-        self._final(await self.server.read_reply())
+        self._final(await self.final_reply())
 
     async def fail_data(self, reply: str) -> None:
         """Answer the client with a rejection and make the server forget the message."""
@@ -197,7 +221,7 @@ class Transfer:
         self._seen_all()
         server.write(guard.finish(), False)
         server.write(b".\r\n")
-        self._final(await self.server.read_reply())
+        self._final(await self.final_reply())
 
     async def refused_data(self) -> None:
         """DATA without accepted recipients: the server says why (503...)."""

@@ -20,7 +20,7 @@ from . import addresses, spool
 from .config import Config
 from .envelope import Envelope
 from .log import clean, log
-from .spio import Channel, ChannelClosed
+from .spio import Channel, ChannelClosed, ReplyTooLong
 
 # Called while a filter works: keeps the server connection alive (KeepAlives).
 KeepAlive = Callable[[], Awaitable[None]]
@@ -311,6 +311,8 @@ class _Node:
     async def reply(self) -> tuple[int, str]:
         try:
             lines = await self.channel.read_reply(self.timeout)
+        except ReplyTooLong as exc:
+            raise FilterError("filter node: %s" % exc) from None
         except ChannelClosed:
             raise FilterError("filter node closed the connection") from None
         except asyncio.TimeoutError:

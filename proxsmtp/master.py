@@ -27,6 +27,7 @@ from . import config as configuration
 from . import listener, log as logs, privileges, smtppass, spool
 from .config import Config
 from .log import log
+from .relay import FINAL_REPLY_WAIT
 from .slots import SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
@@ -317,7 +318,8 @@ class Master:
         for pid, info in self.workers.items():
             info.retiring = True
             _kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_GRACE + 10
+        # a worker may wait out a final reply after its grace (worker.py)
+        deadline = time.monotonic() + SHUTDOWN_GRACE + FINAL_REPLY_WAIT + 10
         while self.workers and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.05)

@@ -21,9 +21,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .log import log
-from .spio import CRLF, Channel, ChannelClosed, is_continued
+from .spio import CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size, is_continued
 
 R_FAILED = b"451 Local Error\r\n"
+R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
+# RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final
+# dot.  Giving up sooner makes the client retry a message the server may
+# already have taken: a duplicate.
+FINAL_REPLY_WAIT = 600.0
 
 
 class SessionEnd(Exception):
@@ -64,6 +69,7 @@ class ReplyQueue:
         self.on_reply = on_reply
         self.places: collections.deque[ServerAnswers | ProxyAnswers] = collections.deque()
         self.lines: list[bytes] = []            # the server reply read so far
+        self.size = 0                           # ...and its bytes
 
     def __len__(self) -> int:
         return len(self.places)
@@ -90,9 +96,14 @@ class ReplyQueue:
             log.warning("%s: SMTP response line too long. discarded extra", tag)
             line = line[:-2].rstrip(b"\r\n") + CRLF
         self.lines.append(line)
+        self.size += len(line)
+        try:
+            check_reply_size(self.lines, self.size, "SERVER")
+        except ReplyTooLong as exc:
+            raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         if is_continued(line):
             return
-        lines, self.lines = self.lines, []
+        lines, self.lines, self.size = self.lines, [], 0
         place = self.places.popleft() if self.places else GREETING
         if isinstance(place, ProxyAnswers):      # no reply was due: unsolicited
             self.places.appendleft(place)
@@ -119,6 +130,8 @@ class ServerLeg:
         """One whole (multi-line) reply; SessionEnd if the server fails us."""
         try:
             return await self.channel.read_reply(self.timeout if timeout is None else timeout)
+        except ReplyTooLong as exc:
+            raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         except ChannelClosed:
             raise SessionEnd("server disconnected unexpectedly") from None
         except asyncio.TimeoutError:
@@ -129,10 +142,16 @@ class ServerLeg:
         self.write(line)
         return await self.read_reply()
 
+    @property
+    def keepalive_due(self) -> bool:
+        """KeepAlives seconds since we last sent the server anything: its idle
+        timer counts from then, however busy the client is meanwhile."""
+        every = self.keepalives
+        return every > 0 and time.monotonic() - self.channel.last_sent > every
+
     async def keepalive(self) -> None:
         """KeepAlives: NOOP to a server left idle while the client or filter works."""
-        every = self.keepalives
-        if every > 0 and time.monotonic() - self.channel.last_action > every and not self.channel.closed:
+        if self.keepalive_due and not self.channel.closed:
             log.debug("%s: sending NOOP to server as keepalive", self.channel.tag)
             await self.command(b"NOOP\r\n")
 

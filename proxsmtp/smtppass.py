@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import socket
 
 from . import destination, filters
@@ -31,6 +32,15 @@ R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"
 R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
 R_BARECR = b"500 5.5.2 Syntax error: bare CR in command\r\n"
 R_SHUTDOWN = b"421 Server shutting down\r\n"
+R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+
+# Fairness and back-pressure (one client must neither starve its worker nor
+# make it buffer without bound): lines handled before yielding to other
+# sessions, and replies still due before the client's next commands wait.
+LINES_PER_TURN = 64
+MAX_PENDING_REPLIES = 512
+
+_SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
 FILTERED_FEATURES = {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
@@ -66,6 +76,21 @@ class Session:
         self.xclient_supported = False
         self.xclient_sent = False
         self.in_data = False
+        self.server_size = 0                  # the server's EHLO SIZE (0: none given)
+        self.transfer: Transfer | None = None
+
+    @property
+    def size_limit(self) -> int:
+        """The largest message taken: the smaller of MaxMessageSize and the
+        server's SIZE (0: no limit)."""
+        limits = [n for n in (self.config.MaxMessageSize, self.server_size) if n > 0]
+        return min(limits) if limits else 0
+
+    @property
+    def finishing(self) -> bool:
+        """The server has the whole message and its verdict is due: a shutdown
+        must not cut this (the client would retry a message the server took)."""
+        return self.transfer is not None and self.transfer.awaiting_final
 
     @property
     def idle(self) -> bool:
@@ -142,7 +167,12 @@ class Session:
     async def passthru(self) -> None:
         """Relay until either side closes or both are idle for TimeOut."""
         client, server = self.client, self.server
+        turn = 0
         while True:
+            turn += 1
+            if turn > LINES_PER_TURN:          # let the worker's other sessions run
+                turn = 0
+                await asyncio.sleep(0)
             got = server.take_line()
             if got is not None:
                 self.replies.server_line(*got, self.tag)
@@ -156,7 +186,7 @@ class Session:
                                      R_SERVERGONE, logging.WARNING)
                 log.debug("%s: server closed the connection", self.tag)
                 return
-            got = client.take_line()
+            got = None if self.backed_up else client.take_line()
             if got is not None:
                 await self.on_client_line(*got)
                 continue
@@ -169,6 +199,15 @@ class Session:
             except asyncio.TimeoutError:
                 client_wait(client, self.timeout, reason)   # says so if a line was left unfinished
                 raise SessionEnd(reason, None) from None
+
+    @property
+    def backed_up(self) -> bool:
+        """Take no more client commands for now: the server is not reading what
+        we send, the client is not reading its replies, or too many replies are
+        still due.  Its lines then stay in its buffer, the buffer's high-water
+        mark pauses reading, and TCP slows the client down."""
+        return (self.server.backed_up or self.client.backed_up
+                or len(self.replies) >= MAX_PENDING_REPLIES)
 
     # --- client commands ------------------------------------------------------
 
@@ -208,8 +247,17 @@ class Session:
             if self.config.FilterType == "reject" and not self.skipping:
                 self.reject_envelope(*address)
                 return
+            if verb == b"MAIL" and self.too_big(line):
+                answer(R_SIZE)
+                return
         self.server.write(line)
         self.replies.expect(ServerAnswers(verb, line))
+
+    def too_big(self, mail: bytes) -> bool:
+        """MAIL FROM with a SIZE= above the limit: refused before any data."""
+        match = _SIZE_PARAM.search(mail)
+        limit = self.size_limit
+        return bool(match and limit and int(match.group(1)) > limit)
 
     def reject_envelope(self, verb: bytes, address: str) -> None:
         """FilterType reject: refuse MAIL and RCPT outright, log it as the message."""
@@ -228,13 +276,14 @@ class Session:
         self.in_data = True
         try:
             await self.drain_replies()
-            transfer = Transfer(self.config, self.envelope, self.client, self.server_leg,
-                                self.skipping)
-            status = await transfer.run()
+            self.transfer = Transfer(self.config, self.envelope, self.client, self.server_leg,
+                                     self.skipping, self.size_limit)
+            status = await self.transfer.run()
             if status is not None:
                 self.log_message(status)
         finally:
             self.in_data = False
+            self.transfer = None
         self.envelope.reset()
 
     async def send_xclient(self) -> None:
@@ -284,10 +333,16 @@ class Session:
         return lines
 
     def filter_features(self, lines: list[bytes]) -> list[bytes]:
-        """Drop EHLO keywords we can't pass through; keep the reply well formed."""
+        """Drop EHLO keywords we can't pass through; keep the reply well formed.
+
+        SIZE is noted (the server's limit is enforced here too) and, with
+        MaxMessageSize, says the smaller limit, added if the server gave none."""
         kept = lines[:1]
+        self.server_size = 0
+        size_at = None
         for line in lines[1:]:
-            keyword = line[4:].split(None, 1)[0].upper() if line[4:].split() else b""
+            words = line[4:].split()
+            keyword = words[0].upper() if words else b""
             if keyword == b"XCLIENT":
                 log.debug("%s: XCLIENT supported", self.tag)
                 self.xclient_supported = True
@@ -296,5 +351,17 @@ class Session:
                 if line is lines[-1]:
                     kept.append(R_FEATURE)
                 continue
+            if keyword == b"SIZE":
+                size_at = len(kept)
+                if len(words) > 1 and words[1].isdigit() and len(words[1]) <= 20:
+                    self.server_size = int(words[1])
             kept.append(line)
+        if self.config.MaxMessageSize:
+            size = b"250-SIZE %d\r\n" % self.size_limit
+            if size_at is not None:
+                kept[size_at] = kept[size_at][:4] + size[4:]
+            elif len(kept) > 1:
+                kept.insert(len(kept) - 1, size)
+            else:
+                kept = [b"250-" + kept[0][4:], b"250 " + size[4:]]
         return kept

@@ -24,6 +24,9 @@ DATA_END = b"\r\n.\r\n"
 
 _READ_HIGH = 256 * 1024     # stop reading from a peer that floods us...
 _READ_LOW = 64 * 1024       # ...until the buffer has drained to this
+# The longest reply read whole (generous for any real EHLO answer).
+REPLY_MAX_LINES = 1000
+REPLY_MAX_BYTES = 64 * 1024
 
 
 def is_continued(line: bytes) -> bool:
@@ -33,6 +36,18 @@ def is_continued(line: bytes) -> bool:
 
 class ChannelClosed(Exception):
     """The peer went away, a write failed, or a read or write timed out."""
+
+
+class ReplyTooLong(ChannelClosed):
+    """A peer's reply ran past REPLY_MAX_LINES or REPLY_MAX_BYTES: not a
+    conversation any more; the connection is given up."""
+
+
+def check_reply_size(lines: list[bytes], size: int, name: str) -> None:
+    """Raise ReplyTooLong once a reply being read has grown past the caps."""
+    if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
+        raise ReplyTooLong("%s: reply longer than %d lines or %d bytes"
+                           % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
 
 
 class Channel(asyncio.Protocol):
@@ -46,6 +61,7 @@ class Channel(asyncio.Protocol):
         self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
         self.last_action = time.monotonic()
+        self.last_sent = self.last_action      # when we last wrote to the peer
         self.line_started: float | None = None   # when an unfinished last line began
         self.on_ready = None                 # callable set by the session
         self._keep_open = keep_open_on_eof
@@ -98,6 +114,13 @@ class Channel(asyncio.Protocol):
         self._paused_writing = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        self._wake()
+
+    @property
+    def backed_up(self) -> bool:
+        """The peer is not taking what we write (the transport's buffer is past
+        its high-water mark): stop producing more for it until it drains."""
+        return self._paused_writing
 
     def _wake(self) -> None:
         if self.on_ready is not None:
@@ -208,14 +231,18 @@ class Channel(asyncio.Protocol):
             await self.wait(timeout)
 
     async def read_reply(self, timeout: float) -> list[bytes]:
-        """One whole (multi-line) SMTP reply; an overlong line is cut short."""
-        lines = []
+        """One whole (multi-line) SMTP reply; an overlong line is cut short,
+        an endless reply raises ReplyTooLong."""
+        lines: list[bytes] = []
+        size = 0
         while True:
             line, too_long = await self.next_line(timeout)
             if too_long:
                 log.warning("%s: SMTP response line too long. discarded extra", self.tag)
                 line = line[:-2].rstrip(b"\r\n") + CRLF
             lines.append(line)
+            size += len(line)
+            check_reply_size(lines, size, self.name)
             if not is_continued(line):
                 return lines
 
@@ -228,7 +255,7 @@ class Channel(asyncio.Protocol):
             raise ChannelClosed("%s: connection closed, can't write data" % self.name)
         if trace and self._trace:
             self.trace(">", data)
-        self.last_action = time.monotonic()
+        self.last_action = self.last_sent = time.monotonic()
         self.transport.write(data)
 
     async def drain(self, timeout: float) -> None:

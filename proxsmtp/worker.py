@@ -20,6 +20,7 @@ except ImportError:
 
 from .config import Config
 from .log import log
+from .relay import FINAL_REPLY_WAIT
 from .smtppass import Session
 
 R_BUSY = b"421 Server busy, too many connections\r\n"
@@ -75,7 +76,10 @@ class Worker:
         """After accepting stopped.  Shutting down: sessions between messages
         are closed with 421 at once, one in the middle of a message gets up to
         `grace` seconds to finish it, then 421 too.  Retiring after a reload:
-        sessions go on undisturbed (for up to `grace`)."""
+        sessions go on undisturbed (for up to `grace`).  Either way a session
+        whose message the server already has is never cut while its verdict
+        is due (up to FINAL_REPLY_WAIT more): cutting it would make the
+        client send the message again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         if self.sessions:
@@ -83,6 +87,12 @@ class Worker:
         while self.sessions and loop.time() < deadline:
             for task, session in list(self.sessions.items()):
                 if session.idle and not self.retiring:
+                    task.cancel()
+            await asyncio.wait(set(self.sessions), timeout=0.2)
+        last = loop.time() + FINAL_REPLY_WAIT
+        while self.sessions and loop.time() < last:
+            for task, session in list(self.sessions.items()):
+                if not session.finishing:
                     task.cancel()
             await asyncio.wait(set(self.sessions), timeout=0.2)
         for task in list(self.sessions):

@@ -431,7 +431,9 @@ class RecordingServer:
     - `refuse`: recipients answered `550 5.1.1 <addr>: Recipient address rejected`;
     - `data_reply`: the reply after the final `.` (or a callable (message, connection));
     - `drop_at`: a verb at which the connection is closed without a reply
-      (`"DATA-END"` means at the final `.` of a message).
+      (`"DATA-END"` means at the final `.` of a message);
+    - `idle_timeout`: seconds of silence after which it drops a connection
+      (as Postfix's smtpd_timeout does).
     `lines` keeps (connection number, line) for every command line received.
     """
 
@@ -440,8 +442,9 @@ class RecordingServer:
                  replies: dict[str, Reply] | None = None, refuse: tuple[str, ...] = (),
                  data_reply: str = "250 2.0.0 Ok: queued as TEST",
                  drop_at: str | None = None, greeting: str = "220 upstream.test ESMTP recorder",
-                 name: str = "upstream.test") -> None:
+                 name: str = "upstream.test", idle_timeout: float | None = None) -> None:
         self.name = name
+        self.idle_timeout = idle_timeout
         self.extensions = list(extensions)
         self.replies = {k.upper(): v for k, v in (replies or {}).items()}
         self.refuse = set(refuse)
@@ -560,6 +563,7 @@ class RecordingServer:
 
     def _serve(self, conn: ServerConnection) -> None:
         sock = conn.sock
+        sock.settimeout(self.idle_timeout)
         reader = sock.makefile("rb")
         try:
             sock.sendall(self.greeting.encode() + CRLF)
