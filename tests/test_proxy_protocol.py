@@ -419,3 +419,26 @@ def test_balancer_header_through_to_postfix(proxy, postfix):
         smtp.cmd("QUIT")
     wait_until(lambda: "client=unknown[127.0.0.77]" in postfix.log(), 20,
                what="postfix to log the message from 127.0.0.77:\n" + postfix.log())
+
+
+def test_sighup_cannot_combine_proxy_protocol_with_a_running_transparent_proxy(proxy, upstream):
+    """TransparentProxy needs a restart to change, so a reload that turns it off
+    and ProxyProtocol on would run both: it is refused, the old config kept."""
+    px = proxy({"TransparentProxy": "client", "OutAddress": None, "Workers": 1})
+    before = list(children(px.proc.pid))
+    write_config(px.conf, dict(px.settings, TransparentProxy="off", ProxyProtocol="on",
+                               OutAddress=upstream.address))
+    px.proc.send_signal(signal.SIGHUP)
+    px.wait_log(r"reload failed, keeping the running configuration: ProxyProtocol can't be on "
+                r"with TransparentProxy, which stays client until a restart")
+    assert list(children(px.proc.pid)) == before
+
+
+def test_header_on_a_unix_socket_listen(proxy, upstream, tmp_path):
+    """haproxy `server gw unix@/path send-proxy-v2`: the peer has no address; the
+    header's is used (and ProxyProtocolFrom doesn't apply to socket-file peers)."""
+    px = proxy({"OutAddress": upstream.address, "Listen": str(tmp_path / "smtp.sock"),
+                "ProxyProtocol": "on", "ProxyProtocolFrom": "10.0.0.0/8"})
+    with proxied(px, header(2, "203.0.113.30", "192.0.2.1")) as smtp:
+        assert send_mail(smtp, "a@x.test", ["b@y.test"], BODY)[-1].startswith("250")
+    px.wait_log(r"client=203\.0\.113\.30, from=a@x\.test")

@@ -1,6 +1,7 @@
 """The scale-out topology of the README ("Many proxsmtpd nodes behind a load
-balancer"): a real haproxy (`mode tcp`, `balance roundrobin`, `send-proxy-v2`,
-`check`) in front of two proxsmtpd instances with `ProxyProtocol: on`.
+balancer"): a real haproxy with the README's configuration (`mode tcp`,
+`balance roundrobin`, `send-proxy-v2`, `check`) in front of two proxsmtpd
+instances with `ProxyProtocol: on`.
 
 Clients bind different 127.0.0.x sources, so the address each filter run and
 the server see can be told apart from haproxy's own (127.0.0.1).  One
@@ -15,27 +16,30 @@ import shutil
 import pytest
 
 from harness import Client, send_mail
+from test_docs import readme_blocks
 from test_haproxy import HAPROXY, Haproxy
 
-SCALEOUT_CFG = """\
+GLOBAL = """\
 global
     stats socket {stats} mode 600 level admin
 
 defaults
-    mode tcp
     timeout connect 2s
     timeout client 60s
     timeout server 60s
 
-frontend smtp
-    bind 127.0.0.1:{front}
-    default_backend proxsmtpd
-
-backend proxsmtpd
-    balance roundrobin
-    server node1 127.0.0.1:{port1} send-proxy-v2 check inter 200ms fall 2 rise 1
-    server node2 127.0.0.1:{port2} send-proxy-v2 check inter 200ms fall 2 rise 1
 """
+
+
+def readme_haproxy() -> str:
+    """The README's haproxy configuration, on loopback ports, checking often."""
+    [block] = [block for block in readme_blocks() if "send-proxy-v2 check" in block]
+    config = (block.replace("bind 10.0.0.5:25", "bind 127.0.0.1:{front}")
+              .replace("10.0.0.11:10025", "127.0.0.1:{port1}")
+              .replace("10.0.0.12:10025", "127.0.0.1:{port2}")
+              .replace(" check\n", " check inter 200ms fall 2 rise 1\n"))
+    assert config.count("127.0.0.1:{port") == 2 and config.count("inter 200ms") == 2, config
+    return GLOBAL + config
 
 
 @pytest.fixture
@@ -60,9 +64,9 @@ def nodes(proxy, make_upstream, tmp_path):
 @pytest.fixture
 def balancer(tmp_path, nodes):
     _, (node1, node2) = nodes
-    instance = Haproxy(tmp_path, node1.port, node2.port, SCALEOUT_CFG, backend="proxsmtpd")
+    instance = Haproxy(tmp_path, node1.port, node2.port, readme_haproxy(), backend="proxsmtpd")
     try:
-        instance.wait_status({"node1": "UP", "node2": "UP"})
+        instance.wait_status({"gw1": "UP", "gw2": "UP"})
         yield instance
     finally:
         instance.stop()
@@ -96,14 +100,14 @@ def test_two_nodes_behind_haproxy(nodes, balancer):
         assert "client=127.0.0.1," not in node.log()
 
     node1.stop()
-    balancer.wait_status({"node1": "DOWN", "node2": "UP"})
+    balancer.wait_status({"gw1": "DOWN", "gw2": "UP"})
     for number in range(4, 8):
         assert mail_from(balancer, "127.0.0.20", number)[-1].startswith("250")
     assert node2.seen.read_text().split().count("127.0.0.20") == 4
     assert len(server.wait_messages(8)) == 8
 
     node2.stop()
-    balancer.wait_status({"node1": "DOWN", "node2": "DOWN"})
+    balancer.wait_status({"gw1": "DOWN", "gw2": "DOWN"})
     for number in range(8, 10):
         with Client("127.0.0.1", balancer.front, 20, "127.0.0.21") as client:
             replies = [client.greeting]
