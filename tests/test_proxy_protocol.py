@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Client, answers, children, free_port, pid_alive, send_mail, title,
-                     wait_until, write_config)
+from harness import (Client, answers, children, free_port, pid_alive, send_mail, wait_until,
+                     write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
 BODY = b"Subject: proxied\r\n\r\nbody\r\n"
@@ -186,6 +186,25 @@ def test_without_proxy_protocol_a_header_is_just_a_bad_command(proxy, upstream):
 
 # --- SIGHUP --------------------------------------------------------------------------------
 
+def listener_inode(port: int) -> str:
+    """The socket inode of the TCP socket listening on `port` (/proc/net/tcp)."""
+    with open("/proc/net/tcp") as table:
+        for row in table.readlines()[1:]:
+            fields = row.split()
+            if fields[1].endswith(":%04X" % port) and fields[3] == "0A":
+                return fields[9]
+    raise AssertionError("nothing listens on port %d" % port)
+
+
+def accepting(pid: int, inode: str) -> bool:
+    """Does process `pid` still hold the listening socket (a retired worker closes it)?"""
+    try:
+        return any(os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "socket:[%s]" % inode
+                   for fd in os.listdir("/proc/%d/fd" % pid))
+    except OSError:
+        return False
+
+
 def test_sighup_turning_proxy_protocol_on_and_off_applies_to_new_connections(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 1})
     old = list(children(px.proc.pid))
@@ -197,9 +216,11 @@ def test_sighup_turning_proxy_protocol_on_and_off_applies_to_new_connections(pro
         mark = px.log().count("reloaded configuration")
         px.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: px.log().count("reloaded configuration") > mark, 15, what="reload")
+        inode = listener_inode(px.port)
+        wait_until(lambda: not any(accepting(pid, inode) for pid in previous), 15,
+                   what="the old workers to stop accepting")
         return wait_until(lambda: [pid for pid in children(px.proc.pid) if pid not in previous
-                                   and "worker" in title(pid)],
-                          15, what="a new worker")
+                                   and accepting(pid, inode)], 15, what="a new worker")
 
     new = reload(True, old)
     assert closed_without_greeting(px, b"EHLO no-header.example\r\n")
