@@ -209,6 +209,8 @@ def _finish(config: Config, where) -> None:
     if config.OutAddress is not None and config.TransparentProxy != "off":
         config.warnings.append(
             "the OutAddress option will be ignored when TransparentProxy is enabled")
+    if config.ProxyProtocolFrom is not None and not config.ProxyProtocol:
+        config.warnings.append("the ProxyProtocolFrom option is ignored unless ProxyProtocol is on")
     if config.ProxyProtocol and config.TransparentProxy != "off":
         raise ConfigError("invalid setting: ProxyProtocol: can't be on with TransparentProxy: "
                           "behind a load balancer the connection's destination is the "
