@@ -32,7 +32,7 @@ from .log import clean
 from .spio import Channel
 
 V1_PREFIX = b"PROXY "
-V1_MAX = 107                    # the longest v1 line, CRLF included (spec §2.1)
+V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16                   # signature, version/command, family/protocol, length
 
