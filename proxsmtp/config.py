@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from configobj import ConfigObj, flatten_errors
 from validate import Validator, ValidateError, VdtValueError
 
-from . import addresses
+from . import addresses, proxyproto
 from .addresses import Address, AddressError
+from .proxyproto import Networks
 
 # Every setting: configobj check with its default.  The order is the order of
 # the sample config and of the manual page.
@@ -29,6 +30,9 @@ SPEC = {
     "MaxMessageSize": "integer(min=0, default=0)",
     "XClient": "flag(default='off')",
     "TransparentProxy": "transparent(default='off')",
+    "ProxyProtocol": "flag(default='off')",
+    "ProxyProtocolFrom": "networks(default=None)",
+    "OutProxyProtocol": "out_proxy(default='off')",
     "TempDirectory": "string(min=1, default='/tmp')",
     "User": "string(min=1, default=None)",
     "PidFile": "string(default=None)",
@@ -65,6 +69,9 @@ class Config:
     MaxMessageSize: int = 0                # bytes; 0: the server's SIZE only
     XClient: bool = False
     TransparentProxy: str = "off"
+    ProxyProtocol: bool = False
+    ProxyProtocolFrom: Networks | None = None    # None: any peer may send a header
+    OutProxyProtocol: str = "off"
     TempDirectory: str = "/tmp"
     User: str | None = None
     PidFile: str | None = None
@@ -102,6 +109,23 @@ def _transparent(value: str | None) -> str:
     return "client" if _flag(word) else "off"
 
 
+def _networks(value: str | None) -> Networks | None:
+    if value is None or value == "None" or not str(value).strip():
+        return None
+    try:
+        return proxyproto.parse_networks(str(value))
+    except ValueError as exc:
+        raise ValidateError("%s; it accepts IP addresses and networks (10.0.0.0/8), "
+                            "separated by commas or spaces" % exc) from None
+
+
+def _out_proxy(value: str | None) -> str:
+    word = str(value).strip().lower()
+    if word not in ("off", "v1", "v2"):
+        raise ValidateError("%s: it accepts off, v1 or v2" % value)
+    return word
+
+
 def _filter_type(value: str | None) -> str:
     word = str(value).strip().lower()
     if word not in FILTER_TYPES:
@@ -132,7 +156,8 @@ def _listen_address(value: str | None) -> Address:
 
 _VALIDATOR = Validator({"flag": _flag, "transparent": _transparent,
                         "filter_type": _filter_type, "address": _address, "skip": _skip,
-                        "listen_address": _listen_address})
+                        "listen_address": _listen_address, "networks": _networks,
+                        "out_proxy": _out_proxy})
 
 
 def read_lines(text: str) -> tuple[dict[str, str], dict[str, int]]:
@@ -186,6 +211,13 @@ def _finish(config: Config, where) -> None:
     if config.OutAddress is not None and config.TransparentProxy != "off":
         config.warnings.append(
             "the OutAddress option will be ignored when TransparentProxy is enabled")
+    if config.ProxyProtocolFrom is not None and not config.ProxyProtocol:
+        config.warnings.append("the ProxyProtocolFrom option is ignored unless ProxyProtocol is on")
+    if config.ProxyProtocol and config.TransparentProxy != "off":
+        raise ConfigError("invalid setting: ProxyProtocol: can't be on with TransparentProxy: "
+                          "behind a load balancer the connection's destination is the "
+                          "balancer's, not the one the client chose; use OutAddress%s"
+                          % where("ProxyProtocol"))
     if config.FilterType == "smtp":
         if not config.FilterCommand:
             raise ConfigError("FilterType smtp needs FilterCommand: host[:port]")

@@ -15,7 +15,7 @@ import ipaddress
 import socket
 import struct
 
-from . import addresses
+from . import addresses, proxyproto
 from .config import Config
 from .envelope import Envelope
 from .log import log
@@ -84,9 +84,12 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
     return out, None
 
 
-async def connect(config: Config, envelope: Envelope,
-                  client_sock: socket.socket) -> tuple[socket.socket, str]:
-    """A connected, non-blocking socket to the server, and the server's IP."""
+async def connect(config: Config, envelope: Envelope, client_sock: socket.socket,
+                  proxy_header: proxyproto.ProxyHeader | None = None,
+                  ) -> tuple[socket.socket, str]:
+    """A connected, non-blocking socket to the server, and the server's IP.
+    `proxy_header`: the one the client's connection began with, if any (its
+    ports go into the OutProxyProtocol header)."""
     dest, source = target(config, envelope.client_ip, client_sock)
     loop = asyncio.get_running_loop()
     timeout = config.TimeOut
@@ -113,9 +116,34 @@ async def connect(config: Config, envelope: Envelope,
     except BaseException:
         sock.close()
         raise
+    if config.OutProxyProtocol != "off":
+        await send_proxy_header(config, envelope, proxy_header, client_sock, sock, dest)
     if family == socket.AF_UNIX:
         return sock, "127.0.0.1"
     return sock, addresses.peer_ip(sockaddr)
+
+
+async def send_proxy_header(config: Config, envelope: Envelope,
+                            proxy_header: proxyproto.ProxyHeader | None,
+                            client_sock: socket.socket, sock: socket.socket,
+                            dest: addresses.Address) -> None:
+    """OutProxyProtocol: the header naming the client goes first on the new
+    connection, before the server has said anything."""
+    local_port = dest.port if config.TransparentProxy == "client" else None
+    header = proxyproto.outbound(1 if config.OutProxyProtocol == "v1" else 2,
+                                 envelope.client_ip, envelope.local_ip, proxy_header,
+                                 client_sock, local_port)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, header),
+                               config.TimeOut)
+    except (OSError, asyncio.TimeoutError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+        raise DestinationError("SERVER: couldn't send the PROXY header: %s" % reason) from None
+    except BaseException:
+        sock.close()
+        raise
+    log.debug("%s: SERVER: sent PROXY %s header", envelope.tag, config.OutProxyProtocol)
 
 
 def bind_transparent(sock: socket.socket, family: int, source: tuple, tag: str) -> None:

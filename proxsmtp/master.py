@@ -302,6 +302,11 @@ class Master:
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("%s changes need a restart; keeping %s", name, getattr(self.config, name))
                 setattr(new, name, getattr(self.config, name))
+        if new.ProxyProtocol and new.TransparentProxy != "off":
+            log.error("reload failed, keeping the running configuration: ProxyProtocol can't "
+                      "be on with TransparentProxy, which stays %s until a restart",
+                      new.TransparentProxy)
+            return
         for warning in new.warnings:
             log.warning("%s", warning)
         self.slots.resize(new.MaxConnections)

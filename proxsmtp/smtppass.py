@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 
-from . import destination, filters
+from . import destination, filters, proxyproto
 from .commands import envelope_address, parse_xforward, verb_of
 from .config import Config
 from .data import Transfer
@@ -67,6 +67,7 @@ class Session:
         self.sock = sock
         self.tag = next_id()
         self.envelope = Envelope(self.tag)
+        self.proxy_header: proxyproto.ProxyHeader | None = None
         self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True)
         self.server = Channel("SERVER", self.tag)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
@@ -125,13 +126,17 @@ class Session:
             log.error("%s: couldn't set up the client connection: %s", self.tag, exc)
             self.sock.close()
             return
-        log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
         try:
+            if self.config.ProxyProtocol:
+                await self.read_proxy_header()
+            log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
             await self.connect()
             await self.passthru()
         except SessionEnd as end:
             log.log(end.level, "%s: %s", self.tag, end)
             self._last_word(end.reply)
+        except proxyproto.ProxyHeaderError as exc:
+            log.log(exc.level, "%s: %s: %s", self.tag, envelope.client_ip, exc)
         except ChannelClosed as exc:
             log.warning("%s: %s", self.tag, exc)
             self._last_word(R_FAILED)
@@ -146,6 +151,18 @@ class Session:
             self.server.close()
             log.debug("%s: connection closed", self.tag)
 
+    async def read_proxy_header(self) -> None:
+        """ProxyProtocol: the client and local addresses are the ones the load
+        balancer's header names (unless it names none: a health check)."""
+        envelope = self.envelope
+        self.proxy_header = await proxyproto.receive(
+            self.client, envelope.client_ip, self.config.ProxyProtocolFrom, self.timeout)
+        log.debug("%s: %s sent %s", self.tag, envelope.client_ip,
+                  proxyproto.describe(self.proxy_header))
+        if self.proxy_header.source is not None:
+            envelope.client_ip, envelope.local_ip = (self.proxy_header.source[0],
+                                                     self.proxy_header.dest[0])
+
     def _last_word(self, reply: bytes | None) -> None:
         if reply and not self.client.closed:
             try:
@@ -157,7 +174,7 @@ class Session:
         """Open the server connection (SPEC §4), or tell the client 421."""
         try:
             sock, self.envelope.server_ip = await destination.connect(
-                self.config, self.envelope, self.sock)
+                self.config, self.envelope, self.sock, self.proxy_header)
         except destination.DestinationError as exc:
             raise SessionEnd(str(exc), R_CANTCONNECT) from None
         await asyncio.get_running_loop().create_connection(lambda: self.server, sock=sock)

@@ -174,6 +174,15 @@ class Channel(asyncio.Protocol):
             self.trace("<", line)
         return line, False
 
+    def skip(self, count: int) -> None:
+        """Drop the first `count` bytes (a PROXY header) before any line is
+        taken: they are no unfinished line for the slow-client clock."""
+        del self.buf[:count]
+        self._scan = 0
+        if not self.buf or self.buf.endswith(b"\n"):
+            self.line_started = None
+        self._consumed()
+
     def rest(self) -> bytes:
         """What is left in the buffer (a partial last line after EOF)."""
         data = bytes(self.buf)

@@ -68,14 +68,17 @@ def can_connect(host: str, port: int | None) -> bool:
         return False
 
 
-def answers(host: str, port: int | None, wait: float = 5.0) -> bool:
+def answers(host: str, port: int | None, wait: float = 5.0, hello: bytes = b"") -> bool:
     """True once a connection is accepted *and served*: a greeting, a close or
     silence for `wait` seconds.  The kernel accepts into the backlog as soon as
     the socket listens, before the daemon is ready for signals; the first
-    bytes (or EOF) come from a worker."""
+    bytes (or EOF) come from a worker.  `hello` is sent first (a PROXY header
+    for a daemon that waits for one)."""
     try:
         with connected(host, port) as sock:
             sock.settimeout(wait)
+            if hello:
+                sock.sendall(hello)
             try:
                 sock.recv(1)
             except (socket.timeout, ConnectionResetError):
@@ -226,7 +229,8 @@ class Proxy:
                                      stdout=self._stderr, stderr=self._stderr,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not answers(self.host, self.port):
+        hello = b"PROXY UNKNOWN\r\n" if self.proxy_protocol else b""
+        while not answers(self.host, self.port, hello=hello):
             if self.proc.poll() is not None:
                 raise RuntimeError("proxsmtpd exited with %d:\n%s" % (self.proc.returncode, self.log()))
             if time.monotonic() > deadline:
@@ -235,6 +239,11 @@ class Proxy:
             time.sleep(0.05)
         self._wait_workers(deadline)
         return self
+
+    @property
+    def proxy_protocol(self) -> bool:
+        """ProxyProtocol is on: every connection must start with a PROXY header."""
+        return str(self.settings.get("ProxyProtocol", "off")).lower() in ("on", "yes", "true", "1")
 
     def children(self) -> dict[int, str]:
         """{pid: process title} of the daemon's child processes (its workers)."""
@@ -275,8 +284,9 @@ class Proxy:
     def spool_files(self) -> list[str]:
         return sorted(os.listdir(self.spool))
 
-    def connect(self, timeout: float = 20.0, source: str | None = None) -> "Client":
-        return Client(self.host, self.port, timeout, source)
+    def connect(self, timeout: float = 20.0, source: str | None = None,
+                hello: bytes = b"") -> "Client":
+        return Client(self.host, self.port, timeout, source, hello)
 
     def smtp(self, timeout: float = 20.0):
         """An smtplib client connected to the proxy."""
@@ -292,7 +302,7 @@ class Client:
     """A plain socket speaking SMTP line by line, for exact protocol checks."""
 
     def __init__(self, host: str, port: int | None, timeout: float = 20.0,
-                 source: str | None = None) -> None:
+                 source: str | None = None, hello: bytes = b"") -> None:
         if port is None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             target: object = host
@@ -303,6 +313,8 @@ class Client:
                 self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect(target)
+        if hello:                           # e.g. a PROXY header, before the greeting
+            self.sock.sendall(hello)
         self.file = self.sock.makefile("rb")
         self.greeting = self.reply()
 

@@ -46,14 +46,17 @@ backend halons
 
 
 class Haproxy:
-    """haproxy -db (foreground) with a generated config; its state from the stats socket."""
+    """haproxy -db (foreground) with a generated config; its state from the stats socket.
+    `template` is formatted with stats, front, port1 and port2; its backend is `backend`."""
 
-    def __init__(self, workdir: Path, port1: int, port2: int) -> None:
+    def __init__(self, workdir: Path, port1: int, port2: int, template: str = HAPROXY_CFG,
+                 backend: str = "halons") -> None:
         self.front = free_port()
+        self.backend = backend
         self.stats = workdir / "haproxy.sock"
         self.cfg = workdir / "haproxy.cfg"
-        self.cfg.write_text(HAPROXY_CFG.format(stats=self.stats, front=self.front,
-                                               port1=port1, port2=port2))
+        self.cfg.write_text(template.format(stats=self.stats, front=self.front,
+                                            port1=port1, port2=port2))
         self.log = workdir / "haproxy.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.cfg)],
@@ -78,7 +81,7 @@ class Haproxy:
         result = {}
         for row in rows[1:]:
             fields = dict(zip(header, row.split(",")))
-            if fields.get("pxname") == "halons" and fields.get("svname") not in ("BACKEND", None):
+            if fields.get("pxname") == self.backend and fields.get("svname") not in ("BACKEND", None):
                 result[fields["svname"]] = fields["status"]
         return result
 
