@@ -357,6 +357,8 @@ class Client:
             while self.file.readline():
                 pass
             return True
+        except ConnectionResetError:    # it closed, and our later bytes drew a RST
+            return True
         except OSError:
             return False
 
