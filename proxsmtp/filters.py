@@ -321,11 +321,16 @@ class _Node:
         code = int(text[:3]) if text[:3].isdigit() else 0
         return code, text
 
-    async def command(self, line: str) -> tuple[int, str]:
+    def send(self, *lines: str) -> None:
+        """Commands in one write (a pipelined group when there are several)."""
         try:
-            self.channel.write(line.encode("utf-8", "surrogateescape") + b"\r\n")
+            self.channel.write(b"".join(line.encode("utf-8", "surrogateescape") + b"\r\n"
+                                        for line in lines))
         except ChannelClosed as exc:
             raise FilterError(str(exc)) from None
+
+    async def command(self, line: str) -> tuple[int, str]:
+        self.send(line)
         return await self.reply()
 
 
@@ -367,6 +372,7 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
         code, text = await node.command("EHLO proxsmtp")
         if code != 250:
             raise FilterError("filter node refused EHLO: %s" % clean(text))
+        pipelining = any(line[4:].strip().upper() == "PIPELINING" for line in text.splitlines()[1:])
         ip = envelope.client_ip
         xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
         if envelope.helo:
@@ -375,16 +381,17 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
         if code // 100 != 2:
             raise FilterError("filter node refused XCLIENT: %s" % clean(text))
         sender = "" if envelope.sender in (None, "<>") else envelope.sender
-        code, text = await node.command("MAIL FROM:<%s>" % sender)
-        if code // 100 != 2:
-            return _as_rejection(code, text, "MAIL FROM")
-        for rcpt in envelope.recipients:
-            code, text = await node.command("RCPT TO:<%s>" % rcpt)
-            if code // 100 != 2:
-                return _as_rejection(code, text, "RCPT TO")
-        code, text = await node.command("DATA")
-        if code != 354:
-            return _as_rejection(code, text, "DATA")
+        envelope_lines = (["MAIL FROM:<%s>" % sender]
+                          + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])
+        if pipelining:      # RFC 2920: one group, the replies read in order
+            node.send(*envelope_lines)
+        for line in envelope_lines:
+            if not pipelining:
+                node.send(line)
+            code, text = await node.reply()
+            step = line.split(":", 1)[0]
+            if line == "DATA" and code != 354 or line != "DATA" and code // 100 != 2:
+                return _as_rejection(code, text, step)
         try:
             await spool.send(channel, message.reader(), None, timeout)
         except ChannelClosed as exc:

@@ -42,7 +42,10 @@ MAX_PENDING_REPLIES = 512
 
 _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
-FILTERED_FEATURES = {b"PIPELINING", b"STARTTLS", b"CHUNKING", b"BINARYMIME",
+R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+
+# PIPELINING passes (SPEC §9): the reply queue keeps every reply in order.
+FILTERED_FEATURES = {b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
 
 _ids = itertools.count(0x100000)
@@ -289,10 +292,19 @@ class Session:
         self.replies.answer(reply.encode("utf-8", "surrogateescape") + CRLF)
 
     async def data(self) -> None:
-        """DATA: once every earlier reply is relayed, data.py takes over."""
+        """DATA: once every earlier reply is relayed, data.py takes over.
+
+        DATA ends a pipelined group (RFC 2920): a client that sent more before
+        hearing the answer to DATA is out of step.  Those bytes are neither
+        commands (if DATA is refused) nor safely the message (a smuggling
+        trick, or lost first lines): the session ends with 554 5.5.0, as
+        Postfix's smtpd does, and nothing is delivered."""
         self.in_data = True
         try:
             await self.drain_replies()
+            if self.client.buf:
+                raise SessionEnd("improper pipelining after DATA from the client: %s"
+                                 % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)
             self.transfer = Transfer(self.config, self.envelope, self.client, self.server_leg,
                                      self.skipping, self.size_limit)
             status = await self.transfer.run()

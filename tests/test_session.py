@@ -31,8 +31,8 @@ def test_ehlo_features_filtered(proxy, make_upstream):
     p = proxy({"OutAddress": upstream.address})
     with p.connect() as client:
         reply = client.cmd("EHLO client.example")
-    assert reply == ["250-upstream.test", "250-SIZE 10240000", "250-AUTH PLAIN LOGIN",
-                     "250-8BITMIME", "250 DSN"]
+    assert reply == ["250-upstream.test", "250-SIZE 10240000", "250-PIPELINING",
+                     "250-AUTH PLAIN LOGIN", "250-8BITMIME", "250 DSN"]
 
 
 def test_ehlo_last_line_filtered_becomes_xfiltered(proxy, make_upstream):
