@@ -421,6 +421,52 @@ class Message:
 Reply = str | Callable[[str, "ServerConnection"], str | None]
 
 
+class RawServer:
+    """A hand-made server on 127.0.0.1 for misbehaviour RecordingServer can't
+    act: `handle(conn)` runs in a thread per connection; stop() closes all."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        self.address = "127.0.0.1:%d" % self.port
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            self.handle(conn)
+        except OSError:
+            pass
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)        # wakes the accept()
+        except OSError:
+            pass
+        self.listener.close()
+        self._thread.join(5)
+        for conn in self.conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
 class ServerConnection:
     """State of one connection to RecordingServer (passed to reply callables)."""
 

@@ -234,10 +234,10 @@ def test_half_closed_client_still_gets_reply(proxy, upstream):
     has its message delivered and its replies sent."""
     p = proxy({"OutAddress": upstream.address})
     with p.connect() as client:
-        client.send(b"EHLO c.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n"
-                    b"DATA\r\n" + BODY + b".\r\nQUIT\r\n")
+        client.send(b"EHLO c.example\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        replies = [client.reply()[-1][:3] for _ in range(4)]
+        client.send(BODY + b".\r\nQUIT\r\n")     # DATA ends a group: the rest after 354
         client.sock.shutdown(socket.SHUT_WR)
-        replies = []
         while True:
             reply = client.reply()
             if not reply:

@@ -17,12 +17,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import pytest
 
-from harness import Client, free_port, pid_alive, wait_until
+from harness import Client, RawServer, free_port, pid_alive, wait_until
 
 BODY = b"Subject: fault\r\nFrom: a@x.test\r\n\r\nhello\r\n"
 
@@ -56,41 +55,22 @@ def one_line(px, pattern: str, since: int = 0) -> str:
     return lines[0]
 
 
-class ClosingServer:
+class ClosingServer(RawServer):
     """Accepts connections and closes each at once, before any greeting."""
 
     def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.address = "127.0.0.1:%d" % self.port
         self.accepted = 0
         self.received = b""
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(0.2)
-            try:
-                self.received += conn.recv(4096)
-            except OSError:
-                pass
-            conn.close()
-
-    def stop(self) -> None:
+    def handle(self, conn: socket.socket) -> None:
+        self.accepted += 1
+        conn.settimeout(0.2)
         try:
-            self.listener.shutdown(socket.SHUT_RDWR)        # wakes the accept()
+            self.received += conn.recv(4096)
         except OSError:
             pass
-        self.listener.close()
-        self._thread.join(5)
+        conn.close()
 
 
 # --- the server -----------------------------------------------------------------------
@@ -333,9 +313,9 @@ def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
     px = proxy({"OutAddress": upstream.address}, debug=3)
     with px.connect() as client:
         envelope(client)
-        client.send(b"DATA\r\n" + BODY + b".\r\nQUIT")
+        assert client.cmd("DATA")[0].startswith("354")
+        client.send(BODY + b".\r\nQUIT")
         client.sock.shutdown(socket.SHUT_WR)
-        assert client.reply()[0].startswith("354")
         assert client.reply() == ["250 2.0.0 Ok: queued as TEST"]
         assert client.closed_by_peer()
     with px.connect() as client:

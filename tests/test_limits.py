@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import Client, send_mail, wait_until
+from harness import Client, RawServer, send_mail, wait_until
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
@@ -193,30 +193,11 @@ def test_message_over_the_limit_is_refused_and_never_sent_on(proxy, make_upstrea
 
 # --- 3. back-pressure -------------------------------------------------------------
 
-class DeafServer:
+class DeafServer(RawServer):
     """Greets, then never reads again (a server that stopped reading)."""
 
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            conn.sendall(b"220 deaf.test ESMTP\r\n")
-            self.conns.append(conn)
-
-    def stop(self) -> None:
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
+    def handle(self, conn: socket.socket) -> None:
+        conn.sendall(b"220 deaf.test ESMTP\r\n")
 
 
 def test_backpressure_when_the_server_stops_reading(proxy):

@@ -7,16 +7,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import threading
 
 import pytest
 
-from harness import send_mail, wait_until
+from harness import RawServer, send_mail, wait_until
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
 
-class GroupServer:
+class GroupServer(RawServer):
     """A server that, at MAIL, goes on reading WITHOUT replying until DATA
     arrives or nothing more comes for 0.5 s: `groups` then shows what a client
     sent as one group (a lockstep relay would send MAIL alone and wait).
@@ -24,26 +23,11 @@ class GroupServer:
 
     def __init__(self, refuse: tuple[str, ...] = ()) -> None:
         self.refuse = refuse
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.address = "127.0.0.1:%d" % self.port
         self.groups: list[list[str]] = []
         self.messages: list[bytes] = []
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.socks.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         buf = bytearray()
 
         def line(wait: float = 10.0) -> str | None:
@@ -105,18 +89,10 @@ class GroupServer:
                     conn.sendall(b"220 group.test after XCLIENT\r\n")
                 else:
                     conn.sendall(b"250 2.0.0 Ok\r\n")
-        except (OSError, EOFError):
+        except EOFError:
             pass
         finally:
             conn.close()
-
-    def stop(self) -> None:
-        self.listener.close()
-        for conn in self.socks:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
 
 @pytest.fixture
