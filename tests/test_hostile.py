@@ -567,13 +567,13 @@ def test_slow_loris_closed_at_timeout(proxy, upstream, phase):
             envelope(client)
             assert client.cmd("DATA")[0].startswith("354")
 
-        def drip():
+        def drip():     # the first byte at once: the line, not idleness, must time out
             for byte in b"MAIL FROM:<slow@x.test>" * 4:
-                if stop.wait(0.4):
-                    return
                 try:
                     client.send(bytes([byte]))
                 except OSError:
+                    return
+                if stop.wait(0.4):
                     return
 
         dripper = threading.Thread(target=drip, daemon=True)
