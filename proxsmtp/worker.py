@@ -4,6 +4,13 @@ Each worker waits for the listening socket to become readable and accepts
 one connection per wake-up, so that several workers sharing the socket take
 turns.  A session only starts once a MaxConnections slot is taken from the
 shared Slots; it gives the slot back on every way out.
+
+Signals from the master: SIGTERM stops the worker (idle sessions get 421
+at once, one mid-message gets SHUTDOWN_GRACE); SIGUSR1 retires it after a
+reload (it stops accepting; a session that was idle then may stay, one
+that goes on to finish a message is closed at its next idle point, so it
+reconnects to a current worker); SIGUSR2 drains it (every session is closed
+at its first idle point, now or after its message).
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ class Worker:
         self.on_change = on_change       # called with the live session count
         self.grace = grace
         self.retiring = False
+        self.draining = False
         self.sessions: dict[asyncio.Task, Session] = {}
+        self._kept: dict[asyncio.Task, int] = {}   # idle when retired: messages done then
         self._stopping: asyncio.Future | None = None
 
     def run(self) -> None:
@@ -52,10 +61,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, self.shut_down)
         loop.add_signal_handler(signal.SIGUSR1, self.retire)
+        loop.add_signal_handler(signal.SIGUSR2, self.drain)
         # the master forks us with these blocked: from here on they are handled
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT,
+                                                    signal.SIGUSR1, signal.SIGUSR2})
         loop.add_reader(self.sock.fileno(), self._accept)
         await self._stopping
         loop.remove_reader(self.sock.fileno())
@@ -64,8 +75,21 @@ class Worker:
 
     def retire(self) -> None:
         """After a reload: stop accepting, let sessions run their course."""
-        self.retiring = True
-        self.grace = max(self.grace, RETIRE_GRACE)
+        if not self.retiring:
+            self.retiring = True
+            self.grace = max(self.grace, RETIRE_GRACE)
+            self._kept = {task: session.messages for task, session in self.sessions.items()
+                          if session.idle}
+        self.stop()
+
+    def drain(self) -> None:
+        """Too many workers alive: close every session at its first idle point."""
+        self.retire()
+        self.draining = True
+
+    def shut_down(self) -> None:
+        """SIGTERM: idle sessions are closed at once, retired worker or not."""
+        self.draining = True
         self.stop()
 
     def stop(self) -> None:
@@ -76,17 +100,19 @@ class Worker:
         """After accepting stopped.  Shutting down: sessions between messages
         are closed with 421 at once, one in the middle of a message gets up to
         `grace` seconds to finish it, then 421 too.  Retiring after a reload:
-        sessions go on undisturbed (for up to `grace`).  Either way a session
-        whose message the server already has is never cut while its verdict
-        is due (up to FINAL_REPLY_WAIT more): cutting it would make the
-        client send the message again."""
+        sessions go on (for up to `grace`), but one is closed at an idle point
+        once it has done a message since (see `_may_close`); draining, all are
+        closed at their first idle point.  Either way a session whose message
+        the server already has is never cut while its verdict is due (up to
+        FINAL_REPLY_WAIT more): cutting it would make the client send the
+        message again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         if self.sessions:
             log.debug("waiting for %d sessions to finish", len(self.sessions))
         while self.sessions and loop.time() < deadline:
             for task, session in list(self.sessions.items()):
-                if session.idle and not self.retiring:
+                if session.idle and self._may_close(task, session):
                     task.cancel()
             await asyncio.wait(set(self.sessions), timeout=0.2)
         last = loop.time() + FINAL_REPLY_WAIT
@@ -99,6 +125,12 @@ class Worker:
             task.cancel()
         if self.sessions:
             await asyncio.wait(set(self.sessions), timeout=5)
+
+    def _may_close(self, task: asyncio.Task, session: Session) -> bool:
+        """Whether an idle session is closed now (with 421 4.3.2)."""
+        if not self.retiring or self.draining:
+            return True
+        return self._kept.get(task) != session.messages
 
     def _accept(self) -> None:
         try:
@@ -136,6 +168,7 @@ class Worker:
 
     def _done(self, task: asyncio.Task) -> None:
         self.sessions.pop(task, None)
+        self._kept.pop(task, None)
         self._changed()
 
     def _changed(self) -> None:
