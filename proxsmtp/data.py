@@ -130,6 +130,7 @@ class Transfer:
                         message.write(data)
                     except OSError as exc:
                         error = "couldn't write to cache file: %s" % exc.strerror
+            del data        # not kept alive by this frame while it waits: one per held session
             if done:
                 break
             if client.eof:
@@ -212,6 +213,7 @@ class Transfer:
             if data:
                 self._seen(data)
                 server.write(guard.feed(data), False)
+                del data    # as in cache_data
                 await server.drain(self.timeout)
             if done:
                 break

@@ -16,6 +16,8 @@ at its first idle point, now or after its message).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import signal
 import socket
@@ -25,6 +27,7 @@ try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's ow
 except ImportError:
     uvloop = None
 
+from . import spool
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
@@ -33,6 +36,7 @@ from .smtppass import Session
 R_BUSY = b"421 Server busy, too many connections\r\n"
 SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
+TRIM_EVERY = 2.0             # seconds between chances to give freed memory back
 
 
 class Worker:
@@ -49,6 +53,7 @@ class Worker:
         self.draining = False
         self.sessions: dict[asyncio.Task, Session] = {}
         self._kept: dict[asyncio.Task, int] = {}   # idle when retired: messages done then
+        self._changes = 0                           # sessions opened and closed
         self._stopping: asyncio.Future | None = None
 
     def run(self) -> None:
@@ -68,10 +73,12 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT,
                                                     signal.SIGUSR1, signal.SIGUSR2})
         loop.add_reader(self.sock.fileno(), self._accept)
+        trimmer = loop.create_task(self._trim_memory())
         await self._stopping
         loop.remove_reader(self.sock.fileno())
         self.sock.close()
         await self.finish_sessions()
+        trimmer.cancel()
 
     def retire(self) -> None:
         """After a reload: stop accepting, let sessions run their course."""
@@ -132,6 +139,24 @@ class Worker:
             return True
         return self._kept.get(task) != session.messages
 
+    async def _trim_memory(self) -> None:
+        """Give the kernel back what a burst left free inside the heap.
+
+        glibc returns only the top of its heap by itself; the buffers of many
+        sessions freed in between stay resident until malloc_trim.  Called
+        only after something moved (sessions or spooled bytes), so an idle
+        worker costs nothing."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        seen = None
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            now = (self._changes, spool.spooled_total())
+            if now != seen:
+                trim(0)
+                seen = now
+
     def _accept(self) -> None:
         try:
             conn, _ = self.sock.accept()
@@ -172,6 +197,7 @@ class Worker:
         self._changed()
 
     def _changed(self) -> None:
+        self._changes += 1
         if self.on_change is not None:
             self.on_change(len(self.sessions))
 
@@ -184,3 +210,11 @@ def _busy(conn: socket.socket) -> None:
         pass
     finally:
         conn.close()
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none (another libc)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
