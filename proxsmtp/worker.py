@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import signal
 import socket
@@ -215,6 +214,6 @@ def _busy(conn: socket.socket) -> None:
 def _malloc_trim():
     """glibc's malloc_trim, or None where there is none (another libc)."""
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
