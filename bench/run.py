@@ -55,7 +55,8 @@ TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke-test sizes: 1 round, 200 messages, 300 held sessions, 5 MB")
+                        help="smoke-test sizes: 1 round, 200 messages, 300 held sessions, "
+                        "100 mid-DATA, 5 MB")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--rounds", type=int, help="rounds to take medians over")
     parser.add_argument("--messages", type=int, help="throughput: messages per run")
