@@ -1,6 +1,7 @@
 """Memory per held session (issue 10, finding 5): the in-memory spool has one
 budget per worker, beyond which messages go to temp files, so memory is not
-bounded by MaxConnections alone.  The PSS figures are measured by bench/run.py
+bounded by MaxConnections alone; the bytes kept for the Message-ID go at the
+end of the header block.  The PSS figures are measured by bench/run.py
 (`--only middata`), not here: see bench/README.md."""
 
 from __future__ import annotations
@@ -8,10 +9,14 @@ from __future__ import annotations
 import os
 
 from harness import wait_until
+from hypothesis import given, settings, strategies as st
 
-from proxsmtp import spool
+from proxsmtp import config, data, spool
+from proxsmtp.envelope import Envelope
+from proxsmtp.header import HEAD_LIMIT, message_id
 
 KIB = 1024
+CONFIG = config.parse("OutAddress: 127.0.0.1:25\n")
 
 
 def test_spool_budget_spills_to_a_file_and_is_given_back(tmp_path, monkeypatch):
@@ -88,3 +93,27 @@ def test_held_messages_beyond_the_worker_budget_go_to_temp_files(proxy, upstream
     finally:
         for client in clients:
             client.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(headers=st.lists(st.sampled_from([b"Subject: s\r\n", b"X-A: b\r\n", b" folded\r\n",
+                                         b"Message-ID: <a.b@c>\r\n", b"message-id:<d@e>\n",
+                                         b"\r\n", b"\n", b"body line\r\n"]), max_size=12),
+       cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+       tail=st.integers(min_value=0, max_value=HEAD_LIMIT + 10))
+def test_message_id_found_however_the_message_is_cut(headers, cuts, tail):
+    """The head kept for the Message-ID is let go at the end of the header
+    block (or at HEAD_LIMIT); the Message-ID found is the same as from the
+    whole first HEAD_LIMIT bytes, however the bytes arrive."""
+    message = b"".join(headers) + b"x" * tail
+    transfer = data.Transfer(CONFIG, Envelope("T"), None, None, False)
+    points = sorted({min(cut, len(message)) for cut in cuts} | {0, len(message)})
+    for start, end in zip(points, points[1:]):
+        transfer._seen(message[start:end])
+        if transfer.head is not None:
+            assert b"\r\n\r\n" not in bytes(transfer.head) and b"\n\n" not in bytes(transfer.head)
+            assert len(transfer.head) < HEAD_LIMIT
+    transfer._seen_all()
+    assert transfer.head is None
+    assert transfer.envelope.msgid == message_id(message[:HEAD_LIMIT])
+    assert transfer.envelope.size == (len(message) or None)
