@@ -1,7 +1,9 @@
 """Open many SMTP sessions at once, wait for each greeting, and hold them.
 
 One thread, non-blocking sockets and a selector: thousands of clients cost
-the harness little, so the proxy is what gets measured.
+the harness little, so the proxy is what gets measured.  `start_data()` then
+takes every held session into DATA and sends part of a message that is never
+finished: the proxy holds that much unfinished message per session.
 """
 
 from __future__ import annotations
@@ -84,6 +86,31 @@ class Holder:
         sock.close()
         self.refused.append(why)
 
+    def start_data(self, size: int, timeout: float = 30.0) -> int:
+        """EHLO, MAIL, RCPT, DATA and `size` bytes of body (no final `.`) on each
+        greeted session, one session after another; the sessions that got that
+        far stay in `self.in_data`, the others are closed and noted in `refused`."""
+        line = b"x" * 76 + b"\r\n"
+        body = b"Subject: held\r\n\r\n" + line * (size // len(line))
+        self.in_data: list[socket.socket] = []
+        for sock in self.greeted:
+            sock.setblocking(True)
+            sock.settimeout(timeout)
+            try:
+                for command, code in ((b"EHLO hold.example", b"250"),
+                                      (b"MAIL FROM:<hold@example.com>", b"250"),
+                                      (b"RCPT TO:<sink@example.com>", b"250"), (b"DATA", b"354")):
+                    sock.sendall(command + b"\r\n")
+                    reply = _reply(sock)
+                    if not reply.startswith(code):
+                        raise OSError("%s: %s" % (command.decode(), reply[:60].decode("ascii", "replace")))
+                sock.sendall(body)
+            except OSError as exc:
+                self.refused.append("data: %s" % (exc.strerror or exc))
+                continue
+            self.in_data.append(sock)
+        return len(self.in_data)
+
     def close(self) -> None:
         for sock in self.greeted:
             sock.close()
@@ -95,3 +122,16 @@ class Holder:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reply(sock: socket.socket) -> bytes:
+    """One whole (multi-line) reply (nothing else is sent to us meanwhile)."""
+    data = b""
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise OSError("closed")
+        data += chunk
+        lines = data.split(b"\r\n")
+        if len(lines) > 1 and any(line[3:4] == b" " for line in lines[:-1]):
+            return data

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""proxsmtpd benchmark: throughput, serial latency, held sessions, a large message.
+"""proxsmtpd benchmark: throughput, serial latency, held sessions (idle and mid-DATA),
+a large message.
 
 Postfix's smtp-source (client) and smtp-sink (server) are the peers.  Every
 figure is also measured on the direct path (smtp-source straight to
@@ -42,17 +43,20 @@ FILTERS = {
 }
 
 FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
-            latency_size=1024, hold=3000, large_mb=50)
+            latency_size=1024, hold=3000, large_mb=50, data_hold=600, data_kb=500)
 QUICK = dict(rounds=1, parallel=20, messages=200, size=10240, latency_messages=20,
-             latency_size=1024, hold=300, large_mb=5)
+             latency_size=1024, hold=300, large_mb=5, data_hold=100, data_kb=500)
+MIDDATA_PATHS = ("none", "pipe", "smtp")
 
-TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0)
+TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
+               middata_kb=192.0)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smoke-test sizes: 1 round, 200 messages, 300 held sessions, 5 MB")
+                        help="smoke-test sizes: 1 round, 200 messages, 300 held sessions, "
+                        "100 mid-DATA, 5 MB")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--rounds", type=int, help="rounds to take medians over")
     parser.add_argument("--messages", type=int, help="throughput: messages per run")
@@ -62,7 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--latency-size", type=int, help="serial latency: message payload bytes")
     parser.add_argument("--hold", type=int, help="concurrency: sessions to hold")
     parser.add_argument("--large-mb", type=int, help="large message: size in MiB")
-    parser.add_argument("--only", default="throughput,latency,concurrency,large",
+    parser.add_argument("--data-hold", type=int, help="mid-DATA: sessions to hold")
+    parser.add_argument("--data-kb", type=int, help="mid-DATA: unfinished KiB per session")
+    parser.add_argument("--only", default="throughput,latency,concurrency,middata,large",
                         help="comma-separated sections to run")
     parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
     parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
@@ -123,7 +129,8 @@ class Bench:
     def start_proxy(self, name: str, filter_name: str) -> peers.Peer:
         port = peers.free_port()
         peer = peers.proxy(name, self.args.proxsmtpd, port, self.ports["sink"], self.workdir,
-                           self.settings(filter_name), max(4000, self.args.hold + 500),
+                           self.settings(filter_name),
+                           max(4000, self.args.hold + 500, self.args.data_hold + 500),
                            self.spool_root)
         self.peers.append(peer)
         self.ports[name] = port
@@ -271,6 +278,51 @@ class Bench:
             self.stop(proxy)
 
 
+    def middata(self) -> None:
+        a = self.args
+        print("mid-DATA: %d sessions holding %d KiB each" % (a.data_hold, a.data_kb),
+              file=sys.stderr, flush=True)
+        section = {}
+        for path in MIDDATA_PATHS:
+            runs: list[dict] = []
+            for round_no in range(a.rounds):
+                attempt(runs, "mid-DATA %s" % path, lambda: self.hold_data_once(path))
+            row: dict = {"runs": runs}
+            for key in ("in_data", "idle_pss_mb", "held_pss_mb", "pss_kb_per_session",
+                        "spool_files", "after_pss_mb"):
+                row[key] = summary(runs, key)
+            row["worst_kb_per_session"] = max((run["pss_kb_per_session"] for run in runs
+                                               if "pss_kb_per_session" in run), default=None)
+            section[path] = row
+        self.results["middata"] = section
+
+    def hold_data_once(self, path: str) -> dict:
+        """A fresh proxy: warm it up, take the idle PSS, take `data_hold`
+        sessions into DATA with `data_kb` KiB of unfinished message each, and
+        take the PSS again (master and workers, from smaps_rollup)."""
+        a = self.args
+        proxy = self.start_proxy("middata-" + path, path)
+        try:
+            port = self.ports["middata-" + path]
+            peers.source(port, 5, 10, 1024)
+            time.sleep(0.5)
+            idle = memory.pss_kb(proxy.pid)
+            with Holder(peers.HOST, port, a.data_hold).open() as holder:
+                in_data = holder.start_data(a.data_kb * 1024)
+                time.sleep(1.0)
+                held = memory.pss_kb(proxy.pid)
+                spool = os.path.join(self.spool_root, "spool-middata-" + path)
+                files = len(os.listdir(spool))
+            time.sleep(5.0)         # the sessions are gone: what the workers gave back
+            after = memory.pss_kb(proxy.pid)
+            return {"in_data": in_data, "refused_sample": sorted(set(holder.refused))[:5],
+                    "idle_pss_mb": idle / 1024, "held_pss_mb": held / 1024,
+                    "pss_kb_per_session": (held - idle) / max(1, in_data),
+                    "spool_files": files, "after_pss_mb": after / 1024}
+        finally:
+            self.stop(proxy)
+
+
 def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
     """Each target: what it is, the measured value, and PASS/FAIL."""
     targets = []
@@ -302,6 +354,16 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
                per is not None and per <= TARGETS["pss_kb"], fmt(per, ".1f") + " KB")
         target("master still accepting while they are held", held["fresh_accepted"],
                held["fresh_accepted"], "yes" if held["fresh_accepted"] else "no")
+    if "middata" in results:
+        for path, row in results["middata"].items():
+            worst = row["worst_kb_per_session"]
+            ok = worst is not None and worst <= TARGETS["middata_kb"] \
+                and row["in_data"] == args.data_hold
+            target("%d sessions mid-DATA (%d KiB), %s: PSS <= %.0f KB each"
+                   % (args.data_hold, args.data_kb, path, TARGETS["middata_kb"]),
+                   worst, ok, "%s KB, %s/%d (worst run)" % (fmt(worst, ".1f"),
+                                                           fmt(row["in_data"], ".0f"),
+                                                           args.data_hold))
     if "large" in results:
         for path in ("none", "pipe"):
             row = results["large"][path]
@@ -359,6 +421,20 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                    % (fmt(held["pss_kb_per_session"], ".1f"),
                       "yes" if held["fresh_accepted"] else "NO",
                       fmt(held["fresh_greeting_ms"], ".1f")))
+    if "middata" in results:
+        out.append("")
+        out.append("mid-DATA: %d sessions, each %d KiB into a message it does not finish"
+                   % (args.data_hold, args.data_kb))
+        out.append("  %-10s %8s %8s %8s %11s %6s %9s" % ("path", "in DATA", "idle MB", "held MB",
+                                                        "KB/session", "files", "after MB"))
+        for path, row in results["middata"].items():
+            out.append("  %-10s %8s %8s %8s %11s %6s %9s%s"
+                       % (path, fmt(row["in_data"], ".0f"), fmt(row["idle_pss_mb"], ".1f"),
+                          fmt(row["held_pss_mb"], ".1f"), fmt(row["pss_kb_per_session"], ".1f"),
+                          fmt(row["spool_files"], ".0f"), fmt(row["after_pss_mb"], ".1f"),
+                          errors(row)))
+        out.append("  (PSS of master and workers; files: temp files while held; after: PSS 5 s"
+                   " after the sessions closed)")
     if "large" in results:
         out.append("")
         out.append("large message: one message of %d MiB" % args.large_mb)
@@ -411,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         bench.start()
-        for section in ("throughput", "latency", "concurrency", "large"):
+        for section in ("throughput", "latency", "concurrency", "middata", "large"):
             if section in args.only:
                 getattr(bench, section)()
     except peers.PeerError as exc:

@@ -40,7 +40,7 @@ class Transfer:
         self.awaiting_final = False       # the server has the message; its verdict is due
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
-        self.head = bytearray()           # the first bytes, for the Message-ID
+        self.head: bytearray | None = bytearray()  # the first bytes, for the Message-ID
 
     @property
     def tag(self) -> str:
@@ -99,16 +99,23 @@ class Transfer:
         return verdict.status
 
     def _seen(self, data: bytes) -> None:
-        """Message bytes arrived: keep the first ones (Message-ID) and the size."""
-        if len(self.head) < HEAD_LIMIT:
+        """Message bytes arrived: keep the first ones (Message-ID) and the size.
+        The head is let go at the end of the header block: a session held in
+        the middle of a long message does not keep HEAD_LIMIT bytes with it."""
+        if self.head is not None:
+            start = max(0, len(self.head) - 3)
             self.head += data[:HEAD_LIMIT - len(self.head)]
+            if (len(self.head) >= HEAD_LIMIT or self.head.find(b"\r\n\r\n", start) >= 0
+                    or self.head.find(b"\n\n", start) >= 0):
+                self._seen_all()
         self.envelope.size = (self.envelope.size or 0) + len(data)
         if self.size_limit and self.envelope.size > self.size_limit:
             self.too_big = True
 
     def _seen_all(self) -> None:
-        self.envelope.msgid = message_id(bytes(self.head))
-        self.head = bytearray()
+        if self.head is not None:
+            self.envelope.msgid = message_id(bytes(self.head))
+            self.head = None
 
     async def cache_data(self, message: spool.Spool) -> str:
         """Read the client's message into the spool; returns an error or ''.
@@ -130,6 +137,7 @@ class Transfer:
                         message.write(data)
                     except OSError as exc:
                         error = "couldn't write to cache file: %s" % exc.strerror
+            del data        # not kept alive by this frame while it waits: one per held session
             if done:
                 break
             if client.eof:
@@ -212,6 +220,7 @@ class Transfer:
             if data:
                 self._seen(data)
                 server.write(guard.feed(data), False)
+                del data    # as in cache_data
                 await server.drain(self.timeout)
             if done:
                 break

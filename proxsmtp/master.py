@@ -6,6 +6,15 @@ that share the socket and one MaxConnections semaphore.  It then only
 supervises: a worker that dies is logged, its slots are reclaimed and it
 is replaced; SIGHUP re-reads the configuration and replaces the workers
 (old ones finish their sessions first); SIGTERM/SIGINT stop everything.
+
+Retired workers are bounded: at most `Workers` x GENERATIONS worker
+processes live at any time.  Idle sessions kept open (a NOOP now and then
+is enough) would otherwise pin every generation of workers a reload leaves
+behind, until the worker table and memory run out.  When a reload needs
+room, the oldest retired workers are drained (SIGUSR2): they close their
+idle sessions with 421 at once and every other one as soon as its message
+is done.  Until there is room, old workers keep accepting in place of the
+new ones, so the cap holds without ever leaving the socket unserved.
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from .worker import SHUTDOWN_GRACE, Worker
 READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be ready
 # Held back while handlers are not in place (start-up, and a fork until the
 # worker's own handlers exist), so that none is lost or kills us half-started.
-CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+GENERATIONS = 3             # workers alive at most: Workers x this (current + two retired)
 
 
 @dataclass
@@ -42,7 +52,9 @@ class WorkerInfo:
     index: int              # its place in the shared slot books
     number: int             # shown in its process title
     started: float
-    retiring: bool = False
+    generation: int = 0     # the configuration it runs (one per reload)
+    retiring: bool = False  # told to stop accepting (SIGUSR1)
+    draining: bool = False  # told to close its idle sessions too (SIGUSR2)
     tempdir: str = ""       # its TempDirectory, to clean up after it
 
 
@@ -58,6 +70,7 @@ class Master:
         self.workers: dict[int, WorkerInfo] = {}
         self.signals: list[int] = []
         self.numbers = itertools.count(1)
+        self.generation = 0
         self.ready_fd = -1
         self.pid_file = options.pid_file
         self._wake_r = self._wake_w = -1
@@ -230,25 +243,68 @@ class Master:
                         name, info.number, pid)
 
     def maintain(self) -> None:
-        """Keep `Workers` current workers running."""
-        current = [pid for pid, info in self.workers.items() if not info.retiring]
-        for pid in current[self.config.workers:]:
-            self.retire(pid)
-        missing = self.config.workers - len(current)
-        if missing > 0 and time.monotonic() >= self._backoff_until:
-            for _ in range(missing):
-                self.spawn()
+        """Keep `Workers` workers of the current configuration running, within
+        the cap of `Workers` x GENERATIONS live workers (see the module docstring).
 
-    def spawn(self) -> None:
-        index = self.slots.free_index({info.index for info in self.workers.values()})
+        Workers of an older configuration that still accept ("stale") are
+        retired one by one as their replacements start; the oldest retired
+        workers are drained as far as the replacements need room."""
+        wanted = self.config.workers
+        cap = wanted * GENERATIONS
+        accepting = sorted((info.number, pid) for pid, info in self.workers.items()
+                           if not info.retiring)
+        current = [pid for _, pid in accepting if self.workers[pid].generation == self.generation]
+        stale = [pid for _, pid in accepting if self.workers[pid].generation != self.generation]
+        for pid in current[wanted:]:
+            self.retire(pid)
+        missing = max(0, wanted - len(current))
+        keep = len(stale) - missing         # stale workers beyond those still needed
+        for pid in stale[:max(0, keep)]:
+            self.retire(pid)
+        stale = stale[max(0, keep):]
+        draining = sum(info.draining for info in self.workers.values())
+        excess = len(self.workers) - draining + missing - cap
+        if excess > 0:
+            quiet = sorted((info.number, pid) for pid, info in self.workers.items()
+                           if info.retiring and not info.draining)
+            for _, pid in quiet[:excess]:
+                self.drain(pid, cap)
+        if missing == 0 or time.monotonic() < self._backoff_until:
+            return
+        for _ in range(missing):
+            if len(self.workers) >= cap:
+                log.debug("%d workers alive (at most %d): %d new ones wait for old ones to finish",
+                          len(self.workers), cap, missing)
+                return
+            if not self.spawn():
+                return
+            missing -= 1
+            if stale:
+                self.retire(stale.pop(0))
+
+    def spawn(self) -> bool:
+        """Fork a worker of the current configuration; False (logged, and retried
+        a second later) if that is not possible now: the master must not die of it."""
+        try:
+            index = self.slots.free_index({info.index for info in self.workers.values()})
+        except RuntimeError as exc:
+            log.error("can't start a worker: %s", exc)
+            self._backoff_until = time.monotonic() + 1.0
+            return False
         number = next(self.numbers)
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+            log.error("can't start a worker: %s", exc.strerror)
+            self._backoff_until = time.monotonic() + 1.0
+            return False
         if pid:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
-            self.workers[pid] = WorkerInfo(index, number, time.monotonic(),
+            self.workers[pid] = WorkerInfo(index, number, time.monotonic(), self.generation,
                                            tempdir=self.config.TempDirectory)
-            return
+            return True
         code = 1
         try:
             self._become_worker(index, number)
@@ -289,6 +345,15 @@ class Master:
             info.retiring = True
             _kill(pid, signal.SIGUSR1)
 
+    def drain(self, pid: int, cap: int) -> None:
+        """Ask a retired worker to close its idle sessions now (421), every other
+        one once its message is done, and exit: room for newer workers."""
+        info = self.workers[pid]
+        info.draining = True
+        logs.notice("worker %d (pid %d): closing its idle sessions to keep at most %d workers",
+                    info.number, pid, cap)
+        _kill(pid, signal.SIGUSR2)
+
     # --- signals ----------------------------------------------------------------
 
     def reload(self) -> None:
@@ -311,8 +376,7 @@ class Master:
             log.warning("%s", warning)
         self.slots.resize(new.MaxConnections)
         self.config = new
-        for pid in list(self.workers):
-            self.retire(pid)
+        self.generation += 1                # the running workers are now stale
         self._backoff_until = 0.0
         self.maintain()
         logs.notice("reloaded configuration from %s", self.config_file)

@@ -31,7 +31,7 @@ R_FEATURE = b"250 XFILTERED\r\n"
 R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"
 R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
 R_BARECR = b"500 5.5.2 Syntax error: bare CR in command\r\n"
-R_SHUTDOWN = b"421 Server shutting down\r\n"
+R_SHUTDOWN = b"421 4.3.2 Service shutting down\r\n"
 R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 
 # Fairness and back-pressure (one client must neither starve its worker nor
@@ -82,6 +82,7 @@ class Session:
         self.in_data = False
         self.server_size = 0                  # the server's EHLO SIZE (0: none given)
         self.transfer: Transfer | None = None
+        self.messages = 0                     # DATA commands done: a retiring worker watches it
 
     @property
     def size_limit(self) -> int:
@@ -313,6 +314,7 @@ class Session:
         finally:
             self.in_data = False
             self.transfer = None
+            self.messages += 1
         self.envelope.reset()
 
     async def send_xclient(self) -> None:

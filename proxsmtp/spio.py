@@ -212,15 +212,13 @@ class Channel(asyncio.Protocol):
                 return b"", True
         end = buf.find(DATA_END)
         if end >= 0:
-            data = bytes(buf[:end + 2])
-            del buf[:end + 5]
+            data = _cut(buf, end + 2, end + 5)
             self._consumed()
             return data, True
         keep = len(DATA_END) - 1
         if len(buf) <= keep:
             return b"", False
-        data = bytes(buf[:-keep])
-        del buf[:-keep]
+        data = _cut(buf, len(buf) - keep)
         self._consumed()
         return data, False
 
@@ -295,6 +293,15 @@ class Channel(asyncio.Protocol):
         for line in bytes(data).splitlines()[:50]:
             if line:
                 log.debug("%s: %s %s %s", self.tag, self.name, direction, clean(line[:120]))
+
+
+def _cut(buf: bytearray, size: int, through: int | None = None) -> bytes:
+    """The first `size` bytes of `buf`, removed from it with the next ones up
+    to `through`: one copy of a message chunk, not two (`bytes(buf[:size])`)."""
+    with memoryview(buf) as view:
+        data = bytes(view[:size])
+    del buf[:size if through is None else through]
+    return data
 
 
 def _wake(waiter: asyncio.Future, error: type[BaseException] | None = None) -> None:

@@ -19,6 +19,10 @@ from .spio import Channel
 
 CHUNK = 64 * 1024
 MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)
+MEMORY_BUDGET = 16 * 1024 * 1024    # all messages in memory in this process together
+
+_held = 0                     # bytes of messages now in memory, in this process
+_spooled = 0                  # bytes ever spooled, in this process
 _LONE_DOT = re.compile(rb"^\.(?=\r?$)", re.M)
 
 
@@ -45,12 +49,25 @@ def remove_orphans(directory: str, pid: int) -> list[str]:
     return removed
 
 
+def in_memory() -> int:
+    """Bytes of messages held in memory by this process now."""
+    return _held
+
+
+def spooled_total() -> int:
+    """Bytes spooled by this process so far (memory or file)."""
+    return _spooled
+
+
 class Spool:
     """One message: a private temp file, or memory while small when asked.
 
     `in_memory` is for filter types that never hand the message to a program
-    (none, smtp): a message up to MEMORY_LIMIT then costs no file at all.
-    Beyond it, or for pipe/file filters, it lives in a temp file."""
+    (none, smtp): a message up to MEMORY_LIMIT then costs no file at all, as
+    long as all messages in memory in this worker stay within MEMORY_BUDGET
+    (so that memory is bounded per worker, not by MaxConnections).  Beyond
+    either, or for pipe/file filters, it lives in a temp file, written
+    without a buffer of its own (a buffer per held session adds up)."""
 
     def __init__(self, directory: str, in_memory: bool = False) -> None:
         self.directory = directory
@@ -64,18 +81,33 @@ class Spool:
 
     def _to_file(self, data: bytes) -> None:
         fd, self.path = tempfile.mkstemp(prefix=prefix(), dir=self.directory)
-        self.file = os.fdopen(fd, "wb", buffering=CHUNK)
-        self.file.write(data)
+        self.file = os.fdopen(fd, "wb", buffering=0)
+        self._write_file(data)
+
+    def _write_file(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.file.write(view):]
 
     def write(self, data: bytes) -> None:
+        global _held, _spooled
         self.size += len(data)
+        _spooled += len(data)
         if self.memory is None:
-            self.file.write(data)
+            self._write_file(data)
             return
-        self.memory += data
-        if len(self.memory) > MEMORY_LIMIT:
-            spilled, self.memory = self.memory, None
-            self._to_file(spilled)
+        if self.size <= MEMORY_LIMIT and _held + len(data) <= MEMORY_BUDGET:
+            self.memory += data
+            _held += len(data)
+            return
+        self._to_file(self._forget_memory())
+        self._write_file(data)
+
+    def _forget_memory(self) -> bytearray:
+        global _held
+        memory, self.memory = self.memory or bytearray(), None
+        _held -= len(memory)
+        return memory
 
     def finish(self) -> None:
         """Flush and close for writing; raises OSError on disk trouble."""
@@ -106,7 +138,7 @@ class Spool:
             except FileNotFoundError:
                 pass
         self.extra = []
-        self.memory = None
+        self._forget_memory()
 
 
 class DotGuard:

@@ -4,11 +4,19 @@ Each worker waits for the listening socket to become readable and accepts
 one connection per wake-up, so that several workers sharing the socket take
 turns.  A session only starts once a MaxConnections slot is taken from the
 shared Slots; it gives the slot back on every way out.
+
+Signals from the master: SIGTERM stops the worker (idle sessions get 421
+at once, one mid-message gets SHUTDOWN_GRACE); SIGUSR1 retires it after a
+reload (it stops accepting; a session that was idle then may stay, one
+that goes on to finish a message is closed at its next idle point, so it
+reconnects to a current worker); SIGUSR2 drains it (every session is closed
+at its first idle point, now or after its message).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import signal
 import socket
@@ -18,6 +26,7 @@ try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's ow
 except ImportError:
     uvloop = None
 
+from . import spool
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
@@ -26,6 +35,7 @@ from .smtppass import Session
 R_BUSY = b"421 Server busy, too many connections\r\n"
 SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
+TRIM_EVERY = 2.0             # seconds between chances to give freed memory back
 
 
 class Worker:
@@ -39,7 +49,10 @@ class Worker:
         self.on_change = on_change       # called with the live session count
         self.grace = grace
         self.retiring = False
+        self.draining = False
         self.sessions: dict[asyncio.Task, Session] = {}
+        self._kept: dict[asyncio.Task, int] = {}   # idle when retired: messages done then
+        self._changes = 0                           # sessions opened and closed
         self._stopping: asyncio.Future | None = None
 
     def run(self) -> None:
@@ -52,20 +65,37 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signum, self.shut_down)
         loop.add_signal_handler(signal.SIGUSR1, self.retire)
+        loop.add_signal_handler(signal.SIGUSR2, self.drain)
         # the master forks us with these blocked: from here on they are handled
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT,
+                                                    signal.SIGUSR1, signal.SIGUSR2})
         loop.add_reader(self.sock.fileno(), self._accept)
+        trimmer = loop.create_task(self._trim_memory())
         await self._stopping
         loop.remove_reader(self.sock.fileno())
         self.sock.close()
         await self.finish_sessions()
+        trimmer.cancel()
 
     def retire(self) -> None:
         """After a reload: stop accepting, let sessions run their course."""
-        self.retiring = True
-        self.grace = max(self.grace, RETIRE_GRACE)
+        if not self.retiring:
+            self.retiring = True
+            self.grace = max(self.grace, RETIRE_GRACE)
+            self._kept = {task: session.messages for task, session in self.sessions.items()
+                          if session.idle}
+        self.stop()
+
+    def drain(self) -> None:
+        """Too many workers alive: close every session at its first idle point."""
+        self.retire()
+        self.draining = True
+
+    def shut_down(self) -> None:
+        """SIGTERM: idle sessions are closed at once, retired worker or not."""
+        self.draining = True
         self.stop()
 
     def stop(self) -> None:
@@ -76,17 +106,19 @@ class Worker:
         """After accepting stopped.  Shutting down: sessions between messages
         are closed with 421 at once, one in the middle of a message gets up to
         `grace` seconds to finish it, then 421 too.  Retiring after a reload:
-        sessions go on undisturbed (for up to `grace`).  Either way a session
-        whose message the server already has is never cut while its verdict
-        is due (up to FINAL_REPLY_WAIT more): cutting it would make the
-        client send the message again."""
+        sessions go on (for up to `grace`), but one is closed at an idle point
+        once it has done a message since (see `_may_close`); draining, all are
+        closed at their first idle point.  Either way a session whose message
+        the server already has is never cut while its verdict is due (up to
+        FINAL_REPLY_WAIT more): cutting it would make the client send the
+        message again."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.grace
         if self.sessions:
             log.debug("waiting for %d sessions to finish", len(self.sessions))
         while self.sessions and loop.time() < deadline:
             for task, session in list(self.sessions.items()):
-                if session.idle and not self.retiring:
+                if session.idle and self._may_close(task, session):
                     task.cancel()
             await asyncio.wait(set(self.sessions), timeout=0.2)
         last = loop.time() + FINAL_REPLY_WAIT
@@ -99,6 +131,30 @@ class Worker:
             task.cancel()
         if self.sessions:
             await asyncio.wait(set(self.sessions), timeout=5)
+
+    def _may_close(self, task: asyncio.Task, session: Session) -> bool:
+        """Whether an idle session is closed now (with 421 4.3.2)."""
+        if not self.retiring or self.draining:
+            return True
+        return self._kept.get(task) != session.messages
+
+    async def _trim_memory(self) -> None:
+        """Give the kernel back what a burst left free inside the heap.
+
+        glibc returns only the top of its heap by itself; the buffers of many
+        sessions freed in between stay resident until malloc_trim.  Called
+        only after something moved (sessions or spooled bytes), so an idle
+        worker costs nothing."""
+        trim = _malloc_trim()
+        if trim is None:
+            return
+        seen = None
+        while True:
+            await asyncio.sleep(TRIM_EVERY)
+            now = (self._changes, spool.spooled_total())
+            if now != seen:
+                trim(0)
+                seen = now
 
     def _accept(self) -> None:
         try:
@@ -136,9 +192,11 @@ class Worker:
 
     def _done(self, task: asyncio.Task) -> None:
         self.sessions.pop(task, None)
+        self._kept.pop(task, None)
         self._changed()
 
     def _changed(self) -> None:
+        self._changes += 1
         if self.on_change is not None:
             self.on_change(len(self.sessions))
 
@@ -151,3 +209,11 @@ def _busy(conn: socket.socket) -> None:
         pass
     finally:
         conn.close()
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none (another libc)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None

@@ -3,7 +3,8 @@
 Tiny sizes (a few seconds), no `--check`: the figures of a run squeezed into
 a test suite say nothing about speed, so only the harness's own machinery is
 asserted (every path relayed its mail, the held sessions were greeted and
-counted over master and workers, the memory sampler saw the proxy).
+counted over master and workers, sessions were held mid-DATA, the memory
+sampler saw the proxy).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--rounds", "1",
          "--messages", "40", "--latency-messages", "10", "--hold", "60", "--large-mb", "1",
+         "--data-hold", "20", "--data-kb", "100",
          "--json", str(out)],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -50,6 +52,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert held["processes"] >= 2          # the master and at least one worker
     assert held["held_pss_mb"] > 0
 
+    for path in ("none", "pipe", "smtp"):
+        row = results["middata"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["in_data"] == 20 and row["held_pss_mb"] > 0
+    assert results["middata"]["pipe"]["spool_files"] == 20     # a filter program: files
+
     for path in ("none", "pipe"):
         row = results["large"][path]
         assert [run for run in row["runs"] if "error" in run] == []
@@ -57,4 +65,4 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert row["runs"][0]["rss_baseline_mb"] > 1
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 9 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 12 and all(isinstance(item["pass"], bool) for item in data["targets"])

@@ -115,7 +115,7 @@ def test_sigterm_closes_idle_session_with_421_and_exits(proxy, upstream):
     assert client.cmd("EHLO c.example")[-1].startswith("250")
     session_holder(px)
     px.proc.send_signal(signal.SIGTERM)
-    assert client.reply() == ["421 Server shutting down"]
+    assert client.reply() == ["421 4.3.2 Service shutting down"]
     assert client.closed_by_peer()
     assert px.proc.wait(20) == 0
     for pid in pids:
@@ -137,7 +137,7 @@ def test_sigterm_lets_a_message_in_progress_finish(proxy, upstream):
     assert pid_alive(px.proc.pid)
     client.send(b"second half\r\n.\r\n")
     assert client.reply()[-1].startswith("250")
-    assert client.reply() == ["421 Server shutting down"]
+    assert client.reply() == ["421 4.3.2 Service shutting down"]
     assert px.proc.wait(20) == 0
     [message] = upstream.wait_messages(1)
     assert b"first half\r\nsecond half" in message.raw
