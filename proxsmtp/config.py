@@ -7,14 +7,19 @@ values validated by configobj's Validator against SPEC below.
 
 from __future__ import annotations
 
+import difflib
+import ipaddress
 import os
+import re
+import shlex
+import shutil
 import stat
 from dataclasses import dataclass, field
 
 from configobj import ConfigObj, flatten_errors
 from validate import Validator, ValidateError, VdtValueError
 
-from . import addresses, proxyproto
+from . import addresses, header, privileges, proxyproto
 from .addresses import Address, AddressError
 from .proxyproto import Networks
 
@@ -51,9 +56,18 @@ FLAGS = {"on": True, "yes": True, "true": True, "t": True, "1": True,
 
 FILTER_TYPES = ("pipe", "file", "smtp", "reject")
 
+ADDRESS_FORMS = "host:port, host, port, [IPv6]:port or /path/to/socket"
+ADD_USER = "adduser --system --no-create-home --group proxsmtpd"
+
 
 class ConfigError(Exception):
     """A configuration problem; the program exits 2 with this message."""
+
+
+def located(source: str, line: int | None, text: str) -> str:
+    """`file, line N: text`, as postfix says where a setting went wrong."""
+    where = ", ".join(part for part in (source, "line %d" % line if line else "") if part)
+    return "%s: %s" % (where, text) if where else text
 
 
 @dataclass
@@ -84,6 +98,7 @@ class Config:
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
+    lines: dict[str, int] = field(default_factory=dict)   # ...and their line numbers
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -94,7 +109,36 @@ class Config:
     def workers(self) -> int:
         return self.Workers or (os.cpu_count() or 1)
 
+    def at(self, name: str, text: str) -> str:
+        """`text` about setting `name`, with the file and the line it is on."""
+        return located(self.source, self.lines.get(name), "%s: %s" % (name, text))
 
+    def error(self, name: str, text: str) -> ConfigError:
+        return ConfigError(self.at(name, text))
+
+
+# --- value checks ------------------------------------------------------------
+# configobj's integer and string checks are described from their arguments in
+# SPEC (accepts()); a check of our own says in words what it accepts.
+
+_CHECKS: dict[str, object] = {}
+_ACCEPTS: dict[str, str] = {}
+
+
+class _Detailed(ValidateError):
+    """A refused value with a reason worth more than "expected ..." alone."""
+
+
+def _check(name: str, what: str):
+    """Register a configobj check function under `name`, accepting `what`."""
+    def register(function):
+        _CHECKS[name] = function
+        _ACCEPTS[name] = what
+        return function
+    return register
+
+
+@_check("flag", "on or off (yes/no, true/false, 1/0)")
 def _flag(value: str | None) -> bool:
     try:
         return FLAGS[str(value).strip().lower()]
@@ -102,6 +146,7 @@ def _flag(value: str | None) -> bool:
         raise VdtValueError(value) from None
 
 
+@_check("transparent", "off, on, client or full")
 def _transparent(value: str | None) -> str:
     word = str(value).strip().lower()
     if word in ("client", "full"):
@@ -109,23 +154,25 @@ def _transparent(value: str | None) -> str:
     return "client" if _flag(word) else "off"
 
 
+@_check("networks", "IP addresses and networks (10.0.0.0/8), separated by commas or spaces")
 def _networks(value: str | None) -> Networks | None:
     if value is None or value == "None" or not str(value).strip():
         return None
     try:
         return proxyproto.parse_networks(str(value))
     except ValueError as exc:
-        raise ValidateError("%s; it accepts IP addresses and networks (10.0.0.0/8), "
-                            "separated by commas or spaces" % exc) from None
+        raise _Detailed(str(exc)) from None
 
 
+@_check("out_proxy", "off, v1 or v2")
 def _out_proxy(value: str | None) -> str:
     word = str(value).strip().lower()
     if word not in ("off", "v1", "v2"):
-        raise ValidateError("%s: it accepts off, v1 or v2" % value)
+        raise VdtValueError(value)
     return word
 
 
+@_check("filter_type", "one of " + ", ".join(FILTER_TYPES))
 def _filter_type(value: str | None) -> str:
     word = str(value).strip().lower()
     if word not in FILTER_TYPES:
@@ -133,6 +180,7 @@ def _filter_type(value: str | None) -> str:
     return word
 
 
+@_check("skip", "authenticated")
 def _skip(value: str | None) -> str | None:
     if value is None or value == "None":
         return None
@@ -141,26 +189,53 @@ def _skip(value: str | None) -> str | None:
     return "authenticated"
 
 
+@_check("address", ADDRESS_FORMS)
 def _address(value: str | None, default_port: int = 25) -> Address | None:
     if value is None or value == "None":
         return None
     try:
         return addresses.parse(value, default_port)
     except AddressError as exc:
-        raise ValidateError(str(exc)) from None
+        raise _Detailed(str(exc)) from None
 
 
+@_check("listen_address", ADDRESS_FORMS.replace("host:port, host", "address:port, address"))
 def _listen_address(value: str | None) -> Address:
     return _address(value, 10025)
 
 
-_VALIDATOR = Validator({"flag": _flag, "transparent": _transparent,
-                        "filter_type": _filter_type, "address": _address, "skip": _skip,
-                        "listen_address": _listen_address, "networks": _networks,
-                        "out_proxy": _out_proxy})
+_VALIDATOR = Validator(_CHECKS)
 
 
-def read_lines(text: str) -> tuple[dict[str, str], dict[str, int]]:
+def accepts(name: str) -> str:
+    """What setting `name` accepts, in words, from its check in SPEC."""
+    check = SPEC[name]
+    function = check.split("(", 1)[0]
+    low = re.search(r"\bmin=(-?\d+)", check)
+    high = re.search(r"\bmax=(-?\d+)", check)
+    if function == "integer":
+        if low and high:
+            return "an integer from %s to %s" % (low.group(1), high.group(1))
+        return "an integer of at least %s" % low.group(1) if low else "an integer"
+    if function == "string":
+        return "a non-empty value" if low and int(low.group(1)) > 0 else "any text"
+    return _ACCEPTS.get(function, "a valid value")
+
+
+def _refused(name: str, value: str | None, error: object) -> str:
+    if isinstance(error, _Detailed):
+        return "%s: %s (expected %s)" % (name, error, accepts(name))
+    return '%s: expected %s, not "%s"' % (name, accepts(name), value)
+
+
+# --- reading a file -------------------------------------------------------------
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), list(NAMES), n=1, cutoff=0.75)
+    return " (did you mean %s?)" % NAMES[close[0]] if close else ""
+
+
+def read_lines(text: str, source: str = "") -> tuple[dict[str, str], dict[str, int]]:
     """Split upstream-syntax lines into {canonical name: value} and line numbers."""
     values: dict[str, str] = {}
     lines: dict[str, int] = {}
@@ -169,35 +244,36 @@ def read_lines(text: str) -> tuple[dict[str, str], dict[str, int]]:
         if not line or line.startswith("#"):
             continue
         name, colon, value = line.partition(":")
+        if not colon:
+            raise ConfigError(located(source, number, 'invalid config line: %s (expected '
+                                      '"Name: value")' % line))
         canonical = NAMES.get(name.strip().lower())
-        if not colon or canonical is None:
-            raise ConfigError("invalid config line: %s (line %d)" % (line, number))
+        if canonical is None:
+            raise ConfigError(located(source, number, 'unknown setting "%s"%s'
+                                      % (name.strip(), _did_you_mean(name.strip()))))
         values[canonical] = value.strip()
         lines[canonical] = number
     return values, lines
 
 
 def parse(text: str, source: str = "") -> Config:
-    """Validate a config file's text into a Config, or raise ConfigError."""
-    values, lines = read_lines(text)
-
-    def where(name: str) -> str:
-        return " (line %d)" % lines[name] if name in lines else ""
-
+    """Validate a config file's text into a Config, or raise ConfigError.
+    Only the text: what it needs from this host is check_system()'s job."""
+    values, lines = read_lines(text, source)
     spec = ConfigObj(["%s = %s" % item for item in SPEC.items()], list_values=False,
                      _inspec=True)
     checked = ConfigObj(values, configspec=spec, list_values=False, interpolation=False)
     result = checked.validate(_VALIDATOR, preserve_errors=True)
     if result is not True:
         for _, name, error in flatten_errors(checked, result):
-            reason = str(error) if isinstance(error, Exception) and str(error) else "invalid value"
-            raise ConfigError("invalid setting: %s: %s%s" % (name, reason, where(name)))
-    config = Config(source=source, named=set(values), **{name: checked[name] for name in SPEC})
-    _finish(config, where)
+            raise ConfigError(located(source, lines.get(name), _refused(name, values.get(name), error)))
+    config = Config(source=source, named=set(values), lines=lines,
+                    **{name: checked[name] for name in SPEC})
+    _finish(config)
     return config
 
 
-def _finish(config: Config, where) -> None:
+def _finish(config: Config) -> None:
     """Cross-setting rules and the few values that need more than one check."""
     if config.PidFile == "":
         config.PidFile = None
@@ -205,32 +281,21 @@ def _finish(config: Config, where) -> None:
         config.Header = None
     if config.FilterCommand == "":
         config.FilterCommand = None
-    _check_temp_directory(config.TempDirectory, where("TempDirectory"))
     if config.OutAddress is None and config.TransparentProxy == "off":
-        raise ConfigError("no OutAddress specified.")
+        raise ConfigError(located(config.source, None, "no OutAddress specified: it is required "
+                                  "unless TransparentProxy is on (expected %s)" % ADDRESS_FORMS))
     if config.OutAddress is not None and config.TransparentProxy != "off":
-        config.warnings.append(
-            "the OutAddress option will be ignored when TransparentProxy is enabled")
+        config.warnings.append(config.at(
+            "OutAddress", "ignored, as TransparentProxy is enabled"))
     if config.ProxyProtocolFrom is not None and not config.ProxyProtocol:
-        config.warnings.append("the ProxyProtocolFrom option is ignored unless ProxyProtocol is on")
+        config.warnings.append(config.at(
+            "ProxyProtocolFrom", "ignored unless ProxyProtocol is on"))
     if config.ProxyProtocol and config.TransparentProxy != "off":
-        raise ConfigError("invalid setting: ProxyProtocol: can't be on with TransparentProxy: "
-                          "behind a load balancer the connection's destination is the "
-                          "balancer's, not the one the client chose; use OutAddress%s"
-                          % where("ProxyProtocol"))
+        raise config.error("ProxyProtocol", "can't be on with TransparentProxy: behind a load "
+                           "balancer the connection's destination is the balancer's, not the "
+                           "one the client chose; use OutAddress")
     if config.FilterType == "smtp":
-        if not config.FilterCommand:
-            raise ConfigError("FilterType smtp needs FilterCommand: host[:port]")
-        # The seed's example line carries a trailing comment: `192.168.0.100 # or ...`
-        target = config.FilterCommand.split("#", 1)[0].strip()
-        try:
-            config.FilterAddress = addresses.parse(target, 25)
-        except AddressError as exc:
-            raise ConfigError("invalid setting: FilterCommand: %s%s"
-                              % (exc, where("FilterCommand"))) from None
-        if config.FilterAddress.host is None:
-            raise ConfigError("invalid setting: FilterCommand: a host is needed%s"
-                              % where("FilterCommand"))
+        _filter_node(config)
     for name in ("OutAddress", "Listen"):
         addr = getattr(config, name)
         if addr is not None and not addr.is_unix and addr.host is not None \
@@ -238,30 +303,148 @@ def _finish(config: Config, where) -> None:
             try:
                 addresses.resolve(addr)
             except AddressError as exc:
-                raise ConfigError("invalid setting: %s: %s" % (name, exc)) from None
+                raise config.error(name, str(exc)) from None
+    if config.Header:
+        config.warnings += [config.at("Header", problem) for problem in header.problems(config.Header)]
+    if config.TransparentProxy == "off" and not config.XClient and config.OutProxyProtocol == "off" \
+            and _reaches_beyond_loopback(config.Listen):
+        config.warnings.append(config.at(
+            "Listen", "%s%s accepts connections from other hosts, and with TransparentProxy, "
+            "XClient and OutProxyProtocol off the server sees every client as this host: a "
+            "server that relays for this host relays for anyone who reaches this port (listen "
+            "on 127.0.0.1, or turn XClient on)"
+            % (config.Listen, "" if "Listen" in config.named else " (the default)")))
 
 
-def _check_temp_directory(path: str, where: str) -> None:
-    """Refuse a world-writable TempDirectory without the sticky bit: anyone could
-    rename or replace the spooled messages there (between spooling and filtering
-    or sending).  A directory that is missing now is only an error per message."""
+def _filter_node(config: Config) -> None:
+    """FilterType smtp: FilterCommand is host[:port] of the filter node."""
+    if not config.FilterCommand:
+        raise ConfigError(located(config.source, config.lines.get("FilterType"),
+                                  "FilterCommand: FilterType smtp needs the filter node's "
+                                  "address (expected host[:port])"))
+    # The example line from Halon's README has a trailing comment:
+    # `FilterCommand: 192.168.0.100 # or 127.0.0.1 for haproxy`
+    target = config.FilterCommand.split("#", 1)[0].strip()
+    try:
+        config.FilterAddress = addresses.parse(target, 25)
+    except AddressError as exc:
+        raise config.error("FilterCommand", "%s (expected host[:port])" % exc) from None
+    if config.FilterAddress.host is None:
+        raise config.error("FilterCommand", "a host is needed (expected host[:port])")
+
+
+def _reaches_beyond_loopback(addr: Address) -> bool:
+    """Whether a Listen address takes connections from other hosts."""
+    if addr.is_unix:
+        return False
+    if addr.host is None:
+        return True
+    try:
+        found = [addr.host] if addresses.is_ip(addr.host) else \
+            [sockaddr[0] for _, sockaddr in addresses.resolve(addr, passive=True)]
+        return any(not ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback for ip in found)
+    except (AddressError, ValueError):
+        return True
+
+
+# --- what a start needs from this host ----------------------------------------------
+
+def check_system(config: Config) -> None:
+    """The User account, a TempDirectory that User can write, a filter program
+    that exists: checked at start, by `-t` and on every reload, so that none
+    of them first shows as a 451 on every message."""
+    user = None
+    if config.User:
+        try:
+            user = privileges.lookup(config.User)
+        except privileges.PrivilegeError as exc:
+            raise config.error("User", "%s (expected an existing user name or uid; create one "
+                               "with: %s)" % (exc, ADD_USER)) from None
+    _check_temp_directory(config, user)
+    if config.FilterCommand and config.FilterType in ("pipe", "file"):
+        program = _missing_program(config.FilterCommand, user)
+        if program:
+            raise config.error("FilterCommand", "%s: no such program%s (expected a shell "
+                               "command)" % (program, _as(config.User)))
+
+
+def _as(user: str | None) -> str:
+    return " that %s may run" % user if user else ""
+
+
+def _check_temp_directory(config: Config, user) -> None:
+    """TempDirectory exists, is a directory, `User` may create files in it, and
+    it is not world-writable without the sticky bit (anyone could rename or
+    replace the spooled messages there)."""
+    path = config.TempDirectory
     try:
         mode = os.stat(path).st_mode
-    except (OSError, ValueError):       # missing, or not a path at all (NUL)
-        return
+        read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+    except FileNotFoundError:
+        raise config.error("TempDirectory", "%s does not exist (expected a directory "
+                           "%s can write)" % (path, config.User or "proxsmtpd")) from None
+    except (OSError, ValueError) as exc:
+        raise config.error("TempDirectory", "%s: %s" % (
+            path, getattr(exc, "strerror", None) or exc)) from None
+    if not stat.S_ISDIR(mode):
+        raise config.error("TempDirectory", "%s is not a directory" % path)
+    if read_only:
+        raise config.error("TempDirectory", "%s is on a read-only file system (under systemd, "
+                           "ProtectSystem=strict: add it to ReadWritePaths=)" % path)
+    if not privileges.allowed(path, user, write=True):
+        raise config.error("TempDirectory", "%s is not writable by %s" % (
+            path, config.User or "this user"))
     if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
-        raise ConfigError("invalid setting: TempDirectory: %s is world-writable without the "
-                          "sticky bit (chmod +t, or use a private directory)%s" % (path, where))
+        raise config.error("TempDirectory", "%s is world-writable without the sticky bit "
+                           "(chmod +t, or use a private directory)" % path)
 
 
-def load(path: str) -> Config:
-    """Read and validate a config file.  A missing file reads as empty: the
-    caller warns, and the checks above fail if a setting was needed."""
+# Words a shell command may start with that are not a program to look for.
+_SHELL_WORDS = frozenset(
+    "! { } [ [[ . : alias bg break case cd command continue do done echo elif else esac "
+    "eval exec exit export false fg fi for function getopts hash if in jobs kill local "
+    "printf pwd read readonly return select set shift source test then time times trap "
+    "true type ulimit umask unalias unset until wait while".split())
+
+
+def _missing_program(command: str, user) -> str | None:
+    """The program a filter command starts with, if it clearly is not there
+    (or `user` may not run it); None when it is, or when the shell decides."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    if not words:
+        return None
+    first = words[0]
+    if first in _SHELL_WORDS or "=" in first or any(c in first for c in "$`*?()[]{};|&<>~"):
+        return None
+    path = first if "/" in first else shutil.which(first)
+    if path and os.path.isfile(path) and privileges.allowed(path, user, write=False):
+        return None
+    return first
+
+
+def check_pid_file(path: str) -> None:
+    """The pid file's directory exists: the daemon writes it after binding."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError("couldn't write pid file %s: no such directory: %s" % (path, directory))
+
+
+def load(path: str, required: bool = False) -> Config:
+    """Read and validate a config file, and what it needs of this host.  A
+    missing file reads as empty unless `required`: the caller warns, and the
+    checks fail if a setting was needed."""
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as handle:
             text = handle.read()
     except FileNotFoundError:
+        if required:
+            raise ConfigError("configuration file not found: %s" % path) from None
         text = ""
     except OSError as exc:
         raise ConfigError("couldn't open config file: %s: %s" % (path, exc.strerror)) from None
-    return parse(text, path)
+    config = parse(text, path)
+    check_system(config)
+    return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import socket
 import struct
 
@@ -111,8 +112,7 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-        raise DestinationError("SERVER: couldn't connect to: %s: %s" % (dest, reason)) from None
+        raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
     except BaseException:
         sock.close()
         raise
@@ -144,6 +144,16 @@ async def send_proxy_header(config: Config, envelope: Envelope,
         sock.close()
         raise
     log.debug("%s: SERVER: sent PROXY %s header", envelope.tag, config.OutProxyProtocol)
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why a connect failed, as strerror says it: asyncio's own text for a
+    refused connection is `Connect call failed ('127.0.0.1', 2799)`."""
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+        return os.strerror(exc.errno)       # (a resolver error's errno is negative)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "timed out" if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) else str(exc)
 
 
 def bind_transparent(sock: socket.socket, family: int, source: tuple, tag: str) -> None:

@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 
 from . import addresses, spool
 from .config import Config
+from .destination import connect_failure
 from .envelope import Envelope
 from .log import clean, log
 from .spio import Channel, ChannelClosed, ReplyTooLong
@@ -27,6 +28,7 @@ KeepAlive = Callable[[], Awaitable[None]]
 
 REJECT_PREFIX = "550 Content Rejected"
 STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line matters)
+CHATTER_LINES = 3            # lines of stderr from a filter that passed a message, logged
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
 TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
 _CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
@@ -73,6 +75,17 @@ def last_line(data: bytes) -> str:
         if line.strip():
             return line.strip().decode("utf-8", "replace")
     return ""
+
+
+def _warn_chatter(tag: str, stderr: bytes) -> None:
+    """A filter that passed the message but wrote on stderr is often telling
+    of trouble the operator should hear of (the SpamAssassin example passes
+    mail unscanned when spamd is down): its first lines, as warnings."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for number, line in enumerate(lines[:CHATTER_LINES], 1):
+        more = len(lines) - CHATTER_LINES if number == CHATTER_LINES else 0
+        log.warning("%s: filter command (exit 0) wrote on stderr: %s%s", tag,
+                    clean(line, 256), " (%d more lines)" % more if more > 0 else "")
 
 
 async def check(config: Config, envelope: Envelope, message: spool.Spool,
@@ -132,6 +145,7 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
         raise FilterError("filter command terminated abnormally (signal %d)" % -status)
     log.debug("%s: filter exit code: %d", tag, status)
     if status == 0:
+        _warn_chatter(tag, stderr)
         if pipe and message.size and not os.path.getsize(out_path):
             raise FilterError("filter command wrote no message (exit 0, no output)")
         return Verdict(True, out_path if pipe else message.path)
@@ -364,7 +378,8 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
                 raise
             await loop.create_connection(lambda: channel, sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise FilterError("couldn't connect to filter node %s: %s" % (target, exc or "timed out")) from None
+            raise FilterError("connect to filter node %s failed: %s"
+                              % (target, connect_failure(exc))) from None
         node = _Node(channel, timeout)
         code, text = await node.reply()
         if code != 220:

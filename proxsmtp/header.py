@@ -1,4 +1,8 @@
-"""The Header template: escapes `\\r \\n \\t \\\\`, and `%i %l %d %%`."""
+"""The Header template: escapes `\\r \\n \\t \\\\`, and `%i %l %d %%`.
+
+A template's mistakes are found once, when the configuration is loaded
+(`problems()`); rendering it for each message then only leaves them out.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from .log import log
 
 MAX_HEADER_LENGTH = 1023
 _ESCAPES = {"r": "\r", "n": "\n", "t": "\t"}
+_SYMBOLS = "ild%"
+_FIELD = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")    # RFC 5322 field name, then a colon
 
 
 def date() -> str:
@@ -17,8 +23,25 @@ def date() -> str:
     return "%s %s (%s)" % (time.asctime(now), time.strftime("%z", now), time.strftime("%Z", now))
 
 
+def problems(template: str) -> list[str]:
+    """What is wrong with a template, in words, for warnings at load."""
+    found = []
+    for match in re.finditer(r"%(.)|\\(.)", template, re.S):
+        symbol, escape = match.group(1), match.group(2)
+        if symbol is not None and symbol not in _SYMBOLS:
+            found.append("unknown symbol %%%s is left out (known: %%i %%l %%d %%%%)" % symbol)
+        elif escape is not None and escape not in _ESCAPES and escape != "\\":
+            found.append("unknown escape \\%s stands for %s (known: \\r \\n \\t \\\\)"
+                         % (escape, escape))
+    if not _FIELD.match(template):
+        found.append('"%s" does not start with a header name and a colon (expected e.g. '
+                     '"X-Filtered: by proxsmtpd")' % template[:40])
+    return found
+
+
 def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes:
-    """Expand the template for one message; unknown `%x` warns and is dropped."""
+    """Expand the template for one message; an unknown `%x` is left out
+    (problems() warned about it at load)."""
     out: list[str] = []
     i, n = 0, len(template)
     while i < n:
@@ -38,7 +61,7 @@ def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes
             elif symbol == "%":
                 out.append("%")
             else:
-                log.warning("%s: invalid header symbol: %%%s", tag, symbol)
+                log.debug("%s: left out unknown header symbol %%%s", tag, symbol)
         else:
             out.append(ch)
         i += 1

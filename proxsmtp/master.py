@@ -95,6 +95,8 @@ class Master:
             self.write_pid_file()
             privileges.drop(self.config.User)
         except (OSError, privileges.PrivilegeError) as exc:
+            if isinstance(exc, OSError):    # from the pid file
+                exc = "couldn't write pid file %s: %s" % (self.pid_file, exc.strerror)
             log.error("%s", exc)
             self.tell_launcher("%s" % exc)
             self.remove_pid_file()

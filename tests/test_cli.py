@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from harness import Proxy, run_proxsmtpd, send_mail, wait_until, write_config
+from harness import Proxy, free_port, run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import __version__, defaults
 
 
@@ -26,7 +26,7 @@ def test_bad_debug_level(level):
 
 
 @pytest.mark.parametrize("args", [("-x",), ("-d",), ("extra",), ("-d", "1", "more", "args"),
-                                  ("--help",)])
+                                  ("--frobnicate",)])
 def test_usage_errors(args):
     result = run_proxsmtpd(*args)
     assert result.returncode == 2
@@ -34,28 +34,50 @@ def test_usage_errors(args):
     assert result.stdout == ""
 
 
-def test_missing_config_file_is_a_warning(tmp_path):
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help(flag):
+    result = run_proxsmtpd(flag)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n")
+    for option in ("-t ", "-d level", "-f configfile", "-p pidfile", "--version", defaults.CONFIG_FILE):
+        assert option in result.stdout
+
+
+def test_long_version_is_v():
+    assert run_proxsmtpd("--version").stdout == run_proxsmtpd("-v").stdout
+
+
+def test_explicit_missing_config_file_is_one_fatal_error(tmp_path):
     missing = tmp_path / "nowhere.conf"
-    result = run_proxsmtpd("-d", "1", "-f", str(missing))
-    assert "not found" in result.stderr and str(missing) in result.stderr
-    # ...and then the checks fail: there is no OutAddress
-    assert result.returncode == 2
-    assert "OutAddress" in result.stderr
+    for level in ("0", "1"):
+        result = run_proxsmtpd("-d", level, "-f", str(missing))
+        assert result.returncode == 2
+        assert result.stderr == "proxsmtpd: configuration file not found: %s\n" % missing
 
 
 def test_default_config_path(tmp_path):
+    """Without -f a missing file is a warning (as upstream), then the checks fail."""
     if os.path.exists(defaults.CONFIG_FILE):
         pytest.skip("%s exists on this machine" % defaults.CONFIG_FILE)
     result = run_proxsmtpd("-d", "1")
-    assert defaults.CONFIG_FILE in result.stderr
+    assert "configuration file not found: %s" % defaults.CONFIG_FILE in result.stderr
+    assert "no OutAddress specified" in result.stderr
     assert result.returncode == 2
+    result = run_proxsmtpd("-d", "0")
+    assert "not found" not in result.stderr and "no OutAddress specified" in result.stderr
 
 
-def test_debug_level_0_hides_warnings(tmp_path):
-    result = run_proxsmtpd("-d", "0", "-f", str(tmp_path / "nowhere.conf"))
-    assert result.returncode == 2
-    assert "not found" not in result.stderr
-    assert "OutAddress" in result.stderr
+def test_pid_file_in_a_missing_directory(tmp_path, upstream):
+    conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address,
+                                             "Listen": "127.0.0.1:%d" % free_port(),
+                                             "TempDirectory": str(tmp_path)})
+    pidfile = tmp_path / "no-such-dir" / "proxsmtpd.pid"
+    for args in (("-d", "1"), ("-t",), ()):
+        result = run_proxsmtpd(*args, "-f", str(conf), "-p", str(pidfile))
+        assert result.returncode == 2, (args, result.stderr)
+        assert "proxsmtpd: couldn't write pid file %s: no such directory: %s\n" % (
+            pidfile, pidfile.parent) in result.stderr
+        assert "Errno" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_pid_file_written_and_removed(tmp_path, upstream):

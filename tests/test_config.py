@@ -3,11 +3,20 @@ the server connection goes for each OutAddress / Listen form."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import re
+import shutil
+import signal
 import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from harness import Client, Proxy, RecordingServer, free_port, run_proxsmtpd, send_mail, write_config
+from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
+                     send_mail, write_config)
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -41,11 +50,16 @@ def test_invalid_values(tmp_path, line, words):
     assert "line 4" in stderr
 
 
-@pytest.mark.parametrize("line", ["Frobnicate: yes", "OutAddress 10026", "[section]"])
+@pytest.mark.parametrize("line", ["OutAddress 10026", "[section]"])
 def test_invalid_lines(tmp_path, line):
     stderr = start_fails(tmp_path, "OutAddress: 10026\n%s\n" % line)
-    assert "invalid config line: %s" % line in stderr
-    assert "line 2" in stderr
+    assert "test.conf, line 2: invalid config line: %s" % line in stderr
+
+
+def test_unknown_setting_with_did_you_mean(tmp_path):
+    stderr = start_fails(tmp_path, "OutAddress: 10026\nFilterComand: cat\n")
+    assert stderr == ('proxsmtpd: %s, line 2: unknown setting "FilterComand" (did you mean '
+                      'FilterCommand?)\n' % (tmp_path / "test.conf"))
 
 
 def test_missing_out_address(tmp_path):
@@ -132,7 +146,7 @@ def test_transparent_with_out_address_warns(tmp_path):
               % listen, settings={"Listen": listen}, debug=1)
     try:
         p.start()
-        assert "OutAddress option will be ignored" in p.log()
+        assert "line 2: OutAddress: ignored, as TransparentProxy is enabled" in p.log()
     finally:
         p.stop()
 
@@ -200,3 +214,183 @@ def test_listen_bare_port_means_all_addresses(proxy, upstream):
             assert send_mail(client, "c@x.test", ["d@y.test"], BODY)[0].startswith("250")
     assert p.port == port
     upstream.wait_messages(2 if socket.has_ipv6 else 1)
+
+
+# --- `proxsmtpd -t`: the same checks as a start -------------------------------------
+
+NOBODY_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: checks for User: nobody")
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory outside pytest's 0700 tree, so that `nobody` can be let in or kept out."""
+    path = tempfile.mkdtemp(prefix="proxsmtpd-test-", dir="/tmp")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path)
+
+
+def check(conf: Path, *more: str) -> subprocess.CompletedProcess:
+    return run_proxsmtpd("-t", "-f", str(conf), *more)
+
+
+def refused_alike(conf: Path, message: str) -> None:
+    """`-t` and a start refuse the file with the same message, exit 2."""
+    tested = check(conf)
+    assert tested.returncode == 2, tested.stderr
+    assert tested.stdout == ""
+    assert tested.stderr == "proxsmtpd: %s\nproxsmtpd: configuration file %s test failed\n" % (
+        message, conf)
+    started = run_proxsmtpd("-d", "1", "-f", str(conf))
+    assert started.returncode == 2, started.stderr
+    assert started.stderr.endswith("proxsmtpd: %s\n" % message), started.stderr
+
+
+def test_config_test_successful(tmp_path):
+    conf = write_config(tmp_path / "good.conf", "OutAddress: 127.0.0.1:10026\nListen: 127.0.0.1:%d\n"
+                        "TempDirectory: %s\n" % (free_port(), tmp_path))
+    tested = check(conf)
+    assert tested.returncode == 0, tested.stderr
+    assert tested.stdout == "proxsmtpd: configuration file %s test is successful\n" % conf
+    assert tested.stderr == ""
+
+
+def test_config_test_prints_warnings_and_still_succeeds(tmp_path):
+    conf = write_config(tmp_path / "warn.conf", "OutAddress: 10026\nListen: 0.0.0.0:%d\n"
+                        "TempDirectory: %s\nHeader: X-A: %%q\n" % (free_port(), tmp_path))
+    tested = check(conf)
+    assert tested.returncode == 0, tested.stderr
+    assert "%s, line 2: Listen: 0.0.0.0:" % conf in tested.stderr
+    assert "accepts connections from other hosts" in tested.stderr
+    assert "%s, line 4: Header: unknown symbol %%q is left out" % conf in tested.stderr
+    assert "test is successful" in tested.stdout
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("FilterComand: cat", 2, 'unknown setting "FilterComand" (did you mean FilterCommand?)'),
+    ("FilterType: milter", 2, 'FilterType: expected one of pipe, file, smtp, reject, not "milter"'),
+    ("MaxConnections: 1", 2, 'MaxConnections: expected an integer from 2 to 1048576, not "1"'),
+    ("Listen: 127.0.0.1:99999", 2, "Listen: invalid port in address: 127.0.0.1:99999 (expected "
+     "address:port, address, port, [IPv6]:port or /path/to/socket)"),
+    ("OutAddress: host name", 1, "OutAddress: invalid host in address: host name (expected "
+     "host:port, host, port, [IPv6]:port or /path/to/socket)"),
+    ("User: no-such-user-xyz", 2, "User: couldn't look up user: no-such-user-xyz (expected an "
+     "existing user name or uid; create one with: adduser --system --no-create-home --group "
+     "proxsmtpd)"),
+    ("FilterCommand: /no/such/filter --flag", 2, "FilterCommand: /no/such/filter: no such program "
+     "(expected a shell command)"),
+    ("FilterCommand: no-such-program-xyz | cat", 2, "FilterCommand: no-such-program-xyz: no such "
+     "program (expected a shell command)"),
+])
+def test_config_errors_from_test_and_start(tmp_path, text, line, message):
+    if text.startswith("OutAddress"):
+        body = text + "\n"
+    else:
+        body = "OutAddress: 10026\n" + text + "\n"
+    conf = write_config(tmp_path / "bad.conf", body + "TempDirectory: %s\n" % tmp_path)
+    refused_alike(conf, "%s, line %d: %s" % (conf, line, message))
+
+
+def test_config_test_missing_file(tmp_path):
+    missing = tmp_path / "missing.conf"
+    tested = check(missing)
+    assert tested.returncode == 2
+    assert tested.stderr == ("proxsmtpd: configuration file not found: %s\n"
+                             "proxsmtpd: configuration file %s test failed\n" % (missing, missing))
+
+
+@pytest.mark.parametrize("command", ["if true; then cat; fi", "exec cat", "cat | sed s/a/b/",
+                                     "FOO=1 cat", "$HOME/bin/filter", "(cat)",
+                                     "echo x >&2; cat", "/bin/sh -c cat"])
+def test_filter_commands_the_shell_decides_pass(tmp_path, command):
+    conf = write_config(tmp_path / "ok.conf", "OutAddress: 10026\nListen: 127.0.0.1:1\n"
+                        "TempDirectory: %s\nFilterCommand: %s\n" % (tmp_path, command))
+    tested = check(conf)
+    assert tested.returncode == 0, tested.stderr
+
+
+def test_temp_directory_missing_or_not_a_directory(tmp_path):
+    missing = tmp_path / "spool"
+    conf = write_config(tmp_path / "t.conf", "OutAddress: 10026\nTempDirectory: %s\n" % missing)
+    refused_alike(conf, "%s, line 2: TempDirectory: %s does not exist (expected a directory "
+                  "proxsmtpd can write)" % (conf, missing))
+    missing.write_text("")
+    refused_alike(conf, "%s, line 2: TempDirectory: %s is not a directory" % (conf, missing))
+
+
+@NOBODY_ONLY
+def test_temp_directory_not_writable_by_user(tmp_path, shared_dir):
+    conf = write_config(tmp_path / "t.conf", "OutAddress: 10026\nListen: 127.0.0.1:%d\n"
+                        "User: nobody\nTempDirectory: %s\n" % (free_port(), shared_dir))
+    refused_alike(conf, "%s, line 4: TempDirectory: %s is not writable by nobody" % (conf, shared_dir))
+    os.chown(shared_dir, pwd.getpwnam("nobody").pw_uid, -1)
+    assert check(conf).returncode == 0
+
+
+@NOBODY_ONLY
+def test_filter_program_not_executable_by_user(tmp_path, shared_dir):
+    script = shared_dir / "filter.sh"
+    script.write_text("#!/bin/sh\ncat\n")
+    script.chmod(0o700)
+    spool = shared_dir / "spool"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)
+    conf = write_config(tmp_path / "f.conf", "OutAddress: 10026\nUser: nobody\nTempDirectory: %s\n"
+                        "FilterCommand: %s\n" % (spool, script))
+    refused_alike(conf, "%s, line 4: FilterCommand: %s: no such program that nobody may run "
+                  "(expected a shell command)" % (conf, script))
+    script.chmod(0o755)
+    assert check(conf).returncode == 0
+
+
+def test_temp_directory_on_a_read_only_file_system(tmp_path):
+    """What ProtectSystem=strict makes of a TempDirectory not in ReadWritePaths."""
+    if not shutil.which("unshare"):
+        pytest.skip("unshare(1) is not installed")
+    spool = tmp_path / "ro"
+    spool.mkdir()
+    conf = write_config(tmp_path / "ro.conf", "OutAddress: 10026\nTempDirectory: %s\n" % spool)
+    script = 'mount -t tmpfs -o ro tmpfs "$1" && exec "$2" -m proxsmtp.cli -t -f "$3"'
+    done = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
+                           str(spool), PYTHON, str(conf)], cwd=REPO, capture_output=True,
+                          text=True, timeout=30)
+    if "mount" in done.stderr and done.returncode != 2:
+        pytest.skip("no private mount namespace here: %s" % done.stderr.strip())
+    assert done.returncode == 2
+    assert ("%s, line 2: TempDirectory: %s is on a read-only file system (under systemd, "
+            "ProtectSystem=strict: add it to ReadWritePaths=)" % (conf, spool)) in done.stderr
+
+
+def test_reload_refuses_a_temp_directory_that_is_gone(tmp_path, upstream):
+    p = Proxy(tmp_path / "p", {"OutAddress": upstream.address, "Workers": 1}, debug=1)
+    try:
+        p.start()
+        gone = tmp_path / "gone"
+        write_config(p.conf, dict(p.settings, TempDirectory=str(gone)))
+        p.proc.send_signal(signal.SIGHUP)
+        p.wait_log(r"reload failed, keeping the running configuration: .*, line \d+: "
+                   r"TempDirectory: %s does not exist" % re.escape(str(gone)))
+        with p.connect() as client:
+            assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[-1].startswith("250")
+    finally:
+        assert p.stop() == 0
+
+
+def test_listening_beyond_loopback_warns_at_start(tmp_path, upstream):
+    port = free_port("0.0.0.0")
+    p = Proxy(tmp_path / "p", {"OutAddress": upstream.address, "Listen": "0.0.0.0:%d" % port},
+              debug=1)
+    try:
+        p.start()
+        p.wait_log(r"line \d+: Listen: 0\.0\.0\.0:%d accepts connections from other hosts, and "
+                   r"with TransparentProxy and XClient off the server sees every client as this "
+                   r"host" % port)
+    finally:
+        assert p.stop() == 0
+    q = Proxy(tmp_path / "q", {"OutAddress": upstream.address, "XClient": "on",
+                               "Listen": "0.0.0.0:%d" % port}, debug=1)
+    try:
+        q.start()
+        assert "accepts connections from other hosts" not in q.log()
+    finally:
+        assert q.stop() == 0
