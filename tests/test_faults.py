@@ -81,7 +81,7 @@ def test_server_unreachable(proxy):
     with px.connect() as client:
         assert client.greeting == ["421 Local Error, cannot connect to server"]
         assert client.closed_by_peer()
-    one_line(px, r"couldn't connect to: 127\.0\.0\.1:\d+", mark)
+    one_line(px, r"connect to 127\.0\.0\.1:\d+ failed: Connection refused$", mark)
     no_temp_files(px)
 
 
@@ -226,11 +226,15 @@ def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
 
 @pytest.mark.parametrize("command, code", [("missing", 127), ("not-executable", 126)])
 def test_filter_cannot_be_executed(proxy, upstream, tmp_path, command, code):
+    """Refused at start (tests/test_config.py); here it breaks while running."""
     path = tmp_path / command
-    if command == "not-executable":
-        path.write_text("#!/bin/sh\ncat\n")
-        path.chmod(0o644)
+    path.write_text("#!/bin/sh\ncat\n")
+    path.chmod(0o755)
     px = filter_proxy(proxy, upstream, str(path))
+    if command == "not-executable":
+        path.chmod(0o644)
+    else:
+        path.unlink()
     refused(px, upstream, ["451 Local Error"], "FILTER-ERROR",
             r"filter command could not be executed \(exit %d\)" % code)
 
@@ -426,9 +430,12 @@ def delivered(px, upstream, body: bytes = BODY) -> None:
 
 
 def test_temp_directory_missing(proxy, upstream, tmp_path):
+    """Refused at start (tests/test_config.py); here it goes away while running."""
     missing = tmp_path / "missing"
+    missing.mkdir()
     px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat",
                 "TempDirectory": str(missing)}, debug=3)
+    missing.rmdir()
     mark = len(px.log())
     deferred(px, upstream, BODY, r"couldn't open cache file in .*/missing: No such file", mark)
     upstream.wait_command("RSET")
@@ -450,8 +457,11 @@ def nobody_dir():
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as User: nobody")
 def test_temp_directory_unwritable(proxy, upstream, nobody_dir):
+    """Checked at start (tests/test_config.py); here it turns unwritable later."""
+    os.chmod(nobody_dir, 0o1777)
     px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat", "User": "nobody",
                 "TempDirectory": nobody_dir}, debug=3)
+    os.chmod(nobody_dir, 0o755)
     mark = len(px.log())
     deferred(px, upstream, BODY, r"couldn't open cache file in .*: Permission denied", mark)
     os.chmod(nobody_dir, 0o1777)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 
@@ -175,9 +176,37 @@ def test_filter_killed_by_signal(proxy, upstream, signal_name):
     p.wait_log("status=FILTER-ERROR")
 
 
+@pytest.mark.parametrize("filter_type, command", [
+    ("pipe", "for i in 1 2 3 4 5; do echo \"spamc: problem $i\" >&2; done; cat"),
+    ("file", "for i in 1 2 3 4 5; do echo \"spamc: problem $i\" >&2; done"),
+])
+def test_filter_stderr_on_exit_0_is_a_warning_of_a_few_lines(proxy, upstream, filter_type, command):
+    """E.g. the SpamAssassin example passing mail unscanned because spamd is down."""
+    p = proxy({"OutAddress": upstream.address, "FilterType": filter_type, "FilterCommand": command},
+              debug=1)
+    with p.connect() as client:
+        assert transaction(client)[0].startswith("250")
+    upstream.wait_messages(1)
+    line = r"^proxsmtpd: [0-9A-F]+: filter command \(exit 0\) wrote on stderr: spamc: problem "
+    p.wait_log(line + r"3 \(2 more lines\)$")
+    assert [int(n) for n in re.findall(line + r"(\d)", p.log(), re.M)] == [1, 2, 3]
+
+
+def test_quiet_filter_on_exit_0_logs_no_warning(proxy, upstream):
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"}, debug=1)
+    with p.connect() as client:
+        assert transaction(client)[0].startswith("250")
+    upstream.wait_messages(1)
+    assert "filter command" not in p.log()
+
+
 def test_filter_that_cannot_start(proxy, upstream, tmp_path):
-    p = proxy({"OutAddress": upstream.address,
-               "FilterCommand": str(tmp_path / "no-such-filter")}, debug=3)
+    """A filter missing at start is a config error (tests/test_config.py); here it goes later."""
+    script = tmp_path / "filter-gone-later"
+    script.write_text("#!/bin/sh\ncat\n")
+    script.chmod(0o755)
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": str(script)}, debug=3)
+    script.unlink()
     with p.connect() as client:
         assert transaction(client) == ["451 Local Error"]
     upstream.wait_command("RSET")
@@ -293,13 +322,15 @@ def test_smtp_filter_rejects_message_multiline(proxy, upstream, make_upstream):
 
 
 def test_smtp_filter_node_down(proxy, upstream):
+    port = free_port()
     p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
-               "FilterCommand": "127.0.0.1:%d" % free_port()}, debug=3)
+               "FilterCommand": "127.0.0.1:%d" % port}, debug=3)
     with p.connect() as client:
         assert transaction(client) == ["451 Local Error"]
     upstream.wait_command("RSET")
     assert upstream.messages == []
     p.wait_log("status=FILTER-ERROR")
+    p.wait_log(r"connect to filter node 127\.0\.0\.1:%d failed: Connection refused$" % port)
 
 
 def test_smtp_filter_node_drops_connection(proxy, upstream, make_upstream):

@@ -85,8 +85,8 @@ def test_world_writable_temp_directory_refused_at_start(tmp_path, upstream, open
                                              "TempDirectory": open_dir})
     result = run_proxsmtpd("-d", "1", "-f", str(conf))
     assert result.returncode == 2
-    assert ("invalid setting: TempDirectory: %s is world-writable without the sticky bit"
-            % open_dir) in result.stderr
+    assert ("%s, line 2: TempDirectory: %s is world-writable without the sticky bit"
+            % (conf, open_dir)) in result.stderr
     assert "Traceback" not in result.stderr
     os.chmod(open_dir, 0o1777)                  # /tmp's mode is fine
     assert config.load(str(conf)).TempDirectory == open_dir
@@ -97,7 +97,7 @@ def test_world_writable_temp_directory_refused_at_reload(proxy, upstream, open_d
     before = list(px.children())
     write_config(px.conf, dict(px.settings, TempDirectory=open_dir))
     px.proc.send_signal(signal.SIGHUP)
-    px.wait_log(r"reload failed, keeping the running configuration: invalid setting: "
+    px.wait_log(r"reload failed, keeping the running configuration: .*, line \d+: "
                 r"TempDirectory: .* is world-writable without the sticky bit")
     assert list(px.children()) == before
     with px.connect() as client:

@@ -374,7 +374,7 @@ def test_server_unreachable_421(proxy):
     with p.connect() as client:
         assert client.greeting[0].startswith("421")
         assert client.closed_by_peer()
-    p.wait_log("couldn't connect")
+    p.wait_log(r"connect to 127\.0\.0\.1:%d failed: Connection refused$" % port)
 
 
 def test_client_close_closes_server(proxy, upstream):
