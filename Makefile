@@ -7,10 +7,12 @@ PY = $(VENV)/bin/python
 
 # What the tests drive: Postfix's smtp-sink/smtp-source, swaks, haproxy,
 # iptables and ip in network namespaces, and libcap-dev for python-prctl.
-# groff-base/man-db render the manual pages; the python3-* packages are
-# what an installed proxsmtpd runs on (see `install` below).
+# groff-base/man-db render the manual pages; systemd's systemd-analyze checks
+# the unit; util-linux's setpriv runs the daemon in the unit's capability
+# bounding set; the python3-* packages are what an installed proxsmtpd runs
+# on (see `install` below).
 TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod \
-	groff-base man-db $(RUNTIME_DEBS)
+	groff-base man-db systemd util-linux $(RUNTIME_DEBS)
 
 .PHONY: all venv deps test run clean install install-deps uninstall
 
@@ -85,10 +87,32 @@ SUBST = sed -e 's|/usr/local/etc|$(SYSCONFDIR)|g' \
 	-e 's|/usr/local/lib/systemd/system|$(SYSTEMDUNITDIR)|g' \
 	-e 's|/usr/local/lib/proxsmtpd|$(LIBDIR)|g'
 
+# The directories install writes to; those it had to create are listed in
+# $(CREATED) (without DESTDIR) for uninstall to remove once empty.
+INSTALL_DIRS = $(SBINDIR) $(LIBDIR)/proxsmtp $(DATADIR) $(MANDIR)/man8 $(MANDIR)/man5 \
+	$(SYSCONFDIR) $(INITDIR) $(SYSTEMDUNITDIR)
+CREATED = $(LIBDIR)/installed-directories
+# Where systemd looks for units of the system manager (systemd.unit(5)).
+SYSTEMD_PATHS = /etc/systemd/system /usr/local/lib/systemd/system /usr/lib/systemd/system \
+	/lib/systemd/system
+
 install:
-	$(INSTALL) -d $(DESTDIR)$(SBINDIR) $(DESTDIR)$(LIBDIR)/proxsmtp \
-	  $(DESTDIR)$(DATADIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man5 \
-	  $(DESTDIR)$(SYSCONFDIR) $(DESTDIR)$(INITDIR) $(DESTDIR)$(SYSTEMDUNITDIR)
+	@for d in $(INSTALL_DIRS); do \
+	  p=$(DESTDIR)$$d; while [ ! -e "$$p" ]; do p=$$(dirname "$$p"); done; \
+	  [ -w "$$p" ] && continue; \
+	  echo "make install: $$p is not writable by $$(id -un), so $(DESTDIR)$$d can't be made; nothing was installed." >&2; \
+	  if [ "$$(id -u)" != 0 ] && [ "$$d" = "$(INITDIR)" ]; then \
+	    echo "  Run it as root, or, as $$(id -un), give INITDIR (where the init script goes) a directory you can write:" >&2; \
+	    echo "  make install PREFIX=$$HOME/proxsmtpd INITDIR=$$HOME/proxsmtpd/etc/init.d" >&2; \
+	  else echo "  Run it as root, or choose a PREFIX you can write." >&2; fi; \
+	  exit 1; \
+	done
+	@new=; for d in $(INSTALL_DIRS); do \
+	  while [ ! -d "$(DESTDIR)$$d" ]; do new="$$new $$d"; d=$$(dirname "$$d"); done; \
+	done; \
+	$(INSTALL) -d $(addprefix $(DESTDIR),$(INSTALL_DIRS)) && \
+	{ cat $(DESTDIR)$(CREATED) 2>/dev/null; printf '%s\n' $$new; } | sed '/^$$/d' | sort -u > $(DESTDIR)$(CREATED).new && \
+	mv $(DESTDIR)$(CREATED).new $(DESTDIR)$(CREATED) && chmod 644 $(DESTDIR)$(CREATED)
 	$(INSTALL) -m 644 $(addprefix proxsmtp/,$(MODULES)) $(DESTDIR)$(LIBDIR)/proxsmtp/
 	sed -i 's|^SYSCONFDIR = .*|SYSCONFDIR = "$(SYSCONFDIR)"|' $(DESTDIR)$(LIBDIR)/proxsmtp/defaults.py
 	rel=$$($(PYTHON) -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' \
@@ -120,23 +144,39 @@ install:
 	  echo "warning: $(INSTALL_PYTHON) lacks proxsmtpd's dependencies: run 'make install-deps'" \
 	    "or install with INSTALL_PYTHON=<a python that has them> (see README.md)" >&2
 	@if [ -z "$(DESTDIR)" ]; then \
-	  echo "installed.  Edit $(SYSCONFDIR)/proxsmtpd.conf (OutAddress), then either"; \
-	  echo "  systemctl daemon-reload && systemctl enable --now proxsmtpd"; \
-	  echo "or  update-rc.d proxsmtpd defaults && service proxsmtpd start"; \
+	  echo; \
+	  echo "installed.  $(SYSCONFDIR)/proxsmtpd.conf listens on 127.0.0.1:10025 and relays to"; \
+	  echo "127.0.0.1:10026; edit it to suit (see proxsmtpd.conf(5)).  Next:"; \
+	  echo "  1. an account for User: (recommended), then uncomment 'User: proxsmtpd' there:"; \
+	  echo "       adduser --system --no-create-home --group proxsmtpd"; \
+	  echo "  2. check the configuration:  $(SBINDIR)/proxsmtpd -t -f $(SYSCONFDIR)/proxsmtpd.conf"; \
+	  echo "  3. start it with systemd:"; \
+	  case " $(SYSTEMD_PATHS) " in *" $(SYSTEMDUNITDIR) "*) ;; *) \
+	    echo "       systemctl link $(SYSTEMDUNITDIR)/proxsmtpd.service   # systemd does not look in $(SYSTEMDUNITDIR)";; \
+	  esac; \
+	  echo "       systemctl daemon-reload && systemctl enable --now proxsmtpd"; \
+	  if [ "$(INITDIR)" = /etc/init.d ]; then \
+	    echo "     or with SysV init:  update-rc.d proxsmtpd defaults && service proxsmtpd start"; \
+	  else \
+	    echo "     or with the init script:  $(INITDIR)/proxsmtpd start"; \
+	  fi; \
 	fi
 
 # Debian's packages of the dependencies, for INSTALL_PYTHON=/usr/bin/python3.
 install-deps:
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RUNTIME_DEBS)
 
-# Everything install added except the configuration file.
+# Everything install added except the configuration file, and the directories
+# it created once they are empty (deepest first).
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/proxsmtpd
 	rm -f $(addprefix $(DESTDIR)$(LIBDIR)/proxsmtp/,$(MODULES))
 	rm -rf $(DESTDIR)$(LIBDIR)/proxsmtp/__pycache__
-	-rmdir $(DESTDIR)$(LIBDIR)/proxsmtp $(DESTDIR)$(LIBDIR)
 	rm -f $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8 $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
 	rm -f $(addprefix $(DESTDIR)$(DATADIR)/,$(EXAMPLES) proxsmtpd.conf proxsmtpd.default)
-	-rmdir $(DESTDIR)$(DATADIR)
 	rm -f $(DESTDIR)$(INITDIR)/proxsmtpd $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
+	@dirs=$$(sort -r $(DESTDIR)$(CREATED) 2>/dev/null); rm -f $(DESTDIR)$(CREATED); \
+	for d in $$dirs $(LIBDIR)/proxsmtp $(LIBDIR) $(DATADIR); do \
+	  rmdir "$(DESTDIR)$$d" 2>/dev/null && echo "removed directory $(DESTDIR)$$d"; \
+	done; true
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf"

@@ -9,9 +9,9 @@ Daemons started by the init script are stopped by pid at the end of each test.
 
 from __future__ import annotations
 
-import configparser
 import os
 import pwd
+import re
 import shutil
 import signal
 import smtplib
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import netns
 from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process,
                      title, wait_until)
 
@@ -66,6 +67,7 @@ def expected_tree(prefix: str, sysconfdir: str) -> dict[str, int]:
         "%s/share/proxsmtpd/spamassassin.sh" % prefix: 0o755,
         "%s/share/proxsmtpd/proxsmtpd.conf" % prefix: 0o644,
         "%s/share/proxsmtpd/proxsmtpd.default" % prefix: 0o644,
+        "%s/lib/proxsmtpd/installed-directories" % prefix: 0o644,
     }
     for name in modules():
         tree["%s/lib/proxsmtpd/proxsmtp/%s" % (prefix, name)] = 0o644
@@ -149,6 +151,78 @@ def test_install_then_uninstall_leaves_only_the_config(destdir):
     make("install", destdir, "/usr")
     make("uninstall", destdir, "/usr")
     assert tree_of(destdir) == {"etc/proxsmtpd.conf": 0o644}
+    assert dirs_of(destdir) == ["etc"], "uninstall left directories it created"
+
+
+def dirs_of(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_dir())
+
+
+def test_uninstall_removes_only_the_directories_install_created(destdir):
+    """Directories that were there before (and whatever else is in them) stay."""
+    (destdir / "opt/pxs/share/man/man8").mkdir(parents=True)
+    (destdir / "opt/pxs/sbin").mkdir(parents=True)
+    (destdir / "opt/pxs/sbin/other-program").write_text("")
+    make("install", destdir, "/opt/pxs")
+    make("install", destdir, "/opt/pxs")        # an upgrade keeps the first install's list
+    listed = (destdir / "opt/pxs/lib/proxsmtpd/installed-directories").read_text().split()
+    assert "/opt/pxs/share/man/man5" in listed and "/opt/pxs/lib/proxsmtpd" in listed
+    assert "/opt/pxs/share/man/man8" not in listed and "/opt/pxs/sbin" not in listed
+    output = make("uninstall", destdir, "/opt/pxs")
+    assert "removed directory %s/opt/pxs/lib/proxsmtpd\n" % destdir in output
+    assert tree_of(destdir) == {"opt/pxs/etc/proxsmtpd.conf": 0o644,
+                                "opt/pxs/sbin/other-program": 0o644}
+    assert dirs_of(destdir) == ["opt", "opt/pxs", "opt/pxs/etc", "opt/pxs/sbin", "opt/pxs/share",
+                                "opt/pxs/share/man", "opt/pxs/share/man/man8"]
+
+
+def as_nobody(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                           "--inh-caps=-all", "--bounding-set=-all", *command], cwd=cwd,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"})
+
+
+def test_install_as_non_root_without_initdir_stops_before_writing(tmp_path):
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to try it as nobody")
+    if as_nobody("test", "-r", str(REPO / "Makefile")).returncode != 0:
+        pytest.skip("nobody can't read the source tree here")
+    prefix = Path(tempfile.mkdtemp(prefix="pxs-prefix-"))
+    try:
+        prefix.chmod(0o777)
+        done = as_nobody("make", "-C", str(REPO), "--no-print-directory", "install",
+                         "PREFIX=%s" % prefix, "INSTALL_PYTHON=%s" % runtime_python())
+        assert done.returncode != 0
+        assert done.stderr.startswith(
+            "make install: /etc/init.d is not writable by nobody, so /etc/init.d can't be made; "
+            "nothing was installed.\n  Run it as root, or, as nobody, give INITDIR (where the "
+            "init script goes) a directory you can write:\n"), done.stderr
+        assert "make install PREFIX=/nonexistent/proxsmtpd INITDIR=/nonexistent/proxsmtpd/etc/init.d" \
+            in done.stderr
+        assert list(prefix.iterdir()) == [], "wrote before stopping"
+    finally:
+        shutil.rmtree(prefix)
+
+
+def test_install_prints_next_steps_that_fit_the_prefix(tmp_path):
+    prefix, initdir = tmp_path / "prefix", tmp_path / "init.d"
+    output = make("install", None, str(prefix), INITDIR=str(initdir))
+    unit = prefix / "lib/systemd/system/proxsmtpd.service"
+    for line in ("installed.  %s/etc/proxsmtpd.conf listens on 127.0.0.1:10025 and relays to" % prefix,
+                 "adduser --system --no-create-home --group proxsmtpd",
+                 "2. check the configuration:  %s/sbin/proxsmtpd -t -f %s/etc/proxsmtpd.conf"
+                 % (prefix, prefix),
+                 "systemctl link %s   # systemd does not look in %s" % (unit, unit.parent),
+                 "systemctl daemon-reload && systemctl enable --now proxsmtpd",
+                 "or with the init script:  %s/proxsmtpd start" % initdir):
+        assert line in output, (line, output)
+    assert "update-rc.d" not in output
+    make("uninstall", None, str(prefix), INITDIR=str(initdir))
+    output = make("install", None, str(prefix), INITDIR=str(initdir), SYSTEMD_PATHS=str(unit.parent))
+    assert "systemctl link" not in output and "systemctl daemon-reload" in output
+    make("uninstall", None, str(prefix), INITDIR=str(initdir))
+    assert dirs_of(tmp_path) == ["prefix", "prefix/etc"]
 
 
 # --- the installed program ---------------------------------------------------------------
@@ -196,10 +270,15 @@ class InitScript:
     """The staged /etc/init.d/proxsmtpd, pointed at the staged program, a test
     config and a pid file in a temporary directory via PROXSMTPD_DEFAULTS."""
 
-    def __init__(self, staged: Path, workdir: Path, config_text: str) -> None:
+    def __init__(self, staged: Path, workdir: Path, config_text: str | None,
+                 netns: str | None = None) -> None:
         self.script = staged / "etc/init.d/proxsmtpd"
         self.config = workdir / "proxsmtpd.conf"
-        self.config.write_text(config_text)
+        if config_text is None:         # the configuration as `make install` put it
+            self.config = staged / "usr/local/etc/proxsmtpd.conf"
+        else:
+            self.config.write_text(config_text)
+        self.netns = netns
         self.pidfile = workdir / "run" / "proxsmtpd.pid"
         self.pidfile.parent.mkdir()
         self.defaults = workdir / "default"
@@ -209,7 +288,8 @@ class InitScript:
 
     def __call__(self, action: str) -> subprocess.CompletedProcess:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PROXSMTPD_DEFAULTS": str(self.defaults)}
-        done = subprocess.run(["/bin/sh", str(self.script), action], capture_output=True,
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        done = subprocess.run([*inside, "/bin/sh", str(self.script), action], capture_output=True,
                               text=True, timeout=90, env=env)
         if self.pidfile.exists() and self.pidfile.read_text().strip().isdigit():
             self.started.add(int(self.pidfile.read_text()))
@@ -289,6 +369,20 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
             client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
         assert b"X-Reloaded: yes\r\n" in server.wait_messages(2)[1].raw
 
+        good = init.config.read_text()
+        init.config.write_text(good + "FilterComand: cat\n")
+        refused = init("reload")
+        assert refused.returncode == 6, refused.stdout + refused.stderr
+        assert refused.stderr == (
+            'proxsmtpd: %s, line 7: unknown setting "FilterComand" (did you mean FilterCommand?)\n'
+            "proxsmtpd: configuration file %s test failed\n"
+            "proxsmtpd: %s has errors; the running daemon was left alone\n"
+            % (init.config, init.config, init.config))
+        for action in ("restart", "try-restart", "force-reload"):
+            assert init(action).returncode == 6, action
+        assert init.pid() == master and children(master) == fresh, "a broken file reached the daemon"
+        init.config.write_text(good)
+
         stopped = init("stop")
         assert stopped.returncode == 0, stopped.stderr
         assert not init.pidfile.exists()
@@ -301,6 +395,35 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
         assert os.listdir(spool) == []
     finally:
         server.stop()
+
+
+def test_installed_config_starts_as_installed_on_loopback(staged, tmp_path):
+    """`service proxsmtpd start` with no edits: a daemon on 127.0.0.1:10025 relaying to
+    127.0.0.1:10026, without a warning (in a network namespace of its own: fixed ports)."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    installed = staged / "usr/local/etc/proxsmtpd.conf"
+    assert installed.read_text() == (REPO / "etc/proxsmtpd.conf").read_text()
+    ns = netns.Namespace("install")
+    init = InitScript(staged, tmp_path, None, netns=ns.name)
+    try:
+        server = ns.call(RecordingServer, "127.0.0.1", 10026)
+        started = init("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stderr == "", "warnings at start: %s" % started.stderr
+        assert title(init.pid()) == "proxsmtpd: master -f %s" % installed
+
+        def relay() -> None:
+            with smtplib.SMTP("127.0.0.1", 10025, timeout=20) as client:
+                client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
+        ns.call(relay)
+        assert server.wait_messages(1)[0].raw == MESSAGE.rstrip(b"\r\n")
+        assert init("stop").returncode == 0
+        server.stop()
+    finally:
+        init.cleanup()
+        ns.delete()
 
 
 def test_init_script_restart_and_force_reload(init_script, tmp_path):
@@ -331,7 +454,8 @@ def test_init_script_reports_start_failures(init_script, tmp_path):
         assert init("status").returncode == 3
     init.config.write_text("NoSuchSetting: 1\n")
     failed = init("start")
-    assert failed.returncode == 6 and "invalid config line" in failed.stderr
+    assert failed.returncode == 6, failed.stderr
+    assert 'proxsmtpd: %s, line 1: unknown setting "NoSuchSetting"\n' % init.config in failed.stderr
     assert init("bogus").returncode == 2
 
 
@@ -395,26 +519,167 @@ def test_init_script_has_an_lsb_header(staged):
 
 # --- the systemd unit ---------------------------------------------------------------------
 
-def unit_of(root: Path, prefix: str = "usr/local") -> configparser.ConfigParser:
-    parser = configparser.ConfigParser(interpolation=None, strict=False)
-    parser.optionxform = str
-    parser.read(root / prefix / "lib/systemd/system/proxsmtpd.service")
-    return parser
+class Unit(dict):
+    """{section: {key: [values]}} of a unit file (a key may repeat, as ExecReload does)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        section: dict[str, list[str]] = {}
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = self.setdefault(line.strip("[]"), {})
+                continue
+            key, _, value = line.partition("=")
+            section.setdefault(key.strip(), []).append(value.strip())
+
+
+def unit_of(root: Path, prefix: str = "usr/local") -> Unit:
+    return Unit(root / prefix / "lib/systemd/system/proxsmtpd.service")
+
+
+def one(service: dict[str, list[str]], key: str) -> str:
+    assert len(service[key]) == 1, (key, service[key])
+    return service[key][0]
+
+
+# What the master does as root before it drops to User:, and the capability each needs.
+MASTER_NEEDS = {"CAP_NET_BIND_SERVICE",        # Listen on a port below 1024
+                "CAP_CHOWN",                   # hand the pid file to User:
+                "CAP_SETUID", "CAP_SETGID",    # become User:
+                "CAP_NET_ADMIN"}               # IP_TRANSPARENT, kept after the switch
 
 
 def test_systemd_unit_matches_the_daemon_contract(staged):
-    service = unit_of(staged)["Service"]
-    assert service["Type"] == "forking"
-    start = service["ExecStart"].split()
+    unit = unit_of(staged)
+    service = unit["Service"]
+    assert one(service, "Type") == "forking"
+    start = one(service, "ExecStart").split()
     assert start[:3] == ["/usr/local/sbin/proxsmtpd", "-f", "/usr/local/etc/proxsmtpd.conf"]
-    assert start[3:] == ["-p", service["PIDFile"]]
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert int(service["LimitNOFILE"]) >= 6 * 3000
-    bounding = set(service["CapabilityBoundingSet"].split())
-    assert bounding == {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_SETUID", "CAP_SETGID"}
-    assert set(service["AmbientCapabilities"].split()) <= {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
+    pid_file = one(service, "PIDFile")
+    assert start[3:] == ["-p", pid_file]
+    assert service["ExecReload"] == ["/usr/local/sbin/proxsmtpd -t -f /usr/local/etc/proxsmtpd.conf",
+                                     "/bin/kill -HUP $MAINPID"], "reload must check the file first"
+    assert int(one(service, "LimitNOFILE")) >= 6 * 3000
+    assert set(one(service, "CapabilityBoundingSet").split()) == MASTER_NEEDS
+    assert set(one(service, "AmbientCapabilities").split()) <= {"CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"}
     assert "User" not in service, "proxsmtpd drops to User: itself"
-    assert unit_of(staged)["Install"]["WantedBy"] == "multi-user.target"
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_systemd_unit_sandbox_leaves_the_daemon_what_it_needs(staged):
+    """The hardening directives that could break it, checked against what it does."""
+    service = unit_of(staged)["Service"]
+    # ProtectSystem=strict: the pid file in RuntimeDirectory, the default TempDirectory
+    # (/tmp) private but writable, the README's /var/spool/proxsmtpd writable if present.
+    assert one(service, "ProtectSystem") == "strict"
+    assert one(service, "PIDFile") == "/run/%s/proxsmtpd.pid" % one(service, "RuntimeDirectory")
+    assert one(service, "PrivateTmp") == "yes" and config_default("TempDirectory") == "/tmp"
+    assert "-/var/spool/proxsmtpd" in one(service, "ReadWritePaths").split()
+    # sockets: TCP over IPv4/IPv6, unix for /dev/log and unix-socket OutAddress/Listen
+    assert set(one(service, "RestrictAddressFamilies").split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
+    assert one(service, "SystemCallFilter") == "@system-service"
+    assert one(service, "NoNewPrivileges") == "yes"
+    # Filters may JIT (PCRE in grep -P, perl): no MemoryDenyWriteExecute
+    assert "MemoryDenyWriteExecute" not in service
+
+
+def config_default(name: str) -> str:
+    from proxsmtp import config
+    return config.Config().__dict__[name]
+
+
+def test_systemd_analyze_security_exposure_at_most_4_5(staged):
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze not installed (package systemd): can't rate the unit")
+    unit = staged / "usr/local/lib/systemd/system/proxsmtpd.service"
+    rated = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(unit)],
+                           capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for proxsmtpd\.service: (\d+\.\d+) (\w+)", rated.stdout)
+    assert match, rated.stdout + rated.stderr
+    assert float(match.group(1)) <= 4.5, rated.stdout
+    before = staged / "unhardened.service"
+    before.write_text("\n".join(line for line in unit.read_text().splitlines()
+                                if not line.startswith(("Protect", "Private", "Restrict", "System",
+                                                        "NoNew", "Lock", "UMask"))) + "\n")
+    rated = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(before)],
+                           capture_output=True, text=True, timeout=120)
+    assert float(re.search(r"exposure level for \S+: (\d+\.\d+)", rated.stdout).group(1)) > 4.5, \
+        "the rating can't tell a hardened unit from a bare one"
+    before.unlink()
+
+
+def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
+    """ExecStart as systemd would run it (bounding set, no new privileges, UMask) with
+    `User: nobody`: it binds, hands the pid file over, drops, relays; ExecReload's
+    two commands reload a good file and refuse a broken one.  Without CAP_CHOWN in
+    the set the start fails: the set is checked, not assumed."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    service = unit_of(staged)["Service"]
+    caps = one(service, "CapabilityBoundingSet").split()
+    workdir = Path(tempfile.mkdtemp(prefix="pxs-unit-"))
+    server = RecordingServer()
+    try:
+        workdir.chmod(0o755)
+        rundir = workdir / "run"              # RuntimeDirectory: root's, 0755
+        rundir.mkdir(mode=0o755)
+        spool = workdir / "tmp"               # PrivateTmp: a 1777 /tmp
+        spool.mkdir()
+        spool.chmod(0o1777)
+        port = free_port()
+        conf = workdir / "proxsmtpd.conf"
+        settings = ("OutAddress: %s\nListen: 127.0.0.1:%d\nTempDirectory: %s\nUser: nobody\n"
+                    "Workers: 1\n" % (server.address, port, spool))
+        conf.write_text(settings)
+        pid_file = rundir / "proxsmtpd.pid"
+        program = str(staged / "usr/local/sbin/proxsmtpd")
+
+        def sandboxed(args: list[str], bounding: list[str]) -> subprocess.CompletedProcess:
+            allowed = ",".join("+" + cap[4:].lower() for cap in bounding)
+            return subprocess.run(["setpriv", "--bounding-set=-all," + allowed,
+                                   "--inh-caps=-all", "--no-new-privs", "sh", "-c",
+                                   'umask %s && exec "$@"' % one(service, "UMask"), "sh",
+                                   program, *args], capture_output=True, text=True, timeout=60)
+
+        without_chown = sandboxed(["-f", str(conf), "-p", str(pid_file)],
+                                  [cap for cap in caps if cap != "CAP_CHOWN"])
+        assert without_chown.returncode == 1
+        assert "couldn't write pid file %s: Operation not permitted" % pid_file in without_chown.stderr
+        started = sandboxed(["-f", str(conf), "-p", str(pid_file)], caps)
+        assert started.returncode == 0, started.stderr
+        master = int(pid_file.read_text())
+        try:
+            assert pid_file.stat().st_uid == pwd_uid("nobody")
+            status = Path("/proc/%d/status" % master).read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines())
+            assert set(fields["Uid"].split()) == {str(pwd_uid("nobody"))}
+            assert int(fields["CapEff"], 16) == 1 << 12        # CAP_NET_ADMIN only
+            assert fields["NoNewPrivs"].strip() == "1"
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
+            server.wait_messages(1)
+            workers = children(master)
+            conf.write_text(settings + "FilterComand: cat\n")
+            checked = sandboxed(["-t", "-f", str(conf)], caps)
+            assert checked.returncode == 2 and "unknown setting" in checked.stderr
+            conf.write_text(settings + "Header: X-Unit: reloaded\n")
+            checked = sandboxed(["-t", "-f", str(conf)], caps)
+            assert checked.returncode == 0, checked.stderr
+            os.kill(master, signal.SIGHUP)
+            wait_until(lambda: set(children(master)) - set(workers), 20, what="new workers")
+            with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
+                client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
+            assert b"X-Unit: reloaded\r\n" in server.wait_messages(2)[1].raw
+        finally:
+            os.kill(master, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(master), 30, what="the daemon to stop")
+    finally:
+        server.stop()
+        shutil.rmtree(workdir)
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
