@@ -220,9 +220,20 @@ def test_readme_covers_what_a_newcomer_needs():
                    "PREFIX", "systemctl reload proxsmtpd", "service proxsmtpd reload",
                    "## Fully transparent", "## High volume", "## Multiple Halon nodes",
                    "Workers", "LimitNOFILE", "option smtpchk", "balance roundrobin",
-                   "man/proxsmtpd.8", "man/proxsmtpd.conf.5", "CAP_NET_ADMIN"):
+                   "man/proxsmtpd.8", "man/proxsmtpd.conf.5", "CAP_NET_ADMIN",
+                   "adduser --system --no-create-home --group proxsmtpd", "proxsmtpd -t -f",
+                   "the example line from Halon's README", "Open relays"):
         assert needed in text, needed
-    assert "htons" not in text, "the seed's source patch is a setting now"
+    assert "htons" not in text, "the source patch of Halon's README is a setting now"
+    assert "seed" not in text.lower(), "internal shorthand: say which document"
+
+
+def test_man_pages_say_how_to_create_the_user_and_test_the_config():
+    man8, man5 = unroff(MAN8.read_text()), unroff(MAN5.read_text())
+    assert "adduser --system --no-create-home --group proxsmtpd" in man8
+    assert "adduser --system --no-create-home --group proxsmtpd" in man5
+    assert re.search(r"^\.B -t$", man8, re.M) and "test is successful" in man8
+    assert "proxsmtpd -t" in man5
 
 
 # --- the README's firewall recipes --------------------------------------------------------------

@@ -698,3 +698,53 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path):
     checked = subprocess.run([tool, "verify", str(broken)], capture_output=True, text=True,
                              timeout=120, env=env)
     assert "bogus" in checked.stderr, "verify didn't notice a broken unit: can't trust it"
+
+
+# --- make run -------------------------------------------------------------------------------
+
+def netns_pids(name: str) -> list[int]:
+    listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+    return [int(pid) for pid in listed.stdout.split()]
+
+
+def test_make_run_as_root_drops_to_nobody_and_ctrl_c_is_no_make_error():
+    """`make run` on a terminal (script(1) gives it one), in a namespace of its own
+    (its ports are fixed): no "running as root" noise, mail goes through, and
+    Ctrl-C ends it without "make: *** ... Error" and leaves no process behind."""
+    reason = netns.unavailable()
+    if reason or not shutil.which("script"):
+        pytest.skip(reason or "script(1) is not installed (bsdutils)")
+    ns = netns.Namespace("run")
+    proc = None
+    try:
+        proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "script", "-qfec",
+                                 "make --no-print-directory -C %s run PY=%s" % (REPO, sys.executable),
+                                 "/dev/null"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def relay() -> bool:
+            try:
+                with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+                    client.sendmail("a@example.org", ["b@example.org"], b"Subject: hi\r\n\r\nhello demo\r\n")
+                return True
+            except OSError:
+                return False
+        wait_until(lambda: ns.call(relay), 60, what="make run to relay a message")
+        masters = [pid for pid in netns_pids(ns.name) if title(pid).startswith("proxsmtpd: master")]
+        assert len(masters) == 1
+        status = Path("/proc/%d/status" % masters[0]).read_text()
+        assert "\nUid:\t%d\t" % pwd_uid("nobody") in status
+        proc.stdin.write(b"\x03")
+        proc.stdin.flush()
+        output = proc.communicate(timeout=60)[0].decode(errors="replace")
+        assert "hello demo" in output, output       # the printing server got it
+        assert "Ctrl-C stops both" in output
+        assert "make: ***" not in output and "Error" not in output, output
+        assert "running as root" not in output and "Traceback" not in output, output
+        wait_until(lambda: not netns_pids(ns.name), 20, what="every process of make run to end")
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_process(proc, 10, group=True)
+        for pid in netns_pids(ns.name):
+            os.kill(pid, signal.SIGKILL)
+        ns.delete()
