@@ -164,9 +164,13 @@ def test_pipe_filter_files_private(proxy, upstream, tmp_path):
 
 def test_temp_directory_missing_gives_451(proxy, upstream, tmp_path):
     # A filter program needs the message in a file (without one, a small
-    # message is kept in memory and TempDirectory is not used at all).
-    p = proxy({"OutAddress": upstream.address, "TempDirectory": str(tmp_path / "missing"),
+    # message is kept in memory and TempDirectory is not used at all).  A missing
+    # one is refused at start (tests/test_config.py): here it goes while running.
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    p = proxy({"OutAddress": upstream.address, "TempDirectory": str(missing),
                "FilterCommand": "cat"}, debug=3)
+    missing.rmdir()
     with p.connect() as client:
         client.cmd("EHLO client.example")
         client.cmd("MAIL FROM:<a@x.test>")
