@@ -383,8 +383,8 @@ def test_listening_beyond_loopback_warns_at_start(tmp_path, upstream):
     try:
         p.start()
         p.wait_log(r"line \d+: Listen: 0\.0\.0\.0:%d accepts connections from other hosts, and "
-                   r"with TransparentProxy and XClient off the server sees every client as this "
-                   r"host" % port)
+                   r"with TransparentProxy, XClient and OutProxyProtocol off the server sees every "
+                   r"client as this host" % port)
     finally:
         assert p.stop() == 0
     q = Proxy(tmp_path / "q", {"OutAddress": upstream.address, "XClient": "on",

@@ -249,8 +249,9 @@ def test_settings_parse():
     assert conf.ProxyProtocol and conf.OutProxyProtocol == "v2"
     assert conf.ProxyProtocolFrom == (ipaddress.ip_network("10.0.0.0/8"),
                                       ipaddress.ip_network("127.0.0.1/32"))
-    alone = config.parse("OutAddress: 25\nProxyProtocolFrom: 10.0.0.1\n")
-    assert alone.warnings == ["the ProxyProtocolFrom option is ignored unless ProxyProtocol is on"]
+    alone = config.parse("OutAddress: 25\nProxyProtocolFrom: 10.0.0.1\nListen: 127.0.0.1:25\n",
+                         "test.conf")
+    assert alone.warnings == ["test.conf, line 2: ProxyProtocolFrom: ignored unless ProxyProtocol is on"]
     default = config.parse("OutAddress: 25\n")
     assert (default.ProxyProtocol, default.ProxyProtocolFrom, default.OutProxyProtocol) == \
         (False, None, "off")

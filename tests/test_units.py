@@ -91,11 +91,13 @@ def test_config_accepts_describes_every_setting():
     ("0.0.0.0:10025", "off", "off", True), ("10025", "off", "off", True),
     ("192.0.2.1:10025", "off", "off", True), ("0.0.0.0:10025", "off", "on", False),
     ("0.0.0.0:10025", "full", "off", False), ("0.0.0.0:10025", "client", "off", False),
+    ("0.0.0.0:10025", "off", "off v2", False),
 ])
 def test_config_warns_when_listening_beyond_loopback_without_client_addresses(
         listen, transparent, xclient, warns):
+    xclient, _, out_proxy = xclient.partition(" ")
     conf = parse("OutAddress: 10026\nListen: %s\nTransparentProxy: %s\nXClient: %s\n"
-                 % (listen, transparent, xclient))
+                 "OutProxyProtocol: %s\n" % (listen, transparent, xclient, out_proxy or "off"))
     found = [w for w in conf.warnings if "accepts connections from other hosts" in w]
     assert bool(found) == warns, conf.warnings
     if warns:
