@@ -1,8 +1,12 @@
 """proxsmtpd.conf: `Name: Value` lines, validated by a configobj spec.
 
 The file syntax is upstream's (names case-insensitive, `#` comments, blank
-lines), which configobj itself cannot read, so lines are split here and the
-values validated by configobj's Validator against SPEC below.
+lines), which configobj itself cannot read, so lines are split here (keeping
+each setting's line number, which configobj would only know for its own
+syntax) and the values validated by configobj's Validator against SPEC below.
+Every error names the file, the line and the setting, and says what the
+setting accepts.  check_system() then checks what the settings need of this
+host; load() does both, for a start, `proxsmtpd -t` and a reload alike.
 """
 
 from __future__ import annotations
