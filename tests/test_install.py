@@ -670,7 +670,8 @@ def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
             checked = sandboxed(["-t", "-f", str(conf)], caps)
             assert checked.returncode == 0, checked.stderr
             os.kill(master, signal.SIGHUP)
-            wait_until(lambda: set(children(master)) - set(workers), 20, what="new workers")
+            wait_until(lambda: children(master) and not set(children(master)) & set(workers), 20,
+                       what="the old worker replaced")
             with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
                 client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
             assert b"X-Unit: reloaded\r\n" in server.wait_messages(2)[1].raw
