@@ -359,7 +359,8 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
         init.config.write_text(settings + "Header: X-Reloaded: yes\n")
         reloaded = init("reload")
         assert reloaded.returncode == 0, reloaded.stderr
-        fresh = wait_until(lambda: (set(children(master)) - set(workers)) and
+        # workers are replaced one by one (at most Workers x 3 alive): wait for all
+        fresh = wait_until(lambda: not set(children(master)) & set(workers) and
                            len(children(master)) == 2 and children(master), 20,
                            what="workers replaced after SIGHUP")
         assert sorted(fresh.values()) == ["proxsmtpd: worker 3 [0 sessions]",
