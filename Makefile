@@ -76,7 +76,8 @@ INITDIR ?= /etc/init.d
 SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
 INSTALL_PYTHON ?= /usr/bin/python3
 INSTALL ?= install
-RUNTIME_DEBS = python3-configobj python3-daemon python3-setproctitle python3-prctl python3-uvloop
+RUNTIME_DEBS = python3-configobj python3-daemon python3-setproctitle python3-prctl python3-uvloop \
+	python3-prometheus-client
 EXAMPLES = add_header.sh reject_pattern.sh spamassassin.sh
 MODULES = $(notdir $(wildcard proxsmtp/*.py))
 

@@ -15,6 +15,7 @@ setup(
         "python-prctl>=1.8",
         "configobj>=5.0.8",
         "uvloop>=0.17",
+        "prometheus-client>=0.16",
     ],
     extras_require={"test": ["pytest>=7", "aiosmtpd>=1.4", "hypothesis>=6"]},
     entry_points={"console_scripts": ["proxsmtpd = proxsmtp.cli:main"]},

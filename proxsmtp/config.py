@@ -51,6 +51,7 @@ SPEC = {
     "FilterTimeout": "integer(min=1, default=30)",
     "FilterReject": "string(min=1, default='530 Email Rejected')",
     "Header": "string(default=None)",
+    "StatsListen": "stats_address(default=None)",
 }
 
 NAMES = {name.lower(): name for name in SPEC}
@@ -99,6 +100,7 @@ class Config:
     FilterTimeout: int = 30
     FilterReject: str = "530 Email Rejected"
     Header: str | None = None
+    StatsListen: Address | None = None     # the /metrics endpoint; None: off
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
@@ -208,6 +210,17 @@ def _listen_address(value: str | None) -> Address:
     return _address(value, 10025)
 
 
+@_check("stats_address", "port, address:port, [IPv6]:port or /path/to/socket")
+def _stats_address(value: str | None) -> Address | None:
+    """Listen's syntax, but a port is needed: there is no customary one."""
+    if value is None or str(value).strip() in ("", "None"):
+        return None
+    addr = _address(value, 0)
+    if not addr.is_unix and addr.port == 0:
+        raise _Detailed("a port is needed")
+    return addr
+
+
 _VALIDATOR = Validator(_CHECKS)
 
 
@@ -300,7 +313,9 @@ def _finish(config: Config) -> None:
                            "one the client chose; use OutAddress")
     if config.FilterType == "smtp":
         _filter_node(config)
-    for name in ("OutAddress", "Listen"):
+    if config.StatsListen is not None and config.StatsListen == config.Listen:
+        raise config.error("StatsListen", "the same address as Listen")
+    for name in ("OutAddress", "Listen", "StatsListen"):
         addr = getattr(config, name)
         if addr is not None and not addr.is_unix and addr.host is not None \
                 and not addresses.is_ip(addr.host):

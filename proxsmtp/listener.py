@@ -6,7 +6,7 @@ import os
 import socket
 
 from . import addresses
-from .addresses import AddressError
+from .addresses import Address, AddressError
 from .config import Config
 from .destination import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IPV6
 from .log import log
@@ -28,7 +28,21 @@ def backlog(config: Config) -> int:
 
 def create(config: Config) -> socket.socket:
     """Bind Listen (SO_REUSEADDR; IP_TRANSPARENT when TransparentProxy is full)."""
-    addr = config.Listen
+    return bind(config.Listen, backlog(config), config.TransparentProxy == "full")
+
+
+def create_stats(config: Config) -> socket.socket | None:
+    """Bind StatsListen, if set (the /metrics endpoint, exporter.py)."""
+    if config.StatsListen is None:
+        return None
+    try:
+        return bind(config.StatsListen, 16, False)
+    except ListenError as exc:
+        raise ListenError("StatsListen: %s" % exc) from None
+
+
+def bind(addr: Address, queue: int, transparent: bool) -> socket.socket:
+    """A non-blocking listening socket on `addr` (a bare port: all addresses)."""
     try:
         if addr.is_unix:
             family, sockaddr = socket.AF_UNIX, addr.path
@@ -54,7 +68,7 @@ def create(config: Config) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6 and addr.host is None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        if config.TransparentProxy == "full" and family != socket.AF_UNIX:
+        if transparent and family != socket.AF_UNIX:
             try:
                 if family == socket.AF_INET6:
                     sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
@@ -63,7 +77,7 @@ def create(config: Config) -> socket.socket:
             except OSError as exc:
                 log.warning("couldn't set transparent mode on socket: %s", exc.strerror)
         sock.bind(sockaddr)
-        sock.listen(backlog(config))
+        sock.listen(queue)
     except OSError as exc:
         sock.close()
         raise ListenError("couldn't bind to address: %s: %s" % (addr, exc.strerror)) from None

@@ -1,7 +1,10 @@
 """Logging: syslog's levels on top of the stdlib, to stderr (-d) or syslog (daemon).
 
 `-d N` shows LOG_ERR + N, so there is a NOTICE level between WARNING and INFO
-as in syslog.  Values that came from the network are passed through `clean()`
+as in syslog: start, reload and stop are logged at NOTICE, so they reach
+syslog.  Foreground lines start with the local time (to the millisecond);
+syslog lines carry the pid of the process that wrote them, as syslog(3)'s
+LOG_PID would, which tells a worker's lines from another's.  Values that came from the network are passed through `clean()`
 before they are logged, so a hostile client cannot forge log lines.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import re
+import socket
 import sys
 
 NOTICE = 25
@@ -17,6 +21,8 @@ logging.addLevelName(NOTICE, "NOTICE")
 
 # -d 0..4 → the lowest level shown
 DEBUG_LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: NOTICE, 3: logging.INFO, 4: logging.DEBUG}
+
+SYSLOG_SOCKET = "/dev/log"
 
 log = logging.getLogger("proxsmtpd")
 
@@ -42,25 +48,45 @@ class _SysLogHandler(logging.handlers.SysLogHandler):
         if record.levelno > logging.DEBUG:
             super().emit(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """No syslog daemon (yet): the line is lost, as with syslog(3); a
+        daemon's stderr is /dev/null anyway.  Each line tries to reconnect."""
+
 
 def setup_stderr(level: int) -> None:
     """Foreground mode: `proxsmtpd: message` on stderr, from `level` up."""
     _reset()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("proxsmtpd: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d proxsmtpd: %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(level)
 
 
-def setup_syslog(address: str = "/dev/log") -> None:
-    """Daemon mode: facility mail, ident proxsmtpd, no debug messages."""
+def syslog_missing(address: str = SYSLOG_SOCKET) -> str:
+    """Why the syslog socket can't be reached ('' if it can), said on stderr
+    before detaching: afterwards there is nowhere to say it."""
+    reason = ""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):     # as SysLogHandler tries
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(address)
+                return ""
+            except OSError as exc:
+                reason = reason or "%s: %s" % (address, exc.strerror)
+    return reason
+
+
+def setup_syslog(address: str = SYSLOG_SOCKET) -> None:
+    """Daemon mode: facility mail, `proxsmtpd[pid]: ` before each line, no
+    debug messages.  A socket missing now is tried again for each line."""
     _reset()
     try:
         handler: logging.Handler = _SysLogHandler(
             address=address, facility=logging.handlers.SysLogHandler.LOG_MAIL)
-        handler.ident = "proxsmtpd: "
     except OSError:
-        handler = logging.NullHandler()   # no syslog daemon: nowhere to log
+        handler = logging.NullHandler()   # an older Python that gives up at once
+    handler.setFormatter(logging.Formatter("proxsmtpd[%(process)d]: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
 

@@ -33,7 +33,7 @@ import prctl
 from setproctitle import setproctitle
 
 from . import config as configuration
-from . import listener, log as logs, privileges, smtppass, spool
+from . import __version__, listener, log as logs, privileges, smtppass, spool, stats
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
@@ -66,7 +66,10 @@ class Master:
         self.options = options
         self.config_file = os.path.abspath(options.config_file)
         self.sock = None
+        self.stats_sock = None
         self.slots: SharedSlots | None = None
+        self.book: stats.Book | None = None     # what workers count, when StatsListen is set
+        self.exporter = None
         self.workers: dict[int, WorkerInfo] = {}
         self.signals: list[int] = []
         self.numbers = itertools.count(1)
@@ -84,12 +87,18 @@ class Master:
             if self.config.User and os.geteuid() == 0:
                 privileges.lookup(self.config.User)
             self.sock = listener.create(self.config)
+            self.stats_sock = listener.create_stats(self.config)
         except (listener.ListenError, privileges.PrivilegeError) as exc:
             log.error("%s", exc)
             return 2 if isinstance(exc, privileges.PrivilegeError) else 1
         if self.options.debug is None:
             self.daemonize()
         self.slots = SharedSlots(self.config.MaxConnections)
+        if self.stats_sock is not None:
+            from .exporter import Exporter     # prometheus_client only when asked for
+            self.book = stats.Book()
+            self.book.max_connections = self.config.MaxConnections
+            self.exporter = Exporter(self.stats_sock, self.book)
         _preload()
         try:
             self.write_pid_file()
@@ -101,21 +110,41 @@ class Master:
             self.tell_launcher("%s" % exc)
             self.remove_pid_file()
             return 1
+        if self.exporter is not None:
+            self.exporter.start()       # without capabilities, with our signals blocked
         self.install_signals()
         prctl.set_child_subreaper(True)     # a dead worker's filters become ours
         setproctitle("proxsmtpd: master -f %s" % self.config_file)
         self.maintain()
-        log.debug("accepting connections")
+        self.count_workers()
+        logs.notice("proxsmtpd %s started: %s", __version__, self.summary())
         self.tell_launcher("")
         try:
             self.supervise()
         finally:
             self.remove_pid_file()
-        log.debug("stopped processing")
+        logs.notice("stopped")
         return 0
+
+    def summary(self) -> str:
+        """The settings an operator looks for first, for the start and reload lines."""
+        config = self.config
+        parts = ["Listen %s" % config.Listen]
+        if config.TransparentProxy != "off":
+            parts.append("TransparentProxy %s" % config.TransparentProxy)
+        else:
+            parts.append("OutAddress %s" % config.OutAddress)
+        parts.append("%d workers, MaxConnections %d" % (config.workers, config.MaxConnections))
+        if config.StatsListen is not None:
+            parts.append("metrics at %s/metrics" % config.StatsListen)
+        return ", ".join(parts)
 
     def daemonize(self) -> None:
         """Detach; the launching process exits 0 only once we report ready."""
+        missing = logs.syslog_missing()
+        if missing:
+            sys.stderr.write("proxsmtpd: no syslog daemon to log to (%s); the daemon's log is "
+                             "lost until one listens there\n" % missing)
         read_fd, self.ready_fd = os.pipe()
         pid = os.fork()
         if pid:
@@ -128,7 +157,8 @@ class Master:
                                                   or "the daemon did not start"))
             os._exit(1)
         os.close(read_fd)
-        context = daemon.DaemonContext(files_preserve=[self.sock.fileno(), self.ready_fd],
+        keep = [sock.fileno() for sock in (self.sock, self.stats_sock) if sock is not None]
+        context = daemon.DaemonContext(files_preserve=[*keep, self.ready_fd],
                                        working_directory="/", umask=0o022, signal_map={})
         context.open()
         logs.setup_syslog()
@@ -195,7 +225,7 @@ class Master:
             while self.signals:
                 signum = self.signals.pop(0)
                 if signum in (signal.SIGTERM, signal.SIGINT):
-                    log.debug("received signal %d, stopping", signum)
+                    logs.notice("received %s, stopping", signal.Signals(signum).name)
                     self.stop()
                     return
                 if signum == signal.SIGHUP:
@@ -203,6 +233,7 @@ class Master:
             self.reap()
             self.slots.collect_debt()
             self.maintain()
+            self.count_workers()
 
     def reap(self) -> None:
         """Collect exited workers; one that died unasked for is logged."""
@@ -217,6 +248,8 @@ class Master:
             if info is None:
                 continue
             lost = self.slots.reclaim(info.index)
+            if self.book is not None:
+                self.book.retire(info.index)
             self.clean_up_after(pid, info, os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
             if info.retiring:
                 log.debug("worker %d (pid %d) finished", info.number, pid)
@@ -284,6 +317,12 @@ class Master:
             if stale:
                 self.retire(stale.pop(0))
 
+    def count_workers(self) -> None:
+        """For /metrics: workers serving, and retiring (finishing their sessions)."""
+        if self.book is not None:
+            retiring = sum(info.retiring for info in self.workers.values())
+            self.book.workers = {"serving": len(self.workers) - retiring, "retiring": retiring}
+
     def spawn(self) -> bool:
         """Fork a worker of the current configuration; False (logged, and retried
         a second later) if that is not possible now: the master must not die of it."""
@@ -294,6 +333,8 @@ class Master:
             self._backoff_until = time.monotonic() + 1.0
             return False
         number = next(self.numbers)
+        if self.book is not None:
+            self.book.attach(index)
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
         try:
             pid = os.fork()
@@ -324,6 +365,8 @@ class Master:
         for fd in (self._wake_r, self._wake_w, self.ready_fd):
             if fd >= 0:
                 os.close(fd)
+        if self.stats_sock is not None:
+            self.stats_sock.close()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -331,6 +374,8 @@ class Master:
         if os.getppid() != master:
             return
         self.slots.bind(index)
+        if self.book is not None:
+            self.book.bind(index)
         smtppass.set_id_source((index << 14) | (n & 0x3FFF) for n in itertools.count(1))
         title = "proxsmtpd: worker %d" % number
 
@@ -365,7 +410,7 @@ class Master:
         except configuration.ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        for name in ("Listen", "TransparentProxy", "User", "PidFile"):
+        for name in ("Listen", "TransparentProxy", "User", "PidFile", "StatsListen"):
             if getattr(new, name) != getattr(self.config, name):
                 log.warning("%s changes need a restart; keeping %s", name, getattr(self.config, name))
                 setattr(new, name, getattr(self.config, name))
@@ -377,15 +422,19 @@ class Master:
         for warning in new.warnings:
             log.warning("%s", warning)
         self.slots.resize(new.MaxConnections)
+        if self.book is not None:
+            self.book.max_connections = new.MaxConnections
         self.config = new
         self.generation += 1                # the running workers are now stale
         self._backoff_until = 0.0
         self.maintain()
-        logs.notice("reloaded configuration from %s", self.config_file)
+        logs.notice("reloaded configuration from %s: %s", self.config_file, self.summary())
 
     def stop(self) -> None:
         """Stop accepting, let workers finish their sessions (bounded), exit."""
         self.sock.close()
+        if self.exporter is not None:
+            self.exporter.stop()
         for pid, info in self.workers.items():
             info.retiring = True
             _kill(pid, signal.SIGTERM)

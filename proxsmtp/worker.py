@@ -26,7 +26,7 @@ try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's ow
 except ImportError:
     uvloop = None
 
-from . import spool
+from . import spool, stats
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
@@ -169,6 +169,7 @@ class Worker:
         if not self.slots.acquire():
             log.error("too many connections open (max %d). sent busy response",
                       self.config.MaxConnections)
+            stats.connection("busy")
             _busy(conn)
             return
         session = Session(self.config, conn)
@@ -197,6 +198,7 @@ class Worker:
 
     def _changed(self) -> None:
         self._changes += 1
+        stats.sessions(len(self.sessions))
         if self.on_change is not None:
             self.on_change(len(self.sessions))
 

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parent.parent
+# how a foreground log line starts (proxsmtp/log.py)
+TIMESTAMP = re.compile(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?=proxsmtpd: )")
 PYTHON = sys.executable
 CRLF = b"\r\n"
 
@@ -268,8 +270,10 @@ class Proxy:
         return self.proc.returncode
 
     def log(self) -> str:
+        """Its stderr, without the timestamp each log line starts with (so that
+        patterns can anchor on `^proxsmtpd: `)."""
         try:
-            return self.stderr_path.read_text(errors="replace")
+            return TIMESTAMP.sub("", self.stderr_path.read_text(errors="replace"))
         except FileNotFoundError:
             return ""
 

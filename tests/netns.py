@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from harness import REPO, pid_alive, stop_process, wait_until, write_config
+from harness import REPO, TIMESTAMP, pid_alive, stop_process, wait_until, write_config
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -364,8 +364,9 @@ class NamespacedProxy:
         return self.proc.returncode
 
     def log(self) -> str:
+        """Its stderr, without the timestamps (as harness.Proxy.log)."""
         try:
-            return self.stderr_path.read_text(errors="replace")
+            return TIMESTAMP.sub("", self.stderr_path.read_text(errors="replace"))
         except FileNotFoundError:
             return ""
 

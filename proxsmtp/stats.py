@@ -1,0 +1,154 @@
+"""What the gateway counts for /metrics: workers add to shared memory, the master sums.
+
+Each worker owns one row of a shared array of doubles, at the same index as
+its MaxConnections books (slots.py), and is the only writer of that row; a
+count costs one in-process addition, no system call, no lock and no message
+to the master.  The master (exporter.py) sums the rows when scraped.  When
+a worker exits, however it died (SIGKILL included: its counts are already in
+shared memory), the master folds its counters into its own `retired` totals
+and clears the row before the index is used again, under the lock the
+scrape takes: counters never go backwards and lose nothing, and the dead
+worker's sessions gauge goes with it.
+
+prometheus_client's own multiprocess mode was the alternative.  It keeps one
+mmap'd file per process and metric type in a directory that must be named
+in the environment before the library is imported; the files of every
+replaced worker must stay (their counters count), so the directory, and the
+work of every scrape, grows with each reload.  Here the memory is fixed
+(MAX_WORKER_SLOTS rows) and the library only formats the totals.
+
+The recording functions (`connection`, `message`, ...) are no-ops until a
+worker is bound to a Book, i.e. whenever StatsListen is off.
+"""
+
+from __future__ import annotations
+
+import bisect
+import multiprocessing
+import threading
+
+from .slots import MAX_WORKER_SLOTS
+
+CONNECTION_RESULTS = ("accepted", "busy", "refused")
+MESSAGE_STATUSES = ("FILTERED", "REJECTED", "SKIPPED", "FILTER-ERROR")
+SERVER_ERRORS = ("connect", "closed", "timeout")
+FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
+
+
+class _Layout:
+    """Where each value lives in a row: the gauge first, then the counters."""
+
+    def __init__(self) -> None:
+        self.width = 0
+        self.sessions = self._take(1)
+        self.connections = dict(zip(CONNECTION_RESULTS, self._take(len(CONNECTION_RESULTS))))
+        self.messages = dict(zip(MESSAGE_STATUSES, self._take(len(MESSAGE_STATUSES))))
+        self.server_errors = dict(zip(SERVER_ERRORS, self._take(len(SERVER_ERRORS))))
+        # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
+        self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
+        self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
+        self.counters = range(self.sessions[0] + 1, self.width)
+
+    def _take(self, count: int) -> list[int]:
+        cells = list(range(self.width, self.width + count))
+        self.width += count
+        return cells
+
+
+LAYOUT = _Layout()
+WIDTH = LAYOUT.width
+
+_cells = None        # the shared array, in a worker bound to a Book
+_base = 0            # this worker's row offset in it
+
+
+# --- in a worker: the recording API ---------------------------------------------
+
+def sessions(count: int) -> None:
+    """This worker's live sessions (a gauge)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.sessions[0]] = count
+
+
+def connection(result: str) -> None:
+    """A connection was `accepted` (a session runs), `busy` (MaxConnections: 421)
+    or `refused` (turned away before a server was contacted)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.connections[result]] += 1
+
+
+def message(status: str, size: int | None = None, filter_seconds: float | None = None) -> None:
+    """One message's outcome: the log line's status word (a rejection's reply
+    text counts as REJECTED), its size in bytes and the filter's run time,
+    each where known."""
+    if _cells is None:
+        return
+    cell = LAYOUT.messages.get(status, LAYOUT.messages["REJECTED"])
+    _cells[_base + cell] += 1
+    if size is not None:
+        _observe(LAYOUT.size, SIZE_BUCKETS, float(size))
+    if filter_seconds is not None:
+        _observe(LAYOUT.filter, FILTER_BUCKETS, filter_seconds)
+
+
+def server_error(reason: str) -> None:
+    """The server could not be reached (`connect`), closed the connection
+    unasked (`closed`) or did not answer in time (`timeout`)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.server_errors[reason]] += 1
+
+
+def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:
+    row = _base + start
+    _cells[row + bisect.bisect_left(bounds, value)] += 1
+    _cells[row + len(bounds) + 1] += value
+
+
+# --- in the master ------------------------------------------------------------------
+
+class Book:
+    """The shared rows, created by the master before it forks workers."""
+
+    def __init__(self) -> None:
+        self._cells = multiprocessing.get_context("fork").RawArray("d", MAX_WORKER_SLOTS * WIDTH)
+        self._retired = [0.0] * WIDTH
+        self._rows = 0                      # rows ever handed out (free_index keeps them low)
+        self._lock = threading.Lock()
+        self.workers = {"serving": 0, "retiring": 0}
+        self.max_connections = 0
+
+    def attach(self, index: int) -> None:
+        """Before forking the worker that will own row `index`: start it at zero."""
+        with self._lock:
+            self._clear(index)
+            self._rows = max(self._rows, index + 1)
+
+    def bind(self, index: int) -> None:
+        """In the new worker: from now on the recording functions count in its row."""
+        global _cells, _base
+        _cells, _base = self._cells, index * WIDTH
+
+    def retire(self, index: int) -> None:
+        """The worker of row `index` has exited: keep its counters, drop its gauge."""
+        with self._lock:
+            base = index * WIDTH
+            for cell in LAYOUT.counters:
+                self._retired[cell] += self._cells[base + cell]
+            self._clear(index)
+
+    def totals(self) -> list[float]:
+        """Every cell summed over the live rows and the retired totals."""
+        with self._lock:
+            rows = self._cells[:self._rows * WIDTH]
+            return [self._retired[cell] + sum(rows[cell::WIDTH]) for cell in range(WIDTH)]
+
+    def _clear(self, index: int) -> None:
+        base = index * WIDTH
+        self._cells[base:base + WIDTH] = [0.0] * WIDTH
+
+
+def unbind() -> None:
+    """Stop counting in this process (tests; a worker never needs it)."""
+    global _cells, _base
+    _cells, _base = None, 0

@@ -1,0 +1,262 @@
+"""StatsListen: /metrics scraped with a real HTTP client (urllib) and parsed with
+prometheus_client's own parser, against a real proxsmtpd with several workers:
+counts equal what was sent, the sessions gauge follows held connections,
+counters survive a reload and a SIGKILLed worker, and hostile scrapers cost
+the mail nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import Client, free_port, run_proxsmtpd, send_mail, title, wait_until, write_config
+from proxsmtp import exporter, stats
+
+
+def scrape(px, path: str = "/metrics") -> dict:
+    """{(sample name, ((label, value), ...)): value} from GET /metrics."""
+    with urllib.request.urlopen("http://%s%s" % (px.stats, path), timeout=10) as answer:
+        assert answer.status == 200
+        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = answer.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def counters(samples: dict) -> dict:
+    return {key: number for key, number in samples.items()
+            if key[0].endswith(("_total", "_bucket", "_count", "_sum"))}
+
+
+@pytest.fixture
+def metered(proxy, upstream):
+    """Factory: a proxy with StatsListen on a free loopback port (`px.stats`)."""
+    def make(settings: dict | None = None, **kwargs):
+        port = free_port()
+        merged = {"OutAddress": upstream.address, "Workers": 2,
+                  "StatsListen": "127.0.0.1:%d" % port}
+        merged.update(settings or {})
+        px = proxy(merged, **kwargs)
+        px.stats = "127.0.0.1:%d" % port
+        wait_until(lambda: all("[0 sessions]" in t for t in px.children().values()), 10,
+                   what="idle workers")
+        return px
+    return make
+
+
+def spread(px, most: int = 40) -> list[Client]:
+    """Open held sessions until every worker serves at least one."""
+    clients: list[Client] = []
+    while len(clients) < most:
+        clients.append(px.connect())
+        if all("[0 sessions]" not in t for t in px.children().values()):
+            return clients
+    raise AssertionError("connections never reached every worker: %r" % px.children())
+
+
+# --- gauges ------------------------------------------------------------------------------
+
+def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
+    px = metered({"MaxConnections": 3})
+    before = scrape(px)
+    assert value(before, "proxsmtpd_sessions") == 0
+    assert value(before, "proxsmtpd_workers", state="serving") == 2
+    assert value(before, "proxsmtpd_max_connections") == 3
+    held = [px.connect() for _ in range(3)]
+    try:
+        assert value(scrape(px), "proxsmtpd_sessions") == 3
+        with Client(px.host, px.port) as extra:      # the fourth: 421 busy
+            assert extra.greeting[0].startswith("421")
+        now = scrape(px)
+        assert value(now, "proxsmtpd_connections_total", result="busy") == \
+            value(before, "proxsmtpd_connections_total", result="busy") + 1
+        held.pop().close()
+        wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 2, 10, what="2 sessions")
+    finally:
+        for client in held:
+            client.close()
+    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
+
+
+def test_metrics_answers_404_elsewhere_and_head(metered):
+    px = metered()
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen("http://%s/" % px.stats, timeout=10)
+    assert error.value.code == 404
+    request = urllib.request.Request("http://%s/metrics?x=1" % px.stats, method="HEAD")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200 and int(answer.headers["Content-Length"]) > 0
+
+
+# --- counters over workers, reloads and a killed worker --------------------------------------
+
+def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered, upstream):
+    px = metered()
+    clients = spread(px)
+    for client in clients:
+        assert send_mail(client, "a@x.test", ["b@y.test"], b"Subject: k\r\n\r\nbody\r\n")[-1] \
+            .startswith("250")
+    upstream.wait_messages(len(clients))
+    before = scrape(px)
+    assert value(before, "proxsmtpd_sessions") == len(clients)
+    victim = min(px.children())
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in px.children() and len(px.children()) == 2, 15,
+               what="the killed worker replaced")
+    survivors = sum(int(title(pid).split("[")[1].split()[0]) for pid in px.children())
+    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == survivors
+                                else None)(scrape(px)), 10, what="the dead worker's sessions gone")
+    assert value(after, "proxsmtpd_workers", state="serving") == 2
+    for key, number in counters(before).items():
+        assert after[key] >= number, key
+    for client in clients:
+        client.close()
+
+
+def test_counters_survive_a_reload(metered, upstream):
+    px = metered()
+    clients = spread(px)
+    for client in clients:
+        client.close()
+    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
+    before = scrape(px)
+    old = set(px.children())
+    px.proc.send_signal(signal.SIGHUP)
+    px.wait_log(r"reloaded configuration")
+    wait_until(lambda: not old & set(px.children()) and len(px.children()) == 2, 15,
+               what="new workers")
+    after = scrape(px)
+    assert counters(after) == counters(before)
+    with px.connect() as client:
+        pass
+    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
+    assert value(scrape(px), "proxsmtpd_workers", state="serving") == 2
+
+
+# --- hostile scrapers ---------------------------------------------------------------------
+
+def stats_socket(px) -> socket.socket:
+    host, port = px.stats.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def test_junk_and_idle_scrapers_cost_the_mail_nothing(metered, upstream):
+    px = metered()
+    with stats_socket(px) as junk:
+        junk.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n")
+        assert junk.recv(100).startswith(b"HTTP/1.0 400")
+    idle = [stats_socket(px) for _ in range(exporter.MAX_SCRAPERS + 3)]
+    try:
+        for number in range(3):             # mail flows while every scraper slot is held
+            with px.connect() as client:
+                assert send_mail(client, "a@x.test", ["b@y.test"],
+                                 b"Subject: %d\r\n\r\nbody\r\n" % number)[-1].startswith("250")
+        upstream.wait_messages(3)
+        for sock in idle:                   # ...and the idle ones are dropped, not kept
+            sock.settimeout(exporter.SCRAPE_TIMEOUT + 10)
+            assert sock.recv(100) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    assert value(scrape(px), "proxsmtpd_workers", state="serving") == 2
+
+
+def test_random_bytes_on_the_stats_port_are_answered_or_closed(metered):
+    px = metered()
+
+    requests = st.builds(lambda verb, path, rest: verb + b" " + path + b" HTTP/1.1\r\n" + rest,
+                         st.sampled_from([b"GET", b"HEAD", b"POST", b"get", b"\x00GET"]),
+                         st.sampled_from([b"/metrics", b"/"]) | st.binary(max_size=40),
+                         st.binary(max_size=200))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.binary(max_size=300) | requests | requests.map(lambda r: r + b"\r\n\r\n"))
+    def check(data: bytes) -> None:
+        with stats_socket(px) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(exporter.SCRAPE_TIMEOUT + 5)
+            answer = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.0 "), answer[:80]
+
+    check()
+    assert value(scrape(px), "proxsmtpd_sessions") == 0
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def test_stats_listen_needs_a_port_and_a_free_address(tmp_path, upstream):
+    conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address,
+                                              "StatsListen": "127.0.0.1"})
+    result = run_proxsmtpd("-d", "1", "-f", str(conf))
+    assert result.returncode == 2
+    assert "StatsListen: a port is needed" in result.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        conf = write_config(tmp_path / "p.conf", {
+            "OutAddress": upstream.address, "Listen": "127.0.0.1:%d" % free_port(),
+            "StatsListen": "127.0.0.1:%d" % taken.getsockname()[1],
+            "TempDirectory": str(tmp_path)})
+        result = run_proxsmtpd("-d", "1", "-f", str(conf))
+    assert result.returncode == 1
+    assert "StatsListen: couldn't bind to address" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- the shared rows, in process ---------------------------------------------------------------
+
+def test_book_folds_a_dead_rows_counters_and_drops_its_gauge():
+    book = stats.Book()
+    try:
+        book.attach(3)
+        book.bind(3)
+        stats.sessions(2)
+        stats.connection("accepted")
+        stats.message("550 5.7.1 no", 5000, 0.5)
+        stats.message("FILTERED", 1024, 0.005)
+        stats.server_error("timeout")
+        live = book.totals()
+        book.retire(3)
+        dead = book.totals()
+    finally:
+        stats.unbind()
+    layout = stats.LAYOUT
+    assert live[layout.sessions[0]] == 2 and dead[layout.sessions[0]] == 0
+    for cell in layout.counters:
+        assert dead[cell] == live[cell]
+    assert dead[layout.messages["REJECTED"]] == 1 and dead[layout.messages["FILTERED"]] == 1
+    assert dead[layout.server_errors["timeout"]] == 1
+    size = dead[layout.size:layout.size + len(stats.SIZE_BUCKETS) + 2]
+    assert size[0] == 1 and size[2] == 1 and size[-1] == 6024      # le=1024 holds 1024
+    duration = dead[layout.filter:layout.filter + len(stats.FILTER_BUCKETS) + 2]
+    assert duration[0] == 1 and duration[stats.FILTER_BUCKETS.index(0.5)] == 1
+
+
+def test_recording_is_a_no_op_when_off():
+    book = stats.Book()
+    book.attach(0)
+    stats.unbind()
+    stats.connection("accepted")
+    stats.message("FILTERED", 10, 0.1)
+    stats.sessions(5)
+    assert book.totals() == [0.0] * stats.WIDTH
