@@ -129,6 +129,7 @@ install:
 	done
 	$(SUBST) etc/proxsmtpd.conf > $(DESTDIR)$(DATADIR)/proxsmtpd.conf
 	$(SUBST) init/proxsmtpd.default > $(DESTDIR)$(DATADIR)/proxsmtpd.default
+	$(INSTALL) -m 644 share/grafana-dashboard.json $(DESTDIR)$(DATADIR)/grafana-dashboard.json
 	chmod 644 $(DESTDIR)$(DATADIR)/proxsmtpd.conf $(DESTDIR)$(DATADIR)/proxsmtpd.default
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf ]; then \
 	  echo "kept the existing $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf (new sample: $(DATADIR)/proxsmtpd.conf)"; \
@@ -174,7 +175,8 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR)$(LIBDIR)/proxsmtp/,$(MODULES))
 	rm -rf $(DESTDIR)$(LIBDIR)/proxsmtp/__pycache__
 	rm -f $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8 $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
-	rm -f $(addprefix $(DESTDIR)$(DATADIR)/,$(EXAMPLES) proxsmtpd.conf proxsmtpd.default)
+	rm -f $(addprefix $(DESTDIR)$(DATADIR)/,$(EXAMPLES) proxsmtpd.conf proxsmtpd.default \
+	  grafana-dashboard.json)
 	rm -f $(DESTDIR)$(INITDIR)/proxsmtpd $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
 	@dirs=$$(sort -r $(DESTDIR)$(CREATED) 2>/dev/null); rm -f $(DESTDIR)$(CREATED); \
 	for d in $$dirs $(LIBDIR)/proxsmtp $(LIBDIR) $(DATADIR); do \

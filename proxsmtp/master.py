@@ -87,18 +87,13 @@ class Master:
             if self.config.User and os.geteuid() == 0:
                 privileges.lookup(self.config.User)
             self.sock = listener.create(self.config)
-            self.stats_sock = listener.create_stats(self.config)
+            self.open_stats()
         except (listener.ListenError, privileges.PrivilegeError) as exc:
             log.error("%s", exc)
             return 2 if isinstance(exc, privileges.PrivilegeError) else 1
         if self.options.debug is None:
             self.daemonize()
         self.slots = SharedSlots(self.config.MaxConnections)
-        if self.stats_sock is not None:
-            from .exporter import Exporter     # prometheus_client only when asked for
-            self.book = stats.Book()
-            self.book.max_connections = self.config.MaxConnections
-            self.exporter = Exporter(self.stats_sock, self.book)
         _preload()
         try:
             self.write_pid_file()
@@ -138,6 +133,21 @@ class Master:
         if config.StatsListen is not None:
             parts.append("metrics at %s/metrics" % config.StatsListen)
         return ", ".join(parts)
+
+    def open_stats(self) -> None:
+        """StatsListen: bound with Listen, before privileges are dropped; served
+        by a thread started once they are."""
+        self.stats_sock = listener.create_stats(self.config)
+        if self.stats_sock is None:
+            return
+        try:
+            from .exporter import Exporter     # prometheus_client only when asked for
+        except ImportError as exc:
+            raise listener.ListenError("StatsListen needs the prometheus_client package "
+                                       "(python3-prometheus-client): %s" % exc) from None
+        self.book = stats.Book()
+        self.book.max_connections = self.config.MaxConnections
+        self.exporter = Exporter(self.stats_sock, self.book)
 
     def daemonize(self) -> None:
         """Detach; the launching process exits 0 only once we report ready."""

@@ -68,6 +68,7 @@ def expected_tree(prefix: str, sysconfdir: str) -> dict[str, int]:
         "%s/share/proxsmtpd/proxsmtpd.conf" % prefix: 0o644,
         "%s/share/proxsmtpd/proxsmtpd.default" % prefix: 0o644,
         "%s/lib/proxsmtpd/installed-directories" % prefix: 0o644,
+        "%s/share/proxsmtpd/grafana-dashboard.json" % prefix: 0o644,
     }
     for name in modules():
         tree["%s/lib/proxsmtpd/proxsmtp/%s" % (prefix, name)] = 0o644

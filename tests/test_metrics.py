@@ -6,7 +6,9 @@ the mail nothing."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import urllib.error
@@ -16,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Client, free_port, run_proxsmtpd, send_mail, title, wait_until, write_config
+from harness import REPO, Client, free_port, run_proxsmtpd, send_mail, title, wait_until, write_config
 from proxsmtp import exporter, stats
 
 
@@ -260,3 +262,25 @@ def test_recording_is_a_no_op_when_off():
     stats.message("FILTERED", 10, 0.1)
     stats.sessions(5)
     assert book.totals() == [0.0] * stats.WIDTH
+
+
+def test_dashboard_queries_only_exported_metrics():
+    """share/grafana-dashboard.json is valid JSON whose queries name metrics that
+    /metrics really has (a renamed metric would leave a panel empty)."""
+    dashboard = json.loads((REPO / "share" / "grafana-dashboard.json").read_text())
+    exported = {sample.name for family in exporter.Collector(stats.Book()).collect()
+                for sample in family.samples}
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(queries) >= 7
+    for query in queries:
+        names = re.findall(r"proxsmtpd_\w+", query)
+        assert names and set(names) <= exported, query
+
+
+def test_every_metric_is_documented_in_proxsmtpd_8():
+    text = (REPO / "man" / "proxsmtpd.8").read_text()
+    for family in exporter.Collector(stats.Book()).collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert re.search(r"^\.BR? %s\b" % name, text, re.M), name
+        for label in {key for sample in family.samples for key in sample.labels} - {"le"}:
+            assert "%s { %s }" % (name, label) in text, (name, label)
