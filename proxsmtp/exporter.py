@@ -146,15 +146,15 @@ class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 
 class Exporter:
-    """The /metrics endpoint of a Book; `start()` after privileges are dropped."""
+    """The /metrics endpoint on a bound socket; `start(book)` once privileges are
+    dropped and the Book exists (after daemonizing: see SharedSlots)."""
 
-    def __init__(self, sock: socket.socket, book: Book) -> None:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(Collector(book))
-        self.server = _Server(sock, registry)
+    def __init__(self, sock: socket.socket) -> None:
+        self.server = _Server(sock, CollectorRegistry(auto_describe=False))
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, book: Book) -> None:
+        self.server.registry.register(Collector(book))
         self._thread = threading.Thread(target=self.server.serve_forever, name="stats",
                                         daemon=True)
         self._thread.start()

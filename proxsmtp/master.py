@@ -94,6 +94,9 @@ class Master:
         if self.options.debug is None:
             self.daemonize()
         self.slots = SharedSlots(self.config.MaxConnections)
+        if self.exporter is not None:
+            self.book = stats.Book()
+            self.book.max_connections = self.config.MaxConnections
         _preload()
         try:
             self.write_pid_file()
@@ -106,7 +109,7 @@ class Master:
             self.remove_pid_file()
             return 1
         if self.exporter is not None:
-            self.exporter.start()       # without capabilities, with our signals blocked
+            self.exporter.start(self.book)  # without capabilities, with our signals blocked
         self.install_signals()
         prctl.set_child_subreaper(True)     # a dead worker's filters become ours
         setproctitle("proxsmtpd: master -f %s" % self.config_file)
@@ -145,9 +148,7 @@ class Master:
         except ImportError as exc:
             raise listener.ListenError("StatsListen needs the prometheus_client package "
                                        "(python3-prometheus-client): %s" % exc) from None
-        self.book = stats.Book()
-        self.book.max_connections = self.config.MaxConnections
-        self.exporter = Exporter(self.stats_sock, self.book)
+        self.exporter = Exporter(self.stats_sock)
 
     def daemonize(self) -> None:
         """Detach; the launching process exits 0 only once we report ready."""
