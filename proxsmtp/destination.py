@@ -32,6 +32,12 @@ class DestinationError(Exception):
     """No server connection for this session (the client gets 421)."""
 
 
+class Refused(DestinationError):
+    """No server to try: transparent proxying found no original destination,
+    or the client would be connected to itself (counted as a refused
+    connection, not a server error)."""
+
+
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """The address the client meant to reach, before an iptables REDIRECT.
 
@@ -72,11 +78,11 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
             else:
                 host, port = sock.getsockname()[:2]
         except OSError as exc:
-            raise DestinationError("couldn't get original destination for transparent "
+            raise Refused("couldn't get original destination for transparent "
                                    "proxying: %s" % exc.strerror) from None
         host = addresses.plain_ip(host)
         if host == client_ip:
-            raise DestinationError("loop detected in transparent proxying")
+            raise Refused("loop detected in transparent proxying")
         source = (client_ip, 0) if config.TransparentProxy == "full" else None
         return addresses.Address(host, port), source
     out = config.OutAddress

@@ -32,12 +32,16 @@ FINAL_REPLY_WAIT = 600.0
 
 
 class SessionEnd(Exception):
-    """Ends the session; `reply` (if any) is the last thing the client hears."""
+    """Ends the session; `reply` (if any) is the last thing the client hears.
+    `server_error` (connect, closed, timeout) when the server failed us: counted
+    for /metrics (stats.server_error)."""
 
-    def __init__(self, reason: str, reply: bytes | None = R_FAILED, level: int = logging.ERROR):
+    def __init__(self, reason: str, reply: bytes | None = R_FAILED, level: int = logging.ERROR,
+                 server_error: str | None = None):
         super().__init__(reason)
         self.reply = reply
         self.level = level
+        self.server_error = server_error
 
 
 @dataclass(slots=True)
@@ -133,9 +137,10 @@ class ServerLeg:
         except ReplyTooLong as exc:
             raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         except ChannelClosed:
-            raise SessionEnd("server disconnected unexpectedly") from None
+            raise SessionEnd("server disconnected unexpectedly", server_error="closed") from None
         except asyncio.TimeoutError:
-            raise SessionEnd("network operation timed out waiting for server") from None
+            raise SessionEnd("network operation timed out waiting for server",
+                             server_error="timeout") from None
 
     async def command(self, line: bytes) -> list[bytes]:
         """Send one command of the proxy's own and read its reply."""

@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 
-from . import destination, filters, proxyproto
+from . import destination, filters, proxyproto, stats
 from .commands import envelope_address, parse_xforward, verb_of
 from .config import Config
 from .data import Transfer
@@ -114,8 +114,10 @@ class Session:
         return False
 
     def log_message(self, status: str) -> None:
-        """The one info line per message: client, from, to..., outcome, status."""
+        """The one info line per message: client, from, to..., outcome, status;
+        counted for /metrics with the same status word."""
         log.info("%s: %s", self.tag, self.envelope.log_line(status))
+        stats.message(status, self.envelope.size, self.envelope.filter_seconds)
 
     # --- life cycle -----------------------------------------------------------
 
@@ -128,6 +130,7 @@ class Session:
             await loop.connect_accepted_socket(lambda: self.client, self.sock)
         except OSError as exc:
             log.error("%s: couldn't set up the client connection: %s", self.tag, exc)
+            stats.connection("refused")
             self.sock.close()
             return
         try:
@@ -138,11 +141,15 @@ class Session:
             await self.passthru()
         except SessionEnd as end:
             log.log(end.level, "%s: %s", self.tag, end)
+            if end.server_error:
+                stats.server_error(end.server_error)
             self._last_word(end.reply)
         except proxyproto.ProxyHeaderError as exc:
             log.log(exc.level, "%s: %s: %s", self.tag, envelope.client_ip, exc)
         except ChannelClosed as exc:
             log.warning("%s: %s", self.tag, exc)
+            if exc.channel == self.server.name:
+                stats.server_error("timeout" if exc.timed_out else "closed")
             self._last_word(R_FAILED)
         except asyncio.CancelledError:
             self._last_word(R_SHUTDOWN)
@@ -179,8 +186,13 @@ class Session:
         try:
             sock, self.envelope.server_ip = await destination.connect(
                 self.config, self.envelope, self.sock, self.proxy_header)
-        except destination.DestinationError as exc:
+        except destination.Refused as exc:
+            stats.connection("refused")
             raise SessionEnd(str(exc), R_CANTCONNECT) from None
+        except destination.DestinationError as exc:
+            stats.connection("accepted")
+            raise SessionEnd(str(exc), R_CANTCONNECT, server_error="connect") from None
+        stats.connection("accepted")
         await asyncio.get_running_loop().create_connection(lambda: self.server, sock=sock)
         log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
         self.replies.expect(GREETING)
@@ -204,7 +216,7 @@ class Session:
                     client.write(rest.rstrip(b"\r\n") + CRLF)
                 elif self.replies.waiting_for_server:     # the client must not wait forever
                     raise SessionEnd("server closed the connection before replying",
-                                     R_SERVERGONE, logging.WARNING)
+                                     R_SERVERGONE, logging.WARNING, server_error="closed")
                 log.debug("%s: server closed the connection", self.tag)
                 return
             got = None if self.backed_up else client.take_line()
@@ -219,7 +231,8 @@ class Session:
                 await wait_any((client, server), client_wait(client, self.timeout, reason))
             except asyncio.TimeoutError:
                 client_wait(client, self.timeout, reason)   # says so if a line was left unfinished
-                raise SessionEnd(reason, None) from None
+                raise SessionEnd(reason, None, server_error="timeout"
+                                 if self.replies.waiting_for_server else None) from None
 
     @property
     def backed_up(self) -> bool:

@@ -37,6 +37,11 @@ def is_continued(line: bytes) -> bool:
 class ChannelClosed(Exception):
     """The peer went away, a write failed, or a read or write timed out."""
 
+    def __init__(self, message: str, channel: str = "", timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.channel = channel          # the Channel's name: CLIENT, SERVER or FILTER
+        self.timed_out = timed_out
+
 
 class ReplyTooLong(ChannelClosed):
     """A peer's reply ran past REPLY_MAX_LINES or REPLY_MAX_BYTES: not a
@@ -234,7 +239,7 @@ class Channel(asyncio.Protocol):
             if got is not None:
                 return got
             if self.eof:
-                raise ChannelClosed("%s: connection closed by peer" % self.name)
+                raise ChannelClosed("%s: connection closed by peer" % self.name, self.name)
             await self.wait(timeout)
 
     async def read_reply(self, timeout: float) -> list[bytes]:
@@ -259,7 +264,7 @@ class Channel(asyncio.Protocol):
         """Queue bytes for the peer; raises ChannelClosed if it is gone.
         Message content is written with trace=False: it is never logged."""
         if self.transport is None or self.transport.is_closing():
-            raise ChannelClosed("%s: connection closed, can't write data" % self.name)
+            raise ChannelClosed("%s: connection closed, can't write data" % self.name, self.name)
         if trace and self._trace:
             self.trace(">", data)
         self.last_action = self.last_sent = time.monotonic()
@@ -269,16 +274,17 @@ class Channel(asyncio.Protocol):
         """Wait until the kernel has taken what was written (flow control)."""
         while self._paused_writing:
             if self.transport is None or self.transport.is_closing():
-                raise ChannelClosed("%s: connection closed while writing" % self.name)
+                raise ChannelClosed("%s: connection closed while writing" % self.name, self.name)
             self._drain = asyncio.get_running_loop().create_future()
             try:
                 await asyncio.wait_for(self._drain, timeout)
             except asyncio.TimeoutError:
-                raise ChannelClosed("%s: network write operation timed out" % self.name) from None
+                raise ChannelClosed("%s: network write operation timed out" % self.name, self.name,
+                                    timed_out=True) from None
             finally:
                 self._drain = None
         if self.transport is None or self.transport.is_closing():
-            raise ChannelClosed("%s: connection closed while writing" % self.name)
+            raise ChannelClosed("%s: connection closed while writing" % self.name, self.name)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

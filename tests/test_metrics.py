@@ -151,6 +151,111 @@ def test_counters_survive_a_reload(metered, upstream):
     assert value(scrape(px), "proxsmtpd_workers", state="serving") == 2
 
 
+# --- messages, connections and server errors, end to end --------------------------------
+
+FILTER = """#!/bin/sh
+# FILTERED, unless the message asks to be rejected (550) or to break the filter
+m=$(mktemp -p "%s")
+cat > "$m"
+if grep -q REJECTME "$m"; then rm -f "$m"; echo "550 5.7.1 no thanks" >&2; exit 1; fi
+if grep -q FAILME "$m"; then rm -f "$m"; echo "filter broke" >&2; exit 127; fi
+cat "$m"
+rm -f "$m"
+"""
+
+
+def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
+        metered, make_upstream, tmp_path):
+    upstream = make_upstream(extensions=("AUTH PLAIN",))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    script = tmp_path / "filter.sh"
+    script.write_text(FILTER % scratch)
+    script.chmod(0o755)
+    px = metered({"OutAddress": upstream.address, "FilterCommand": str(script),
+                  "Skip": "authenticated"})
+    before = scrape(px)
+    clients = spread(px)
+    sizes = []
+    for number, client in enumerate(clients):
+        for word in ("fine", "REJECTME", "FAILME"):
+            body = b"Subject: %s\r\n\r\n%s\r\n" % (word.encode(), b"x" * (100 * number))
+            sizes.append(len(body))
+            reply = send_mail(client, "a@x.test", ["b@y.test"], body)[-1]
+            assert reply[:3] == {"fine": "250", "REJECTME": "550", "FAILME": "451"}[word], reply
+        assert client.cmd("AUTH PLAIN AHVzZXIAcGFzcw==")[0].startswith("235")
+        body = b"Subject: skipped\r\n\r\n" + b"y" * 5000 + b"\r\n"
+        sizes.append(len(body))
+        assert send_mail(client, "a@x.test", ["b@y.test"], body)[-1].startswith("250")
+    for client in clients:
+        client.close()
+    upstream.wait_messages(2 * len(clients))
+    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0 else None)(
+        scrape(px)), 10, what="no sessions")
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    n = len(clients)
+    for status in ("FILTERED", "REJECTED", "FILTER-ERROR", "SKIPPED"):
+        assert grew("proxsmtpd_messages_total", status=status) == n, status
+    assert grew("proxsmtpd_connections_total", result="accepted") == n
+    assert grew("proxsmtpd_filter_duration_seconds_count") == 3 * n
+    assert grew("proxsmtpd_filter_duration_seconds_sum") > 0
+    assert grew("proxsmtpd_message_size_bytes_count") == 4 * n
+    assert grew("proxsmtpd_message_size_bytes_sum") == sum(sizes)
+    assert grew("proxsmtpd_message_size_bytes_bucket", le="4096") == 3 * n
+    assert value(after, "proxsmtpd_message_size_bytes_bucket", le="+Inf") == \
+        value(after, "proxsmtpd_message_size_bytes_count")
+
+
+def test_server_errors_by_reason(metered, make_upstream):
+    """connect: nothing listens; closed: the server hangs up at RCPT; timeout: a
+    server that never greets (TimeOut 2)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        cases = [("connect", "127.0.0.1:%d" % free_port()),
+                 ("closed", make_upstream(drop_at="RCPT").address),
+                 ("timeout", "127.0.0.1:%d" % silent.getsockname()[1])]
+        for reason, address in cases:
+            px = metered({"OutAddress": address, "TimeOut": 2, "Workers": 1})
+            before = scrape(px)
+            with px.connect(timeout=30) as client:
+                if reason == "closed":
+                    assert client.code("EHLO c.test") == 250
+                    assert client.code("MAIL FROM:<a@x.test>") == 250
+                    client.send("RCPT TO:<b@y.test>\r\n")
+                assert client.closed_by_peer(30)
+            after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0
+                                        else None)(scrape(px)), 10, what="no sessions")
+            for other in stats.SERVER_ERRORS:
+                grown = value(after, "proxsmtpd_server_errors_total", reason=other) - \
+                    value(before, "proxsmtpd_server_errors_total", reason=other)
+                assert grown == (1 if other == reason else 0), (reason, other, grown)
+            px.stop()
+    finally:
+        silent.close()
+
+
+def test_refused_connections_are_counted(metered, upstream):
+    """TransparentProxy with a client that connects to the proxy itself: the loop
+    is refused before any server is contacted."""
+    px = metered({"OutAddress": None, "TransparentProxy": "client", "Workers": 1})
+    before = scrape(px)
+    with px.connect() as client:
+        assert client.closed_by_peer()
+    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0 else None)(
+        scrape(px)), 10, what="no sessions")
+    grew = {result: value(after, "proxsmtpd_connections_total", result=result) -
+            value(before, "proxsmtpd_connections_total", result=result)
+            for result in stats.CONNECTION_RESULTS}
+    assert grew == {"accepted": 0, "busy": 0, "refused": 1}
+    assert value(after, "proxsmtpd_server_errors_total", reason="connect") == \
+        value(before, "proxsmtpd_server_errors_total", reason="connect")
+
+
 # --- hostile scrapers ---------------------------------------------------------------------
 
 def stats_socket(px) -> socket.socket:
