@@ -50,7 +50,8 @@ class Collector:
                                 "The MaxConnections setting: sessions allowed at once.",
                                 value=self.book.max_connections)
         yield _counter("proxsmtpd_connections", "Connections by what became of them: accepted "
-                       "(a session ran), busy (421, MaxConnections reached), refused.",
+                       "(the server was tried), busy (421, MaxConnections reached), refused "
+                       "(turned away before that).",
                        "result", LAYOUT.connections, cells)
         yield _counter("proxsmtpd_messages", "Messages by the status word of their log line.",
                        "status", LAYOUT.messages, cells)

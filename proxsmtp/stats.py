@@ -72,8 +72,9 @@ def sessions(count: int) -> None:
 
 
 def connection(result: str) -> None:
-    """A connection was `accepted` (a session runs), `busy` (MaxConnections: 421)
-    or `refused` (turned away before a server was contacted)."""
+    """A connection was `accepted` (the session tries the server), `busy`
+    (MaxConnections: 421) or `refused` (turned away before any server was
+    tried: no client address, no original destination, a loop)."""
     if _cells is not None:
         _cells[_base + LAYOUT.connections[result]] += 1
 
