@@ -41,6 +41,16 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def scrape_when(px, predicate, what: str) -> dict:
+    """The first scrape for which predicate(samples) holds (gauges settle)."""
+    return wait_until(lambda: (lambda samples: samples if predicate(samples) else None)(
+        scrape(px)), 15, what=what)
+
+
+def idle(px) -> dict:
+    return scrape_when(px, lambda s: value(s, "proxsmtpd_sessions") == 0, "no sessions")
+
+
 def counters(samples: dict) -> dict:
     return {key: number for key, number in samples.items()
             if key[0].endswith(("_total", "_bucket", "_count", "_sum"))}
@@ -93,7 +103,7 @@ def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
     finally:
         for client in held:
             client.close()
-    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
+    idle(px)
 
 
 def test_metrics_answers_404_elsewhere_and_head(metered):
@@ -122,8 +132,8 @@ def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered
     wait_until(lambda: victim not in px.children() and len(px.children()) == 2, 15,
                what="the killed worker replaced")
     survivors = sum(int(title(pid).split("[")[1].split()[0]) for pid in px.children())
-    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == survivors
-                                else None)(scrape(px)), 10, what="the dead worker's sessions gone")
+    after = scrape_when(px, lambda s: value(s, "proxsmtpd_sessions") == survivors,
+                        "the dead worker's sessions gone")
     assert value(after, "proxsmtpd_workers", state="serving") == 2
     for key, number in counters(before).items():
         assert after[key] >= number, key
@@ -132,23 +142,43 @@ def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered
 
 
 def test_counters_survive_a_reload(metered, upstream):
+    """Messages counted by the old workers stay counted after SIGHUP replaced
+    them; a session held across the reload keeps its retiring worker (and the
+    gauge) until it ends."""
     px = metered()
     clients = spread(px)
     for client in clients:
+        assert send_mail(client, "a@x.test", ["b@y.test"], b"Subject: r\r\n\r\nbody\r\n")[-1] \
+            .startswith("250")
+    held = clients.pop()
+    for client in clients:
         client.close()
-    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
+    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 1, 10, what="one session")
     before = scrape(px)
     old = set(px.children())
     px.proc.send_signal(signal.SIGHUP)
     px.wait_log(r"reloaded configuration")
-    wait_until(lambda: not old & set(px.children()) and len(px.children()) == 2, 15,
-               what="new workers")
-    after = scrape(px)
-    assert counters(after) == counters(before)
+    during = scrape_when(px, lambda s: value(s, "proxsmtpd_workers", state="serving") == 2
+                         and value(s, "proxsmtpd_workers", state="retiring") == 1,
+                         "new workers, one retiring")
+    assert value(during, "proxsmtpd_sessions") == 1
+    assert counters(during) == counters(before)
+    assert send_mail(held, "a@x.test", ["b@y.test"], b"Subject: r\r\n\r\nbody\r\n")[-1] \
+        .startswith("250")
+    held.close()
+    wait_until(lambda: not old & set(px.children()), 15, what="the old workers gone")
     with px.connect() as client:
-        pass
-    wait_until(lambda: value(scrape(px), "proxsmtpd_sessions") == 0, 10, what="no sessions")
-    assert value(scrape(px), "proxsmtpd_workers", state="serving") == 2
+        assert send_mail(client, "a@x.test", ["b@y.test"], b"Subject: r\r\n\r\nbody\r\n")[-1] \
+            .startswith("250")
+    after = scrape_when(px, lambda s: value(s, "proxsmtpd_sessions") == 0
+                        and value(s, "proxsmtpd_workers", state="retiring") == 0,
+                        "no sessions, none retiring")
+    messages = ("proxsmtpd_messages_total", (("status", "FILTERED"),))
+    assert after[messages] == before[messages] + 2
+    accepted = ("proxsmtpd_connections_total", (("result", "accepted"),))
+    assert after[accepted] == before[accepted] + 1
+    for key, number in counters(before).items():
+        assert after[key] >= number, key
 
 
 # --- messages, connections and server errors, end to end --------------------------------
@@ -190,8 +220,7 @@ def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
     for client in clients:
         client.close()
     upstream.wait_messages(2 * len(clients))
-    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0 else None)(
-        scrape(px)), 10, what="no sessions")
+    after = idle(px)
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -210,26 +239,30 @@ def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
 
 
 def test_server_errors_by_reason(metered, make_upstream):
-    """connect: nothing listens; closed: the server hangs up at RCPT; timeout: a
-    server that never greets (TimeOut 2)."""
+    """connect: nothing listens; closed: the server hangs up at RCPT (a relayed
+    command) or at the final dot (the proxy's own read); timeout: a server that
+    never greets (TimeOut 2)."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
     try:
-        cases = [("connect", "127.0.0.1:%d" % free_port()),
-                 ("closed", make_upstream(drop_at="RCPT").address),
-                 ("timeout", "127.0.0.1:%d" % silent.getsockname()[1])]
-        for reason, address in cases:
+        cases = [("connect", "127.0.0.1:%d" % free_port(), None),
+                 ("closed", make_upstream(drop_at="RCPT").address, "RCPT"),
+                 ("closed", make_upstream(drop_at="DATA-END").address, "DATA"),
+                 ("timeout", "127.0.0.1:%d" % silent.getsockname()[1], None)]
+        for reason, address, until in cases:
             px = metered({"OutAddress": address, "TimeOut": 2, "Workers": 1})
             before = scrape(px)
             with px.connect(timeout=30) as client:
-                if reason == "closed":
+                if until == "RCPT":                 # relayed: the server hangs up instead of a reply
                     assert client.code("EHLO c.test") == 250
                     assert client.code("MAIL FROM:<a@x.test>") == 250
                     client.send("RCPT TO:<b@y.test>\r\n")
+                elif until == "DATA":               # at the final dot: the proxy's own read
+                    assert send_mail(client, "a@x.test", ["b@y.test"], b"\r\nhi\r\n")[-1] \
+                        .startswith("4")
                 assert client.closed_by_peer(30)
-            after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0
-                                        else None)(scrape(px)), 10, what="no sessions")
+            after = idle(px)
             for other in stats.SERVER_ERRORS:
                 grown = value(after, "proxsmtpd_server_errors_total", reason=other) - \
                     value(before, "proxsmtpd_server_errors_total", reason=other)
@@ -246,8 +279,7 @@ def test_refused_connections_are_counted(metered, upstream):
     before = scrape(px)
     with px.connect() as client:
         assert client.closed_by_peer()
-    after = wait_until(lambda: (lambda s: s if value(s, "proxsmtpd_sessions") == 0 else None)(
-        scrape(px)), 10, what="no sessions")
+    after = idle(px)
     grew = {result: value(after, "proxsmtpd_connections_total", result=result) -
             value(before, "proxsmtpd_connections_total", result=result)
             for result in stats.CONNECTION_RESULTS}
