@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop
                      title, wait_until)
 
 MESSAGE = b"From: a@client.test\r\nTo: b@server.test\r\nSubject: installed\r\n\r\nbody\r\n"
-DEPENDENCIES = "import configobj, daemon, setproctitle, prctl"
+DEPENDENCIES = "import configobj, daemon, setproctitle, prctl, prometheus_client"
 
 
 def runtime_python() -> str:
@@ -229,14 +230,15 @@ def test_install_prints_next_steps_that_fit_the_prefix(tmp_path):
 # --- the installed program ---------------------------------------------------------------
 
 def test_installed_program_relays_through_installed_filter(staged, tmp_path):
-    """The staged copy runs the config of the test, with an installed example filter."""
+    """The staged copy runs the config of the test, with an installed example filter,
+    and serves /metrics (with Debian's prometheus_client when it runs on /usr/bin/python3)."""
     server = RecordingServer()
-    port = free_port()
+    port, stats_port = free_port(), free_port()
     conf = tmp_path / "proxsmtpd.conf"
     conf.write_text("OutAddress: %s\nListen: 127.0.0.1:%d\nTempDirectory: %s\nTimeOut: 20\n"
-                    "FilterTimeout: 10\nFilterCommand: %s\n"
+                    "FilterTimeout: 10\nFilterCommand: %s\nStatsListen: 127.0.0.1:%d\n"
                     % (server.address, port, tmp_path,
-                       staged / "usr/local/share/proxsmtpd/add_header.sh"))
+                       staged / "usr/local/share/proxsmtpd/add_header.sh", stats_port))
     log = tmp_path / "stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen([str(staged / "usr/local/sbin/proxsmtpd"), "-d", "3", "-f", str(conf)],
@@ -251,6 +253,9 @@ def test_installed_program_relays_through_installed_filter(staged, tmp_path):
         assert raw.startswith(b"X-Proxsmtpd-Filtered: from 127.0.0.1 by "), raw
         assert raw.endswith(MESSAGE.rstrip(b"\r\n")), raw
         wait_until(lambda: "status=FILTERED" in log.read_text(), 10, what="the message log line")
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % stats_port, timeout=10) as answer:
+            metrics = answer.read().decode()
+        assert 'proxsmtpd_messages_total{status="FILTERED"} 1.0' in metrics, metrics
     finally:
         stop_process(proc, 15, group=True)
         server.stop()
