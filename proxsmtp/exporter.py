@@ -57,6 +57,10 @@ class Collector:
                        "status", LAYOUT.messages, cells)
         yield _counter("proxsmtpd_server_errors", "Failures of the server connection: connect, "
                        "closed (unasked), timeout.", "reason", LAYOUT.server_errors, cells)
+        yield _counter("proxsmtpd_proxy_headers", "ProxyProtocol: headers naming the "
+                       "client (proxied) or none (local), and connections without one: closed, "
+                       "invalid, refused (peer not in ProxyProtocolFrom).", "result",
+                       LAYOUT.proxy_headers, cells)
         yield _histogram("proxsmtpd_filter_duration_seconds", "Time the filter took per message.",
                          stats.FILTER_BUCKETS, LAYOUT.filter, cells)
         yield _histogram("proxsmtpd_message_size_bytes", "Size of the messages received, in bytes.",

@@ -47,11 +47,14 @@ Endpoint = tuple[str, int]       # (IP, port)
 class ProxyHeaderError(Exception):
     """No valid PROXY header: that connection is closed.  `level` is the log
     level: a peer that connects and closes without a byte is a balancer's
-    health check, not worth a warning each time."""
+    health check, not worth a warning each time.  `kind` is how /metrics
+    counts it: invalid, closed (that health check) or refused (a peer not
+    in ProxyProtocolFrom)."""
 
-    def __init__(self, reason: str, level: int = logging.WARNING) -> None:
+    def __init__(self, reason: str, level: int = logging.WARNING, kind: str = "invalid") -> None:
         super().__init__(reason)
         self.level = level
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,8 @@ async def receive(channel: Channel, peer_ip: str, networks: Networks | None,
     end of file or the time running out.
     """
     if not allowed(peer_ip, networks):
-        raise ProxyHeaderError("PROXY header refused: the peer is not in ProxyProtocolFrom")
+        raise ProxyHeaderError("PROXY header refused: the peer is not in ProxyProtocolFrom",
+                               kind="refused")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -237,7 +241,8 @@ async def receive(channel: Channel, peer_ip: str, networks: Networks | None,
             return header
         if channel.eof:
             if not channel.buf:
-                raise ProxyHeaderError("connection closed without a PROXY header", logging.INFO)
+                raise ProxyHeaderError("connection closed without a PROXY header", logging.INFO,
+                                       kind="closed")
             raise ProxyHeaderError("connection closed before a complete PROXY header")
         left = deadline - loop.time()
         if left <= 0:

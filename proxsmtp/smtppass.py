@@ -146,6 +146,8 @@ class Session:
             self._last_word(end.reply)
         except proxyproto.ProxyHeaderError as exc:
             log.log(exc.level, "%s: %s: %s", self.tag, envelope.client_ip, exc)
+            stats.proxy_header(exc.kind)
+            stats.connection("refused")
         except ChannelClosed as exc:
             log.warning("%s: %s", self.tag, exc)
             if exc.channel == self.server.name:
@@ -170,6 +172,7 @@ class Session:
             self.client, envelope.client_ip, self.config.ProxyProtocolFrom, self.timeout)
         log.debug("%s: %s sent %s", self.tag, envelope.client_ip,
                   proxyproto.describe(self.proxy_header))
+        stats.proxy_header("local" if self.proxy_header.source is None else "proxied")
         if self.proxy_header.source is not None:
             envelope.client_ip, envelope.local_ip = (self.proxy_header.source[0],
                                                      self.proxy_header.dest[0])

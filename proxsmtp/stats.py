@@ -32,6 +32,7 @@ from .slots import MAX_WORKER_SLOTS
 CONNECTION_RESULTS = ("accepted", "busy", "refused")
 MESSAGE_STATUSES = ("FILTERED", "REJECTED", "SKIPPED", "FILTER-ERROR")
 SERVER_ERRORS = ("connect", "closed", "timeout")
+PROXY_RESULTS = ("proxied", "local", "closed", "invalid", "refused")
 FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
 
@@ -45,6 +46,7 @@ class _Layout:
         self.connections = dict(zip(CONNECTION_RESULTS, self._take(len(CONNECTION_RESULTS))))
         self.messages = dict(zip(MESSAGE_STATUSES, self._take(len(MESSAGE_STATUSES))))
         self.server_errors = dict(zip(SERVER_ERRORS, self._take(len(SERVER_ERRORS))))
+        self.proxy_headers = dict(zip(PROXY_RESULTS, self._take(len(PROXY_RESULTS))))
         # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
         self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
         self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
@@ -74,7 +76,8 @@ def sessions(count: int) -> None:
 def connection(result: str) -> None:
     """A connection was `accepted` (the session tries the server), `busy`
     (MaxConnections: 421) or `refused` (turned away before any server was
-    tried: no client address, no original destination, a loop)."""
+    tried: no client address, no usable PROXY header, no original
+    destination, a loop)."""
     if _cells is not None:
         _cells[_base + LAYOUT.connections[result]] += 1
 
@@ -98,6 +101,15 @@ def server_error(reason: str) -> None:
     unasked (`closed`) or did not answer in time (`timeout`)."""
     if _cells is not None:
         _cells[_base + LAYOUT.server_errors[reason]] += 1
+
+
+def proxy_header(result: str) -> None:
+    """ProxyProtocol: a header named the client (`proxied`), named none
+    (`local`: LOCAL or UNKNOWN, a balancer's check), or there was none: the
+    peer closed without a byte (`closed`), sent something else (`invalid`),
+    or is not in ProxyProtocolFrom (`refused`)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.proxy_headers[result]] += 1
 
 
 def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:

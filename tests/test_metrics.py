@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import (PYTHON, REPO, Client, free_port, pid_alive, run_proxsmtpd, send_mail, title,
                      wait_until, write_config)
 from proxsmtp import exporter, stats
+from proxsmtp.proxyproto import build
 
 
 def scrape(px, path: str = "/metrics") -> dict:
@@ -286,6 +287,36 @@ def test_refused_connections_are_counted(metered, upstream):
     assert grew == {"accepted": 0, "busy": 0, "refused": 1}
     assert value(after, "proxsmtpd_server_errors_total", reason="connect") == \
         value(before, "proxsmtpd_server_errors_total", reason="connect")
+
+
+def test_proxy_protocol_headers_counted(metered, upstream):
+    """Each way a PROXY header can go, once: the header count by result, and
+    the connections without a usable one counted as refused."""
+    px = metered({"ProxyProtocol": "on", "ProxyProtocolFrom": "127.0.0.1", "Workers": 1})
+    before = idle(px)
+    with px.connect(hello=build(1, ("203.0.113.7", 40000), ("192.0.2.25", 25))) as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], b"\r\nhi\r\n")[-1].startswith("250")
+    with px.connect(hello=b"PROXY UNKNOWN\r\n") as client:
+        assert client.code("QUIT") == 221
+    for hello, source in ((b"", "127.0.0.1"), (b"GARBAGE\r\n\r\n", "127.0.0.1"),
+                          (build(2, ("203.0.113.8", 40000), ("192.0.2.25", 25)), "127.0.0.9")):
+        with socket.create_connection(px.address, timeout=20, source_address=(source, 0)) as sock:
+            sock.sendall(hello)
+            if not hello:
+                continue                    # connects and closes: a balancer's check
+            assert sock.recv(100) == b""
+    after = scrape_when(px, lambda s: value(s, "proxsmtpd_sessions") == 0 and sum(
+        value(s, "proxsmtpd_proxy_headers_total", result=r) for r in stats.PROXY_RESULTS) ==
+        sum(value(before, "proxsmtpd_proxy_headers_total", result=r)
+            for r in stats.PROXY_RESULTS) + 5, "five headers counted")
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    for result in stats.PROXY_RESULTS:
+        assert grew("proxsmtpd_proxy_headers_total", result=result) == 1, result
+    assert grew("proxsmtpd_connections_total", result="accepted") == 2
+    assert grew("proxsmtpd_connections_total", result="refused") == 3
 
 
 # --- hostile scrapers ---------------------------------------------------------------------
