@@ -4,8 +4,9 @@
 as in syslog: start, reload and stop are logged at NOTICE, so they reach
 syslog.  Foreground lines start with the local time (to the millisecond);
 syslog lines carry the pid of the process that wrote them, as syslog(3)'s
-LOG_PID would, which tells a worker's lines from another's.  Values that came from the network are passed through `clean()`
-before they are logged, so a hostile client cannot forge log lines.
+LOG_PID would, which tells a worker's lines from another's.  Values that
+came from the network are passed through `clean()` before they are logged,
+so a hostile client cannot forge log lines.
 """
 
 from __future__ import annotations
