@@ -79,7 +79,7 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
                 host, port = sock.getsockname()[:2]
         except OSError as exc:
             raise Refused("couldn't get original destination for transparent "
-                                   "proxying: %s" % exc.strerror) from None
+                          "proxying: %s" % exc.strerror) from None
         host = addresses.plain_ip(host)
         if host == client_ip:
             raise Refused("loop detected in transparent proxying")
