@@ -105,7 +105,8 @@ def load_config(options: Options) -> configuration.Config:
 
 def main(argv: list[str] | None = None) -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_stderr(DEBUG_LEVELS[options.debug] if options.debug is not None else DEBUG_LEVELS[1])
+    setup_stderr(DEBUG_LEVELS[options.debug] if options.debug is not None else DEBUG_LEVELS[1],
+                 timestamps=options.debug is not None and not options.test)
     config = load_config(options)
     if options.test:
         print("proxsmtpd: configuration file %s test is successful" % options.config_file)

@@ -54,12 +54,17 @@ class _SysLogHandler(logging.handlers.SysLogHandler):
         daemon's stderr is /dev/null anyway.  Each line tries to reconnect."""
 
 
-def setup_stderr(level: int) -> None:
-    """Foreground mode: `proxsmtpd: message` on stderr, from `level` up."""
+def setup_stderr(level: int, timestamps: bool = False) -> None:
+    """`proxsmtpd: message` on stderr, from `level` up; with the local time
+    first when `timestamps` (a daemon in the foreground, -d), not for what
+    the command line itself says (-t, a refused start)."""
     _reset()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d proxsmtpd: %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
+    if timestamps:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d proxsmtpd: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    else:
+        handler.setFormatter(logging.Formatter("proxsmtpd: %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
 

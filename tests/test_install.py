@@ -418,7 +418,9 @@ def test_installed_config_starts_as_installed_on_loopback(staged, tmp_path):
         server = ns.call(RecordingServer, "127.0.0.1", 10026)
         started = init("start")
         assert started.returncode == 0, started.stdout + started.stderr
-        assert started.stderr == "", "warnings at start: %s" % started.stderr
+        warnings = [line for line in started.stderr.splitlines()
+                    if os.path.exists("/dev/log") or "no syslog daemon to log to" not in line]
+        assert warnings == [], "warnings at start: %s" % started.stderr
         assert title(init.pid()) == "proxsmtpd: master -f %s" % installed
 
         def relay() -> None:
