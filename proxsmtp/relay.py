@@ -170,5 +170,9 @@ def client_wait(client: Channel, timeout: float, reason: str) -> float:
         return timeout
     left = started + timeout - time.monotonic()
     if left <= 0:
-        raise SessionEnd(reason + " (a line unfinished for %d seconds)" % timeout, None)
+        raise unfinished_line(reason, timeout)
     return min(timeout, left)
+
+
+def unfinished_line(reason: str, timeout: float) -> SessionEnd:
+    return SessionEnd(reason + " (a line unfinished for %d seconds)" % timeout, None)

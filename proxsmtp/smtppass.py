@@ -21,7 +21,7 @@ from .data import Transfer
 from .envelope import Envelope
 from .log import clean, log
 from .relay import (R_FAILED, ReplyQueue, ServerAnswers, ServerLeg, SessionEnd,
-                    GREETING, client_wait)
+                    GREETING, client_wait, unfinished_line)
 from .spio import CRLF, Channel, ChannelClosed, wait_any
 
 R_TOOLONG = b"500 Line too long\r\n"
@@ -233,7 +233,10 @@ class Session:
             try:
                 await wait_any((client, server), client_wait(client, self.timeout, reason))
             except asyncio.TimeoutError:
-                client_wait(client, self.timeout, reason)   # says so if a line was left unfinished
+                # A begun line bounded this wait (the loop's timer may fire a
+                # hair early, so its deadline is not re-checked): say so.
+                if client.line_started is not None:
+                    raise unfinished_line(reason, self.timeout) from None
                 raise SessionEnd(reason, None, server_error="timeout"
                                  if self.replies.waiting_for_server else None) from None
 
