@@ -17,13 +17,14 @@ import os
 import re
 import shlex
 import shutil
+import ssl
 import stat
 from dataclasses import dataclass, field
 
 from configobj import ConfigObj, flatten_errors
 from validate import Validator, ValidateError, VdtValueError
 
-from . import addresses, header, privileges, proxyproto
+from . import addresses, header, privileges, proxyproto, tls
 from .addresses import Address, AddressError
 from .proxyproto import Networks
 
@@ -52,6 +53,13 @@ SPEC = {
     "FilterReject": "string(min=1, default='530 Email Rejected')",
     "Header": "string(default=None)",
     "StatsListen": "stats_address(default=None)",
+
+    "TLSCertificate": "string(default=None)",
+    "TLSKey": "string(default=None)",
+    "ClientTLS": "client_tls(default=None)",
+    "TLSWrapper": "flag(default='off')",
+    "ServerTLS": "server_tls(default='may')",
+    "TLSCAFile": "string(default=None)",
 }
 
 NAMES = {name.lower(): name for name in SPEC}
@@ -101,6 +109,17 @@ class Config:
     FilterReject: str = "530 Email Rejected"
     Header: str | None = None
     StatsListen: Address | None = None     # the /metrics endpoint; None: off
+
+    TLSCertificate: str | None = None
+    TLSKey: str | None = None
+    ClientTLS: str | None = None           # None until _finish: may with a certificate, else off
+    TLSWrapper: bool = False
+    ServerTLS: str = "may"
+    TLSCAFile: str | None = None
+    # made from the TLS files by check_system(), once per load (a SIGHUP picks up a
+    # renewed certificate)
+    listening_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    connecting_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
@@ -182,6 +201,24 @@ def _out_proxy(value: str | None) -> str:
 def _filter_type(value: str | None) -> str:
     word = str(value).strip().lower()
     if word not in FILTER_TYPES:
+        raise VdtValueError(value)
+    return word
+
+
+@_check("client_tls", "one of " + ", ".join(tls.CLIENT_POLICIES))
+def _client_tls(value: str | None) -> str | None:
+    if value is None or value == "None":
+        return None
+    word = str(value).strip().lower()
+    if word not in tls.CLIENT_POLICIES:
+        raise VdtValueError(value)
+    return word
+
+
+@_check("server_tls", "one of " + ", ".join(tls.SERVER_POLICIES))
+def _server_tls(value: str | None) -> str:
+    word = str(value).strip().lower()
+    if word not in tls.SERVER_POLICIES:
         raise VdtValueError(value)
     return word
 
@@ -325,6 +362,7 @@ def _finish(config: Config) -> None:
                 raise config.error(name, str(exc)) from None
     if config.Header:
         config.warnings += [config.at("Header", problem) for problem in header.problems(config.Header)]
+    _tls_settings(config)
     if config.TransparentProxy == "off" and not config.XClient and config.OutProxyProtocol == "off" \
             and _reaches_beyond_loopback(config.Listen):
         config.warnings.append(config.at(
@@ -333,6 +371,56 @@ def _finish(config: Config) -> None:
             "server that relays for this host relays for anyone who reaches this port (listen "
             "on 127.0.0.1, or turn XClient on)"
             % (config.Listen, "" if "Listen" in config.named else " (the default)")))
+
+
+def _tls_settings(config: Config) -> None:
+    """Both or neither of TLSCertificate and TLSKey; ClientTLS and TLSWrapper
+    need them; ServerTLS verify needs a name or address to check."""
+    for name in ("TLSCertificate", "TLSKey", "TLSCAFile"):
+        if not getattr(config, name):
+            setattr(config, name, None)
+    if (config.TLSCertificate is None) != (config.TLSKey is None):
+        missing = "TLSKey" if config.TLSKey is None else "TLSCertificate"
+        present = "TLSCertificate" if missing == "TLSKey" else "TLSKey"
+        raise config.error(present, "needs %s as well (expected the certificate chain and its "
+                           "private key, PEM files, both or neither)" % missing)
+    if config.ClientTLS is None:
+        config.ClientTLS = "may" if config.TLSCertificate else "off"
+    if config.TLSCertificate is None:
+        if config.ClientTLS != "off":
+            raise config.error("ClientTLS", "%s needs TLSCertificate and TLSKey (expected off "
+                               "without them)" % config.ClientTLS)
+        if config.TLSWrapper:
+            raise config.error("TLSWrapper", "on needs TLSCertificate and TLSKey (expected off "
+                               "without them)")
+    out = config.OutAddress
+    if config.ServerTLS == "verify" and config.TransparentProxy == "off" and out is not None \
+            and out.is_unix:
+        raise config.error("ServerTLS", "verify needs a host name or IP address in OutAddress "
+                           "to check the certificate against (expected off, may or encrypt "
+                           "with a unix socket)")
+
+
+def _tls_contexts(config: Config) -> None:
+    """The certificate, its key and the CA file load (and the key matches)
+    now, not at the first client: made once per load."""
+    try:
+        if config.TLSCertificate is not None:
+            config.listening_tls = tls.listening_context(config.TLSCertificate, config.TLSKey)
+    except tls.TLSSetupError as exc:
+        raise config.error("TLSCertificate", "%s (expected a PEM certificate chain and its "
+                           "matching private key%s)" % (exc, _as_reader(config.User))) from None
+    try:
+        config.connecting_tls = tls.connecting_context(config.ServerTLS, config.TLSCAFile)
+        if config.connecting_tls is None and config.TLSCAFile:   # checked even when unused
+            tls.connecting_context("may", config.TLSCAFile)
+    except tls.TLSSetupError as exc:
+        raise config.error("TLSCAFile", "%s (expected a PEM file of CA certificates%s)"
+                           % (exc, _as_reader(config.User))) from None
+
+
+def _as_reader(user: str | None) -> str:
+    return ", readable by %s for reloads" % user if user else ""
 
 
 def _filter_node(config: Config) -> None:
@@ -380,6 +468,7 @@ def check_system(config: Config) -> None:
             raise config.error("User", "%s (expected an existing user name or uid; create one "
                                "with: %s)" % (exc, ADD_USER)) from None
     _check_temp_directory(config, user)
+    _tls_contexts(config)
     if config.FilterCommand and config.FilterType in ("pipe", "file"):
         program = _missing_program(config.FilterCommand, user)
         if program:

@@ -197,7 +197,7 @@ class Transfer:
         header = None
         if self.config.Header:
             header = render_header(self.config.Header, self.envelope.client_ip,
-                                   self.envelope.local_ip, self.tag)
+                                   self.envelope.local_ip, self.tag, self.envelope.client_tls)
         source = open(path, "rb") if path else message.reader()
         await spool.send(self.server.channel, source, header, self.timeout)
         self._final(await self.final_reply())

@@ -1,5 +1,5 @@
 """What is known about one message: who sent it, to whom, from where — and
-what became of it.
+what became of it.  Also which leg was encrypted (client_tls, server_tls).
 
 The session fills an Envelope as the server accepts MAIL, RCPT and XFORWARD;
 filters read it (environment, XCLIENT to a filter node) and never see the
@@ -23,6 +23,8 @@ class Envelope:
     local_ip: str = "UNKNOWN"                # the address the client connected to
     server_ip: str = "UNKNOWN"
     helo: str | None = None
+    client_tls: str = ""                     # "TLSv1.3 TLS_AES_256_GCM_SHA384"; "" in plaintext
+    server_tls: str = ""
     sender: str | None = None
     recipients: list[str] = field(default_factory=list)
     xforward_addr: str | None = None
@@ -64,5 +66,13 @@ class Envelope:
             parts.append("filter=%.3f" % self.filter_seconds)
         if self.reply is not None:
             parts.append('reply="%s"' % clean(self.reply, 256).replace('"', "'"))
+        if self.client_tls or self.server_tls:     # both plaintext: the line as upstream's
+            parts.append("client_tls=" + _tls(self.client_tls))
+            parts.append("server_tls=" + _tls(self.server_tls))
         parts.append("status=" + clean(status, 256))
         return ", ".join(parts)
+
+
+def _tls(described: str) -> str:
+    """`TLSv1.3/TLS_AES_256_GCM_SHA384` (one word in the log line), or `none`."""
+    return described.replace(" ", "/") if described else "none"

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from . import addresses, spool
+from . import addresses, spool, tls
 from .config import Config
 from .destination import connect_failure
 from .envelope import Envelope
@@ -116,6 +116,9 @@ def environment(config: Config, envelope: Envelope, email: str | None) -> dict[s
         env.pop(name, None)
         if value:
             env[name] = value.replace("\0", "")     # a NUL can't be in the environment
+    # the protocol and cipher of each leg; set but empty for a plaintext leg
+    env["CLIENT_TLS"] = envelope.client_tls
+    env["SERVER_TLS"] = envelope.server_tls
     return env
 
 
@@ -357,67 +360,125 @@ def _as_rejection(code: int, text: str, step: str) -> Verdict:
 
 
 async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool) -> Verdict:
-    """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts."""
-    target = config.FilterAddress
-    timeout = config.FilterTimeout
-    loop = asyncio.get_running_loop()
-    channel = Channel("FILTER", envelope.tag)
-    try:
+    """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts.
+
+    The session uses STARTTLS under ServerTLS as the server leg does; with
+    `may`, a failed handshake gets one more try in plaintext."""
+    plaintext = config.ServerTLS == "off"
+    while True:
+        channel = await _connect_node(config.FilterAddress, config.FilterTimeout, envelope.tag)
         try:
-            if addresses.is_ip(target.host):
-                family, sockaddr = addresses.family_of(target.host), (target.host, target.port)
-            else:
-                infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-                family, _, _, _, sockaddr = infos[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
-            except BaseException:
-                sock.close()
-                raise
-            await loop.create_connection(lambda: channel, sock=sock)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise FilterError("connect to filter node %s failed: %s"
-                              % (target, connect_failure(exc))) from None
-        node = _Node(channel, timeout)
-        code, text = await node.reply()
+            node = _Node(channel, config.FilterTimeout)
+            ehlo = await _node_hello(config, node, plaintext)
+            if ehlo is not None:
+                return await _offer(node, envelope, message, ehlo)
+        finally:
+            channel.close()
+        plaintext = True
+
+
+async def _connect_node(target, timeout: float, tag: str) -> Channel:
+    loop = asyncio.get_running_loop()
+    channel = Channel("FILTER", tag)
+    try:
+        if addresses.is_ip(target.host):
+            family, sockaddr = addresses.family_of(target.host), (target.host, target.port)
+        else:
+            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        await loop.create_connection(lambda: channel, sock=sock)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise FilterError("connect to filter node %s failed: %s"
+                          % (target, connect_failure(exc))) from None
+    return channel
+
+
+async def _node_hello(config: Config, node: _Node, plaintext: bool) -> str | None:
+    """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: the EHLO
+    reply that holds.  None: the handshake failed under `may`, try again in
+    plaintext."""
+    code, text = await node.reply()
+    if code != 220:
+        raise FilterError("filter node greeting: %s" % clean(text))
+    code, ehlo = await node.command("EHLO proxsmtp")
+    if code != 250:
+        raise FilterError("filter node refused EHLO: %s" % clean(ehlo))
+    if plaintext:
+        return ehlo
+    policy, channel = config.ServerTLS, node.channel
+    offered = any(line[4:].split()[:1] == ["STARTTLS"] for line in ehlo.upper().splitlines()[1:])
+    if not offered:
+        failure = "the filter node offers no STARTTLS"
+    else:
+        code, text = await node.command("STARTTLS")
         if code != 220:
-            raise FilterError("filter node greeting: %s" % clean(text))
+            failure = "the filter node refused STARTTLS: %s" % clean(text)
+        elif channel.pending:
+            failure = ("the filter node sent %d bytes behind its 220 to STARTTLS (plaintext "
+                       "injected?), not read" % channel.pending)
+            channel.close()
+        else:
+            try:
+                await channel.start_tls(config.connecting_tls, False, node.timeout,
+                                        config.FilterAddress.host)
+                failure = None
+            except (OSError, asyncio.TimeoutError) as exc:
+                failure = "TLS handshake with the filter node failed: %s" % tls.reason(exc)
+                channel.close()
+    if failure is None:
+        log.debug("%s: FILTER TLS: %s", channel.tag, tls.describe(channel.transport))
         code, text = await node.command("EHLO proxsmtp")
         if code != 250:
-            raise FilterError("filter node refused EHLO: %s" % clean(text))
-        pipelining = any(line[4:].strip().upper() == "PIPELINING" for line in text.splitlines()[1:])
-        ip = envelope.client_ip
-        xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
-        if envelope.helo:
-            xclient += " HELO=%s" % xtext(envelope.helo)
-        code, text = await node.command(xclient)
-        if code // 100 != 2:
-            raise FilterError("filter node refused XCLIENT: %s" % clean(text))
-        sender = "" if envelope.sender in (None, "<>") else envelope.sender
-        envelope_lines = (["MAIL FROM:<%s>" % sender]
-                          + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])
-        if pipelining:      # RFC 2920: one group, the replies read in order
-            node.send(*envelope_lines)
-        for line in envelope_lines:
-            if not pipelining:
-                node.send(line)
-            code, text = await node.reply()
-            step = line.split(":", 1)[0]
-            if line == "DATA" and code != 354 or line != "DATA" and code // 100 != 2:
-                return _as_rejection(code, text, step)
-        try:
-            await spool.send(channel, message.reader(), None, timeout)
-        except ChannelClosed as exc:
-            raise FilterError(str(exc)) from None
+            raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))
+        return text
+    if policy != "may":
+        raise FilterError("no TLS to the filter node (ServerTLS %s): %s" % (policy, failure))
+    if channel.closed:
+        log.warning("%s: %s; connecting to the filter node again in plaintext", channel.tag, failure)
+        return None
+    log.debug("%s: %s; going on in plaintext", channel.tag, failure)
+    return ehlo
+
+
+async def _offer(node: _Node, envelope: Envelope, message: spool.Spool, ehlo: str) -> Verdict:
+    """XCLIENT, the envelope and the message; the node's verdict."""
+    channel = node.channel
+    pipelining = any(line[4:].strip().upper() == "PIPELINING" for line in ehlo.splitlines()[1:])
+    ip = envelope.client_ip
+    xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
+    if envelope.helo:
+        xclient += " HELO=%s" % xtext(envelope.helo)
+    code, text = await node.command(xclient)
+    if code // 100 != 2:
+        raise FilterError("filter node refused XCLIENT: %s" % clean(text))
+    sender = "" if envelope.sender in (None, "<>") else envelope.sender
+    envelope_lines = (["MAIL FROM:<%s>" % sender]
+                      + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])
+    if pipelining:      # RFC 2920: one group, the replies read in order
+        node.send(*envelope_lines)
+    for line in envelope_lines:
+        if not pipelining:
+            node.send(line)
         code, text = await node.reply()
-        try:
-            channel.write(b"QUIT\r\n")
-        except ChannelClosed:
-            pass
-        if code // 100 == 2:
-            return Verdict(True)
-        return _as_rejection(code, text, "the message")
-    finally:
-        channel.close()
+        step = line.split(":", 1)[0]
+        if line == "DATA" and code != 354 or line != "DATA" and code // 100 != 2:
+            return _as_rejection(code, text, step)
+    try:
+        await spool.send(channel, message.reader(), None, node.timeout)
+    except ChannelClosed as exc:
+        raise FilterError(str(exc)) from None
+    code, text = await node.reply()
+    try:
+        channel.write(b"QUIT\r\n")
+    except ChannelClosed:
+        pass
+    if code // 100 == 2:
+        return Verdict(True)
+    return _as_rejection(code, text, "the message")

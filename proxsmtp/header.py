@@ -1,4 +1,4 @@
-"""The Header template: escapes `\\r \\n \\t \\\\`, and `%i %l %d %%`.
+"""The Header template: escapes `\\r \\n \\t \\\\`, and `%i %l %d %t %%`.
 
 A template's mistakes are found once, when the configuration is loaded
 (`problems()`); rendering it for each message then only leaves them out.
@@ -13,7 +13,7 @@ from .log import log
 
 MAX_HEADER_LENGTH = 1023
 _ESCAPES = {"r": "\r", "n": "\n", "t": "\t"}
-_SYMBOLS = "ild%"
+_SYMBOLS = "ildt%"
 _FIELD = re.compile(r"^[\x21-\x39\x3b-\x7e]+:")    # RFC 5322 field name, then a colon
 
 
@@ -29,7 +29,7 @@ def problems(template: str) -> list[str]:
     for match in re.finditer(r"%(.)|\\(.)", template, re.S):
         symbol, escape = match.group(1), match.group(2)
         if symbol is not None and symbol not in _SYMBOLS:
-            found.append("unknown symbol %%%s is left out (known: %%i %%l %%d %%%%)" % symbol)
+            found.append("unknown symbol %%%s is left out (known: %%i %%l %%d %%t %%%%)" % symbol)
         elif escape is not None and escape not in _ESCAPES and escape != "\\":
             found.append("unknown escape \\%s stands for %s (known: \\r \\n \\t \\\\)"
                          % (escape, escape))
@@ -39,9 +39,12 @@ def problems(template: str) -> list[str]:
     return found
 
 
-def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes:
+def render(template: str, client_ip: str, local_ip: str, tag: str = "",
+           client_tls: str = "") -> bytes:
     """Expand the template for one message; an unknown `%x` is left out
-    (problems() warned about it at load)."""
+    (problems() warned about it at load).  `%t` is the client's TLS
+    (`TLSv1.3 TLS_AES_256_GCM_SHA384`), `none` in plaintext, e.g. for a
+    Received: line."""
     out: list[str] = []
     i, n = 0, len(template)
     while i < n:
@@ -58,6 +61,8 @@ def render(template: str, client_ip: str, local_ip: str, tag: str = "") -> bytes
                 out.append(local_ip)
             elif symbol == "d":
                 out.append(date())
+            elif symbol == "t":
+                out.append(client_tls or "none")
             elif symbol == "%":
                 out.append("%")
             else:

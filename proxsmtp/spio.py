@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import socket
+import ssl
 import time
 
 from .log import clean, log
@@ -188,6 +189,15 @@ class Channel(asyncio.Protocol):
             self.line_started = None
         self._consumed()
 
+    def discard(self) -> int:
+        """Drop everything unread; how many bytes that was."""
+        dropped = len(self.buf)
+        del self.buf[:]
+        self._scan = 0
+        self._discarding = None
+        self._consumed()
+        return dropped
+
     def rest(self) -> bytes:
         """What is left in the buffer (a partial last line after EOF)."""
         data = bytes(self.buf)
@@ -257,6 +267,34 @@ class Channel(asyncio.Protocol):
             check_reply_size(lines, size, self.name)
             if not is_continued(line):
                 return lines
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet taken (or a long line being discarded)."""
+        return len(self.buf) or int(self._discarding is not None)
+
+    async def start_tls(self, context: ssl.SSLContext, server_side: bool, timeout: float,
+                        server_hostname: str | None = None) -> None:
+        """Upgrade the connection (STARTTLS) for the same Channel.
+
+        Only with nothing unread: bytes that came in plaintext must never be
+        taken as if they had come inside TLS (the STARTTLS injection attacks),
+        so the caller discards them or gives up first.  Raises OSError (incl.
+        ssl.SSLError) or TimeoutError when the handshake fails or takes longer
+        than `timeout`; the connection is closed then."""
+        if self.pending:
+            raise ValueError("%s: plaintext left unread before TLS" % self.name)
+        self._scan = 0
+        self.line_started = None
+        self._paused_reading = self._paused_writing = False
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
+                                         server_hostname=server_hostname,
+                                         ssl_handshake_timeout=timeout)
+        if transport is None:       # the peer went away during the handshake
+            raise ConnectionResetError("%s: connection closed during TLS handshake" % self.name)
+        self.transport = transport
+        self.last_action = time.monotonic()
 
     # --- writing ------------------------------------------------------------
 

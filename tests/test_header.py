@@ -61,7 +61,7 @@ def test_unknown_symbol_warns_once_at_start_not_per_message(proxy, upstream):
     assert b"X-Odd:  here" in raw and b"%q" not in raw
     assert p.log().count("%q") == 1
     p.wait_log(r"proxsmtpd\.conf, line \d+: Header: unknown symbol %q is left out \(known: "
-               r"%i %l %d %%\)$")
+               r"%i %l %d %t %%\)$")
 
 
 def test_no_header_by_default(proxy, upstream):

@@ -108,7 +108,7 @@ def test_config_warns_when_listening_beyond_loopback_without_client_addresses(
 def test_config_header_problems_warn_once_at_load():
     conf = parse("OutAddress: 10026\nHeader: X-A: %i %q \\x\nListen: 127.0.0.1:25\n")
     assert conf.warnings == [
-        "test.conf, line 2: Header: unknown symbol %q is left out (known: %i %l %d %%)",
+        "test.conf, line 2: Header: unknown symbol %q is left out (known: %i %l %d %t %%)",
         "test.conf, line 2: Header: unknown escape \\x stands for x (known: \\r \\n \\t \\\\)"]
     conf = parse("OutAddress: 10026\nHeader: no colon here\nListen: 127.0.0.1:25\n")
     assert conf.warnings == ['test.conf, line 2: Header: "no colon here" does not start with a '
