@@ -483,6 +483,7 @@ class ServerConnection:
         self.xclient: list[str] = []
         self.closed = False
         self.peer = sock.getpeername() if sock.family != socket.AF_UNIX else None
+        self.tls: str | None = None        # "TLSv1.3 CIPHER" after STARTTLS
 
 
 class RecordingServer:
@@ -497,7 +498,10 @@ class RecordingServer:
     - `drop_at`: a verb at which the connection is closed without a reply
       (`"DATA-END"` means at the final `.` of a message);
     - `idle_timeout`: seconds of silence after which it drops a connection
-      (as Postfix's smtpd_timeout does).
+      (as Postfix's smtpd_timeout does);
+    - `tls`: a server-side ssl.SSLContext: STARTTLS is answered 220 and the
+      connection upgraded (advertise it with "STARTTLS" in `extensions`);
+      `after_220`: bytes sent in the same packet behind that 220 (injection).
     `lines` keeps (connection number, line) for every command line received.
     """
 
@@ -506,9 +510,12 @@ class RecordingServer:
                  replies: dict[str, Reply] | None = None, refuse: tuple[str, ...] = (),
                  data_reply: str = "250 2.0.0 Ok: queued as TEST",
                  drop_at: str | None = None, greeting: str = "220 upstream.test ESMTP recorder",
-                 name: str = "upstream.test", idle_timeout: float | None = None) -> None:
+                 name: str = "upstream.test", idle_timeout: float | None = None,
+                 tls=None, after_220: bytes = b"") -> None:
         self.name = name
         self.idle_timeout = idle_timeout
+        self.tls = tls
+        self.after_220 = after_220
         self.extensions = list(extensions)
         self.replies = {k.upper(): v for k, v in (replies or {}).items()}
         self.refuse = set(refuse)
@@ -626,22 +633,25 @@ class RecordingServer:
         return reply
 
     def _serve(self, conn: ServerConnection) -> None:
-        sock = conn.sock
-        sock.settimeout(self.idle_timeout)
-        reader = sock.makefile("rb")
+        conn.sock.settimeout(self.idle_timeout)
+        reader = conn.sock.makefile("rb")
         try:
-            sock.sendall(self.greeting.encode() + CRLF)
+            conn.sock.sendall(self.greeting.encode() + CRLF)
             while True:
                 raw = reader.readline()
                 if not raw:
                     break
                 line = raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
                 self._record(conn, line)
+                if line.upper() == "STARTTLS" and self.tls is not None and conn.tls is None \
+                        and "STARTTLS" not in self.replies:
+                    reader = self._starttls(conn, reader)
+                    continue
                 reply = self._answer(conn, line, reader)
                 if reply is None:
                     break
                 if reply:
-                    sock.sendall(reply.encode("utf-8", "surrogateescape") + CRLF)
+                    conn.sock.sendall(reply.encode("utf-8", "surrogateescape") + CRLF)
                 if line.upper() == "QUIT":
                     break
         except OSError:
@@ -649,13 +659,25 @@ class RecordingServer:
         finally:
             try:
                 reader.close()
-                sock.close()
+                conn.sock.close()
             except OSError:
                 pass
             with self.cond:
                 conn.closed = True
                 self.closed_connections += 1
                 self.cond.notify_all()
+
+    def _starttls(self, conn: ServerConnection, reader):
+        """220, then the handshake (raises OSError if it fails); a new reader."""
+        conn.sock.sendall(b"220 2.0.0 Ready to start TLS\r\n" + self.after_220)
+        reader.close()
+        plain = conn.sock
+        conn.sock = self.tls.wrap_socket(plain, server_side=True)
+        with self.cond:
+            self._socks.append(conn.sock)
+        conn.tls = "%s %s" % (conn.sock.version(), conn.sock.cipher()[0])
+        conn.sender, conn.recipients = "", []
+        return conn.sock.makefile("rb")
 
     def _answer(self, conn: ServerConnection, line: str, reader) -> str | None:
         verb = line.split(" ", 1)[0].upper()

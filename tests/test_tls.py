@@ -1,0 +1,596 @@
+"""TLS on both legs (issue 11), with real peers: smtplib (starttls, SMTP_SSL),
+swaks --tls, openssl s_client -starttls smtp, aiosmtpd with a TLS context,
+and RecordingServer upgrading (or refusing, or injecting behind its 220).
+Certificates come from a throwaway CA made by `trustme` for each test module.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+
+import pytest
+import trustme
+
+from harness import Client, RecordingServer, run_proxsmtpd, wait_until, write_config
+
+BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
+
+
+# --- certificates and contexts --------------------------------------------------------------
+
+class Identity:
+    """A certificate (chain and key) as files, for the proxy or a peer."""
+
+    def __init__(self, ca: trustme.CA, directory, name: str, *hosts: str) -> None:
+        self.cert = ca.issue_cert(*hosts)
+        self.chain = directory / ("%s.pem" % name)
+        self.key = directory / ("%s.key" % name)
+        self.write(self.chain, self.key)
+
+    def write(self, chain, key) -> None:
+        chain.write_bytes(b"".join(blob.bytes() for blob in self.cert.cert_chain_pems))
+        self.cert.private_key_pem.write_to_path(str(key))
+
+    @property
+    def der(self) -> bytes:
+        return ssl.PEM_cert_to_DER_cert(self.cert.cert_chain_pems[0].bytes().decode())
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.cert.configure_cert(context)
+        return context
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, its file, and certificates for the proxy and the upstream servers."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    class PKI:
+        pass
+    pki = PKI()
+    pki.ca, pki.ca_file, pki.dir = ca, ca_file, directory
+    pki.proxy = Identity(ca, directory, "proxy", "proxy.test", "127.0.0.1")
+    pki.upstream = Identity(ca, directory, "upstream", "localhost", "127.0.0.1")
+    pki.other_name = Identity(ca, directory, "other", "other.test")
+    stranger = trustme.CA()
+    pki.stranger = Identity(stranger, directory, "stranger", "localhost", "127.0.0.1")
+    return pki
+
+
+def client_context(pki) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    pki.ca.configure_trust(context)
+    return context
+
+
+def tls_settings(pki, **more) -> dict:
+    settings = {"TLSCertificate": pki.proxy.chain, "TLSKey": pki.proxy.key}
+    settings.update(more)
+    return settings
+
+
+def starttls(client: Client, pki, hostname: str = "proxy.test") -> ssl.SSLSocket:
+    """STARTTLS on a raw Client; afterwards it speaks through TLS."""
+    assert client.cmd("STARTTLS")[0].startswith("220")
+    client.sock = client_context(pki).wrap_socket(client.sock, server_hostname=hostname)
+    client.file = client.sock.makefile("rb")
+    return client.sock
+
+
+def tls_of(upstream: RecordingServer, message) -> str | None:
+    """The TLS of the upstream connection a message came in on (the proxy's
+    readiness probe makes a connection of its own, so not simply the first)."""
+    return upstream.connections[message.conn].tls
+
+
+def tls_upstream(make_upstream, pki, identity=None, **kwargs) -> RecordingServer:
+    extensions = kwargs.pop("extensions", ("STARTTLS", "SIZE 10240000", "8BITMIME"))
+    return make_upstream(extensions=extensions,
+                         tls=(identity or pki.upstream).server_context(), **kwargs)
+
+
+def env_filter(tmp_path) -> tuple[str, object]:
+    """A pipe filter that passes the message and records its TLS environment."""
+    out = tmp_path / "env.txt"
+    return ('printf "%%s|%%s\\n" "$CLIENT_TLS" "$SERVER_TLS" >>%s; cat' % out), out
+
+
+# --- the client leg ---------------------------------------------------------------------------
+
+def test_client_starttls_with_smtplib(proxy, upstream, pki, tmp_path):
+    command, out = env_filter(tmp_path)
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": command, **tls_settings(pki)})
+    with p.smtp() as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.has_extn("starttls")
+        code, _ = smtp.starttls(context=client_context(pki))
+        assert code == 220
+        smtp.ehlo("client.example")
+        assert not smtp.has_extn("starttls")     # offered once
+        version = smtp.sock.version()
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+        smtp.quit()
+    message = upstream.wait_messages(1)[0]
+    assert message.raw.endswith(b"over TLS")
+    client_tls, server_tls = out.read_text().strip().split("|")
+    assert client_tls.startswith(version + " ") and len(client_tls.split()) == 2
+    assert server_tls == ""                       # the upstream offers no STARTTLS
+    p.wait_log(r"client_tls=%s/\S+, server_tls=none, status=FILTERED$" % version.replace(".", r"\."))
+    # the server saw the client's EHLO before and after; STARTTLS never went there
+    assert upstream.verbs() == ["EHLO", "EHLO", "MAIL", "RCPT", "DATA", "QUIT"]
+
+
+def test_client_tls_off_without_certificate_and_when_off(proxy, upstream, pki):
+    for settings in ({}, tls_settings(pki, ClientTLS="off")):
+        p = proxy({"OutAddress": upstream.address, **settings})
+        with p.connect() as client:
+            assert "250-STARTTLS" not in client.cmd("EHLO client.example")
+            assert client.cmd("STARTTLS") == ["502 Command not implemented"]
+        p.stop()
+
+
+def test_client_tls_encrypt_refuses_mail_before_starttls(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki, ClientTLS="encrypt")})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+        assert "250-STARTTLS" in reply or reply[-1] == "250 STARTTLS"
+        assert client.cmd("MAIL FROM:<a@x.test>") == ["530 5.7.0 Must issue a STARTTLS command first"]
+        assert client.cmd("AUTH PLAIN AGFAYg==")[0].startswith("530")
+        assert client.cmd("NOOP")[0].startswith("250")
+        starttls(client, pki)
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<a@x.test>")[0].startswith("250")
+        assert client.cmd("STARTTLS") == ["503 5.5.1 Error: TLS already active"]
+        client.cmd("QUIT")
+    assert "MAIL FROM:<a@x.test>" in upstream.commands()
+    assert not any(line.startswith("AUTH") for line in upstream.commands())
+
+
+def test_single_line_ehlo_reply_gets_starttls_well_formed(proxy, make_upstream, pki):
+    upstream = make_upstream(replies={"EHLO": "250 upstream.test"})
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example") == ["250-upstream.test", "250 STARTTLS"]
+
+
+def test_starttls_resets_the_session(proxy, upstream, pki):
+    """RFC 3207 4.2: after TLS the client starts over; STARTTLS with parameters,
+    inside a transaction or after AUTH is refused."""
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert client.cmd("STARTTLS now") == ["501 5.5.4 Syntax: STARTTLS"]
+        assert client.cmd("MAIL FROM:<a@x.test>")[0].startswith("250")
+        assert client.cmd("STARTTLS") == ["503 5.5.1 Error: MAIL transaction in progress"]
+        assert client.cmd("RSET")[0].startswith("250")
+        starttls(client, pki)
+        client.cmd("EHLO again.example")
+        client.cmd("QUIT")
+    assert upstream.commands()[-2:] == ["EHLO again.example", "QUIT"]
+
+
+def test_pipelined_starttls_gets_earlier_replies_first(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        client.send(b"NOOP\r\nXCLIENT ADDR=1.2.3.4\r\nSTARTTLS\r\n")
+        assert [client.reply()[0][:3] for _ in range(3)] == ["250", "554", "220"]
+        client.sock = client_context(pki).wrap_socket(client.sock, server_hostname="proxy.test")
+        client.file = client.sock.makefile("rb")
+        assert client.cmd("NOOP")[0].startswith("250")
+
+
+def test_client_injection_behind_starttls_is_never_run_inside_tls(proxy, upstream, pki):
+    """Plaintext in the same packet as STARTTLS (CVE-2011-0411) is dropped:
+    neither relayed nor answered inside TLS."""
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        injected = b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\n"
+        client.send(b"STARTTLS\r\n" + injected)
+        assert client.line() == b"220 2.0.0 Ready to start TLS\r\n"
+        client.sock = client_context(pki).wrap_socket(client.sock, server_hostname="proxy.test")
+        client.file = client.sock.makefile("rb")
+        # the first reply inside TLS is to our own command, not to the injected ones
+        assert client.cmd("NOOP")[0].startswith("250")
+        client.cmd("EHLO client.example")
+        client.cmd("QUIT")
+    upstream.wait_command("QUIT")
+    assert not any("evil" in line or "victim" in line for line in upstream.commands())
+    p.wait_log("discarded %d bytes the client sent in plaintext behind STARTTLS" % len(injected))
+
+
+def test_tls_wrapper_with_smtp_ssl(proxy, upstream, pki, tmp_path):
+    command, out = env_filter(tmp_path)
+    p = proxy({"OutAddress": upstream.address, "TLSWrapper": "on", "FilterCommand": command,
+               **tls_settings(pki)})
+    with smtplib.SMTP_SSL(p.host, p.port, context=client_context(pki), timeout=20) as smtp:
+        smtp.ehlo("client.example")
+        assert not smtp.has_extn("starttls")
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    upstream.wait_messages(1)
+    assert out.read_text().startswith("TLSv1.")
+
+
+def test_swaks_tls(proxy, upstream, pki):
+    if not shutil.which("swaks"):
+        pytest.skip("swaks not installed")
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    ran = subprocess.run(["swaks", "--server", "%s:%d" % p.address, "--tls", "--tls-verify",
+                          "--tls-ca-path", str(pki.ca_file), "--tls-sni", "proxy.test",
+                          "--from", "a@x.test", "--to", "b@y.test", "--helo", "swaks.test"],
+                         capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "TLS started" in ran.stdout
+    upstream.wait_messages(1)
+
+
+def test_openssl_s_client_starttls(proxy, upstream, pki):
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    script = (b"EHLO s-client.test\nMAIL FROM:<a@x.test>\nRCPT TO:<b@y.test>\nDATA\n"
+              b"Subject: s_client\n\nvia openssl\n.\nQUIT\n")
+    proc = subprocess.Popen(["openssl", "s_client", "-starttls", "smtp", "-crlf", "-quiet",
+                             "-connect", "%s:%d" % p.address, "-CAfile", str(pki.ca_file),
+                             "-verify_return_error", "-servername", "proxy.test"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(script)
+        proc.stdin.flush()
+        message = upstream.wait_messages(1, timeout=20)[0]
+        assert b"via openssl" in message.raw
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- the server leg ---------------------------------------------------------------------------
+
+def test_server_tls_may_upgrades_before_the_client_sees_ehlo(proxy, make_upstream, pki, tmp_path):
+    upstream = tls_upstream(make_upstream, pki)
+    command, out = env_filter(tmp_path)
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": command})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+        assert reply == ["250-upstream.test", "250-SIZE 10240000", "250 8BITMIME"]
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        client.cmd("DATA")
+        client.send(BODY + b".\r\n")
+        assert client.reply()[0].startswith("250")
+        client.cmd("QUIT")
+    message = upstream.wait_messages(1)[0]
+    assert tls_of(upstream, message).startswith("TLSv1.")
+    assert upstream.commands(message.conn) == [
+        "EHLO client.example", "STARTTLS", "EHLO client.example",
+        "MAIL FROM:<a@x.test>", "RCPT TO:<b@y.test>", "DATA", "QUIT"]
+    client_tls, server_tls = out.read_text().strip().split("|")
+    assert client_tls == "" and server_tls == tls_of(upstream, message)
+    p.wait_log(r"client_tls=none, server_tls=TLSv1\.\d/\S+, status=FILTERED$")
+
+
+def test_server_tls_may_refused_goes_on_in_plaintext(proxy, make_upstream):
+    """The relay of test_hostile: STARTTLS advertised, answered 502."""
+    upstream = make_upstream(extensions=("8BITMIME", "STARTTLS"))
+    p = proxy({"OutAddress": upstream.address})
+    with p.smtp() as smtp:
+        smtp.ehlo("client.example")
+        assert not smtp.has_extn("starttls")
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    message = upstream.wait_messages(1)[0]
+    assert [line.upper() for line in upstream.commands(message.conn)[:3]] == [
+        "EHLO CLIENT.EXAMPLE", "STARTTLS", "MAIL FROM:<A@X.TEST>"]
+    assert tls_of(upstream, message) is None
+    assert "ServerTLS" not in p.log() and "again in plaintext" not in p.log()
+
+
+def test_server_tls_may_failed_handshake_reconnects_in_plaintext(proxy, make_upstream):
+    """A server that says 220 to STARTTLS and then talks plaintext: the
+    handshake fails, the proxy connects again and the mail still goes."""
+    upstream = make_upstream(extensions=("STARTTLS", "8BITMIME"),
+                             replies={"STARTTLS": "220 2.0.0 go ahead"})
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example")[-1] == "250 8BITMIME"
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        client.cmd("DATA")
+        client.send(BODY + b".\r\n")
+        assert client.reply()[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    tried = upstream.connection_with("STARTTLS")
+    assert tried.number != message.conn and tried.number == message.conn - 1
+    assert upstream.commands(message.conn)[0] == "EHLO client.example"
+    assert "STARTTLS" not in upstream.commands(message.conn)
+    p.wait_log(r"TLS handshake with the server failed: .*; connecting to the server again in plaintext")
+
+
+def test_server_injection_behind_220_is_never_read_as_a_reply(proxy, make_upstream, pki):
+    """Bytes behind the server's 220 to STARTTLS: under may the proxy starts
+    over in plaintext (they are never taken as the EHLO reply inside TLS);
+    under encrypt no mail goes at all."""
+    injected = b"250-upstream.test\r\n250 AUTH PLAIN INJECTED\r\n"
+    upstream = tls_upstream(make_upstream, pki, after_220=injected)
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+        assert not any("INJECTED" in line for line in reply), reply
+        assert send_after_ehlo(client)[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert upstream.connection_with("STARTTLS").number == message.conn - 1
+    assert tls_of(upstream, message) is None
+    p.wait_log(r"the server sent %d bytes behind its 220 to STARTTLS" % len(injected))
+    p.stop()
+    for policy in ("encrypt", "verify"):
+        p = proxy({"OutAddress": upstream.address, "ServerTLS": policy, "TLSCAFile": pki.ca_file})
+        with p.connect() as client:
+            assert client.cmd("EHLO client.example") == [
+                "421 4.7.0 TLS to the server failed, try again later"]
+            assert client.closed_by_peer()
+        p.stop()
+    assert len(upstream.messages) == 1
+
+
+def send_after_ehlo(client: Client) -> list[str]:
+    assert client.cmd("MAIL FROM:<a@x.test>")[0].startswith("250")
+    assert client.cmd("RCPT TO:<b@y.test>")[0].startswith("250")
+    assert client.cmd("DATA")[0].startswith("354")
+    client.send(BODY + b".\r\n")
+    return client.reply()
+
+
+@pytest.mark.parametrize("policy", ["encrypt", "verify"])
+def test_server_tls_required_but_not_offered_means_no_mail(proxy, upstream, pki, policy):
+    p = proxy({"OutAddress": upstream.address, "ServerTLS": policy})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example")[0].startswith("421 4.7.0")
+    with p.connect() as client:          # no EHLO at all: MAIL still gets no plaintext server
+        assert client.cmd("MAIL FROM:<a@x.test>") == [
+            "451 4.7.0 TLS to the server is required and not established"]
+        client.cmd("QUIT")
+    upstream.wait_command("QUIT")
+    assert "MAIL FROM:<a@x.test>" not in upstream.commands()
+    p.wait_log("no TLS to the server \\(ServerTLS %s\\): the server offers no STARTTLS" % policy)
+
+
+def test_server_tls_off_never_sends_starttls(proxy, make_upstream, pki):
+    upstream = tls_upstream(make_upstream, pki)
+    p = proxy({"OutAddress": upstream.address, "ServerTLS": "off"})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert "STARTTLS" not in upstream.commands() and tls_of(upstream, message) is None
+
+
+def test_server_tls_encrypt_accepts_any_certificate(proxy, make_upstream, pki):
+    upstream = tls_upstream(make_upstream, pki, identity=pki.stranger)
+    p = proxy({"OutAddress": upstream.address, "ServerTLS": "encrypt"})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    assert tls_of(upstream, upstream.wait_messages(1)[0])
+
+
+@pytest.mark.parametrize("out", ["127.0.0.1", "localhost"])
+def test_server_tls_verify_success(proxy, make_upstream, pki, out):
+    upstream = tls_upstream(make_upstream, pki)
+    p = proxy({"OutAddress": "%s:%d" % (out, upstream.port), "ServerTLS": "verify",
+               "TLSCAFile": pki.ca_file})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    assert tls_of(upstream, upstream.wait_messages(1)[0])
+
+
+@pytest.mark.parametrize("identity", ["stranger", "other_name"])
+def test_server_tls_verify_failure_means_no_mail(proxy, make_upstream, pki, identity):
+    """A certificate from another CA, or for another name: 421, nothing sent."""
+    upstream = tls_upstream(make_upstream, pki, identity=getattr(pki, identity))
+    p = proxy({"OutAddress": upstream.address, "ServerTLS": "verify", "TLSCAFile": pki.ca_file})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example") == [
+            "421 4.7.0 TLS to the server failed, try again later"]
+    p.wait_log(r"no TLS to the server \(ServerTLS verify\): TLS handshake with the server "
+               r"failed: .*CERTIFICATE_VERIFY_FAILED|certificate verify failed")
+    assert not upstream.messages and all(c.tls is None for c in upstream.connections)
+    # the same server under may: the plaintext retry delivers
+    p.stop()
+    p = proxy({"OutAddress": upstream.address, "ServerTLS": "may"})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+
+
+def test_aiosmtpd_require_starttls_through_both_legs(proxy, pki):
+    """aiosmtpd requiring STARTTLS as the server, smtplib with starttls as the
+    client, ServerTLS encrypt and ClientTLS encrypt: both legs encrypted."""
+    aiosmtpd = pytest.importorskip("aiosmtpd.controller")
+    from harness import free_port
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append((session.ssl is not None, envelope.content))
+            return "250 2.0.0 Ok: queued"
+    port = free_port()
+    controller = aiosmtpd.Controller(Handler(), hostname="127.0.0.1", port=port,
+                                     tls_context=pki.upstream.server_context(),
+                                     require_starttls=True)
+    controller.start()
+    try:
+        p = proxy({"OutAddress": "127.0.0.1:%d" % port, "ServerTLS": "encrypt",
+                   **tls_settings(pki, ClientTLS="encrypt")})
+        with p.smtp() as smtp:
+            smtp.ehlo("client.example")
+            smtp.starttls(context=client_context(pki))
+            smtp.ehlo("client.example")
+            smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+        wait_until(lambda: received, what="a message at aiosmtpd")
+        assert received[0][0] and b"over TLS" in received[0][1]
+    finally:
+        controller.stop()
+
+
+def test_xclient_goes_after_starttls(proxy, make_upstream, pki):
+    upstream = tls_upstream(make_upstream, pki,
+                            extensions=("XCLIENT NAME ADDR HELO", "STARTTLS", "8BITMIME"))
+    p = proxy({"OutAddress": upstream.address, "XClient": "on"})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert upstream.verbs(message.conn)[:5] == ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "MAIL"]
+    assert tls_of(upstream, message)
+
+
+def test_filter_node_verdict_over_starttls(proxy, make_upstream, pki):
+    node = tls_upstream(make_upstream, pki,
+                        extensions=("XCLIENT ADDR HELO", "STARTTLS"),
+                        data_reply="250 2.0.0 accepted by node")
+    upstream = tls_upstream(make_upstream, pki)
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address, "ServerTLS": "verify", "TLSCAFile": pki.ca_file})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    upstream.wait_messages(1)
+    checked = node.wait_messages(1)[0]
+    assert tls_of(node, checked) and node.verbs(checked.conn)[:3] == ["EHLO", "STARTTLS", "EHLO"]
+
+
+def test_filter_node_without_starttls_under_encrypt_defers(proxy, make_upstream, pki):
+    node = make_upstream(extensions=("XCLIENT ADDR HELO",))
+    upstream = tls_upstream(make_upstream, pki)
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address, "ServerTLS": "encrypt"})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client) == ["451 Local Error"]
+    p.wait_log("no TLS to the filter node \\(ServerTLS encrypt\\): the filter node offers no STARTTLS")
+    assert not upstream.messages and not node.messages
+
+
+# --- hostile clients during the handshake -----------------------------------------------------
+
+def test_handshake_garbage_stall_and_disconnect_cost_one_session(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, "TimeOut": 2, "Workers": 1, **tls_settings(pki)})
+    with p.connect() as client:                           # garbage instead of a ClientHello
+        client.cmd("EHLO client.example")
+        assert client.cmd("STARTTLS")[0].startswith("220")
+        client.send(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        assert client.closed_by_peer()
+    with p.connect() as client:                           # half a ClientHello, then nothing
+        client.cmd("EHLO client.example")
+        assert client.cmd("STARTTLS")[0].startswith("220")
+        client.send(b"\x16\x03\x01\x02\x00\x01")
+        assert client.closed_by_peer(timeout=20)
+    with p.connect() as client:                           # gone in the middle
+        client.cmd("EHLO client.example")
+        assert client.cmd("STARTTLS")[0].startswith("220")
+        client.send(b"\x16\x03\x01")
+    p.wait_log(r"TLS handshake with the client failed", timeout=15)
+    wait_until(lambda: p.log().count("TLS handshake with the client failed") >= 3, 15,
+               what="three failed handshakes logged")
+    with p.smtp() as smtp:                                # the worker still serves
+        smtp.ehlo("client.example")
+        smtp.starttls(context=client_context(pki))
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    upstream.wait_messages(1)
+    assert "Traceback" not in p.log() and p.spool_files() == []
+
+
+def test_tls_wrapper_garbage_costs_one_session(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, "TLSWrapper": "on", "TimeOut": 2, "Workers": 1,
+               **tls_settings(pki)})
+    sock = socket.create_connection(p.address, timeout=10)
+    sock.sendall(b"EHLO plaintext.example\r\n")
+    assert sock.recv(100) == b""          # no plaintext answer; the handshake just fails
+    sock.close()
+    p.wait_log("TLS handshake with client 127.0.0.1 failed")
+    with smtplib.SMTP_SSL(p.host, p.port, context=client_context(pki), timeout=20) as smtp:
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    upstream.wait_messages(1)
+
+
+# --- configuration and reload -----------------------------------------------------------------
+
+def test_tls_config_errors_exit_2(tmp_path, pki):
+    base = "OutAddress: 127.0.0.1:2525\nTempDirectory: %s\n" % tmp_path
+    cases = {
+        "TLSCertificate: %s\n" % pki.proxy.chain: "TLSKey",
+        "TLSKey: %s\n" % pki.proxy.key: "TLSCertificate",
+        "TLSCertificate: %s\nTLSKey: %s\n" % (pki.proxy.chain, pki.upstream.key): "TLSCertificate",
+        "TLSCertificate: %s\nTLSKey: %s\n" % (tmp_path / "missing.pem", pki.proxy.key): "TLSCertificate",
+        "ClientTLS: may\n": "ClientTLS",
+        "TLSWrapper: on\n": "TLSWrapper",
+        "ClientTLS: always\n": "ClientTLS",
+        "ServerTLS: maybe\n": "ServerTLS",
+        "TLSCAFile: %s\n" % (tmp_path / "nothing.pem"): "TLSCAFile",
+        "TLSCAFile: %s\n" % pki.proxy.key: "TLSCAFile",
+    }
+    for text, setting in cases.items():
+        conf = write_config(tmp_path / "bad.conf", base + text)
+        ran = run_proxsmtpd("-d", "3", "-f", str(conf))
+        assert ran.returncode == 2, (text, ran.stderr)
+        assert "invalid setting: %s" % setting in ran.stderr, (text, ran.stderr)
+        assert "Traceback" not in ran.stderr
+
+
+def peer_certificate(p, pki) -> bytes:
+    with Client(p.host, p.port) as client:
+        client.cmd("EHLO client.example")
+        sock = starttls(client, pki)
+        der = sock.getpeercert(binary_form=True)
+        client.cmd("QUIT")
+    return der
+
+
+def test_sighup_picks_up_a_renewed_certificate(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
+    assert peer_certificate(p, pki) == pki.proxy.der
+    renewed = Identity(pki.ca, pki.dir, "renewed", "proxy.test", "127.0.0.1")
+    renewed.write(pki.proxy.chain, pki.proxy.key)
+    # a broken certificate on reload: refused, the running one kept
+    saved = pki.proxy.chain.read_bytes()
+    pki.proxy.chain.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot a certificate\n")
+    os.kill(p.proc.pid, signal.SIGHUP)
+    p.wait_log("reload failed, keeping the running configuration: invalid setting: TLSCertificate")
+    assert peer_certificate(p, pki) == pki.proxy.der
+    pki.proxy.chain.write_bytes(saved)
+    os.kill(p.proc.pid, signal.SIGHUP)
+    p.wait_log("reloaded configuration")
+    wait_until(lambda: peer_certificate(p, pki) == renewed.der, 15, what="the renewed certificate")
+    pki.proxy.write(pki.proxy.chain, pki.proxy.key)     # the module's other tests use the first
+
+
+def test_header_escape_shows_client_tls(proxy, upstream, pki):
+    p = proxy({"OutAddress": upstream.address, "Header": "Received: by proxsmtpd (%t)",
+               **tls_settings(pki)})
+    with p.smtp() as smtp:
+        smtp.starttls(context=client_context(pki))
+        version, cipher = smtp.sock.version(), smtp.sock.cipher()[0]
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    message = upstream.wait_messages(1)[0]
+    assert message.raw.startswith(b"Received: by proxsmtpd (%s %s)\r\n"
+                                  % (version.encode(), cipher.encode()))
+    with p.smtp() as smtp:
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    assert upstream.wait_messages(2)[1].raw.startswith(b"Received: by proxsmtpd (none)\r\n")
