@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """proxsmtpd benchmark: throughput, serial latency, held sessions (idle and mid-DATA),
-a large message.
+a large message, TLS.
 
 Postfix's smtp-source (client) and smtp-sink (server) are the peers.  Every
 figure is also measured on the direct path (smtp-source straight to
 smtp-sink), and the configurations are alternated round by round, so machine
 noise falls on all of them alike; the table shows medians over the rounds
-and ratios against direct.  See bench/README.md.
+and ratios against direct.  The TLS section compares a STARTTLS client
+through the proxy with the same client straight to a TLS server (a
+proxsmtpd that ends TLS in front of smtp-sink).  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import memory  # noqa: E402
 import peers  # noqa: E402
+import tlsclient  # noqa: E402
 from hold import Holder  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,13 +46,15 @@ FILTERS = {
 }
 
 FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
-            latency_size=1024, hold=3000, large_mb=50, data_hold=600, data_kb=500)
+            latency_size=1024, hold=3000, large_mb=50, data_hold=600, data_kb=500,
+            tls_messages=600, tls_hold=3000)
 QUICK = dict(rounds=1, parallel=20, messages=200, size=10240, latency_messages=20,
-             latency_size=1024, hold=300, large_mb=5, data_hold=100, data_kb=500)
+             latency_size=1024, hold=300, large_mb=5, data_hold=100, data_kb=500,
+             tls_messages=60, tls_hold=300)
 MIDDATA_PATHS = ("none", "pipe", "smtp")
 
 TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
-               middata_kb=192.0)
+               middata_kb=192.0, tls_pss_kb=64.0)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -68,7 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--large-mb", type=int, help="large message: size in MiB")
     parser.add_argument("--data-hold", type=int, help="mid-DATA: sessions to hold")
     parser.add_argument("--data-kb", type=int, help="mid-DATA: unfinished KiB per session")
-    parser.add_argument("--only", default="throughput,latency,concurrency,middata,large",
+    parser.add_argument("--tls-messages", type=int, help="TLS: messages per throughput run")
+    parser.add_argument("--tls-hold", type=int, help="TLS: sessions to hold")
+    parser.add_argument("--only", default="throughput,latency,concurrency,middata,large,tls",
                         help="comma-separated sections to run")
     parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
     parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
@@ -322,6 +329,77 @@ class Bench:
         finally:
             self.stop(proxy)
 
+    def tls(self) -> None:
+        """A STARTTLS client (both legs encrypted through the proxy) against the
+        same client straight to the TLS server; then TLS sessions held."""
+        a = self.args
+        print("tls: %d sessions, %d messages of %d bytes over STARTTLS; %d TLS sessions held"
+              % (a.parallel, a.tls_messages, a.size, a.tls_hold), file=sys.stderr, flush=True)
+        cert, key = tlsclient.make_certificate(self.workdir)
+        identity = {"TLSCertificate": cert, "TLSKey": key}
+        server_port = peers.free_port()
+        server = peers.proxy("tls-server", self.args.proxsmtpd, server_port, self.ports["sink"],
+                             self.workdir, dict(identity, ServerTLS="off"),
+                             max(4000, a.tls_hold + 500), self.spool_root)
+        self.peers.append(server)
+        self.ports["tls-server"] = server_port
+        settings = dict(identity, ServerTLS="encrypt")
+        if a.workers is not None:
+            settings["Workers"] = str(a.workers)
+
+        def start(name: str) -> peers.Peer:
+            port = peers.free_port()
+            peer = peers.proxy(name, a.proxsmtpd, port, server_port, self.workdir, settings,
+                               max(4000, a.tls_hold + 500), self.spool_root)
+            self.peers.append(peer)
+            self.ports[name] = port
+            return peer
+        start("tls-proxy")
+        paths = {"direct TLS": "tls-server", "proxy, both legs TLS": "tls-proxy"}
+        runs: dict[str, list[dict]] = {label: [] for label in paths}
+        for round_no in range(a.rounds):
+            for label in rotated(list(paths), round_no):
+                def measure(port=self.ports[paths[label]]) -> dict:
+                    try:
+                        seconds = tlsclient.send(port, a.parallel, a.tls_messages, a.size)
+                    except tlsclient.TLSClientError as exc:
+                        raise peers.PeerError(str(exc)) from None
+                    return {"seconds": seconds, "per_second": a.tls_messages / seconds}
+                attempt(runs[label], label, measure)
+        result = {"throughput": self.table(runs, "per_second", list(paths))}
+        holds: list[dict] = []
+        for _ in range(a.rounds):
+            attempt(holds, "tls hold", lambda: self.hold_tls(start))
+        result["hold"] = {"runs": holds, "sessions": a.tls_hold}
+        for key in ("held", "seconds_to_establish", "idle_pss_mb", "held_pss_mb",
+                    "pss_kb_per_session"):
+            result["hold"][key] = summary(holds, key)
+        result["hold"]["all_held"] = bool(holds) and all(
+            run.get("held") == a.tls_hold for run in holds)
+        self.results["tls"] = result
+
+    def hold_tls(self, start) -> dict:
+        """A fresh TLS proxy, warmed up; PSS idle and with the sessions held
+        (both legs encrypted: the server is the TLS server)."""
+        a = self.args
+        proxy = start("tls-hold")
+        try:
+            port = self.ports["tls-hold"]
+            tlsclient.send(port, 5, 10, 1024)
+            time.sleep(0.5)
+            idle = memory.pss_kb(proxy.pid)
+            held = tlsclient.hold(port, a.tls_hold, lambda: memory.pss_kb(proxy.pid))
+            if held["failed"] and not held["held"]:
+                raise peers.PeerError("no TLS session held: %s" % held["failures"])
+            return {"held": held["held"], "failed": held["failed"],
+                    "failures": held["failures"], "seconds_to_establish": held["seconds"],
+                    "idle_pss_mb": idle / 1024, "held_pss_mb": held["measured"] / 1024,
+                    "pss_kb_per_session": (held["measured"] - idle) / max(1, held["held"])}
+        except tlsclient.TLSClientError as exc:
+            raise peers.PeerError(str(exc)) from None
+        finally:
+            self.stop(proxy)
+
 
 def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
     """Each target: what it is, the measured value, and PASS/FAIL."""
@@ -373,6 +451,13 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
             target("%d MiB message, %s: relayed, RSS growth < %.0f MB"
                    % (args.large_mb, path, TARGETS["rss_growth_mb"]),
                    worst, ok, fmt(worst, ".1f") + " MB (worst run)")
+    if "tls" in results:
+        held = results["tls"]["hold"]
+        target("%d TLS sessions held" % args.tls_hold, held["held"], held["all_held"],
+               "%s/%d" % (fmt(held["held"], ".0f"), args.tls_hold))
+        per = held["pss_kb_per_session"]
+        target("PSS per held TLS session <= %.0f KB" % TARGETS["tls_pss_kb"], per,
+               per is not None and per <= TARGETS["tls_pss_kb"], fmt(per, ".1f") + " KB")
     return targets
 
 
@@ -443,6 +528,21 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
             out.append("  %-22s %10s %10s %14s%s"
                        % (path, fmt(row["median"], ".2f"), fmt(row["ratio"], ".2f"),
                           fmt(row.get("rss_growth_mb"), ".1f"), errors(row)))
+    if "tls" in results:
+        out.append("")
+        out.append("tls: %d parallel STARTTLS sessions, %d messages of %d bytes, one per session"
+                   % (args.parallel, args.tls_messages, args.size))
+        out.append("  %-22s %10s %10s" % ("path", "msg/s", "x direct"))
+        for path, row in results["tls"]["throughput"].items():
+            out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".1f"),
+                                                 fmt(row["ratio"], ".3f"), errors(row)))
+        held = results["tls"]["hold"]
+        out.append("  %s TLS sessions held (both legs) in %s s; PSS idle %s MB, held %s MB,"
+                   " per session %s KB" % (fmt(held["held"], ".0f"),
+                                           fmt(held["seconds_to_establish"], ".1f"),
+                                           fmt(held["idle_pss_mb"], ".1f"),
+                                           fmt(held["held_pss_mb"], ".1f"),
+                                           fmt(held["pss_kb_per_session"], ".1f")))
     out.append("")
     out.append("targets:")
     for item in targets:
@@ -487,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         bench.start()
-        for section in ("throughput", "latency", "concurrency", "middata", "large"):
+        for section in ("throughput", "latency", "concurrency", "middata", "large", "tls"):
             if section in args.only:
                 getattr(bench, section)()
     except peers.PeerError as exc:
