@@ -5,14 +5,15 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 PY = $(VENV)/bin/python
 
-# What the tests drive: Postfix's smtp-sink/smtp-source, swaks, haproxy,
+# What the tests drive: Postfix's smtp-sink/smtp-source, swaks, openssl s_client, haproxy,
 # iptables and ip in network namespaces, and libcap-dev for python-prctl.
 # groff-base/man-db render the manual pages; systemd's systemd-analyze checks
 # the unit; util-linux's setpriv runs the daemon in the unit's capability
-# bounding set; the python3-* packages are what an installed proxsmtpd runs
-# on (see `install` below).
-TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod \
-	groff-base man-db systemd util-linux $(RUNTIME_DEBS)
+# bounding set; python3-trustme makes the TLS tests' throwaway certificates;
+# the other python3-* packages are what an installed proxsmtpd runs on (see
+# `install` below).
+TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod openssl \
+	python3-trustme groff-base man-db systemd util-linux $(RUNTIME_DEBS)
 
 .PHONY: all venv deps test run clean install install-deps uninstall
 

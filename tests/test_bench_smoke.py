@@ -29,7 +29,7 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--rounds", "1",
          "--messages", "40", "--latency-messages", "10", "--hold", "60", "--large-mb", "1",
-         "--data-hold", "20", "--data-kb", "100",
+         "--data-hold", "20", "--data-kb", "100", "--tls-messages", "20", "--tls-hold", "30",
          "--json", str(out)],
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -64,5 +64,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert row["rss_growth_mb"] is not None
         assert row["runs"][0]["rss_baseline_mb"] > 1
 
+    tls = results["tls"]
+    for path in ("direct TLS", "proxy, both legs TLS"):
+        row = tls["throughput"][path]
+        assert [run for run in row["runs"] if "error" in run] == [] and row["median"] > 0
+    assert tls["hold"]["held"] == 30 and tls["hold"]["all_held"]
+    assert tls["hold"]["held_pss_mb"] > tls["hold"]["idle_pss_mb"] > 0
+
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 12 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 14 and all(isinstance(item["pass"], bool) for item in data["targets"])
