@@ -16,8 +16,10 @@ import subprocess
 
 import pytest
 import trustme
+from hypothesis import given, settings, strategies as st
 
 from harness import Client, RecordingServer, run_proxsmtpd, wait_until, write_config
+from proxsmtp import config as configuration, smtppass
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
 
@@ -476,6 +478,24 @@ def test_filter_node_verdict_over_starttls(proxy, make_upstream, pki):
     assert tls_of(node, checked) and node.verbs(checked.conn)[:3] == ["EHLO", "STARTTLS", "EHLO"]
 
 
+def test_filter_node_failed_handshake_under_may_retries_in_plaintext(proxy, make_upstream):
+    node = make_upstream(extensions=("STARTTLS", "XCLIENT ADDR HELO"),
+                         replies={"STARTTLS": "220 2.0.0 go ahead"},
+                         data_reply="250 2.0.0 accepted by node")
+    upstream = make_upstream()
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address})
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert send_after_ehlo(client)[0].startswith("250")
+    upstream.wait_messages(1)
+    checked = node.wait_messages(1)[0]
+    assert "STARTTLS" not in node.commands(checked.conn)
+    assert node.connection_with("STARTTLS").number == checked.conn - 1
+    p.wait_log("TLS handshake with the filter node failed: .*; connecting to the filter node "
+               "again in plaintext")
+
+
 def test_filter_node_without_starttls_under_encrypt_defers(proxy, make_upstream, pki):
     node = make_upstream(extensions=("XCLIENT ADDR HELO",))
     upstream = tls_upstream(make_upstream, pki)
@@ -594,3 +614,36 @@ def test_header_escape_shows_client_tls(proxy, upstream, pki):
     with p.smtp() as smtp:
         smtp.sendmail("a@x.test", ["b@y.test"], BODY)
     assert upstream.wait_messages(2)[1].raw.startswith(b"Received: by proxsmtpd (none)\r\n")
+
+
+# --- the EHLO reply the client sees (untrusted server bytes) ----------------------------------
+
+EHLO_LINES = st.lists(st.one_of(
+    st.sampled_from([b"STARTTLS", b"starttls", b"STARTTLS extra", b"PIPELINING", b"XCLIENT ADDR",
+                     b"SIZE 100", b"8BITMIME", b"", b" ", b"STARTTLSX"]),
+    st.binary(max_size=30).filter(lambda b: b"\n" not in b and b"\r" not in b)), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=20).filter(lambda b: b"\n" not in b and b"\r" not in b), EHLO_LINES,
+       st.sampled_from(["off", "may", "encrypt"]), st.booleans())
+def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, active):
+    """Whatever the server's EHLO reply, the client's is well formed, never
+    carries the server's STARTTLS, and carries the proxy's once exactly when
+    ClientTLS offers it (and the client has no TLS yet)."""
+    cfg = configuration.Config(ClientTLS=client_tls)
+    with socket.socket() as sock:
+        session = smtppass.Session(cfg, sock)
+        session.envelope.client_tls = "TLSv1.3 X" if active else ""
+        lines = [b"250" + (b"-" if keywords else b" ") + first + b"\r\n"]
+        lines += [b"250-" + word + b"\r\n" for word in keywords]
+        if keywords:
+            lines[-1] = b"250 " + lines[-1][4:]
+        shown = session.filter_features(lines)
+    assert all(line.startswith(b"250-") for line in shown[:-1]), shown
+    assert shown[-1].startswith(b"250 ") or shown[-1] in (b"250\r\n",), shown
+    assert all(line.endswith(b"\r\n") for line in shown)
+    offers = [line for line in shown[1:] if line[4:].split()[:1]
+              and line[4:].split()[0].upper() == b"STARTTLS"]
+    expected = 1 if client_tls != "off" and not active else 0
+    assert len(offers) == expected and all(line[4:] == b"STARTTLS\r\n" for line in offers), shown
