@@ -7,12 +7,15 @@ Certificates come from a throwaway CA made by `trustme` for each test module.
 from __future__ import annotations
 
 import os
+import re
+import select
 import shutil
 import signal
 import smtplib
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 import trustme
@@ -241,17 +244,32 @@ def test_openssl_s_client_starttls(proxy, upstream, pki):
     if not shutil.which("openssl"):
         pytest.skip("openssl not installed")
     p = proxy({"OutAddress": upstream.address, **tls_settings(pki)})
-    script = (b"EHLO s-client.test\nMAIL FROM:<a@x.test>\nRCPT TO:<b@y.test>\nDATA\n"
-              b"Subject: s_client\n\nvia openssl\n.\nQUIT\n")
     proc = subprocess.Popen(["openssl", "s_client", "-starttls", "smtp", "-crlf", "-quiet",
                              "-connect", "%s:%d" % p.address, "-CAfile", str(pki.ca_file),
                              "-verify_return_error", "-servername", "proxy.test"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        proc.stdin.write(script)
+    seen = bytearray()
+
+    def say(line: bytes, want: bytes) -> None:
+        """One line to s_client, then wait for the reply `want` (a final line)."""
+        del seen[:]
+        proc.stdin.write(line + b"\n")
         proc.stdin.flush()
-        message = upstream.wait_messages(1, timeout=20)[0]
-        assert b"via openssl" in message.raw
+        deadline = time.monotonic() + 20
+        while not re.search(rb"(^|\n)%s [^\n]*\n" % want, bytes(seen)):
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "no %r from s_client: %r" % (want, bytes(seen))
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, "s_client ended: %r" % bytes(seen)
+            seen.extend(chunk)
+    try:
+        say(b"EHLO s-client.test", b"250")
+        say(b"MAIL FROM:<a@x.test>", b"250")
+        say(b"RCPT TO:<b@y.test>", b"250")
+        say(b"DATA", b"354")
+        say(b"Subject: s_client\n\nvia openssl\n.", b"250")
+        say(b"QUIT", b"221")
+        assert b"via openssl" in upstream.wait_messages(1)[0].raw
     finally:
         proc.stdin.close()
         try:
