@@ -180,8 +180,14 @@ def test_starttls_resets_the_session(proxy, upstream, pki):
         assert client.cmd("RSET")[0].startswith("250")
         starttls(client, pki)
         client.cmd("EHLO again.example")
+        assert client.cmd("AUTH PLAIN AGFAYg==")[0].startswith("235")
+        assert client.cmd("STARTTLS") == ["503 5.5.1 Error: TLS already active"]
         client.cmd("QUIT")
-    assert upstream.commands()[-2:] == ["EHLO again.example", "QUIT"]
+    assert upstream.commands()[-3:] == ["EHLO again.example", "AUTH PLAIN AGFAYg==", "QUIT"]
+    with p.connect() as client:         # after a successful AUTH in plaintext: refused
+        client.cmd("EHLO client.example")
+        assert client.cmd("AUTH PLAIN AGFAYg==")[0].startswith("235")
+        assert client.cmd("STARTTLS") == ["503 5.5.1 Error: already authenticated"]
 
 
 def test_pipelined_starttls_gets_earlier_replies_first(proxy, upstream, pki):
