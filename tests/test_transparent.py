@@ -13,6 +13,7 @@ import pwd
 import shutil
 import smtplib
 import socket
+import ssl
 import tempfile
 from pathlib import Path
 
@@ -251,3 +252,51 @@ def process_identity(pid: int) -> tuple[int, int]:
             elif line.startswith("CapEff:"):
                 caps = int(line.split()[1], 16)
     return uid, caps
+
+
+# --- TLS in full transparency (issue 11) -------------------------------------------------------
+
+def send_over_starttls(host: str, ca_file: str) -> dict:
+    """One message to host:25 over STARTTLS, checking the certificate against
+    the test CA for that address; the certificate the client saw."""
+    context = ssl.create_default_context(cafile=ca_file)
+    client = smtplib.SMTP(host, 25, timeout=20)
+    client.starttls(context=context)
+    seen = {"cert": client.sock.getpeercert(binary_form=True), "tls": client.sock.version()}
+    seen["refused"] = client.sendmail("a@client.test", ["b@server.test"], MESSAGE)
+    client.quit()
+    return seen
+
+
+def test_full_ipv4_tls_on_both_legs(topo, servers, workdir):
+    """The client sees the proxy's certificate (issued for the server's address:
+    that is who the client thinks it talks to); the server sees the client's
+    address, over TLS checked against the server's certificate."""
+    require("tproxy")
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file = workdir / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    proxy_cert = ca.issue_cert(SERVER4)
+    chain, key = workdir / "proxy.pem", workdir / "proxy.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in proxy_cert.cert_chain_pems))
+    proxy_cert.private_key_pem.write_to_path(str(key))
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(SERVER4).configure_cert(server_context)
+    topo.router.apply(netns.ROUTER_RECIPE_TPROXY)
+    server = topo.server.call(RecordingServer, host="0.0.0.0", port=25,
+                              extensions=("STARTTLS", "8BITMIME"), tls=server_context)
+    servers.append(server)
+    proxy = start_proxy(topo, workdir, TransparentProxy="full", TLSCertificate=chain,
+                        TLSKey=key, ServerTLS="verify", TLSCAFile=ca_file,
+                        FilterCommand='printf "X-TLS: %s|%s\\r\\n" "$CLIENT_TLS" "$SERVER_TLS"; cat')
+    seen = topo.client.call(send_over_starttls, SERVER4, str(ca_file))
+    assert seen["refused"] == {}, (seen, proxy.log())
+    assert seen["cert"] == ssl.PEM_cert_to_DER_cert(proxy_cert.cert_chain_pems[0].bytes().decode())
+    message = server.wait_messages(1)[0]
+    conn = server.connections[message.conn]
+    assert conn.peer[0] == CLIENT4 and conn.tls, (conn.peer, conn.tls)
+    assert b"X-TLS: %s " % seen["tls"].encode() in message.raw
+    assert b"|%s\r\n" % conn.tls.encode() in message.raw, message.raw
+    assert proxy.stop() == 0, proxy.log()
+    assert proxy.spool_files() == []
