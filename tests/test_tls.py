@@ -664,6 +664,8 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
         if keywords:
             lines[-1] = b"250 " + lines[-1][4:]
         shown = session.filter_features(lines)
+    assert smtppass.offers_starttls(lines) == any(
+        word.split()[:1] and word.split()[0].upper() == b"STARTTLS" for word in keywords)
     assert all(line.startswith(b"250-") for line in shown[:-1]), shown
     assert shown[-1].startswith(b"250 ") or shown[-1] in (b"250\r\n",), shown
     assert all(line.endswith(b"\r\n") for line in shown)
