@@ -208,7 +208,7 @@ def test_sample_config_documents_every_setting_with_its_default():
         uncommented = line if name == "OutAddress" else with_out_address(line)
         if name in NEEDS_FILES:
             with pytest.raises(config.ConfigError, match=name):
-                config.parse(uncommented, "sample line")
+                config.check_system(config.parse(uncommented, "sample line"))
             continue
         loaded = config.parse(uncommented, "sample line")
         assert name in loaded.named
