@@ -61,6 +61,12 @@ class Collector:
                        "client (proxied) or none (local), and connections without one: closed, "
                        "invalid, refused (peer not in ProxyProtocolFrom).", "result",
                        LAYOUT.proxy_headers, cells)
+        yield _counter("proxsmtpd_client_tls", "TLS handshakes with clients (STARTTLS or "
+                       "TLSWrapper): established, failed.", "result", LAYOUT.client_tls, cells)
+        yield _counter("proxsmtpd_server_tls", "TLS to the server at the first EHLO: "
+                       "established, failed (handshake, or plaintext behind its 220), refused "
+                       "(STARTTLS answered with an error), not_offered.", "result",
+                       LAYOUT.server_tls, cells)
         yield _histogram("proxsmtpd_filter_duration_seconds", "Time the filter took per message.",
                          stats.FILTER_BUCKETS, LAYOUT.filter, cells)
         yield _histogram("proxsmtpd_message_size_bytes", "Size of the messages received, in bytes.",

@@ -147,10 +147,12 @@ class Session:
                                                    ssl=self.config.listening_tls,
                                                    ssl_handshake_timeout=self.timeout)
                 envelope.client_tls = tls.describe(self.client.transport)
+                stats.client_tls("established")
             else:
                 await loop.connect_accepted_socket(lambda: self.client, self.sock)
         except (OSError, asyncio.TimeoutError) as exc:
             if self.config.TLSWrapper and envelope.client_ip != "UNKNOWN":
+                stats.client_tls("failed")
                 log.warning("%s: TLS handshake with client %s failed: %s", self.tag,
                             envelope.client_ip, tls.reason(exc))
             else:
@@ -393,9 +395,11 @@ class Session:
         try:
             await self.client.start_tls(context, True, self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
+            stats.client_tls("failed")
             raise SessionEnd("TLS handshake with the client failed: %s" % tls.reason(exc),
                              None, logging.WARNING) from None
         self.envelope.client_tls = tls.describe(self.client.transport)
+        stats.client_tls("established")
         log.debug("%s: CLIENT TLS: %s", self.tag, self.envelope.client_tls)
         self.envelope.helo = None
         self.envelope.reset()
@@ -426,6 +430,7 @@ class Session:
         self.server_tls_tried = True
         if not offers_starttls(reply):
             failure = "the server offers no STARTTLS"
+            stats.server_tls("not_offered")
         else:
             failure = await self.server_starttls()
         if failure is None:
@@ -456,9 +461,11 @@ class Session:
         (the connection is closed then unless the server merely refused)."""
         reply = await self.server_leg.command(b"STARTTLS\r\n")
         if reply[-1][:3] != b"220":
+            stats.server_tls("refused")
             return "the server refused STARTTLS: %s" % clean(reply[-1].strip())
         if self.server.pending:
             self.server.close()
+            stats.server_tls("failed")
             return ("the server sent %d bytes behind its 220 to STARTTLS (plaintext injected?), "
                     "not read" % len(self.server.buf))
         try:
@@ -466,8 +473,10 @@ class Session:
                                         self.server_name())
         except (OSError, asyncio.TimeoutError) as exc:
             self.server.close()
+            stats.server_tls("failed")
             return "TLS handshake with the server failed: %s" % tls.reason(exc)
         self.envelope.server_tls = tls.describe(self.server.transport)
+        stats.server_tls("established")
         return None
 
     def server_name(self) -> str | None:

@@ -33,6 +33,8 @@ CONNECTION_RESULTS = ("accepted", "busy", "refused")
 MESSAGE_STATUSES = ("FILTERED", "REJECTED", "SKIPPED", "FILTER-ERROR")
 SERVER_ERRORS = ("connect", "closed", "timeout")
 PROXY_RESULTS = ("proxied", "local", "closed", "invalid", "refused")
+CLIENT_TLS_RESULTS = ("established", "failed")
+SERVER_TLS_RESULTS = ("established", "failed", "refused", "not_offered")
 FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
 
@@ -47,6 +49,8 @@ class _Layout:
         self.messages = dict(zip(MESSAGE_STATUSES, self._take(len(MESSAGE_STATUSES))))
         self.server_errors = dict(zip(SERVER_ERRORS, self._take(len(SERVER_ERRORS))))
         self.proxy_headers = dict(zip(PROXY_RESULTS, self._take(len(PROXY_RESULTS))))
+        self.client_tls = dict(zip(CLIENT_TLS_RESULTS, self._take(len(CLIENT_TLS_RESULTS))))
+        self.server_tls = dict(zip(SERVER_TLS_RESULTS, self._take(len(SERVER_TLS_RESULTS))))
         # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
         self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
         self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
@@ -110,6 +114,19 @@ def proxy_header(result: str) -> None:
     or is not in ProxyProtocolFrom (`refused`)."""
     if _cells is not None:
         _cells[_base + LAYOUT.proxy_headers[result]] += 1
+
+
+def client_tls(result: str) -> None:
+    """A client's TLS handshake (STARTTLS or TLSWrapper) `established` or `failed`."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.client_tls[result]] += 1
+
+
+def server_tls(result: str) -> None:
+    """TLS to the server (ServerTLS): `established`, handshake `failed` (or
+    plaintext injected behind its 220), STARTTLS `refused`, or `not_offered`."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.server_tls[result]] += 1
 
 
 def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:

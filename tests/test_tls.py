@@ -21,7 +21,7 @@ import pytest
 import trustme
 from hypothesis import given, settings, strategies as st
 
-from harness import Client, RecordingServer, run_proxsmtpd, wait_until, write_config
+from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
 from proxsmtp import config as configuration, smtppass
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
@@ -674,3 +674,39 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
               and line[4:].split()[0].upper() == b"STARTTLS"]
     expected = 1 if client_tls != "off" and not active else 0
     assert len(offers) == expected and all(line[4:] == b"STARTTLS\r\n" for line in offers), shown
+
+
+def test_tls_handshakes_counted_in_metrics(proxy, make_upstream, pki):
+    """proxsmtpd_client_tls_total and proxsmtpd_server_tls_total, by result."""
+    from test_metrics import scrape, value
+    with_tls = tls_upstream(make_upstream, pki)
+    refusing = make_upstream(extensions=("8BITMIME", "STARTTLS"))      # answers it 502
+    plain = make_upstream(extensions=("8BITMIME",))
+    proxies = []
+    for upstream in (with_tls, refusing, plain):
+        stats = "127.0.0.1:%d" % free_port()
+        px = proxy({"OutAddress": upstream.address, "StatsListen": stats, "Workers": 1,
+                    **tls_settings(pki)})
+        px.stats = stats
+        proxies.append(px)
+    tls_px, refusing_px, plain_px = proxies
+    with tls_px.smtp() as smtp:
+        smtp.ehlo("client.example")
+        smtp.starttls(context=client_context(pki))
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+    with tls_px.connect() as client:                      # garbage instead of a ClientHello
+        client.cmd("EHLO client.example")
+        assert client.cmd("STARTTLS")[0].startswith("220")
+        client.send(b"\x16\x03\x01\x00\x05hello" + b"\x00" * 64)
+        assert client.closed_by_peer()
+    for px in (refusing_px, plain_px):
+        with px.connect() as client:
+            assert client.cmd("EHLO client.example")[0].startswith("250")
+    samples = wait_until(lambda: (lambda s: s if value(
+        s, "proxsmtpd_client_tls_total", result="failed") == 1 else None)(scrape(tls_px)),
+        15, what="the failed client handshake counted")
+    assert value(samples, "proxsmtpd_client_tls_total", result="established") == 1
+    # the readiness probe's session said no EHLO: only the two EHLO sessions count
+    assert value(samples, "proxsmtpd_server_tls_total", result="established") == 2
+    assert value(scrape(refusing_px), "proxsmtpd_server_tls_total", result="refused") == 1
+    assert value(scrape(plain_px), "proxsmtpd_server_tls_total", result="not_offered") == 1
