@@ -106,3 +106,22 @@ class RssSampler:
         hwm_after = self._read(b"VmHWM:")
         hwm_rise = sum(max(0, hwm_after[p] - before) for p, before in self.hwm_before.items())
         return max(self.peak - self.baseline, hwm_rise)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of `pid` and its descendants, including the children
+    they have reaped (a filter program that ran and exited is in its worker's
+    cutime/cstime), in seconds.  Clients and sinks are not descendants."""
+    ticks = 0
+    for member in family(pid):
+        try:
+            with open("/proc/%d/stat" % member, "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))   # utime stime cutime cstime
+    return ticks / CLOCK_TICKS

@@ -6,6 +6,7 @@ work directory, and stopped by its own pid.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -159,3 +160,60 @@ def source(port: int, sessions: int, messages: int, size: int, same_session: boo
         text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
         raise PeerError("smtp-source exited %d: %s" % (done.returncode, text[-300:]))
     return elapsed
+
+
+HAPROXY_CFG = """\
+global
+    maxconn 4000
+
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 120s
+    timeout server 120s
+
+frontend relay
+    bind {host}:{port}
+    default_backend sink
+
+backend sink
+    server sink {host}:{out_port}
+"""
+
+
+def haproxy(name: str, program: str, port: int, out_port: int, workdir: str) -> Peer:
+    """haproxy in `mode tcp` (threads: one per CPU, its default) relaying to
+    `out_port`: a pure TCP relay, the ceiling for any proxy in the path."""
+    conf = os.path.join(workdir, name + ".cfg")
+    with open(conf, "w") as handle:
+        handle.write(HAPROXY_CFG.format(host=HOST, port=port, out_port=out_port))
+    return Peer(name, [program, "-db", "-f", conf], workdir).start(port)
+
+
+def bare_relay(name: str, python: str, port: int, out_port: int, workdir: str,
+               workers: int | None = None) -> Peer:
+    """bench/barerelay.py: an empty uvloop byte relay, Python's floor."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "barerelay.py"),
+            "%s:%d" % (HOST, port), "%s:%d" % (HOST, out_port)]
+    if workers:
+        argv += ["--workers", str(workers)]
+    return Peer(name, argv, workdir).start(port)
+
+
+def pipeline(port: int, sessions: int, messages: int, size: int, python: str,
+             new_session: bool = False, timeout: float = 900.0) -> float:
+    """Run bench/pipeline.py (the pipelining client); the seconds its sessions took."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py"),
+            "--sessions", str(sessions), "--messages", str(messages), "--size", str(size),
+            "%s:%d" % (HOST, port)]
+    if new_session:
+        argv.append("--new-session")
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, preexec_fn=raise_nofile)
+    except subprocess.TimeoutExpired:
+        raise PeerError("pipeline.py timed out after %.0f s" % timeout) from None
+    if done.returncode != 0:
+        text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
+        raise PeerError("pipeline.py exited %d: %s" % (done.returncode, text[-300:]))
+    return json.loads(done.stdout)["seconds"]      # its own clock: no interpreter start-up

@@ -4,11 +4,15 @@ a large message, TLS.
 
 Postfix's smtp-source (client) and smtp-sink (server) are the peers.  Every
 figure is also measured on the direct path (smtp-source straight to
-smtp-sink), and the configurations are alternated round by round, so machine
-noise falls on all of them alike; the table shows medians over the rounds
-and ratios against direct.  The TLS section compares a STARTTLS client
-through the proxy with the same client straight to a TLS server (a
-proxsmtpd that ends TLS in front of smtp-sink).  See bench/README.md.
+smtp-sink) and through two pure TCP relays in front of the same sink:
+haproxy in `mode tcp` (the ceiling for any proxy) and an empty uvloop byte
+relay (bench/barerelay.py, Python's floor).  The configurations are
+alternated round by round, so machine noise falls on all of them alike; the
+table shows medians over the rounds, ratios against direct and against
+haproxy, and CPU per message from /proc.  The TLS section compares a
+STARTTLS client through the proxy with the same client straight to a TLS
+server (a proxsmtpd that ends TLS in front of smtp-sink).  See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ FILTERS = {
     "smtp": {"FilterType": "smtp"},
 }
 
+# The pure TCP relays measured beside the proxy (the ceiling and the floor).
+RELAYS = ("haproxy", "relay")
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
 FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
             latency_size=1024, hold=3000, large_mb=50, data_hold=600, data_kb=500,
             tls_messages=600, tls_hold=3000)
@@ -54,7 +62,8 @@ QUICK = dict(rounds=1, parallel=20, messages=200, size=10240, latency_messages=2
 MIDDATA_PATHS = ("none", "pipe", "smtp")
 
 TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
-               middata_kb=192.0, tls_pss_kb=64.0)
+               middata_kb=192.0, tls_pss_kb=64.0,
+               relay_throughput_ratio=0.75, relay_cpu_ratio=2.0, relay_latency_ratio=1.6)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -75,7 +84,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--data-kb", type=int, help="mid-DATA: unfinished KiB per session")
     parser.add_argument("--tls-messages", type=int, help="TLS: messages per throughput run")
     parser.add_argument("--tls-hold", type=int, help="TLS: sessions to hold")
-    parser.add_argument("--only", default="throughput,latency,concurrency,middata,large,tls",
+    parser.add_argument("--only",
+                        default="throughput,latency,pipelining,concurrency,middata,large,tls",
                         help="comma-separated sections to run")
     parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
     parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
@@ -121,6 +131,7 @@ class Bench:
             if args.spool_dir else workdir
         self.peers: list[peers.Peer] = []
         self.ports: dict[str, int] = {}
+        self.pids: dict[str, int] = {}       # path -> the process whose CPU is counted
         self.results: dict = {}
 
     # -- peers ---------------------------------------------------------------
@@ -141,6 +152,7 @@ class Bench:
                            self.spool_root)
         self.peers.append(peer)
         self.ports[name] = port
+        self.pids[name] = peer.pid
         return peer
 
     def stop(self, peer: peers.Peer) -> None:
@@ -153,9 +165,49 @@ class Bench:
             self.ports[name] = peers.free_port()
             self.peers.append(peers.sink(name, self.ports[name], self.workdir))
         self.ports["direct"] = self.ports["sink"]
-        if self.args.only & {"throughput", "latency", "large"}:
+        if self.args.only & {"throughput", "latency", "pipelining", "large"}:
             for name in FILTERS:
                 self.start_proxy(name, name)
+        if self.args.only & {"throughput", "latency", "pipelining"}:
+            self.start_relays()
+
+    def start_relays(self) -> None:
+        """haproxy (if installed) and the empty uvloop relay, in front of the sink."""
+        for name in RELAYS:
+            port = peers.free_port()
+            if name == "haproxy":
+                if not os.access(HAPROXY, os.X_OK):
+                    print("haproxy not found: no TCP-relay ceiling in this run",
+                          file=sys.stderr, flush=True)
+                    continue
+                peer = peers.haproxy(name, HAPROXY, port, self.ports["sink"], self.workdir)
+            else:
+                peer = peers.bare_relay(name, self.python, port, self.ports["sink"],
+                                        self.workdir, self.args.workers)
+            self.peers.append(peer)
+            self.ports[name] = port
+            self.pids[name] = peer.pid
+
+    @property
+    def python(self) -> str:
+        """The proxy's venv interpreter (it has uvloop), else this one."""
+        venv = os.path.join(os.path.dirname(self.args.proxsmtpd), "python")
+        return venv if os.access(venv, os.X_OK) else sys.executable
+
+    def paths(self) -> list[str]:
+        """direct, the relays that are running, then every proxy configuration."""
+        return ["direct"] + [name for name in RELAYS if name in self.ports] + list(FILTERS)
+
+    def counted(self, path: str, count: int, run) -> dict:
+        """Run `run()` (returns seconds) and take the CPU the path's own
+        processes spent meanwhile, per message (not the client's or sink's)."""
+        pid = self.pids.get(path)
+        before = memory.cpu_seconds(pid) if pid else None
+        seconds = run()
+        result = {"seconds": seconds, "per_second": count / seconds}
+        if pid:
+            result["cpu_us"] = 1e6 * (memory.cpu_seconds(pid) - before) / count
+        return result
 
     def stop_all(self) -> None:
         for peer in reversed(self.peers):
@@ -170,9 +222,8 @@ class Bench:
               % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
 
         def measure(path: str, same: bool) -> dict:
-            seconds = peers.source(self.ports[path], a.parallel, a.messages, a.size,
-                                   same_session=same)
-            return {"seconds": seconds, "per_second": a.messages / seconds}
+            return self.counted(path, a.messages, lambda: peers.source(
+                self.ports[path], a.parallel, a.messages, a.size, same_session=same))
         self.results["throughput"] = self.alternate(measure, "per_second")
 
     def latency(self) -> None:
@@ -181,16 +232,32 @@ class Bench:
               % (a.latency_messages, a.latency_size), file=sys.stderr, flush=True)
 
         def measure(path: str, same: bool) -> dict:
-            seconds = peers.source(self.ports[path], 1, a.latency_messages, a.latency_size,
-                                   same_session=same)
-            return {"seconds": seconds, "ms": 1000.0 * seconds / a.latency_messages}
+            result = self.counted(path, a.latency_messages, lambda: peers.source(
+                self.ports[path], 1, a.latency_messages, a.latency_size, same_session=same))
+            result["ms"] = 1000.0 * result["seconds"] / a.latency_messages
+            return result
         self.results["latency"] = self.alternate(measure, "ms")
+
+    def pipelining(self) -> None:
+        """bench/pipeline.py: MAIL, RCPT and DATA in one write, the body after
+        the 354; each of the sessions sends message after message."""
+        a = self.args
+        print("pipelining: %d sessions, %d messages of %d bytes"
+              % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
+        paths = [path for path in ("direct", "haproxy", "none") if path in self.ports]
+        runs: dict[str, list[dict]] = {path: [] for path in paths}
+        for round_no in range(a.rounds):
+            for path in rotated(paths, round_no):
+                attempt(runs[path], path, lambda path=path: self.counted(
+                    path, a.messages, lambda: peers.pipeline(
+                        self.ports[path], a.parallel, a.messages, a.size, self.python)))
+        self.results["pipelining"] = self.table(runs, "per_second", paths)
 
     def alternate(self, measure, key: str) -> dict:
         """Every path with one message per session, and direct and none with
         sessions reused (smtp-source -d), in rotating order each round; the
         reused rows are compared with direct reused."""
-        variants = [(path, path, False) for path in ["direct"] + list(FILTERS)]
+        variants = [(path, path, False) for path in self.paths()]
         variants += [(path + REUSED, path, True) for path in ("direct", "none")]
         runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
         for round_no in range(self.args.rounds):
@@ -201,13 +268,24 @@ class Bench:
         return table
 
     def table(self, runs: dict[str, list[dict]], key: str, order: list[str]) -> dict:
-        """Per path: the runs, the median of `key`, and its ratio to the first path."""
+        """Per path: the runs, the median of `key`, and its ratio to the first
+        path; with CPU figures, the median CPU per message; and, when haproxy
+        is among the paths, both against haproxy's."""
         base = summary(runs[order[0]], key)
+        relay = summary(runs["haproxy"], key) if "haproxy" in order else None
+        relay_cpu = summary(runs["haproxy"], "cpu_us") if "haproxy" in order else None
         table = {}
         for path in order:
             median = summary(runs[path], key)
             ratio = median / base if median is not None and base else None
-            table[path] = {"runs": runs[path], "median": median, "ratio": ratio}
+            row = {"runs": runs[path], "median": median, "ratio": ratio}
+            cpu = summary(runs[path], "cpu_us")
+            if cpu is not None:
+                row["cpu_us"] = cpu
+            if relay:
+                row["relay_ratio"] = median / relay if median is not None else None
+                row["relay_cpu_ratio"] = cpu / relay_cpu if cpu is not None and relay_cpu else None
+            table[path] = row
         return table
 
     def large(self) -> None:
@@ -423,6 +501,22 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
             target("serial latency, %s <= %.0f x direct" % (path, TARGETS["latency_ratio"]),
                    ratio, ratio is not None and ratio <= TARGETS["latency_ratio"],
                    fmt(ratio, ".2f") + " x")
+    for name, section, key, limit, op in (
+            ("throughput, none >= %.2f x haproxy", "throughput", "relay_ratio",
+             TARGETS["relay_throughput_ratio"], "ge"),
+            ("CPU per message, none <= %.1f x haproxy", "throughput", "relay_cpu_ratio",
+             TARGETS["relay_cpu_ratio"], "le"),
+            ("serial latency, none <= %.1f x haproxy", "latency", "relay_ratio",
+             TARGETS["relay_latency_ratio"], "le")):
+        if section not in results:
+            continue
+        value = results[section]["none"].get(key)
+        ok = value is not None and (value >= limit if op == "ge" else value <= limit)
+        shown = fmt(value, ".2f") + " x"
+        floor = results[section].get("relay", {}).get(key)
+        if floor is not None:
+            shown += " (bare uvloop relay %.2f x)" % floor
+        target(name % limit, value, ok, shown)
     if "concurrency" in results:
         held = results["concurrency"]
         target("%d sessions held, all greeted" % args.hold, held["greeted"],
@@ -472,6 +566,16 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         failed = sum(1 for run in row["runs"] if "error" in run)
         return "  (%d failed)" % failed if failed else ""
 
+    def rows(table: dict, unit: str, spec: str, ratio_spec: str) -> list[str]:
+        lines = ["  %-22s %10s %10s %10s %11s %10s" % ("path", unit, "x direct", "x haproxy",
+                                                       "CPU us/msg", "x haproxy")]
+        for path, row in table.items():
+            lines.append("  %-22s %10s %10s %10s %11s %10s%s" % (
+                path, fmt(row["median"], spec), fmt(row["ratio"], ratio_spec),
+                fmt(row.get("relay_ratio"), ".2f"), fmt(row.get("cpu_us"), ".0f"),
+                fmt(row.get("relay_cpu_ratio"), ".2f"), errors(row)))
+        return lines
+
     out.append("proxsmtpd benchmark: medians of %d round(s); %s CPUs; workers %s; spool on %s;"
                " commit %s" % (args.rounds, meta["cpus"], meta["workers"], meta["spool_fs"],
                                meta["commit"]))
@@ -479,21 +583,31 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         out.append("")
         out.append("throughput: %d parallel sessions, %d messages of %d bytes"
                    % (args.parallel, args.messages, args.size))
-        out.append("  %-22s %10s %10s" % ("path", "msg/s", "x direct"))
-        for path, row in results["throughput"].items():
-            out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".1f"),
-                                                 fmt(row["ratio"], ".3f"), errors(row)))
+        out.extend(rows(results["throughput"], "msg/s", ".1f", ".3f"))
+        table = results["throughput"]
+        if table["pipe"].get("cpu_us") is not None and table["none"].get("cpu_us") is not None:
+            out.append("  filter spawn (pipe: cat) costs %.0f us of CPU per message"
+                       " (pipe - none, the reaped filter processes included)"
+                       % (table["pipe"]["cpu_us"] - table["none"]["cpu_us"]))
+        floor, none = table.get("relay", {}).get("cpu_us"), table["none"].get("cpu_us")
+        if floor and none:
+            out.append("  empty uvloop relay (Python's floor) %.0f us per message;"
+                       " proxsmtpd (none) is %.2f x that floor" % (floor, none / floor))
     if "latency" in results:
         out.append("")
         out.append("serial latency: 1 client, %d messages of %d bytes one after another"
                    % (args.latency_messages, args.latency_size))
-        out.append("  %-22s %10s %10s" % ("path", "ms/msg", "x direct"))
-        for path, row in results["latency"].items():
-            out.append("  %-22s %10s %10s%s" % (path, fmt(row["median"], ".3f"),
-                                                 fmt(row["ratio"], ".2f"), errors(row)))
+        out.extend(rows(results["latency"], "ms/msg", ".3f", ".2f"))
     if "throughput" in results or "latency" in results:
         out.append("  (one message per session; rows marked%s send all messages over the same"
-                   " sessions: smtp-source -d)" % REUSED.replace(",", ""))
+                   " sessions: smtp-source -d; haproxy: mode tcp, the TCP-relay ceiling;"
+                   " relay: bench/barerelay.py; CPU: user+sys of the path's own processes"
+                   " from /proc, clients and sink excluded)" % REUSED.replace(",", ""))
+    if "pipelining" in results:
+        out.append("")
+        out.append("pipelining client (bench/pipeline.py): %d sessions, %d messages of %d bytes,"
+                   " MAIL+RCPT+DATA in one write" % (args.parallel, args.messages, args.size))
+        out.extend(rows(results["pipelining"], "msg/s", ".1f", ".3f"))
     if "concurrency" in results:
         held = results["concurrency"]
         out.append("")
@@ -587,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         bench.start()
-        for section in ("throughput", "latency", "concurrency", "middata", "large", "tls"):
+        for section in ("throughput", "latency", "pipelining", "concurrency", "middata", "large",
+                        "tls"):
             if section in args.only:
                 getattr(bench, section)()
     except peers.PeerError as exc:
