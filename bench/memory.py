@@ -112,16 +112,30 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of `pid` and its descendants, including the children
-    they have reaped (a filter program that ran and exited is in its worker's
-    cutime/cstime), in seconds.  Clients and sinks are not descendants."""
-    ticks = 0
+    """User + system CPU of `pid` and its descendants, in seconds: each live
+    thread's run time from /proc/PID/task/TID/schedstat (nanoseconds, where
+    /proc/PID/stat counts 10 ms ticks), plus the children they have reaped
+    (a filter program that ran and exited is in its worker's cutime and
+    cstime).  Clients and sinks are not descendants, so not counted."""
+    total = 0.0
     for member in family(pid):
         try:
             with open("/proc/%d/stat" % member, "rb") as handle:
                 stat = handle.read()
+            tasks = os.listdir("/proc/%d/task" % member)
         except OSError:
             continue
         fields = stat[stat.rfind(b")") + 2:].split()
-        ticks += sum(int(fields[i]) for i in (11, 12, 13, 14))   # utime stime cutime cstime
-    return ticks / CLOCK_TICKS
+        total += (int(fields[13]) + int(fields[14])) / CLOCK_TICKS     # cutime, cstime
+        run_ns = None
+        for task in tasks:
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (member, task), "rb") as handle:
+                    run_ns = (run_ns or 0) + int(handle.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+        if run_ns is None:          # a kernel without schedstat: the ticks, then
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        else:
+            total += run_ns / 1e9
+    return total

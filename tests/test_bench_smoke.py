@@ -38,13 +38,28 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert (tmp_path / "result.txt").read_text() == done.stdout
     results = data["results"]
 
-    for path in ("direct", "none", "pipe", "file", "smtp", "direct, reused", "none, reused"):
+    relays = ("haproxy", "relay") if shutil.which("haproxy") else ("relay",)
+    for path in ("direct", *relays, "none", "pipe", "file", "smtp", "direct, reused",
+                 "none, reused"):
         row = results["throughput"][path]
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0
         assert results["latency"][path]["median"] > 0
     assert results["throughput"]["direct"]["ratio"] == 1.0
     assert results["latency"]["direct, reused"]["ratio"] == 1.0
+    # CPU per message is counted for every path but direct (no process of ours)
+    for path in (*relays, "none", "pipe"):
+        assert results["throughput"][path]["cpu_us"] > 0
+    assert "cpu_us" not in results["throughput"]["direct"]
+    if "haproxy" in relays:
+        assert results["throughput"]["haproxy"]["relay_ratio"] == 1.0
+        assert results["throughput"]["none"]["relay_cpu_ratio"] > 0
+        assert "filter spawn (pipe: cat) costs" in done.stdout
+
+    for path in ("direct", "none", *relays[:-1]):     # the pipelining client got through
+        row = results["pipelining"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["median"] > 0
 
     held = results["concurrency"]
     assert held["greeted"] == 60 and held["all_greeted"]
@@ -72,4 +87,4 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert tls["hold"]["held_pss_mb"] > tls["hold"]["idle_pss_mb"] > 0
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 14 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 17 and all(isinstance(item["pass"], bool) for item in data["targets"])
