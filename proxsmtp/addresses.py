@@ -107,8 +107,16 @@ def is_ip(host: str) -> bool:
 
 
 def is_unspecified(host: str | None) -> bool:
-    """True for a bare port, 0.0.0.0 and ::: the 'loopback feature' of OutAddress."""
-    return host is None or (is_ip(host) and ipaddress.ip_address(host).is_unspecified)
+    """True for a bare port, 0.0.0.0 and ::: the 'loopback feature' of OutAddress.
+    (inet_pton, not ipaddress: this runs for every connection.)"""
+    if host is None:
+        return True
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return not any(socket.inet_pton(family, host))
+        except (OSError, ValueError, TypeError):
+            pass
+    return False
 
 
 def plain_ip(ip: str) -> str:

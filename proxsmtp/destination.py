@@ -91,6 +91,30 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
     return out, None
 
 
+async def open_channel(config: Config, envelope: Envelope, client_sock: socket.socket,
+                       proxy_header: proxyproto.ProxyHeader | None,
+                       channel: asyncio.Protocol) -> str:
+    """Connect `channel` (the session's SERVER side) to the server; its IP.
+
+    The common case, an IP literal with no source address to bind and no
+    PROXY header to send, is left to the event loop's own connect (with
+    uvloop: libuv's, no Python socket and no extra loop iteration); the
+    others take a socket from `connect()`."""
+    loop = asyncio.get_running_loop()
+    dest, source = target(config, envelope.client_ip, client_sock)
+    if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
+            and addresses.is_ip(dest.host)):
+        try:
+            async with asyncio.timeout(config.TimeOut):
+                await loop.create_connection(lambda: channel, dest.host, dest.port)
+        except OSError as exc:       # TimeoutError included
+            raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
+        return addresses.plain_ip(dest.host)
+    sock, server_ip = await connect(config, envelope, client_sock, proxy_header)
+    await loop.create_connection(lambda: channel, sock=sock)
+    return server_ip
+
+
 async def connect(config: Config, envelope: Envelope, client_sock: socket.socket,
                   proxy_header: proxyproto.ProxyHeader | None = None,
                   ) -> tuple[socket.socket, str]:
@@ -115,7 +139,7 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
         sock.setblocking(False)
         if source is not None:
             bind_transparent(sock, family, source, envelope.tag)
-        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+        await sock_connect(sock, sockaddr, timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
         raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
@@ -127,6 +151,40 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
     if family == socket.AF_UNIX:
         return sock, "127.0.0.1"
     return sock, addresses.peer_ip(sockaddr)
+
+
+def _connected(waiter: asyncio.Future, error: BaseException | None = None) -> None:
+    if not waiter.done():
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)
+
+
+async def sock_connect(sock: socket.socket, sockaddr: object, timeout: float) -> None:
+    """Connect the non-blocking `sock` to an address already resolved.
+
+    Not loop.sock_connect: uvloop's asks its thread pool for getaddrinfo
+    even for an IP literal, a thread hand-off for every session.  One
+    future and one timer, no task (asyncio.wait_for would make one)."""
+    try:
+        sock.connect(sockaddr)
+        return
+    except (BlockingIOError, InterruptedError):
+        pass
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _connected, waiter)
+    timer = loop.call_later(timeout, _connected, waiter, asyncio.TimeoutError())
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 async def send_proxy_header(config: Config, envelope: Envelope,

@@ -18,7 +18,7 @@ from typing import Awaitable, Callable
 
 from . import addresses, spool, tls
 from .config import Config
-from .destination import connect_failure
+from .destination import connect_failure, sock_connect
 from .envelope import Envelope
 from .log import clean, log
 from .spio import Channel, ChannelClosed, ReplyTooLong
@@ -389,7 +389,7 @@ async def _connect_node(target, timeout: float, tag: str) -> Channel:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
-            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
+            await sock_connect(sock, sockaddr, timeout)
         except BaseException:
             sock.close()
             raise

@@ -45,6 +45,9 @@ _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
 R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 
+# The only verbs whose line can be a MAIL FROM:/RCPT TO: (see commands.py).
+_ENVELOPE = (b"MAIL", b"RCPT")
+
 # PIPELINING passes (SPEC §9): the reply queue keeps every reply in order.
 FILTERED_FEATURES = {b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
@@ -216,11 +219,11 @@ class Session(StartTLS):
     async def open_server(self) -> None:
         """A new server connection (the first, or the plaintext retry after a
         failed TLS handshake with ServerTLS may); DestinationError if none."""
-        sock, self.envelope.server_ip = await destination.connect(
-            self.config, self.envelope, self.sock, self.proxy_header)
+        channel = Channel("SERVER", self.tag)
+        self.envelope.server_ip = await destination.open_channel(
+            self.config, self.envelope, self.sock, self.proxy_header, channel)
         self.server.close()
-        self.server = self.server_leg.channel = Channel("SERVER", self.tag)
-        await asyncio.get_running_loop().create_connection(lambda: self.server, sock=sock)
+        self.server = self.server_leg.channel = channel
         log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
 
     async def passthru(self) -> None:
@@ -317,7 +320,7 @@ class Session(StartTLS):
             return
         elif verb == b"AUTH":
             self.auth_started = True
-        elif (address := envelope_address(line)) is not None:
+        elif verb in _ENVELOPE and (address := envelope_address(line)) is not None:
             verb = address[0]
             if self.config.FilterType == "reject" and not self.skipping:
                 self.reject_envelope(*address)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import gc
 import signal
 import socket
 
@@ -56,11 +57,16 @@ class Worker:
         self._kept: dict[asyncio.Task, int] = {}   # idle when retired: messages done then
         self._changes = 0                           # sessions opened and closed
         self._stopping: asyncio.Future | None = None
+        self._change_due = False
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
         _fixed_mmap_threshold()
         factory = uvloop.new_event_loop if uvloop is not None else None
+        # What the master built before the fork lives as long as we do: the
+        # cyclic collector need not look at it again (and copy-on-write pages
+        # stay shared).
+        gc.freeze()
         with asyncio.Runner(loop_factory=factory) as runner:
             runner.run(self.main())
 
@@ -200,10 +206,17 @@ class Worker:
         self._changed()
 
     def _changed(self) -> None:
+        """The session count changed: told once per loop iteration, however
+        many sessions came and went in it (the process title is a syscall)."""
         self._changes += 1
         stats.sessions(len(self.sessions))
-        if self.on_change is not None:
-            self.on_change(len(self.sessions))
+        if self.on_change is not None and not self._change_due:
+            self._change_due = True
+            asyncio.get_running_loop().call_soon(self._tell_change)
+
+    def _tell_change(self) -> None:
+        self._change_due = False
+        self.on_change(len(self.sessions))
 
 
 def _fixed_mmap_threshold() -> None:
