@@ -14,6 +14,7 @@ Everything listens on loopback on free ports and is stopped by its pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -172,6 +173,24 @@ def run_proxsmtpd(*args: str, timeout: float = 20.0) -> subprocess.CompletedProc
     """Run proxsmtpd to completion (for options and config errors)."""
     return subprocess.run([PYTHON, "-m", "proxsmtp.cli", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def detached(conf: Path, pid_file: Path):
+    """proxsmtpd as a daemon (no -d: it detaches) with `-p pid_file`: yields
+    (the launcher's CompletedProcess, the daemon's pid or None); the daemon
+    is stopped by its pid on the way out."""
+    daemon = None
+    try:
+        try:
+            result = run_proxsmtpd("-f", str(conf), "-p", str(pid_file), timeout=60)
+        finally:
+            daemon = int(pid_file.read_text()) if pid_file.exists() else None
+        yield result, daemon
+    finally:
+        if daemon is not None:
+            os.kill(daemon, signal.SIGTERM)
+            wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
 
 
 class Proxy:

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from harness import PYTHON, REPO, TIMESTAMP, free_port, pid_alive, wait_until, write_config
+from harness import PYTHON, REPO, TIMESTAMP, detached, free_port, write_config
 from proxsmtp import __version__
 
 
@@ -78,15 +78,6 @@ def test_daemon_without_syslog_says_so_before_detaching(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
                                              "Listen": "127.0.0.1:%d" % free_port(),
                                              "TempDirectory": str(tmp_path)})
-    try:
-        result = subprocess.run([PYTHON, "-m", "proxsmtp.cli", "-f", str(conf), "-p", str(pid_file)],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
-    finally:
-        daemon = int(pid_file.read_text()) if pid_file.exists() else None
-    try:
+    with detached(conf, pid_file) as (result, daemon):
         assert result.returncode == 0, result.stderr
         assert "no syslog daemon to log to (/dev/log: No such file or directory)" in result.stderr
-    finally:
-        if daemon is not None:
-            os.kill(daemon, signal.SIGTERM)
-            wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")

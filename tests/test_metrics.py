@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import urllib.error
 import urllib.request
 
@@ -19,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (PYTHON, REPO, Client, free_port, pid_alive, run_proxsmtpd, send_mail, title,
+from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title,
                      wait_until, write_config)
 from proxsmtp import exporter, stats
 from proxsmtp.proxyproto import build
@@ -402,22 +401,13 @@ def test_daemon_mode_serves_metrics(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {
         "OutAddress": upstream.address, "Workers": 1, "Listen": "127.0.0.1:%d" % port,
         "StatsListen": "127.0.0.1:%d" % stats_port, "TempDirectory": str(tmp_path)})
-    try:
-        result = subprocess.run([PYTHON, "-m", "proxsmtp.cli", "-f", str(conf), "-p", str(pid_file)],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
-    finally:
-        daemon = int(pid_file.read_text()) if pid_file.exists() else None
-    try:
+    with detached(conf, pid_file) as (result, daemon):
         assert result.returncode == 0, result.stderr
         target = type("Target", (), {"stats": "127.0.0.1:%d" % stats_port})
         with Client("127.0.0.1", port) as client:
             assert send_mail(client, "a@x.test", ["b@y.test"], b"\r\nhi\r\n")[-1].startswith("250")
             assert value(scrape(target), "proxsmtpd_sessions") == 1
         assert value(scrape(target), "proxsmtpd_workers", state="serving") == 1
-    finally:
-        if daemon is not None:
-            os.kill(daemon, signal.SIGTERM)
-            wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
 
 
 # --- the shared rows, in process ---------------------------------------------------------------

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from harness import (PYTHON, REPO, Client, children, free_port, pid_alive, send_mail, title,
-                     wait_until, write_config)
+from harness import (PYTHON, REPO, Client, children, detached, free_port, pid_alive, send_mail,
+                     title, wait_until, write_config)
 
 NOBODY_CAPS = "0000000000001000"       # CAP_NET_ADMIN only
 
@@ -235,12 +235,7 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
                                              "Listen": "127.0.0.1:%d" % port,
                                              "TempDirectory": str(tmp_path)})
-    try:
-        result = subprocess.run([PYTHON, "-m", "proxsmtp.cli", "-f", str(conf), "-p", str(pid_file)],
-                                cwd=REPO, capture_output=True, text=True, timeout=60)
-    finally:
-        daemon = int(pid_file.read_text()) if pid_file.exists() else None
-    try:
+    with detached(conf, pid_file) as (result, daemon):
         assert result.returncode == 0, result.stderr
         assert pid_alive(daemon)
         assert os.getsid(daemon) != os.getsid(0)       # left the launching session
@@ -254,10 +249,6 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
                                cwd=REPO, capture_output=True, text=True, timeout=60)
         assert again.returncode != 0
         assert "Address already in use" in again.stderr
-    finally:
-        if daemon is not None:
-            os.kill(daemon, signal.SIGTERM)
-            wait_until(lambda: not pid_alive(daemon), 30, what="the daemon to exit")
     assert not pid_file.exists()
 
 

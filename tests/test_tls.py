@@ -137,8 +137,8 @@ def test_client_starttls_with_smtplib(proxy, upstream, pki, tmp_path):
 
 
 def test_client_tls_off_without_certificate_and_when_off(proxy, upstream, pki):
-    for settings in ({}, tls_settings(pki, ClientTLS="off")):
-        p = proxy({"OutAddress": upstream.address, **settings})
+    for extra in ({}, tls_settings(pki, ClientTLS="off")):
+        p = proxy({"OutAddress": upstream.address, **extra})
         with p.connect() as client:
             assert "250-STARTTLS" not in client.cmd("EHLO client.example")
             assert client.cmd("STARTTLS") == ["502 Command not implemented"]
