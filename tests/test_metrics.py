@@ -72,14 +72,25 @@ def metered(proxy, upstream):
     return make
 
 
-def spread(px, most: int = 40) -> list[Client]:
-    """Open held sessions until every worker serves at least one."""
+def spread(px) -> list[Client]:
+    """One held session on every worker.  Which worker wins an accept is the
+    kernel's choice, and on a busy machine one worker can win forty races in
+    a row, so the other workers are stopped (SIGSTOP) while each client
+    connects: the one left running must be the one that accepts."""
     clients: list[Client] = []
-    while len(clients) < most:
-        clients.append(px.connect())
-        if all("[0 sessions]" not in t for t in px.children().values()):
-            return clients
-    raise AssertionError("connections never reached every worker: %r" % px.children())
+    workers = sorted(px.children())
+    for pid in workers:
+        others = [other for other in workers if other != pid]
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+        try:
+            clients.append(px.connect())
+        finally:
+            for other in others:
+                os.kill(other, signal.SIGCONT)
+        wait_until(lambda: "[0 sessions]" not in title(pid), 10,
+                   what="worker %d serving its client" % pid)
+    return clients
 
 
 # --- gauges ------------------------------------------------------------------------------
