@@ -10,13 +10,16 @@ so no task is created per line and writes are coalesced by the caller.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import ssl
 import time
 
 from .log import clean, log
+
+# Whether the event loop's TCP transports set TCP_NODELAY themselves (uvloop's
+# do; the worker says so): then a Channel need not ask the kernel again.
+SETS_NODELAY = False
 
 # Longest line, CRLF included, that is relayed; longer client lines get 500.
 LINE_LIMIT = 4096
@@ -28,6 +31,9 @@ _READ_LOW = 64 * 1024       # ...until the buffer has drained to this
 # The longest reply read whole (generous for any real EHLO answer).
 REPLY_MAX_LINES = 1000
 REPLY_MAX_BYTES = 64 * 1024
+# A wait's timer may fire this much before its deadline (the loop's clock
+# granularity) and still count as due.
+_TIMER_SLACK = 0.002
 
 
 def is_continued(line: bytes) -> bool:
@@ -78,16 +84,25 @@ class Channel(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self._data_started = False
         self._trace = log.isEnabledFor(logging.DEBUG)
+        # The waits this channel owns (see wait_any): their future, the
+        # deadline of the current one, and one timer moved lazily.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._ready = self._set_ready
 
     # --- asyncio.Protocol -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # asyncio only does this for sockets made with proto=IPPROTO_TCP.
-            # Without it a reply's last small write waits for a delayed ACK.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not SETS_NODELAY:
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # asyncio only does this for sockets made with proto=IPPROTO_TCP.
+                # Without it a reply's last small write waits for a delayed ACK.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
@@ -110,6 +125,7 @@ class Channel(asyncio.Protocol):
         self.eof = True
         self.error = exc
         self._wake()
+        self._stop_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -131,6 +147,37 @@ class Channel(asyncio.Protocol):
     def _wake(self) -> None:
         if self.on_ready is not None:
             self.on_ready()
+
+    # --- waiting (wait_any) ---------------------------------------------------
+
+    def _set_ready(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _set_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._timed_out)   # type: ignore[union-attr]
+        self._timer_at = when
+
+    def _timed_out(self) -> None:
+        """The timer is due: the current wait (if any) times out, unless its
+        deadline is later than the wait the timer was set for."""
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        if self._deadline - self._loop.time() > _TIMER_SLACK:     # type: ignore[union-attr]
+            self._set_timer(self._deadline)
+        else:
+            waiter.set_exception(asyncio.TimeoutError())
+
+    def _stop_timer(self) -> None:
+        """Done with this channel: its timer must not keep it alive."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # --- reading ------------------------------------------------------------
 
@@ -325,6 +372,7 @@ class Channel(asyncio.Protocol):
             raise ChannelClosed("%s: connection closed while writing" % self.name, self.name)
 
     def close(self) -> None:
+        self._stop_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -348,28 +396,28 @@ def _cut(buf: bytearray, size: int, through: int | None = None) -> bytes:
     return data
 
 
-def _wake(waiter: asyncio.Future, error: type[BaseException] | None = None) -> None:
-    if not waiter.done():
-        if error is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(error())
-
-
 async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
     """Sleep until any of the channels has news, or raise TimeoutError.
 
-    One future and one timer per wait (cheaper than asyncio.wait_for, which
-    matters as the session waits once per line)."""
-    loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
-    timer = loop.call_later(timeout, _wake, waiter, asyncio.TimeoutError)
-    ready = functools.partial(_wake, waiter)
+    The session waits once per line, so a wait must be cheap: one future,
+    and no timer of its own.  The first channel owns the wait and keeps one
+    timer for all its waits, moved only when a wait's deadline comes sooner
+    than the timer; when the timer fires early for the current wait it is
+    set again for that wait's deadline (see Channel._timed_out)."""
+    owner = channels[0]
+    loop = owner._loop
+    if loop is None:
+        loop = owner._loop = asyncio.get_running_loop()
+    waiter = owner._waiter = loop.create_future()
+    deadline = owner._deadline = loop.time() + timeout
+    if owner._timer is None or owner._timer_at > deadline:
+        owner._set_timer(deadline)
+    ready = owner._ready
     for channel in channels:
         channel.on_ready = ready
     try:
         await waiter
     finally:
-        timer.cancel()
+        owner._waiter = None
         for channel in channels:
             channel.on_ready = None

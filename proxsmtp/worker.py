@@ -27,7 +27,7 @@ try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's ow
 except ImportError:
     uvloop = None
 
-from . import spool, stats
+from . import spio, spool, stats
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
@@ -39,6 +39,7 @@ MMAP_THRESHOLD = 128 * 1024
 SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 TRIM_EVERY = 2.0             # seconds between chances to give freed memory back
+TITLE_EVERY = 0.05           # seconds: the process title shows the session count this fresh
 
 
 class Worker:
@@ -63,6 +64,7 @@ class Worker:
         """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
         _fixed_mmap_threshold()
         factory = uvloop.new_event_loop if uvloop is not None else None
+        spio.SETS_NODELAY = uvloop is not None
         # What the master built before the fork lives as long as we do: the
         # cyclic collector need not look at it again (and copy-on-write pages
         # stay shared).
@@ -206,13 +208,14 @@ class Worker:
         self._changed()
 
     def _changed(self) -> None:
-        """The session count changed: told once per loop iteration, however
-        many sessions came and went in it (the process title is a syscall)."""
+        """The session count changed: told at most every TITLE_EVERY seconds,
+        however many sessions came and went meanwhile (the process title is
+        a system call; under load sessions change on every loop iteration)."""
         self._changes += 1
         stats.sessions(len(self.sessions))
         if self.on_change is not None and not self._change_due:
             self._change_due = True
-            asyncio.get_running_loop().call_soon(self._tell_change)
+            asyncio.get_running_loop().call_later(TITLE_EVERY, self._tell_change)
 
     def _tell_change(self) -> None:
         self._change_due = False
