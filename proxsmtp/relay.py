@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .log import log
-from .spio import CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size, is_continued
+from .spio import (REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size,
+                   is_continued)
 
 R_FAILED = b"451 Local Error\r\n"
 R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
@@ -101,10 +102,11 @@ class ReplyQueue:
             line = line[:-2].rstrip(b"\r\n") + CRLF
         self.lines.append(line)
         self.size += len(line)
-        try:
-            check_reply_size(self.lines, self.size, "SERVER")
-        except ReplyTooLong as exc:
-            raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
+        if len(self.lines) > 1 or self.size > REPLY_MAX_BYTES:  # the common one-liner passes
+            try:
+                check_reply_size(self.lines, self.size, "SERVER")
+            except ReplyTooLong as exc:
+                raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         if is_continued(line):
             return
         lines, self.lines, self.size = self.lines, [], 0

@@ -121,7 +121,8 @@ class Session(StartTLS):
     def log_message(self, status: str) -> None:
         """The one info line per message: client, from, to..., outcome, status;
         counted for /metrics with the same status word."""
-        log.info("%s: %s", self.tag, self.envelope.log_line(status))
+        if log.isEnabledFor(logging.INFO):      # built only when someone reads it
+            log.info("%s: %s", self.tag, self.envelope.log_line(status))
         stats.message(status, self.envelope.size, self.envelope.filter_seconds)
 
     # --- life cycle -----------------------------------------------------------
@@ -274,7 +275,7 @@ class Session(StartTLS):
         still due.  Its lines then stay in its buffer, the buffer's high-water
         mark pauses reading, and TCP slows the client down."""
         return (self.server.backed_up or self.client.backed_up
-                or len(self.replies) >= MAX_PENDING_REPLIES)
+                or len(self.replies.places) >= MAX_PENDING_REPLIES)
 
     # --- client commands ------------------------------------------------------
 

@@ -194,6 +194,8 @@ class Channel(asyncio.Protocol):
         line at end of file is not returned (see `rest()`).
         """
         buf = self.buf
+        if not buf:
+            return None
         if self._discarding is not None:
             end = buf.find(b"\n")
             if end < 0:
