@@ -10,6 +10,7 @@ the status word of the message's log line (or None: no message was taken).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from . import filters, spool
@@ -40,7 +41,8 @@ class Transfer:
         self.awaiting_final = False       # the server has the message; its verdict is due
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
-        self.head: bytearray | None = bytearray()  # the first bytes, for the Message-ID
+        # The first bytes, for the Message-ID of the log line (only read at INFO).
+        self.head: bytearray | None = bytearray() if log.isEnabledFor(logging.INFO) else None
 
     @property
     def tag(self) -> str:

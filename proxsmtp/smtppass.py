@@ -236,10 +236,20 @@ class Session(StartTLS):
             turn += 1
             if turn > LINES_PER_TURN:          # let the worker's other sessions run
                 turn = 0
+                client.uncork()
+                server.uncork()
                 await asyncio.sleep(0)
             got = server.take_line()
             if got is not None:
-                self.replies.server_line(*got, self.tag)
+                if server.buf:               # more replies came with it: one write for all
+                    client.cork()
+                    while got is not None:
+                        self.replies.server_line(*got, self.tag)
+                        turn += 1
+                        got = server.take_line() if turn <= LINES_PER_TURN else None
+                    client.uncork()
+                else:
+                    self.replies.server_line(*got, self.tag)
                 continue
             if server.eof:
                 rest = server.rest()
@@ -252,6 +262,8 @@ class Session(StartTLS):
                 return
             got = None if self.backed_up else client.take_line()
             if got is not None:
+                if client.buf:               # a pipelined group: its commands in one write
+                    server.cork()
                 await self.on_client_line(*got)
                 continue
             if client.eof and not self.replies.waiting_for_server:

@@ -92,6 +92,7 @@ class Channel(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._ready = self._set_ready
+        self._corked: list[bytes] | None = None   # writes held back by cork()
 
     # --- asyncio.Protocol -------------------------------------------------
 
@@ -333,6 +334,7 @@ class Channel(asyncio.Protocol):
         than `timeout`; the connection is closed then."""
         if self.pending:
             raise ValueError("%s: plaintext left unread before TLS" % self.name)
+        self.uncork()
         self._scan = 0
         self.line_started = None
         self._paused_reading = self._paused_writing = False
@@ -355,10 +357,27 @@ class Channel(asyncio.Protocol):
         if trace and self._trace:
             self.trace(">", data)
         self.last_action = self.last_sent = time.monotonic()
-        self.transport.write(data)
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Hold writes back until uncork(): the replies to a pipelined group,
+        or the group's commands, then leave in one segment instead of one
+        per line.  Every wait on this channel (wait_any, drain, start_tls)
+        and close() uncork it first, so nothing held back is waited on."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        held, self._corked = self._corked, None
+        if held and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(held))
 
     async def drain(self, timeout: float) -> None:
         """Wait until the kernel has taken what was written (flow control)."""
+        self.uncork()
         while self._paused_writing:
             if self.transport is None or self.transport.is_closing():
                 raise ChannelClosed("%s: connection closed while writing" % self.name, self.name)
@@ -375,6 +394,7 @@ class Channel(asyncio.Protocol):
 
     def close(self) -> None:
         self._stop_timer()
+        self.uncork()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -416,6 +436,8 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
         owner._set_timer(deadline)
     ready = owner._ready
     for channel in channels:
+        if channel._corked is not None:
+            channel.uncork()
         channel.on_ready = ready
     try:
         await waiter

@@ -195,13 +195,17 @@ async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeou
     gathered into CHUNK-sized writes: a small message leaves in one send.
     """
     guard = DotGuard()
-    out = bytearray()
+    out: list[bytes] = []
+    size = 0
 
     async def emit(data: bytes) -> None:
-        out.extend(data)
-        if len(out) >= CHUNK:
-            channel.write(bytes(out), False)
+        nonlocal size
+        out.append(data)
+        size += len(data)
+        if size >= CHUNK:
+            channel.write(b"".join(out), False)
             out.clear()
+            size = 0
             await channel.drain(timeout)
 
     with message:
@@ -223,6 +227,6 @@ async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeou
             if not chunk:
                 break
             await emit(guard.feed(chunk))
-    out += guard.finish() + b".\r\n"
-    channel.write(bytes(out), False)
+    out.append(guard.finish() + b".\r\n")
+    channel.write(b"".join(out), False)
     await channel.drain(timeout)

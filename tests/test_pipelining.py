@@ -25,6 +25,7 @@ class GroupServer(RawServer):
         self.refuse = refuse
         self.groups: list[list[str]] = []
         self.messages: list[bytes] = []
+        self.reads: list[bytes] = []        # each recv() as it came
         super().__init__()
 
     def handle(self, conn: socket.socket) -> None:
@@ -39,6 +40,7 @@ class GroupServer(RawServer):
                     return None
                 if not chunk:
                     raise EOFError
+                self.reads.append(chunk)
                 buf.extend(chunk)
             end = buf.index(b"\r\n")
             text = buf[:end].decode()
@@ -132,6 +134,21 @@ def test_group_forwarded_as_a_group(proxy, group_server):
     assert group_server.groups == [["MAIL FROM:<a@x.test>", "RCPT TO:<b@y.test>",
                                     "RCPT TO:<c@y.test>"]]
     assert group_server.messages == [BODY.rstrip(b"\r\n")]
+
+
+def test_group_leaves_the_proxy_in_one_write_each_way(proxy, group_server):
+    """The commands of a group that came in one segment go on to the server in
+    one (not one send per line), and the server's replies to them, read in
+    one go, go back to the client in one."""
+    p = proxy({"OutAddress": group_server.address})
+    with p.connect() as client:
+        client.cmd("EHLO c.test")
+        group = b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\n"
+        client.send(group)
+        client.sock.settimeout(10)
+        first = client.sock.recv(65536)
+        assert first == b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n"
+    assert group in group_server.reads
 
 
 def test_replies_in_order_including_the_proxys_own(proxy, upstream):
