@@ -51,6 +51,7 @@ class ServerAnswers:
 
     verb: bytes              # EHLO, MAIL, RCPT, ... (b"" for the greeting)
     line: bytes              # the command as the client sent it
+    address: str | None = None   # MAIL's or RCPT's address, parsed once
 
 
 @dataclass(slots=True)

@@ -72,6 +72,7 @@ class Session(StartTLS):
     def __init__(self, config: Config, sock: socket.socket) -> None:
         self.config = config
         self.sock = sock
+        self.timeout = float(config.TimeOut)
         self.tag = next_id()
         self.envelope = Envelope(self.tag)
         self.proxy_header: proxyproto.ProxyHeader | None = None
@@ -106,10 +107,6 @@ class Session(StartTLS):
     def idle(self) -> bool:
         """Between messages with nothing outstanding: safe to close at shutdown."""
         return not self.in_data and not self.envelope.in_transaction and not self.replies
-
-    @property
-    def timeout(self) -> float:
-        return float(self.config.TimeOut)
 
     @property
     def skipping(self) -> bool:
@@ -341,6 +338,9 @@ class Session(StartTLS):
             if verb == b"MAIL" and self.too_big(line):
                 answer(R_SIZE)
                 return
+            self.server.write(line)
+            self.replies.expect(ServerAnswers(verb, line, address[1]))
+            return
         self.server.write(line)
         self.replies.expect(ServerAnswers(verb, line))
 
@@ -417,10 +417,10 @@ class Session(StartTLS):
             envelope.reset()
             if verb == b"EHLO":
                 return self.filter_features(lines)
-        elif verb == b"MAIL" and (address := envelope_address(command)):
-            envelope.sender = address[1]
-        elif verb == b"RCPT" and (address := envelope_address(command)):
-            envelope.recipients.append(address[1])
+        elif verb == b"MAIL" and place.address is not None:
+            envelope.sender = place.address
+        elif verb == b"RCPT" and place.address is not None:
+            envelope.recipients.append(place.address)
         elif verb == b"XFORWARD":
             attrs = parse_xforward(command)
             envelope.xforward_addr = attrs.get("ADDR", envelope.xforward_addr)

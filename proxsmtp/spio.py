@@ -81,6 +81,9 @@ class Channel(asyncio.Protocol):
         self._discarding: bytes | None = None
         self._paused_reading = False
         self._paused_writing = False
+        # The peer is not taking what we write (the transport's buffer is past
+        # its high-water mark): stop producing more for it until it drains.
+        self.backed_up = False
         self._drain: asyncio.Future | None = None
         self._data_started = False
         self._trace = log.isEnabledFor(logging.DEBUG)
@@ -115,7 +118,8 @@ class Channel(asyncio.Protocol):
         if len(self.buf) > _READ_HIGH and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
-        self._wake()
+        if self.on_ready is not None:
+            self.on_ready()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -131,19 +135,13 @@ class Channel(asyncio.Protocol):
             self._drain.set_result(None)
 
     def pause_writing(self) -> None:
-        self._paused_writing = True
+        self._paused_writing = self.backed_up = True
 
     def resume_writing(self) -> None:
-        self._paused_writing = False
+        self._paused_writing = self.backed_up = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._wake()
-
-    @property
-    def backed_up(self) -> bool:
-        """The peer is not taking what we write (the transport's buffer is past
-        its high-water mark): stop producing more for it until it drains."""
-        return self._paused_writing
 
     def _wake(self) -> None:
         if self.on_ready is not None:
@@ -337,7 +335,7 @@ class Channel(asyncio.Protocol):
         self.uncork()
         self._scan = 0
         self.line_started = None
-        self._paused_reading = self._paused_writing = False
+        self._paused_reading = self._paused_writing = self.backed_up = False
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
                                          server_hostname=server_hostname,
