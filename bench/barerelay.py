@@ -70,6 +70,8 @@ class Leg(asyncio.Protocol):
 class ClientLeg(Leg):
     """The accepted side: opens the server side as soon as it is made."""
 
+    server_leg: type[Leg] = Leg         # the protocol of the server side
+
     def __init__(self, target: tuple[str, int]) -> None:
         super().__init__()
         self.target = target
@@ -81,7 +83,7 @@ class ClientLeg(Leg):
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, server = await loop.create_connection(Leg, *self.target)
+            _, server = await loop.create_connection(self.server_leg, *self.target)
         except OSError:
             if self.transport is not None:
                 self.transport.close()
@@ -93,17 +95,19 @@ class ClientLeg(Leg):
         self.joined(server)
 
 
-async def serve(sock: socket.socket, target: tuple[str, int]) -> None:
+async def serve(sock: socket.socket, target: tuple[str, int], client_leg: type[ClientLeg]) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-    server = await loop.create_server(lambda: ClientLeg(target), sock=sock, backlog=4096)
+    server = await loop.create_server(lambda: client_leg(target), sock=sock, backlog=4096)
     await stop
     server.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+def main(client_leg: type[ClientLeg] = ClientLeg, doc: str = __doc__) -> None:
+    """Parse `[--workers N] LISTEN TARGET`, fork the workers, each serving
+    `client_leg` sessions, and wait for them (SIGTERM stops them all)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
     parser.add_argument("listen", help="host:port to listen on")
     parser.add_argument("target", help="host:port to relay to")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -119,7 +123,7 @@ def main() -> None:
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
-            uvloop.run(serve(sock, (thost, int(tport))))
+            uvloop.run(serve(sock, (thost, int(tport)), client_leg))
             os._exit(0)
         children.append(pid)
     signal.signal(signal.SIGTERM, lambda *_: [os.kill(pid, signal.SIGTERM) for pid in children])

@@ -191,9 +191,10 @@ def haproxy(name: str, program: str, port: int, out_port: int, workdir: str) -> 
 
 
 def bare_relay(name: str, python: str, port: int, out_port: int, workdir: str,
-               workers: int | None = None) -> Peer:
-    """bench/barerelay.py: an empty uvloop byte relay, Python's floor."""
-    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "barerelay.py"),
+               workers: int | None = None, script: str = "barerelay.py") -> Peer:
+    """bench/barerelay.py: an empty uvloop byte relay, Python's floor; or
+    another script of its command line (`script`: floor.py, the contract floor)."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
             "%s:%d" % (HOST, port), "%s:%d" % (HOST, out_port)]
     if workers:
         argv += ["--workers", str(workers)]

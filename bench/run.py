@@ -4,9 +4,11 @@ a large message, TLS.
 
 Postfix's smtp-source (client) and smtp-sink (server) are the peers.  Every
 figure is also measured on the direct path (smtp-source straight to
-smtp-sink) and through two pure TCP relays in front of the same sink:
-haproxy in `mode tcp` (the ceiling for any proxy) and an empty uvloop byte
-relay (bench/barerelay.py, Python's floor).  The configurations are
+smtp-sink) and through three baselines in front of the same sink:
+haproxy in `mode tcp` (the ceiling for any proxy), an empty uvloop byte
+relay (bench/barerelay.py, Python's floor) and the least SMTP proxy on
+uvloop that keeps proxsmtpd's per-message contract (bench/floor.py, the
+contract floor).  The configurations are
 alternated round by round, so machine noise falls on all of them alike; the
 table shows medians over the rounds, ratios against direct and against
 haproxy, and CPU per message from /proc.  The TLS section compares a
@@ -49,8 +51,10 @@ FILTERS = {
     "smtp": {"FilterType": "smtp"},
 }
 
-# The pure TCP relays measured beside the proxy (the ceiling and the floor).
-RELAYS = ("haproxy", "relay")
+# The baselines measured beside the proxy: the TCP-relay ceiling (haproxy),
+# Python's floor (an empty byte relay) and the contract floor (SMTP, no more).
+RELAYS = ("haproxy", "relay", "floor")
+SCRIPTS = {"relay": "barerelay.py", "floor": "floor.py"}
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
@@ -172,7 +176,8 @@ class Bench:
             self.start_relays()
 
     def start_relays(self) -> None:
-        """haproxy (if installed) and the empty uvloop relay, in front of the sink."""
+        """haproxy (if installed), the empty uvloop relay and the contract floor,
+        in front of the sink."""
         for name in RELAYS:
             port = peers.free_port()
             if name == "haproxy":
@@ -183,7 +188,7 @@ class Bench:
                 peer = peers.haproxy(name, HAPROXY, port, self.ports["sink"], self.workdir)
             else:
                 peer = peers.bare_relay(name, self.python, port, self.ports["sink"],
-                                        self.workdir, self.args.workers)
+                                        self.workdir, self.args.workers, SCRIPTS[name])
             self.peers.append(peer)
             self.ports[name] = port
             self.pids[name] = peer.pid
@@ -244,7 +249,7 @@ class Bench:
         a = self.args
         print("pipelining: %d sessions, %d messages of %d bytes"
               % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
-        paths = [path for path in ("direct", "haproxy", "none") if path in self.ports]
+        paths = [path for path in ("direct", *RELAYS, "none") if path in self.ports]
         runs: dict[str, list[dict]] = {path: [] for path in paths}
         for round_no in range(a.rounds):
             for path in rotated(paths, round_no):
@@ -513,9 +518,11 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
         value = results[section]["none"].get(key)
         ok = value is not None and (value >= limit if op == "ge" else value <= limit)
         shown = fmt(value, ".2f") + " x"
-        floor = results[section].get("relay", {}).get(key)
-        if floor is not None:
-            shown += " (bare uvloop relay %.2f x)" % floor
+        floors = [(label, results[section].get(path, {}).get(key))
+                  for path, label in (("relay", "bare uvloop relay"), ("floor", "contract floor"))]
+        floors = ["%s %.2f x" % (label, ratio) for label, ratio in floors if ratio is not None]
+        if floors:
+            shown += " (%s)" % ", ".join(floors)
         target(name % limit, value, ok, shown)
     if "concurrency" in results:
         held = results["concurrency"]
@@ -589,10 +596,13 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
             out.append("  filter spawn (pipe: cat) costs %.0f us of CPU per message"
                        " (pipe - none, the reaped filter processes included)"
                        % (table["pipe"]["cpu_us"] - table["none"]["cpu_us"]))
-        floor, none = table.get("relay", {}).get("cpu_us"), table["none"].get("cpu_us")
-        if floor and none:
-            out.append("  empty uvloop relay (Python's floor) %.0f us per message;"
-                       " proxsmtpd (none) is %.2f x that floor" % (floor, none / floor))
+        none = table["none"].get("cpu_us")
+        for path, what in (("relay", "empty uvloop relay (Python's floor)"),
+                           ("floor", "SMTP contract on uvloop (the contract floor)")):
+            floor = table.get(path, {}).get("cpu_us")
+            if floor and none:
+                out.append("  %s %.0f us per message; proxsmtpd (none) is %.2f x that floor"
+                           % (what, floor, none / floor))
     if "latency" in results:
         out.append("")
         out.append("serial latency: 1 client, %d messages of %d bytes one after another"
@@ -601,7 +611,8 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
     if "throughput" in results or "latency" in results:
         out.append("  (one message per session; rows marked%s send all messages over the same"
                    " sessions: smtp-source -d; haproxy: mode tcp, the TCP-relay ceiling;"
-                   " relay: bench/barerelay.py; CPU: user+sys of the path's own processes"
+                   " relay: bench/barerelay.py; floor: bench/floor.py, the SMTP contract and"
+                   " nothing else; CPU: user+sys of the path's own processes"
                    " from /proc, clients and sink excluded)" % REUSED.replace(",", ""))
     if "pipelining" in results:
         out.append("")

@@ -38,7 +38,7 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert (tmp_path / "result.txt").read_text() == done.stdout
     results = data["results"]
 
-    relays = ("haproxy", "relay") if shutil.which("haproxy") else ("relay",)
+    relays = ("haproxy", "relay", "floor") if shutil.which("haproxy") else ("relay", "floor")
     for path in ("direct", *relays, "none", "pipe", "file", "smtp", "direct, reused",
                  "none, reused"):
         row = results["throughput"][path]
@@ -55,8 +55,9 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert results["throughput"]["haproxy"]["relay_ratio"] == 1.0
         assert results["throughput"]["none"]["relay_cpu_ratio"] > 0
         assert "filter spawn (pipe: cat) costs" in done.stdout
+        assert "contract floor" in done.stdout and "(the contract floor)" in done.stdout
 
-    for path in ("direct", "none", *relays[:-1]):     # the pipelining client got through
+    for path in ("direct", "none", *relays):     # the pipelining client got through
         row = results["pipelining"][path]
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0
