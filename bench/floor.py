@@ -29,17 +29,19 @@ What it does, like proxsmtpd:
   final reply: the client hears 2xx only after the server said it.  Commands
   sent after the dot wait until then.
 
-What it leaves out, of proxsmtpd's per-session work that the benchmark's
-configuration (FilterType none, no TLS, no XClient, Header unset) does not
-need or that is not per message: timeouts (TimeOut, the final reply's 10
+What it leaves out of proxsmtpd's work: what the benchmark's configuration
+does not use (filters, TLS, XClient, Header, FilterType reject, PROXY
+headers, transparent proxying, skipping authenticated sessions), and what
+the contract asks for once per session or message rather than per line, or
+what proxsmtpd does beyond it: timeouts (TimeOut, the final reply's 10
 minutes), logging (the per-message line, errors), metrics, the process
 title, MaxConnections slots, the client's address and the server address
-choice (§4), MAIL/RCPT address parsing (kept only for the filter's
-environment and the log), SIZE, the Message-ID, spilling large messages to
-disk, finishing replies due after the client closed, and the ReplyQueue's
-back-pressure.  A server reply over 64 KiB or a 354 to DATA without
-recipients ends the session (451); an overlong client line with no CRLF
-after it ends it too (proxsmtpd discards to the line's end).
+choice (§4), MAIL/RCPT address parsing (for the filter's environment and
+the log), SIZE, the Message-ID, spilling large messages to disk, replies
+still due after the client closed, and back-pressure on a client that
+pipelines without reading.  A server reply over 64 KiB or a 354 to DATA
+without recipients ends the session (451); so does an overlong client line
+with no CRLF in sight (proxsmtpd discards to the line's end).
 """
 
 from __future__ import annotations
