@@ -3,7 +3,8 @@ claims to measure: whole messages arrive intact, the client hears the
 server's verdict and only after the server gave it, replies keep their
 order in a pipelined group (the proxy's own among them), and the EHLO reply
 is filtered but stays well formed.  A floor that skipped any of it would
-make proxsmtpd look worse than it is."""
+make proxsmtpd look worse than it is.  Its two parsers (the end of the
+message, the EHLO filter) get property tests of their own."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, strategies as st
 
 from harness import REPO, RecordingServer, answers, free_port, stop_process, wait_until
 
 pytest.importorskip("uvloop")
+sys.path.insert(0, str(REPO / "bench"))
+import floor as floor_py  # noqa: E402
 
 
 @pytest.fixture
@@ -119,3 +123,51 @@ def test_pipelined_groups_get_their_replies_in_order(floor, upstream):
     verbs = upstream.verbs(1)
     assert "XCLIENT" not in verbs and "BDAT" not in verbs
     assert verbs.count("DATA") == 3         # two messages, and the one without recipients
+
+
+# --- the two parsers of floor.py on their own (hypothesis) ---------------------------------
+body_lines = st.lists(st.binary(max_size=30).map(
+    lambda line: line.replace(b"\r", b"").replace(b"\n", b"")), max_size=12)
+
+
+class Capture:
+    def __init__(self) -> None:
+        self.written = b""
+
+    def write(self, data) -> None:
+        self.written += bytes(data)
+
+
+@given(body_lines, st.binary(max_size=20), st.lists(st.integers(0, 400), max_size=6))
+def test_the_message_ends_at_the_first_crlf_dot_crlf_wherever_the_reads_split(lines, after, cuts):
+    message = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                       for line in lines) + b".\r\n"
+    stream = message + after
+    session = floor_py.ClientSide(("127.0.0.1", 25))
+    session.transport, session.other = Capture(), floor_py.ServerSide()
+    session.other.transport = Capture()
+    session.state, session.body = floor_py.BODY, bytearray(b"\r\n")
+    points = sorted({0, len(stream), *(cut for cut in cuts if cut < len(stream))})
+    for start, end in zip(points, points[1:]):
+        session.data_received(stream[start:end])
+    assert session.state == floor_py.SERVER_354
+    assert session.other.transport.written == b"DATA\r\n"
+    assert bytes(session.message) == message
+    assert session.inbuf == after
+
+
+@given(st.lists(st.sampled_from([b"SIZE 1000", b"PIPELINING", b"CHUNKING", b"binarymime",
+                                 b"8BITMIME", b"XCLIENT NAME ADDR", b"STARTTLS", b""]),
+                max_size=6))
+def test_the_filtered_ehlo_reply_stays_well_formed(keywords):
+    lines = [b"250-server.test"] + [b"250-" + word for word in keywords]
+    lines[-1] = b"250 " + lines[-1][4:]
+    out = floor_py.filter_ehlo(b"".join(line + b"\r\n" for line in lines)).split(b"\r\n")
+    assert out[-1] == b"" and out[0][4:] == b"server.test"
+    out = out[:-1]
+    assert all(line[:4] == b"250-" for line in out[:-1]) and out[-1][:4] == b"250 "
+    assert not any(line[4:].split()[:1] and line[4:].split()[0].upper() in floor_py.FILTERED
+                   for line in out)
+    assert [line[4:] for line in out[1:] if line != b"250 XFILTERED"] == \
+        [word for word in keywords if not (word.split()[:1] and word.split()[0].upper()
+                                           in floor_py.FILTERED)]
