@@ -4,7 +4,10 @@ A Channel is an asyncio Protocol that keeps what arrived in a buffer and
 hands it out as lines (with upstream's line-length limit) or, during DATA,
 as chunks up to the terminating `.` line.  The session polls both of its
 channels and sleeps on one shared wake-up future (upstream's spio_select),
-so no task is created per line and writes are coalesced by the caller.
+so no task is created per line.  The session waits once per line, so a wait
+is kept cheap: one future, and one timer per channel moved lazily instead of
+a timer per wait.  A pipelined group's lines are written in one piece
+(`cork`/`uncork`); every wait and close uncorks first.
 """
 
 from __future__ import annotations
