@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""A/B: CPU per message of several proxsmtpd source trees, side by side.
+
+`make bench` measures one build.  To tell whether a change made the relay
+cheaper, the builds must be measured in the same run, against the same sink
+and the same haproxy, with their rounds interleaved (the machine's noise
+moves all of them alike).  Each tree (a checkout or `git worktree`) runs as
+its own proxsmtpd (no filter, default Workers); the load is smtp-source
+(20 sessions, 10 KB, a new session per message), `--serial` (1 session,
+1 KB) or `--pipelining` (bench/pipeline.py).  Prints per path the median
+CPU microseconds per message (user + system of the proxy's processes, from
+/proc schedstat), its ratio to haproxy's, the median messages per second
+and every round's CPU figure, so the spread shows.
+
+    .venv/bin/python bench/ab.py --rounds 7 before=/work/wt/base after=.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import memory  # noqa: E402
+import peers  # noqa: E402
+
+LAUNCHER = """#!{python}
+import sys
+sys.path.insert(0, {tree!r})
+from proxsmtp.cli import main
+sys.exit(main())
+"""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("trees", nargs="+", metavar="NAME=TREE",
+                        help="a label and the source tree it runs")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=1500)
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--serial", action="store_true", help="1 session, 1 KB messages")
+    load.add_argument("--pipelining", action="store_true", help="bench/pipeline.py, 20 sessions")
+    args = parser.parse_args(argv)
+    for item in args.trees:
+        name, _, tree = item.partition("=")
+        if not name or not os.path.isdir(os.path.join(tree, "proxsmtp")):
+            parser.error("%s: expected NAME=TREE, TREE a checkout with proxsmtp/" % item)
+    return args
+
+
+def run_load(args: argparse.Namespace, port: int) -> float:
+    if args.pipelining:
+        return peers.pipeline(port, 20, args.messages, 10240, sys.executable)
+    if args.serial:
+        return peers.source(port, 1, args.messages, 1024)
+    return peers.source(port, 20, args.messages, 10240)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    peers.raise_nofile()
+    workdir = tempfile.mkdtemp(prefix="proxsmtpd-ab-")
+    started: list[peers.Peer] = []
+    paths: dict[str, peers.Peer] = {}
+    ports: dict[str, int] = {}
+    try:
+        sink_port = peers.free_port()
+        started.append(peers.sink("sink", sink_port, workdir))
+        ports["haproxy"] = peers.free_port()
+        paths["haproxy"] = peers.haproxy("haproxy", "haproxy", ports["haproxy"], sink_port,
+                                         workdir)
+        started.append(paths["haproxy"])
+        for item in args.trees:
+            name, _, tree = item.partition("=")
+            launcher = os.path.join(workdir, "proxsmtpd-" + name)
+            with open(launcher, "w") as handle:
+                handle.write(LAUNCHER.format(python=sys.executable, tree=os.path.abspath(tree)))
+            os.chmod(launcher, 0o755)
+            ports[name] = peers.free_port()
+            paths[name] = peers.proxy(name, launcher, ports[name], sink_port, workdir, {}, 4000)
+            started.append(paths[name])
+        cpu: dict[str, list[float]] = {name: [] for name in paths}
+        rate: dict[str, list[float]] = {name: [] for name in paths}
+        names = list(paths)
+        for round_no in range(args.rounds):
+            shift = round_no % len(names)
+            for name in names[shift:] + names[:shift]:
+                before = memory.cpu_seconds(paths[name].pid)
+                seconds = run_load(args, ports[name])
+                cpu[name].append(1e6 * (memory.cpu_seconds(paths[name].pid) - before)
+                                 / args.messages)
+                rate[name].append(args.messages / seconds)
+        base = statistics.median(cpu["haproxy"])
+        for name in names:
+            median = statistics.median(cpu[name])
+            print("%-12s CPU %6.0f us/msg  %5.2f x haproxy  %8.0f msg/s  rounds %s"
+                  % (name, median, median / base, statistics.median(rate[name]),
+                     " ".join("%.0f" % value for value in cpu[name])))
+    except peers.PeerError as exc:
+        print("ab: %s" % exc, file=sys.stderr)
+        return 2
+    finally:
+        for peer in reversed(started):
+            peer.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
