@@ -48,6 +48,7 @@ class Worker:
                  grace: float = SHUTDOWN_GRACE) -> None:
         self.config = config
         self.sock = sock
+        self._family, self._proto = int(sock.family), sock.proto     # for each accepted one
         self.slots = slots
         self.on_change = on_change       # called with the live session count
         self.grace = grace
@@ -168,7 +169,7 @@ class Worker:
 
     def _accept(self) -> None:
         try:
-            conn, _ = self.sock.accept()
+            conn = self._take_connection()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -183,10 +184,17 @@ class Worker:
             _busy(conn)
             return
         session = Session(self.config, conn)
-        task = asyncio.get_running_loop().create_task(self._serve(session))
+        task = asyncio.get_running_loop().create_task(session.run())
         self.sessions[task] = session
         task.add_done_callback(self._done)
         self._changed()
+
+    def _take_connection(self) -> socket.socket:
+        """accept(2) one connection.  Not socket.accept(): its family and type
+        properties are enum conversions, a seventieth of the worker's
+        instructions per message; the listening socket's are known."""
+        fd, _ = self.sock._accept()
+        return socket.socket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
 
     def _pause_accepting(self) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning."""
@@ -195,13 +203,10 @@ class Worker:
         loop.call_later(0.5, lambda: self._stopping.done() or
                         loop.add_reader(self.sock.fileno(), self._accept))
 
-    async def _serve(self, session: Session) -> None:
-        try:
-            await session.run()
-        finally:
-            self.slots.release()
-
     def _done(self, task: asyncio.Task) -> None:
+        """A session ended, however (a task cancelled before it ran too): its
+        MaxConnections slot is free again."""
+        self.slots.release()
         self.sessions.pop(task, None)
         self._kept.pop(task, None)
         self._changed()
