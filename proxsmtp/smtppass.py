@@ -217,11 +217,14 @@ class Session(StartTLS):
     async def open_server(self) -> None:
         """A new server connection (the first, or the plaintext retry after a
         failed TLS handshake with ServerTLS may); DestinationError if none."""
-        channel = Channel("SERVER", self.tag)
+        channel = self.server
+        if channel.transport is not None:       # not the first: a fresh channel
+            channel = Channel("SERVER", self.tag)
         self.envelope.server_ip = await destination.open_channel(
             self.config, self.envelope, self.sock, self.proxy_header, channel)
-        self.server.close()
-        self.server = self.server_leg.channel = channel
+        if channel is not self.server:
+            self.server.close()
+            self.server = self.server_leg.channel = channel
         log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
 
     async def passthru(self) -> None:
@@ -236,7 +239,7 @@ class Session(StartTLS):
                 client.uncork()
                 server.uncork()
                 await asyncio.sleep(0)
-            got = server.take_line()
+            got = server.take_line() if server.buf else None
             if got is not None:
                 if server.buf:               # more replies came with it: one write for all
                     client.cork()
@@ -257,7 +260,7 @@ class Session(StartTLS):
                                      R_SERVERGONE, logging.WARNING, server_error="closed")
                 log.debug("%s: server closed the connection", self.tag)
                 return
-            got = None if self.backed_up else client.take_line()
+            got = client.take_line() if client.buf and not self.backed_up else None
             if got is not None:
                 if client.buf:               # a pipelined group: its commands in one write
                     server.cork()
@@ -268,7 +271,8 @@ class Session(StartTLS):
                 return
             reason = "network operation timed out"
             try:
-                await wait_any((client, server), client_wait(client, self.timeout, reason))
+                await wait_any((client, server), self.timeout if client.line_started is None
+                               else client_wait(client, self.timeout, reason))
             except asyncio.TimeoutError:
                 # A begun line bounded this wait (the loop's timer may fire a
                 # hair early, so its deadline is not re-checked): say so.
