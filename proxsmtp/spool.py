@@ -24,6 +24,9 @@ MEMORY_BUDGET = 16 * 1024 * 1024    # all messages in memory in this process tog
 _held = 0                     # bytes of messages now in memory, in this process
 _spooled = 0                  # bytes ever spooled, in this process
 _LONE_DOT = re.compile(rb"^\.(?=\r?$)", re.M)
+# A line that begins with a dot: re finds it in half the time `b"\n." in`
+# takes (which costs 9 us per 10 KB; bench/README.md).
+_DOT_LINE = re.compile(rb"\n\.")
 
 
 def prefix(pid: int | None = None) -> str:
@@ -166,7 +169,7 @@ class DotGuard:
             self.ends_with_crlf = block.endswith(b"\r\n")
         end = max(skip, cut)                # a partial last line sent on is no lone dot
         rest = block[skip:end]
-        if b"\n." in rest or rest[:1] == b".":
+        if rest[:1] == b"." or _DOT_LINE.search(rest):
             return block[:skip] + _LONE_DOT.sub(b". ", rest) + block[end:]
         return block
 
