@@ -10,6 +10,7 @@ starttls.py does STARTTLS on either leg (§9), with tls.py's contexts.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import re
@@ -44,6 +45,21 @@ MAX_PENDING_REPLIES = 512
 _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
 R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
+_IDLE = "network operation timed out"
+
+
+class Next(enum.Enum):
+    """What the session's task does after relay_lines()."""
+
+    WAIT = "wait"          # for news from either side (lines come in meanwhile)
+    COMMAND = "command"    # run a client command that waits on something
+    YIELD = "yield"        # a turn's worth of lines done: let other sessions run
+    DONE = "done"          # either side closed: the session is over
+
+
+# Read once per line: module names, not Next.X (an enum class's attributes
+# go through EnumType.__getattr__).
+WAIT, COMMAND, YIELD, DONE = Next.WAIT, Next.COMMAND, Next.YIELD, Next.DONE
 
 # The only verbs whose line can be a MAIL FROM:/RCPT TO: (see commands.py).
 _ENVELOPE = (b"MAIL", b"RCPT")
@@ -88,6 +104,8 @@ class Session(StartTLS):
         self.in_data = False
         self.server_size = 0                  # the server's EHLO SIZE (0: none given)
         self.transfer: Transfer | None = None
+        self.deferred: tuple[bytes, bool] | None = None   # a command left to the task
+        self.ended = False                    # relay_lines saw either side close
         self.messages = 0                     # DATA commands done: a retiring worker watches it
 
     @property
@@ -228,58 +246,111 @@ class Session(StartTLS):
         log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
 
     async def passthru(self) -> None:
-        """Relay until either side closes or both are idle for TimeOut."""
+        """Relay until either side closes or both are idle for TimeOut.
+
+        relay_lines() relays the plain commands and replies, here and, while
+        this task sleeps, straight from the channels' callbacks (on_news): a
+        line costs no task wake-up.  The task itself only does what waits on
+        something: DATA, STARTTLS, XCLIENT, the first EHLO with ServerTLS."""
         client = self.client
-        turn = 0
         while True:
-            server = self.server         # a new one after a plaintext retry
-            turn += 1
-            if turn > LINES_PER_TURN:          # let the worker's other sessions run
-                turn = 0
+            step = self.relay_lines()
+            if step is WAIT:
+                try:
+                    await wait_any((client, self.server), self.idle_wait(), self.on_news)
+                except asyncio.TimeoutError:
+                    # A begun line bounded this wait (the loop's timer may fire a
+                    # hair early, so its deadline is not re-checked): say so.
+                    if client.line_started is not None:
+                        raise unfinished_line(_IDLE, self.timeout) from None
+                    raise SessionEnd(_IDLE, None, server_error="timeout"
+                                     if self.replies.waiting_for_server else None) from None
+            elif step is COMMAND:
+                line, self.deferred = self.deferred, None
+                await self.on_client_line(*line)
+            elif step is YIELD:           # let the worker's other sessions run
+                await asyncio.sleep(0)
+            else:
+                return
+
+    def relay_lines(self) -> Next:
+        """Relay every complete line ready on either side (up to
+        LINES_PER_TURN), server replies first; what the session does next."""
+        if self.deferred is not None:
+            return COMMAND
+        if self.ended:
+            return DONE
+        client, server = self.client, self.server
+        turn = 0
+        corked = False
+        try:
+            while turn < LINES_PER_TURN:
+                turn += 1
+                got = server.take_line() if server.buf else None
+                if got is not None:
+                    if server.buf and not corked:   # more replies came with it: one write for all
+                        client.cork()
+                        server.cork()
+                        corked = True
+                    self.replies.server_line(*got, self.tag)
+                    continue
+                if server.eof:
+                    self.ended = True
+                    self.server_closed()
+                    return DONE
+                got = client.take_line() if client.buf and not self.backed_up else None
+                if got is not None:
+                    if client.buf and not corked:   # a pipelined group: its commands in one write
+                        client.cork()
+                        server.cork()
+                        corked = True
+                    if not self.command(*got):
+                        self.deferred = got
+                        return COMMAND
+                    continue
+                if client.eof and not self.replies.waiting_for_server:
+                    log.debug("%s: client closed the connection", self.tag)
+                    self.ended = True
+                    return DONE
+                return WAIT
+            return YIELD
+        finally:
+            if corked:
                 client.uncork()
                 server.uncork()
-                await asyncio.sleep(0)
-            got = server.take_line() if server.buf else None
-            if got is not None:
-                if server.buf:               # more replies came with it: one write for all
-                    client.cork()
-                    while got is not None:
-                        self.replies.server_line(*got, self.tag)
-                        turn += 1
-                        got = server.take_line() if turn <= LINES_PER_TURN else None
-                    client.uncork()
-                else:
-                    self.replies.server_line(*got, self.tag)
-                continue
-            if server.eof:
-                rest = server.rest()
-                if rest.strip() and not client.closed:
-                    client.write(rest.rstrip(b"\r\n") + CRLF)
-                elif self.replies.waiting_for_server:     # the client must not wait forever
-                    raise SessionEnd("server closed the connection before replying",
-                                     R_SERVERGONE, logging.WARNING, server_error="closed")
-                log.debug("%s: server closed the connection", self.tag)
+
+    def idle_wait(self) -> float:
+        """How long passthru waits for news: TimeOut, or less for a begun line."""
+        client = self.client
+        if client.line_started is None:
+            return self.timeout
+        return client_wait(client, self.timeout, _IDLE)
+
+    def on_news(self) -> None:
+        """A channel has news while passthru sleeps: relay what is plain here,
+        wake the task only for what it must do itself."""
+        client = self.client
+        if not client.waiting:        # already woken: the task takes it from here
+            return
+        try:
+            if self.relay_lines() is WAIT:
+                client.extend_wait(self.idle_wait())
                 return
-            got = client.take_line() if client.buf and not self.backed_up else None
-            if got is not None:
-                if client.buf:               # a pipelined group: its commands in one write
-                    server.cork()
-                await self.on_client_line(*got)
-                continue
-            if client.eof and not self.replies.waiting_for_server:
-                log.debug("%s: client closed the connection", self.tag)
-                return
-            reason = "network operation timed out"
-            try:
-                await wait_any((client, server), self.timeout if client.line_started is None
-                               else client_wait(client, self.timeout, reason))
-            except asyncio.TimeoutError:
-                # A begun line bounded this wait (the loop's timer may fire a
-                # hair early, so its deadline is not re-checked): say so.
-                if client.line_started is not None:
-                    raise unfinished_line(reason, self.timeout) from None
-                raise SessionEnd(reason, None, server_error="timeout"
-                                 if self.replies.waiting_for_server else None) from None
+        except Exception as exc:      # raised in the task, as if it had relayed the line
+            client.fail(exc)
+            return
+        client.wake()
+
+    def server_closed(self) -> None:
+        """The server closed the connection: its last words go to the client;
+        SessionEnd if the client is still owed a reply."""
+        rest = self.server.rest()
+        if rest.strip() and not self.client.closed:
+            self.client.write(rest.rstrip(b"\r\n") + CRLF)
+        elif self.replies.waiting_for_server:     # the client must not wait forever
+            raise SessionEnd("server closed the connection before replying",
+                             R_SERVERGONE, logging.WARNING, server_error="closed")
+        log.debug("%s: server closed the connection", self.tag)
 
     @property
     def backed_up(self) -> bool:
@@ -292,61 +363,88 @@ class Session(StartTLS):
 
     # --- client commands ------------------------------------------------------
 
-    async def on_client_line(self, line: bytes, too_long: bool) -> None:
+    @property
+    def xclient_due(self) -> bool:
+        """XClient: the server takes XCLIENT and has not had it yet."""
+        return self.xclient_supported and not self.xclient_sent and self.config.XClient
+
+    def hello_due(self, verb: bytes) -> bool:
+        """This EHLO/HELO is the one to try STARTTLS to the server at (hello())."""
+        return not self.server_tls_tried and (verb == b"EHLO" or self.config.ServerTLS != "may")
+
+    def command(self, line: bytes, too_long: bool) -> bool:
+        """Handle a client command that needs no waiting (relay it, or answer
+        it from the proxy); False, with nothing done, for one that must wait
+        on something: on_client_line() does it in the session's task."""
         answer = self.replies.answer
         if too_long:
             answer(R_TOOLONG)
-            return
+            return True
         if b"\r" in line[:-1].removesuffix(b"\r"):    # a server may split the line there
             log.warning("%s: bare CR in a command from the client: %s", self.tag, clean(line[:80]))
             answer(R_BARECR)
-            return
+            return True
         verb = verb_of(line)
         if verb not in BEFORE_TLS:
             refusal = self.refusal_before_tls()
             if refusal:
                 answer(refusal)
-                return
-        if verb == b"STARTTLS":
-            await self.client_starttls(line)
-            return
-        if self.xclient_supported and not self.xclient_sent and self.config.XClient:
-            await self.send_xclient()
-        if verb == b"DATA":
-            await self.data()
-            return
+                return True
+        if verb == b"STARTTLS" or verb == b"DATA" or self.xclient_due:
+            return False
         if verb in (b"EHLO", b"HELO"):
-            words = line.split()
-            self.envelope.helo = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
-            if verb == b"HELO":
-                log.debug("%s: XCLIENT support assumed", self.tag)
-                self.xclient_supported = True
-            if not self.server_tls_tried and (verb == b"EHLO" or self.config.ServerTLS != "may"):
-                await self.hello(verb, line)
-                return
+            if self.hello_due(verb):
+                return False
+            self.note_hello(verb, line)
         elif verb == b"BDAT":
             log.debug("%s: ESMTP feature not supported", self.tag)
             answer(R_NOTSUPP)
-            return
+            return True
         elif verb == b"XCLIENT":
             log.warning("%s: client attempted use of privileged XCLIENT feature", self.tag)
             answer(R_NOTAUTH)
-            return
+            return True
         elif verb == b"AUTH":
             self.auth_started = True
         elif verb in _ENVELOPE and (address := envelope_address(line)) is not None:
             verb = address[0]
             if self.config.FilterType == "reject" and not self.skipping:
                 self.reject_envelope(*address)
-                return
+                return True
             if verb == b"MAIL" and self.too_big(line):
                 answer(R_SIZE)
-                return
+                return True
             self.server.write(line)
             self.replies.expect(ServerAnswers(verb, line, address[1]))
-            return
+            return True
         self.server.write(line)
         self.replies.expect(ServerAnswers(verb, line))
+        return True
+
+    async def on_client_line(self, line: bytes, too_long: bool) -> None:
+        """A client command command() left to the task: XCLIENT goes to the
+        server first if due, then the command itself."""
+        verb = verb_of(line)
+        if verb == b"STARTTLS":
+            await self.client_starttls(line)
+            return
+        if self.xclient_due:
+            await self.send_xclient()
+        if verb == b"DATA":
+            await self.data()
+        elif verb in (b"EHLO", b"HELO") and self.hello_due(verb):
+            self.note_hello(verb, line)
+            await self.hello(verb, line)
+        else:
+            self.command(line, too_long)
+
+    def note_hello(self, verb: bytes, line: bytes) -> None:
+        """EHLO/HELO: the client's name; a HELO client gets XCLIENT anyway."""
+        words = line.split()
+        self.envelope.helo = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
+        if verb == b"HELO":
+            log.debug("%s: XCLIENT support assumed", self.tag)
+            self.xclient_supported = True
 
     def too_big(self, mail: bytes) -> bool:
         """MAIL FROM with a SIZE= above the limit: refused before any data."""

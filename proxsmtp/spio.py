@@ -4,10 +4,13 @@ A Channel is an asyncio Protocol that keeps what arrived in a buffer and
 hands it out as lines (with upstream's line-length limit) or, during DATA,
 as chunks up to the terminating `.` line.  The session polls both of its
 channels and sleeps on one shared wake-up future (upstream's spio_select),
-so no task is created per line.  The session waits once per line, so a wait
-is kept cheap: one future, and one timer per channel moved lazily instead of
-a timer per wait.  A pipelined group's lines are written in one piece
-(`cork`/`uncork`); every wait and close uncorks first.
+so no task is created per line.  A wait is kept cheap: one future, and one
+timer per channel moved lazily instead of a timer per wait.  A wait may also
+name a callback that handles the channels' news itself (`wait_any(news=)`):
+the session relays plain lines from there and wakes its task only for what
+the task must do, extending the wait (`extend_wait`) otherwise.  A pipelined
+group's lines are written in one piece (`cork`/`uncork`); every wait and
+close uncorks first.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import socket
 import ssl
 import time
+from typing import Callable
 
 from .log import clean, log
 
@@ -156,6 +160,29 @@ class Channel(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    @property
+    def waiting(self) -> bool:
+        """A wait this channel owns is pending (not yet woken)."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done()
+
+    def wake(self) -> None:
+        """End the pending wait (from a news callback): the task goes on."""
+        self._set_ready()
+
+    def fail(self, exc: BaseException) -> None:
+        """End the pending wait with `exc`, raised in the waiting task."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def extend_wait(self, timeout: float) -> None:
+        """The pending wait goes on, for `timeout` seconds from now (a news
+        callback handled the news itself: as if the task had waited again)."""
+        deadline = self._deadline = self._loop.time() + timeout    # type: ignore[union-attr]
+        if self._timer is None or self._timer_at > deadline:
+            self._set_timer(deadline)
 
     def _set_timer(self, when: float) -> None:
         if self._timer is not None:
@@ -419,14 +446,19 @@ def _cut(buf: bytearray, size: int, through: int | None = None) -> bytes:
     return data
 
 
-async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
+async def wait_any(channels: tuple[Channel, ...], timeout: float,
+                   news: Callable[[], None] | None = None) -> None:
     """Sleep until any of the channels has news, or raise TimeoutError.
 
-    The session waits once per line, so a wait must be cheap: one future,
-    and no timer of its own.  The first channel owns the wait and keeps one
-    timer for all its waits, moved only when a wait's deadline comes sooner
-    than the timer; when the timer fires early for the current wait it is
-    set again for that wait's deadline (see Channel._timed_out)."""
+    A session waits several times per message, so a wait must be cheap: one
+    future, and no timer of its own.  The first channel owns the wait and
+    keeps one timer for all its waits, moved only when a wait's deadline
+    comes sooner than the timer; when the timer fires early for the current
+    wait it is set again for that wait's deadline (see Channel._timed_out).
+
+    `news`, if given, is called instead of waking the task when a channel
+    has news; it ends the wait with the owner's `wake()` or `fail()`, or
+    lets it go on with `extend_wait()`."""
     owner = channels[0]
     loop = owner._loop
     if loop is None:
@@ -435,7 +467,7 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float) -> None:
     deadline = owner._deadline = loop.time() + timeout
     if owner._timer is None or owner._timer_at > deadline:
         owner._set_timer(deadline)
-    ready = owner._ready
+    ready = owner._ready if news is None else news
     for channel in channels:
         if channel._corked is not None:
             channel.uncork()
