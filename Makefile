@@ -12,7 +12,7 @@ PY = $(VENV)/bin/python
 # bounding set; python3-trustme makes the TLS tests' throwaway certificates;
 # the other python3-* packages are what an installed proxsmtpd runs on (see
 # `install` below).
-TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod openssl \
+TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod openssl valgrind \
 	python3-trustme groff-base man-db systemd util-linux $(RUNTIME_DEBS)
 
 .PHONY: all venv deps test run clean install install-deps uninstall
