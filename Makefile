@@ -10,6 +10,7 @@ PY = $(VENV)/bin/python
 # groff-base/man-db render the manual pages; systemd's systemd-analyze checks
 # the unit; util-linux's setpriv runs the daemon in the unit's capability
 # bounding set; python3-trustme makes the TLS tests' throwaway certificates;
+# valgrind counts bench/instructions.py's instructions per message;
 # the other python3-* packages are what an installed proxsmtpd runs on (see
 # `install` below).
 TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod openssl valgrind \
