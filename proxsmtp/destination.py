@@ -60,10 +60,8 @@ def _ipv4_mapped(ip: str) -> bool:
 
 def client_addresses(sock: socket.socket, config: Config) -> tuple[str, str]:
     """(client IP, the IP the client connected to) for logs, filters and %l."""
-    if sock.family == socket.AF_UNIX:     # (the family property costs an enum lookup)
-        client = local = "UNKNOWN"
-    else:
-        client, local = addresses.peer_ip(sock.getpeername()), addresses.peer_ip(sock.getsockname())
+    # (peer_ip says UNKNOWN for a unix socket's address, a string)
+    client, local = addresses.peer_ip(sock.getpeername()), addresses.peer_ip(sock.getsockname())
     if config.TransparentProxy == "client":
         try:
             local = addresses.plain_ip(original_destination(sock)[0])
