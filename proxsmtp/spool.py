@@ -77,7 +77,7 @@ class Spool:
         self.size = 0
         self.path: str | None = None
         self.file = None
-        self.memory: bytearray | None = bytearray() if in_memory else None
+        self.memory: bytearray | bytes | None = bytearray() if in_memory else None
         self.extra: list[str] = []          # more files to remove with this one
         if not in_memory:
             self._to_file(b"")
@@ -106,16 +106,22 @@ class Spool:
         self._to_file(self._forget_memory())
         self._write_file(data)
 
-    def _forget_memory(self) -> bytearray:
+    def _forget_memory(self) -> bytearray | bytes:
         global _held
         memory, self.memory = self.memory or bytearray(), None
         _held -= len(memory)
         return memory
 
     def finish(self) -> None:
-        """Flush and close for writing; raises OSError on disk trouble."""
+        """Flush and close for writing; raises OSError on disk trouble.
+
+        A message in memory becomes bytes: a BytesIO over bytes shares them,
+        and reading it whole hands them back, where a bytearray is copied
+        twice more on its way to the server."""
         if self.file is not None and not self.file.closed:
             self.file.close()
+        if self.memory is not None:
+            self.memory = bytes(self.memory)
 
     def reader(self) -> BinaryIO:
         """The message, to read from the start."""
