@@ -20,7 +20,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .log import clean, log
 
@@ -315,28 +315,25 @@ class Channel(asyncio.Protocol):
         self._consumed()
         return data, False
 
-    async def wait(self, timeout: float) -> None:
-        """Sleep until this channel has news (data, EOF), or time out."""
-        await wait_any((self,), timeout)
-
-    async def next_line(self, timeout: float) -> tuple[bytes, bool]:
-        """The next line (as take_line), waiting for it; ChannelClosed at EOF,
-        asyncio.TimeoutError after `timeout` seconds without news."""
-        while True:
-            got = self.take_line()
-            if got is not None:
-                return got
-            if self.eof:
-                raise ChannelClosed("%s: connection closed by peer" % self.name, self.name)
-            await self.wait(timeout)
+    def wait(self, timeout: float) -> Awaitable[None]:
+        """Sleep until this channel has news (data, EOF), or time out.
+        (wait_any's own coroutine: no frame of its own to resume through.)"""
+        return wait_any((self,), timeout)
 
     async def read_reply(self, timeout: float) -> list[bytes]:
         """One whole (multi-line) SMTP reply; an overlong line is cut short,
-        an endless reply raises ReplyTooLong."""
+        an endless reply raises ReplyTooLong, EOF ChannelClosed, `timeout`
+        seconds without news asyncio.TimeoutError."""
         lines: list[bytes] = []
         size = 0
         while True:
-            line, too_long = await self.next_line(timeout)
+            got = self.take_line()
+            if got is None:
+                if self.eof:
+                    raise ChannelClosed("%s: connection closed by peer" % self.name, self.name)
+                await wait_any((self,), timeout)
+                continue
+            line, too_long = got
             if too_long:
                 log.warning("%s: SMTP response line too long. discarded extra", self.tag)
                 line = line[:-2].rstrip(b"\r\n") + CRLF
