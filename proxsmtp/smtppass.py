@@ -1,7 +1,9 @@
 """One SMTP session relayed between a client and the real server.
 
 This is upstream's smtp_passthru: lines from whichever side is ready are
-relayed, with the exceptions in SPEC §3.  The rooms around it:
+relayed, with the exceptions in SPEC §3.  Plain commands and replies are
+relayed straight from the channels' callbacks (relay_lines); the session's
+task only runs what waits on something else.  The rooms around it:
 relay.py keeps each reply in its command's place, envelope.py holds what
 the server accepted (and the log line), data.py takes DATA over (§5),
 starttls.py does STARTTLS on either leg (§9), with tls.py's contexts.
