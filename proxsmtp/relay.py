@@ -68,11 +68,14 @@ OnReply = Callable[[ServerAnswers, list[bytes]], list[bytes]]
 
 
 class ReplyQueue:
-    """The places of replies still due to the client, in command order."""
+    """The places of replies still due to the client, in command order.
 
-    def __init__(self, client: Channel, on_reply: OnReply) -> None:
+    It keeps no reference to the session (its `on_reply` comes with each
+    line): a session and all it holds are freed by reference counting the
+    moment it ends, not left for the cyclic garbage collector."""
+
+    def __init__(self, client: Channel) -> None:
         self.client = client
-        self.on_reply = on_reply
         self.places: collections.deque[ServerAnswers | ProxyAnswers] = collections.deque()
         self.lines: list[bytes] = []            # the server reply read so far
         self.size = 0                           # ...and its bytes
@@ -96,8 +99,9 @@ class ReplyQueue:
         else:
             self.client.write(reply)
 
-    def server_line(self, line: bytes, too_long: bool, tag: str) -> None:
-        """One line from the server; a whole reply goes to the client in its place."""
+    def server_line(self, line: bytes, too_long: bool, tag: str, on_reply: OnReply) -> None:
+        """One line from the server; a whole reply goes to the client in its
+        place, as `on_reply` makes it."""
         if too_long:
             log.warning("%s: SMTP response line too long. discarded extra", tag)
             line = line[:-2].rstrip(b"\r\n") + CRLF
@@ -115,7 +119,7 @@ class ReplyQueue:
         if isinstance(place, ProxyAnswers):      # no reply was due: unsolicited
             self.places.appendleft(place)
             place = GREETING
-        lines = self.on_reply(place, lines)
+        lines = on_reply(place, lines)
         if not self.client.closed:
             self.client.write(b"".join(lines))
         while self.places and isinstance(self.places[0], ProxyAnswers):

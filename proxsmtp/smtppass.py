@@ -98,7 +98,7 @@ class Session(StartTLS):
         self.server = Channel("SERVER", self.tag)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
-        self.replies = ReplyQueue(self.client, self.on_reply)
+        self.replies = ReplyQueue(self.client)
         self.authenticated = False
         self.auth_started = False
         self.xclient_supported = False
@@ -238,7 +238,7 @@ class Session(StartTLS):
         """A new server connection (the first, or the plaintext retry after a
         failed TLS handshake with ServerTLS may); DestinationError if none."""
         channel = self.server
-        if channel.transport is not None:       # not the first: a fresh channel
+        if channel.transport is not None or channel.eof:    # not the first: a fresh channel
             channel = Channel("SERVER", self.tag)
         self.envelope.server_ip = await destination.open_channel(
             self.config, self.envelope, self.sock, self.proxy_header, channel)
@@ -294,7 +294,7 @@ class Session(StartTLS):
                         client.cork()
                         server.cork()
                         corked = True
-                    self.replies.server_line(*got, self.tag)
+                    self.replies.server_line(*got, self.tag, self.on_reply)
                     continue
                 if server.eof:
                     self.ended = True
@@ -508,7 +508,7 @@ class Session(StartTLS):
         """Relay every reply still due, so the proxy may speak to the server."""
         while self.replies.waiting_for_server:
             for line in await self.server_leg.read_reply():
-                self.replies.server_line(line, False, self.tag)
+                self.replies.server_line(line, False, self.tag, self.on_reply)
 
     # --- server replies -------------------------------------------------------
 

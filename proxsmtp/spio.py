@@ -101,7 +101,6 @@ class Channel(asyncio.Protocol):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._ready = self._set_ready
         self._corked: list[bytes] | None = None   # writes held back by cork()
 
     # --- asyncio.Protocol -------------------------------------------------
@@ -134,8 +133,12 @@ class Channel(asyncio.Protocol):
         return self._keep_open
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        """The connection is gone: the transport is let go (it holds this
+        protocol, so keeping it would be a reference cycle, and a finished
+        session would wait for the cyclic collector to be freed)."""
         self.eof = True
         self.error = exc
+        self.transport = None
         self._wake()
         self._stop_timer()
         if self._drain is not None and not self._drain.done():
@@ -464,7 +467,7 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float,
     deadline = owner._deadline = loop.time() + timeout
     if owner._timer is None or owner._timer_at > deadline:
         owner._set_timer(deadline)
-    ready = owner._ready if news is None else news
+    ready = owner._set_ready if news is None else news
     for channel in channels:
         if channel._corked is not None:
             channel.uncork()

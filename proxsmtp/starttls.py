@@ -183,7 +183,7 @@ class StartTLS:
         """A reply the proxy read itself goes to the client as if relayed."""
         self.replies.expect(ServerAnswers(verb, line))
         for reply_line in reply:
-            self.replies.server_line(reply_line, False, self.tag)
+            self.replies.server_line(reply_line, False, self.tag, self.on_reply)
 
 
 def offers_starttls(reply: list[bytes]) -> bool:

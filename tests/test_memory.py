@@ -123,3 +123,71 @@ def test_message_id_found_however_the_message_is_cut(headers, cuts, tail):
     assert transfer.head is None
     assert transfer.envelope.msgid == message_id(message[:HEAD_LIMIT])
     assert transfer.envelope.size == (len(message) or None)
+
+
+def test_a_finished_session_is_freed_without_the_cyclic_collector(tmp_path):
+    """A session (its channels, transports, reply queue and spooled message)
+    is freed by reference counting the moment it ends: nothing of it waits
+    for the cyclic collector, whose runs would otherwise cost every worker
+    CPU per message and keep finished sessions' buffers resident."""
+    import asyncio
+    import gc
+    import socket
+    import weakref
+
+    import uvloop
+
+    from proxsmtp.smtppass import Session
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                writer.write(b"250 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250-sink\r\n250 PIPELINING\r\n" if verb == b"EHLO" else b"250 ok\r\n")
+        writer.close()
+
+    async def one_session() -> weakref.ref:
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = config.parse("OutAddress: 127.0.0.1:%d\nTempDirectory: %s\n" % (port, tmp_path))
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            conn, _ = listener.accept()
+        session = Session(cfg, conn)
+        task = asyncio.get_running_loop().create_task(session.run())
+        conversation = [(await reader.readline())[:3]]
+        for command in (b"EHLO me\r\n", b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@y.test>\r\n",
+                        b"DATA\r\n", b"Subject: t\r\n\r\nhello\r\n.\r\n", b"QUIT\r\n"):
+            writer.write(command)
+            while (line := await reader.readline())[3:4] == b"-":
+                pass
+            conversation.append(line[:3])
+        await task
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        assert conversation == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
+        ref = weakref.ref(session)
+        del session, task
+        for _ in range(3):          # the transports' connection_lost callbacks
+            await asyncio.sleep(0)
+        return ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            ref = runner.run(one_session())
+        assert ref() is None, gc.get_referrers(ref())
+    finally:
+        gc.enable()
