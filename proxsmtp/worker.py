@@ -39,6 +39,7 @@ MMAP_THRESHOLD = 128 * 1024
 SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 TRIM_EVERY = 2.0             # seconds between chances to give freed memory back
+TITLE_EVERY = 0.25           # seconds between updates of the process title's session count
 
 
 class Worker:
@@ -212,13 +213,14 @@ class Worker:
         self._changed()
 
     def _changed(self) -> None:
-        """The session count changed: told once per loop iteration, however
-        many sessions came and went in it (the process title is a syscall)."""
+        """The session count changed: the gauge is set at once, the process
+        title (a syscall, twice per session under load) at most every
+        TITLE_EVERY seconds, with the count as it is then."""
         self._changes += 1
         stats.sessions(len(self.sessions))
         if self.on_change is not None and not self._change_due:
             self._change_due = True
-            asyncio.get_running_loop().call_soon(self._tell_change)
+            asyncio.get_running_loop().call_later(TITLE_EVERY, self._tell_change)
 
     def _tell_change(self) -> None:
         self._change_due = False
