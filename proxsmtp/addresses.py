@@ -10,6 +10,7 @@ import ipaddress
 import re
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 
@@ -29,6 +30,17 @@ class Address:
     @property
     def is_unix(self) -> bool:
         return self.path is not None
+
+    # Asked of OutAddress for every connection: worked out once per address.
+    @cached_property
+    def is_ip(self) -> bool:
+        """The host is an IP literal (no name to resolve)."""
+        return self.host is not None and is_ip(self.host)
+
+    @cached_property
+    def is_unspecified(self) -> bool:
+        """An inet address whose host is left open (OutAddress's loopback feature)."""
+        return self.path is None and is_unspecified(self.host)
 
     def __str__(self) -> str:
         if self.path is not None:

@@ -87,7 +87,7 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
         source = (client_ip, 0) if config.TransparentProxy == "full" else None
         return addresses.Address(host, port), source
     out = config.OutAddress
-    if not out.is_unix and addresses.is_unspecified(out.host):
+    if out.is_unspecified:
         return addresses.Address(client_ip, out.port), None
     return out, None
 
@@ -104,7 +104,7 @@ async def open_channel(config: Config, envelope: Envelope, client_sock: socket.s
     loop = asyncio.get_running_loop()
     dest, source = target(config, envelope.client_ip, client_sock)
     if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
-            and addresses.is_ip(dest.host)):
+            and dest.is_ip):
         try:
             await within(config.TimeOut, loop.create_connection(lambda: channel, dest.host, dest.port))
         except OSError as exc:       # TimeoutError included

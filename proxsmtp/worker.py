@@ -60,6 +60,7 @@ class Worker:
         self._changes = 0                           # sessions opened and closed
         self._stopping: asyncio.Future | None = None
         self._change_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None   # set by main()
 
     def run(self) -> None:
         """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
@@ -74,7 +75,7 @@ class Worker:
             runner.run(self.main())
 
     async def main(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.shut_down)
@@ -185,7 +186,7 @@ class Worker:
             _busy(conn)
             return
         session = Session(self.config, conn)
-        task = asyncio.get_running_loop().create_task(session.run())
+        task = self._loop.create_task(session.run())   # type: ignore[union-attr]
         self.sessions[task] = session
         task.add_done_callback(self._done)
         self._changed()
@@ -220,7 +221,7 @@ class Worker:
         stats.sessions(len(self.sessions))
         if self.on_change is not None and not self._change_due:
             self._change_due = True
-            asyncio.get_running_loop().call_later(TITLE_EVERY, self._tell_change)
+            self._loop.call_later(TITLE_EVERY, self._tell_change)   # type: ignore[union-attr]
 
     def _tell_change(self) -> None:
         self._change_due = False
