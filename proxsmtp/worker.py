@@ -22,6 +22,8 @@ import gc
 import signal
 import socket
 
+import _socket
+
 try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's own
     import uvloop
 except ImportError:
@@ -196,7 +198,7 @@ class Worker:
         properties are enum conversions, a seventieth of the worker's
         instructions per message; the listening socket's are known."""
         fd, _ = self.sock._accept()
-        return socket.socket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
+        return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
 
     def _pause_accepting(self) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning."""
@@ -226,6 +228,16 @@ class Worker:
     def _tell_change(self) -> None:
         self._change_due = False
         self.on_change(len(self.sessions))
+
+
+class AcceptedSocket(socket.socket):
+    """An accepted connection whose `family` and `type` are plain ints.
+    socket.socket makes an enum of each every time they are read, and the
+    event loop reads them for every connection it is handed."""
+
+    __slots__ = ()
+    family = _socket.socket.family      # type: ignore[assignment]
+    type = _socket.socket.type          # type: ignore[assignment]
 
 
 def _fixed_mmap_threshold() -> None:
