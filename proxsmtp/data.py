@@ -68,37 +68,44 @@ class Transfer:
                       self.config.TempDirectory, exc.strerror)
             await self.fail_data(FAILED)
             return "FILTER-ERROR"
+        # (one coroutine from here to the final reply: each wait resumes through it)
         try:
-            return await self.handle_message(message)
+            self.client.write(R_DATAINTERMED)
+            error = await self.cache_data(message)
+            if self.too_big:
+                log.info("%s: message larger than %d bytes refused", self.tag, self.size_limit)
+                await self.fail_data(TOO_BIG)
+                return TOO_BIG
+            if error:
+                log.error("%s: %s", self.tag, error)
+                await self.fail_data(FAILED)
+                return "FILTER-ERROR"
+            if self.config.FilterCommand:
+                verdict = await self.run_filter(message)
+                if verdict is None:
+                    return "FILTER-ERROR"
+                if not verdict.accept:
+                    await self.fail_data(verdict.reply)
+                    return verdict.status
+                await self.done_data(message, verdict.path)
+            else:
+                await self.done_data(message, None)
+            return "FILTERED"
         finally:
             message.remove()
 
-    async def handle_message(self, message: spool.Spool) -> str:
-        self.client.write(R_DATAINTERMED)
-        error = await self.cache_data(message)
-        if self.too_big:
-            log.info("%s: message larger than %d bytes refused", self.tag, self.size_limit)
-            await self.fail_data(TOO_BIG)
-            return TOO_BIG
-        if error:
-            log.error("%s: %s", self.tag, error)
-            await self.fail_data(FAILED)
-            return "FILTER-ERROR"
+    async def run_filter(self, message: spool.Spool) -> filters.Verdict | None:
+        """The filter's verdict, timed for the log; None (the client told
+        451) when the filter failed."""
         started = time.monotonic()
         try:
-            verdict = await filters.check(self.config, self.envelope, message, self.server.keepalive)
+            return await filters.check(self.config, self.envelope, message, self.server.keepalive)
         except filters.FilterError as exc:
             log.error("%s: %s", self.tag, exc)
             await self.fail_data(FAILED)
-            return "FILTER-ERROR"
+            return None
         finally:
-            if self.config.FilterCommand:
-                self.envelope.filter_seconds = time.monotonic() - started
-        if verdict.accept:
-            await self.done_data(message, verdict.path)
-            return "FILTERED"
-        await self.fail_data(verdict.reply)
-        return verdict.status
+            self.envelope.filter_seconds = time.monotonic() - started
 
     def _seen(self, data: bytes) -> None:
         """Message bytes arrived: keep the first ones (Message-ID) and the size.

@@ -18,7 +18,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from .log import log
 from .spio import (REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size,
@@ -149,10 +149,11 @@ class ServerLeg:
             raise SessionEnd("network operation timed out waiting for server",
                              server_error="timeout") from None
 
-    async def command(self, line: bytes) -> list[bytes]:
-        """Send one command of the proxy's own and read its reply."""
+    def command(self, line: bytes) -> Awaitable[list[bytes]]:
+        """Send one command of the proxy's own; its reply, to await.
+        (read_reply's own coroutine: no frame of its own to resume through.)"""
         self.write(line)
-        return await self.read_reply()
+        return self.read_reply()
 
     @property
     def keepalive_due(self) -> bool:

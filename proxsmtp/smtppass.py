@@ -478,7 +478,8 @@ class Session(StartTLS):
         Postfix's smtpd does, and nothing is delivered."""
         self.in_data = True
         try:
-            await self.drain_replies()
+            if self.replies.waiting_for_server:
+                await self.drain_replies()
             if self.client.buf:
                 raise SessionEnd("improper pipelining after DATA from the client: %s"
                                  % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)

@@ -207,35 +207,41 @@ async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeou
     out: list[bytes] = []
     size = 0
 
-    async def emit(data: bytes) -> None:
+    def emit(data: bytes) -> bool:
+        """Gather `data`; True once a CHUNK is gathered (then flush())."""
         nonlocal size
         out.append(data)
         size += len(data)
-        if size >= CHUNK:
-            channel.write(b"".join(out), False)
-            out.clear()
-            size = 0
-            await channel.drain(timeout)
+        return size >= CHUNK
+
+    async def flush() -> None:
+        nonlocal size
+        channel.write(b"".join(out), False)
+        out.clear()
+        size = 0
+        await channel.drain(timeout)
 
     with message:
         if header is not None:
             header += b"\r\n"
             if headers.is_received(header):
-                await emit(header)
+                emit(header)
             else:
                 for line in message:
                     if not line.strip():
-                        await emit(guard.feed(header + line))
+                        if emit(guard.feed(header + line)):
+                            await flush()
                         header = None
                         break
-                    await emit(guard.feed(line))
+                    if emit(guard.feed(line)):
+                        await flush()
                 if header is not None:      # no blank line: all of it was headers
-                    await emit(guard.finish() + header)
+                    emit(guard.finish() + header)
         while True:
             chunk = message.read(CHUNK)
             if not chunk:
                 break
-            await emit(guard.feed(chunk))
-    out.append(guard.finish() + b".\r\n")
-    channel.write(b"".join(out), False)
-    await channel.drain(timeout)
+            if emit(guard.feed(chunk)):
+                await flush()
+    emit(guard.finish() + b".\r\n")
+    await flush()
