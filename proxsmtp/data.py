@@ -5,6 +5,13 @@ verdict (filters.py), and only an accepted message is offered to the server,
 whose final reply the client gets verbatim.  A refusal by the filter gets the
 client the filter's reply and the server an RSET.  `Transfer.run()` returns
 the status word of the message's log line (or None: no message was taken).
+
+A message no filter sees (and with no keepalives to send) takes the same
+steps in the relay's callbacks instead (`Transfer.start()`): its bytes go to
+the spool as they arrive and the server's replies to the proxy's DATA and
+final dot come through the reply queue, so the session's task does not wake
+for each step.  Where a step must wait on something else, the task does it:
+a filter, a keepalive, a message sent from disk under flow control.
 """
 
 from __future__ import annotations
@@ -12,18 +19,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
 from . import filters, spool
 from .config import Config
 from .envelope import Envelope
 from .header import HEAD_LIMIT, message_id, render as render_header
 from .log import log
-from .relay import FINAL_REPLY_WAIT, R_FAILED, ServerLeg, SessionEnd, client_wait
+from .relay import (FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
+                    client_wait)
 from .spio import CRLF, Channel
 
 R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
 FAILED = R_FAILED.decode().strip()
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
+CLIENT_GONE = "unexpected end of data from client"
+READ_TIMEOUT = "network operation timed out reading message"
 
 
 class Transfer:
@@ -38,6 +49,13 @@ class Transfer:
         self.skip = skip                  # authenticated, and FilterType says so
         self.size_limit = size_limit      # bytes; 0: none (MaxMessageSize, server's SIZE)
         self.too_big = False
+        self.error = ""                   # the spool failed: the message is dropped with 451
+        # Taken in the relay's callbacks (start()): where it stands.
+        self.receiving = False            # the client's message is coming in
+        self.streaming = False            # the task is to send it (it is on disk)
+        self.message: spool.Spool | None = None
+        self.replies: ReplyQueue | None = None
+        self.done: Callable[[str], None] | None = None
         self.awaiting_final = False       # the server has the message; its verdict is due
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
@@ -136,32 +154,115 @@ class Transfer:
         """
         client = self.client
         client.start_data()
-        error = ""
-        while True:
-            data, done = client.take_data()
-            if data:
-                self._seen(data)
-                if not error and not self.too_big:
-                    try:
-                        message.write(data)
-                    except OSError as exc:
-                        error = "couldn't write to cache file: %s" % exc.strerror
-            del data        # not kept alive by this frame while it waits: one per held session
-            if done:
-                break
+        while not self.absorb(message):
             if client.eof:
-                raise SessionEnd("unexpected end of data from client", None)
+                raise SessionEnd(CLIENT_GONE, None)
             if self.server.keepalive_due:
                 await self.server.keepalive()
                 continue
             await self.wait_client_data()
+        return self.received(message)
+
+    def absorb(self, message: spool.Spool) -> bool:
+        """Move what the client has sent of the message into `message`;
+        True once its end was seen."""
+        data, done = self.client.take_data()
+        if data:
+            self._seen(data)
+            if not self.error and not self.too_big:
+                try:
+                    message.write(data)
+                except OSError as exc:
+                    self.error = "couldn't write to cache file: %s" % exc.strerror
+        return done
+
+    def received(self, message: spool.Spool) -> str:
+        """The whole message is in `message`: an error, or ''."""
         self._seen_all()
         try:
             message.finish()
         except OSError as exc:
-            error = error or "couldn't write to cache file: %s" % exc.strerror
+            self.error = self.error or "couldn't write to cache file: %s" % exc.strerror
         log.debug("%s: wrote %d bytes to cache", self.tag, message.size)
-        return error
+        return self.error
+
+    # --- DATA in the relay's callbacks ------------------------------------------------
+
+    def start(self, replies: ReplyQueue, done: Callable[[str], None]) -> None:
+        """Take the message without the session's task: the relay feeds the
+        client's bytes to receive() and the server's replies, through
+        `replies`, to this transfer; `done` gets the log line's status at the
+        end.  For a message no filter sees, with no keepalives to send (the
+        session decides, see Session.relayed_data): the common case, with no
+        task wake-up per step.  Only a message that outgrew memory while it
+        came in is sent by the task (stream())."""
+        self.replies, self.done = replies, done
+        self.message = spool.Spool(self.config.TempDirectory, in_memory=True)
+        self.receiving = True
+        self.client.write(R_DATAINTERMED)
+        self.client.start_data()
+
+    def receive(self) -> bool:
+        """The client's bytes so far; True once the whole message is in
+        (and the transfer has gone on to the server)."""
+        if not self.absorb(self.message):
+            return False
+        self.receiving = False
+        error = self.received(self.message)
+        if self.too_big:
+            log.info("%s: message larger than %d bytes refused", self.tag, self.size_limit)
+            self._refuse(TOO_BIG, TOO_BIG)
+        elif error:
+            log.error("%s: %s", self.tag, error)
+            self._refuse(FAILED, "FILTER-ERROR")
+        else:
+            self._command(b"DATA\r\n", self._on_354)
+        return True
+
+    def _command(self, line: bytes, on_reply: Callable[[list[bytes]], None]) -> None:
+        self.server.write(line)
+        self.replies.expect(ProxyCommand(on_reply))
+
+    def _refuse(self, reply: str, status: str) -> None:
+        """As fail_data(): the client hears `reply`, the server gets RSET."""
+        self.client.write(reply.encode("utf-8", "surrogateescape") + CRLF)
+        self._command(b"RSET\r\n", lambda lines: self._end(status))
+
+    def _on_354(self, reply: list[bytes]) -> None:
+        if reply[-1][:3] != b"354":
+            log.debug("%s: server refused data transfer", self.tag)
+            self._final(reply)
+            self._end("FILTERED")
+            return
+        if self.message.memory is None:     # on disk: sent under flow control, by the task
+            self.streaming = True
+            return
+        self.server.write(b"".join(spool.outgoing(self.message.reader(), self._header())), False)
+        self._await_final()
+
+    async def stream(self) -> None:
+        """The session's task sends a message that went to disk (see start())."""
+        self.streaming = False
+        await spool.send(self.server.channel, self.message.reader(), self._header(), self.timeout)
+        self._await_final()
+
+    def _await_final(self) -> None:
+        self.awaiting_final = True
+        self.replies.expect(ProxyCommand(self._on_final))
+
+    def _on_final(self, reply: list[bytes]) -> None:
+        self.awaiting_final = False
+        self._final(reply)
+        self._end("FILTERED")
+
+    def _end(self, status: str) -> None:
+        self.message.remove()
+        self.done(status)
+
+    def close(self) -> None:
+        """The session ended with this transfer unfinished: its spool goes."""
+        if self.message is not None:
+            self.message.remove()
 
     async def wait_client_data(self) -> None:
         """Wait for more of the message, keeping the server alive meanwhile.
@@ -171,7 +272,7 @@ class Transfer:
         """
         every = self.config.KeepAlives
         step = min(self.timeout, every) if every > 0 else self.timeout
-        reason = "network operation timed out reading message"
+        reason = READ_TIMEOUT
         try:
             await self.client.wait(min(step, client_wait(self.client, self.timeout, reason)))
         except asyncio.TimeoutError:
@@ -203,13 +304,16 @@ class Transfer:
             log.debug("%s: server refused data transfer", self.tag)
             self._final(reply)
             return
-        header = None
-        if self.config.Header:
-            header = render_header(self.config.Header, self.envelope.client_ip,
-                                   self.envelope.local_ip, self.tag, self.envelope.client_tls)
         source = open(path, "rb") if path else message.reader()
-        await spool.send(self.server.channel, source, header, self.timeout)
+        await spool.send(self.server.channel, source, self._header(), self.timeout)
         self._final(await self.final_reply())
+
+    def _header(self) -> bytes | None:
+        """The Header setting's line for this message, if any."""
+        if not self.config.Header:
+            return None
+        return render_header(self.config.Header, self.envelope.client_ip,
+                             self.envelope.local_ip, self.tag, self.envelope.client_tls)
 
     async def fail_data(self, reply: str) -> None:
         """Answer the client with a rejection and make the server forget the message."""
@@ -234,7 +338,7 @@ class Transfer:
             if done:
                 break
             if client.eof:
-                raise SessionEnd("unexpected end of data from client", None)
+                raise SessionEnd(CLIENT_GONE, None)
             await self.wait_client_data()
         self._seen_all()
         server.write(guard.finish(), False)

@@ -26,6 +26,8 @@ from .spio import (REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, 
 
 R_FAILED = b"451 Local Error\r\n"
 R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
+SERVER_GONE = "server disconnected unexpectedly"
+SERVER_TIMEOUT = "network operation timed out waiting for server"
 # RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final
 # dot.  Giving up sooner makes the client retry a message the server may
 # already have taken: a duplicate.
@@ -61,6 +63,15 @@ class ProxyAnswers:
     reply: bytes
 
 
+@dataclass(slots=True)
+class ProxyCommand:
+    """A place for the server's reply to a command of the proxy's own (the
+    DATA of a message taken in the relay's callbacks, its final dot, an
+    RSET): the reply goes to `on_reply`, never to the client."""
+
+    on_reply: Callable[[list[bytes]], None]
+
+
 GREETING = ServerAnswers(b"", b"")
 
 # What to send the client for a whole server reply: (the command it answers, its lines).
@@ -76,7 +87,8 @@ class ReplyQueue:
 
     def __init__(self, client: Channel) -> None:
         self.client = client
-        self.places: collections.deque[ServerAnswers | ProxyAnswers] = collections.deque()
+        self.places: collections.deque[ServerAnswers | ProxyAnswers | ProxyCommand] = \
+            collections.deque()
         self.lines: list[bytes] = []            # the server reply read so far
         self.size = 0                           # ...and its bytes
 
@@ -86,9 +98,14 @@ class ReplyQueue:
     @property
     def waiting_for_server(self) -> bool:
         """Some reply due to the client can only come from the server."""
-        return any(isinstance(place, ServerAnswers) for place in self.places)
+        return any(not isinstance(place, ProxyAnswers) for place in self.places)
 
-    def expect(self, place: ServerAnswers) -> None:
+    @property
+    def proxy_command_due(self) -> bool:
+        """The next server reply answers a command of the proxy's own."""
+        return bool(self.places) and isinstance(self.places[0], ProxyCommand)
+
+    def expect(self, place: ServerAnswers | ProxyCommand) -> None:
         """A command went to the server: its reply takes the next place."""
         self.places.append(place)
 
@@ -119,9 +136,12 @@ class ReplyQueue:
         if isinstance(place, ProxyAnswers):      # no reply was due: unsolicited
             self.places.appendleft(place)
             place = GREETING
-        lines = on_reply(place, lines)
-        if not self.client.closed:
-            self.client.write(b"".join(lines))
+        if isinstance(place, ProxyCommand):
+            place.on_reply(lines)
+        else:
+            lines = on_reply(place, lines)
+            if not self.client.closed:
+                self.client.write(b"".join(lines))
         while self.places and isinstance(self.places[0], ProxyAnswers):
             self.client.write(self.places.popleft().reply)
 
@@ -144,10 +164,9 @@ class ServerLeg:
         except ReplyTooLong as exc:
             raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         except ChannelClosed:
-            raise SessionEnd("server disconnected unexpectedly", server_error="closed") from None
+            raise SessionEnd(SERVER_GONE, server_error="closed") from None
         except asyncio.TimeoutError:
-            raise SessionEnd("network operation timed out waiting for server",
-                             server_error="timeout") from None
+            raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
 
     def command(self, line: bytes) -> Awaitable[list[bytes]]:
         """Send one command of the proxy's own; its reply, to await.

@@ -2,8 +2,9 @@
 
 This is upstream's smtp_passthru: lines from whichever side is ready are
 relayed, with the exceptions in SPEC §3.  Plain commands and replies are
-relayed straight from the channels' callbacks (relay_lines); the session's
-task only runs what waits on something else.  The rooms around it:
+relayed straight from the channels' callbacks (relay_lines), and so is a
+message no filter has to see (data.py's Transfer.start); the session's task
+only runs what waits on something else.  The rooms around it:
 relay.py keeps each reply in its command's place, envelope.py holds what
 the server accepted (and the log line), data.py takes DATA over (§5),
 starttls.py does STARTTLS on either leg (§9), with tls.py's contexts.
@@ -21,11 +22,11 @@ import socket
 from . import destination, filters, proxyproto, stats, tls
 from .commands import envelope_address, parse_xforward, verb_of
 from .config import Config
-from .data import Transfer
+from .data import CLIENT_GONE, READ_TIMEOUT, Transfer
 from .envelope import Envelope
 from .log import clean, log
-from .relay import (R_FAILED, ReplyQueue, ServerAnswers, ServerLeg, SessionEnd,
-                    GREETING, client_wait, unfinished_line)
+from .relay import (FINAL_REPLY_WAIT, R_FAILED, SERVER_GONE, SERVER_TIMEOUT, GREETING, ReplyQueue,
+                    ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line)
 from .spio import CRLF, Channel, ChannelClosed, wait_any
 from .starttls import BEFORE_TLS, R_CANTCONNECT, R_NOTSUPP, R_STARTTLS, StartTLS
 
@@ -54,7 +55,7 @@ class Next(enum.Enum):
     """What the session's task does after relay_lines()."""
 
     WAIT = "wait"          # for news from either side (lines come in meanwhile)
-    COMMAND = "command"    # run a client command that waits on something
+    COMMAND = "command"    # run a client command that waits on something (or send a message from disk)
     YIELD = "yield"        # a turn's worth of lines done: let other sessions run
     DONE = "done"          # either side closed: the session is over
 
@@ -196,6 +197,8 @@ class Session(StartTLS):
             log.error("%s: local error: %s", self.tag, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self._last_word(R_FAILED)
         finally:
+            if self.transfer is not None:
+                self.transfer.close()
             self.client.close()
             self.server.close()
             log.debug("%s: connection closed", self.tag)
@@ -261,6 +264,10 @@ class Session(StartTLS):
                 try:
                     await wait_any((client, self.server), self.idle_wait(), self.on_news)
                 except asyncio.TimeoutError:
+                    if self.receiving:
+                        raise SessionEnd(READ_TIMEOUT, None) from None
+                    if self.replies.proxy_command_due:
+                        raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
                     # A begun line bounded this wait (the loop's timer may fire a
                     # hair early, so its deadline is not re-checked): say so.
                     if client.line_started is not None:
@@ -268,6 +275,9 @@ class Session(StartTLS):
                     raise SessionEnd(_IDLE, None, server_error="timeout"
                                      if self.replies.waiting_for_server else None) from None
             elif step is COMMAND:
+                if self.deferred is None:       # a relayed message to send from disk
+                    await self.transfer.stream()    # type: ignore[union-attr]
+                    continue
                 line, self.deferred = self.deferred, None
                 await self.on_client_line(*line)
             elif step is YIELD:           # let the worker's other sessions run
@@ -288,6 +298,16 @@ class Session(StartTLS):
         try:
             while turn < LINES_PER_TURN:
                 turn += 1
+                transfer = self.transfer
+                if transfer is not None:
+                    if transfer.receiving:          # the server waits meanwhile
+                        if not transfer.receive():
+                            if client.eof:
+                                raise SessionEnd(CLIENT_GONE, None)
+                            return WAIT
+                        continue
+                    if transfer.streaming:
+                        return COMMAND
                 got = server.take_line() if server.buf else None
                 if got is not None:
                     if server.buf and not corked:   # more replies came with it: one write for all
@@ -300,7 +320,8 @@ class Session(StartTLS):
                     self.ended = True
                     self.server_closed()
                     return DONE
-                got = client.take_line() if client.buf and not self.backed_up else None
+                got = (client.take_line() if client.buf and transfer is None and not self.backed_up
+                       else None)
                 if got is not None:
                     if client.buf and not corked:   # a pipelined group: its commands in one write
                         client.cork()
@@ -322,11 +343,20 @@ class Session(StartTLS):
                 server.uncork()
 
     def idle_wait(self) -> float:
-        """How long passthru waits for news: TimeOut, or less for a begun line."""
+        """How long passthru waits for news: TimeOut, or less for a begun
+        line; for the server's verdict on a message, as long as RFC 5321 says."""
+        transfer = self.transfer
+        if transfer is not None and transfer.awaiting_final:
+            return max(self.timeout, FINAL_REPLY_WAIT)
         client = self.client
         if client.line_started is None:
             return self.timeout
-        return client_wait(client, self.timeout, _IDLE)
+        return client_wait(client, self.timeout, READ_TIMEOUT if self.receiving else _IDLE)
+
+    @property
+    def receiving(self) -> bool:
+        """A message is coming in through the relay's callbacks."""
+        return self.transfer is not None and self.transfer.receiving
 
     def on_news(self) -> None:
         """A channel has news while passthru sleeps: relay what is plain here,
@@ -346,6 +376,8 @@ class Session(StartTLS):
     def server_closed(self) -> None:
         """The server closed the connection: its last words go to the client;
         SessionEnd if the client is still owed a reply."""
+        if self.replies.proxy_command_due:      # mid-DATA: as ServerLeg.read_reply says it
+            raise SessionEnd(SERVER_GONE, server_error="closed")
         rest = self.server.rest()
         if rest.strip() and not self.client.closed:
             self.client.write(rest.rstrip(b"\r\n") + CRLF)
@@ -392,6 +424,9 @@ class Session(StartTLS):
             if refusal:
                 answer(refusal)
                 return True
+        if verb == b"DATA" and self.relayed_data:
+            self.start_data()
+            return True
         if verb == b"STARTTLS" or verb == b"DATA" or self.xclient_due:
             return False
         if verb in (b"EHLO", b"HELO"):
@@ -480,11 +515,8 @@ class Session(StartTLS):
         try:
             if self.replies.waiting_for_server:
                 await self.drain_replies()
-            if self.client.buf:
-                raise SessionEnd("improper pipelining after DATA from the client: %s"
-                                 % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)
-            self.transfer = Transfer(self.config, self.envelope, self.client, self.server_leg,
-                                     self.skipping, self.size_limit)
+            self.check_in_step()
+            self.transfer = self.new_transfer()
             status = await self.transfer.run()
             if status is not None:
                 self.log_message(status)
@@ -493,6 +525,41 @@ class Session(StartTLS):
             self.transfer = None
             self.messages += 1
         self.envelope.reset()
+
+    @property
+    def relayed_data(self) -> bool:
+        """This DATA is taken in the relay's callbacks (Transfer.start): it
+        needs nothing the task waits on.  Not so with a filter, keepalives to
+        send, XCLIENT still due, replies before it still due, without an
+        accepted recipient, or when the session skips or rejects."""
+        config = self.config
+        return (not config.FilterCommand and config.KeepAlives == 0
+                and config.FilterType != "reject" and bool(self.envelope.recipients)
+                and not self.replies and not self.xclient_due and not self.skipping)
+
+    def start_data(self) -> None:
+        self.check_in_step()
+        self.in_data = True
+        self.transfer = self.new_transfer()
+        self.transfer.start(self.replies, self.data_done)
+
+    def data_done(self, status: str) -> None:
+        """A message taken in the callbacks is done with."""
+        self.log_message(status)
+        self.in_data = False
+        self.transfer = None
+        self.messages += 1
+        self.envelope.reset()
+
+    def new_transfer(self) -> Transfer:
+        return Transfer(self.config, self.envelope, self.client, self.server_leg,
+                        self.skipping, self.size_limit)
+
+    def check_in_step(self) -> None:
+        """Nothing may follow DATA before its answer (see data())."""
+        if self.client.buf:
+            raise SessionEnd("improper pipelining after DATA from the client: %s"
+                             % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)
 
     async def send_xclient(self) -> None:
         """XClient: tell the server who the client really is, once."""

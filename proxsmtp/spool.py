@@ -12,7 +12,7 @@ import io
 import os
 import re
 import tempfile
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from . import header as headers
 from .spio import Channel
@@ -196,52 +196,45 @@ class DotGuard:
         return b"" if clean else b"\r\n"
 
 
-async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
-    """Stream a spooled message to `channel`, header inserted, then `.`.
+def outgoing(message: BinaryIO, header: bytes | None) -> Iterator[bytes]:
+    """The message as the server gets it, in pieces: `header` inserted,
+    lone dots escaped, the final `.` last.
 
     The header goes first when it is a Received: line, else before the first
-    blank line (or at the end of a message that has no body).  Output is
-    gathered into CHUNK-sized writes: a small message leaves in one send.
-    """
+    blank line (or at the end of a message that has no body)."""
     guard = DotGuard()
-    out: list[bytes] = []
-    size = 0
-
-    def emit(data: bytes) -> bool:
-        """Gather `data`; True once a CHUNK is gathered (then flush())."""
-        nonlocal size
-        out.append(data)
-        size += len(data)
-        return size >= CHUNK
-
-    async def flush() -> None:
-        nonlocal size
-        channel.write(b"".join(out), False)
-        out.clear()
-        size = 0
-        await channel.drain(timeout)
-
     with message:
         if header is not None:
             header += b"\r\n"
             if headers.is_received(header):
-                emit(header)
+                yield header
             else:
                 for line in message:
                     if not line.strip():
-                        if emit(guard.feed(header + line)):
-                            await flush()
+                        yield guard.feed(header + line)
                         header = None
                         break
-                    if emit(guard.feed(line)):
-                        await flush()
+                    yield guard.feed(line)
                 if header is not None:      # no blank line: all of it was headers
-                    emit(guard.finish() + header)
-        while True:
-            chunk = message.read(CHUNK)
-            if not chunk:
-                break
-            if emit(guard.feed(chunk)):
-                await flush()
-    emit(guard.finish() + b".\r\n")
-    await flush()
+                    yield guard.finish() + header
+        while chunk := message.read(CHUNK):
+            yield guard.feed(chunk)
+    yield guard.finish() + b".\r\n"
+
+
+async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
+    """Stream a spooled message to `channel` (see outgoing()), waiting for
+    the peer to take each CHUNK: a message on disk is never all in memory.
+    A small message leaves in one send."""
+    out: list[bytes] = []
+    size = 0
+    for piece in outgoing(message, header):
+        out.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            channel.write(b"".join(out), False)
+            out.clear()
+            size = 0
+            await channel.drain(timeout)
+    channel.write(b"".join(out), False)
+    await channel.drain(timeout)

@@ -25,6 +25,12 @@ from harness import Client, RawServer, free_port, pid_alive, wait_until
 
 BODY = b"Subject: fault\r\nFrom: a@x.test\r\n\r\nhello\r\n"
 
+# DATA runs two ways: without a filter the relay's callbacks take the message
+# (Transfer.start); with one, the session's task does (Transfer.run).  The
+# faults around DATA are tried both ways.
+BOTH_DATA_PATHS = pytest.mark.parametrize("filter_command", [None, "cat"],
+                                          ids=["relayed", "filtered"])
+
 
 def envelope(client: Client, rcpt: str = "b@y.test") -> None:
     """EHLO, MAIL FROM, RCPT TO, each accepted."""
@@ -123,9 +129,10 @@ def _354_then_close(line, conn):
     return None
 
 
-def test_server_closes_after_354(proxy, make_upstream):
+@BOTH_DATA_PATHS
+def test_server_closes_after_354(proxy, make_upstream, filter_command):
     server = make_upstream(replies={"DATA": _354_then_close})
-    px = proxy({"OutAddress": server.address, "FilterCommand": "cat"}, debug=3)
+    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client, BODY + b"x" * 300000 + b"\r\n") == ["451 Local Error"]
@@ -136,9 +143,10 @@ def test_server_closes_after_354(proxy, make_upstream):
     no_temp_files(px)
 
 
-def test_server_closes_before_final_reply(proxy, make_upstream):
+@BOTH_DATA_PATHS
+def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
     server = make_upstream(drop_at="DATA-END")
-    px = proxy({"OutAddress": server.address}, debug=3)
+    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client) == ["451 Local Error"]
@@ -149,9 +157,10 @@ def test_server_closes_before_final_reply(proxy, make_upstream):
     no_temp_files(px)
 
 
-def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream):
+@BOTH_DATA_PATHS
+def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream, filter_command):
     server = make_upstream(data_reply="421 4.3.0 shutting down")
-    px = proxy({"OutAddress": server.address}, debug=3)
+    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client) == ["421 4.3.0 shutting down"]
@@ -269,13 +278,15 @@ def test_filter_writes_100_mb(proxy, make_upstream, source):
 
 # --- the client ------------------------------------------------------------------------
 
-def test_client_disconnects_mid_data(proxy, upstream):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"}, debug=3)
+@BOTH_DATA_PATHS
+def test_client_disconnects_mid_data(proxy, upstream, filter_command):
+    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
     client = px.connect()
     envelope(client)
     assert client.cmd("DATA")[0].startswith("354")
-    client.send(b"Subject: partial\r\n\r\n" + b"x" * 200000 + b"\r\nmore")
+    # (past spool.MEMORY_LIMIT: without a filter too, the message is in a file)
+    client.send(b"Subject: partial\r\n\r\n" + b"x" * 600000 + b"\r\nmore")
     wait_until(lambda: px.spool_files(), what="the message being spooled")
     client.close()
     upstream.wait_closed("RCPT TO:<b@y.test>")
@@ -284,8 +295,10 @@ def test_client_disconnects_mid_data(proxy, upstream):
     no_temp_files(px)
 
 
-def test_client_stalls_mid_line_in_data(proxy, upstream):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat", "TimeOut": 2}, debug=3)
+@BOTH_DATA_PATHS
+def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
+    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command, "TimeOut": 2},
+               debug=3)
     mark = len(px.log())
     with px.connect() as client:
         envelope(client)
@@ -334,8 +347,9 @@ def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
     no_temp_files(px)
 
 
-def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat"}, debug=3)
+@BOTH_DATA_PATHS
+def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream, filter_command):
+    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
     with px.connect() as client:
         envelope(client)
@@ -485,12 +499,14 @@ def _can_mount_tmpfs() -> str:
 
 
 @pytest.fixture
-def full_disk_proxy(proxy, upstream):
-    """proxsmtpd in a private mount namespace whose TempDirectory is a 1 MB tmpfs."""
+def full_disk_proxy(request, proxy, upstream):
+    """proxsmtpd in a private mount namespace whose TempDirectory is a 1 MB tmpfs
+    (FilterCommand cat, or what the test's parameter says)."""
     why = _can_mount_tmpfs()
     if why:
         pytest.skip(why)
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": "cat", "Workers": 1},
+    px = proxy({"OutAddress": upstream.address, "FilterCommand": getattr(request, "param", "cat"),
+                "Workers": 1},
                debug=3, start=False)
     px.wrapper = ("unshare", "-m", "--propagation", "private", "sh", "-c",
                   'mount -t tmpfs -o size=1m,mode=0700 proxsmtpd-test "$0" && exec "$@"',
@@ -503,6 +519,8 @@ def full_disk_proxy(proxy, upstream):
                what="the temp files to be removed")
 
 
+@pytest.mark.parametrize("full_disk_proxy", [None, "cat"], ids=["relayed", "filtered"],
+                         indirect=True)
 def test_temp_directory_full_message_too_big(full_disk_proxy, upstream):
     px = full_disk_proxy
     mark = len(px.log())
