@@ -55,7 +55,7 @@ class Next(enum.Enum):
     """What the session's task does after relay_lines()."""
 
     WAIT = "wait"          # for news from either side (lines come in meanwhile)
-    COMMAND = "command"    # run a client command that waits on something (or send a message from disk)
+    COMMAND = "command"    # run a command that waits on something, or send a message from disk
     YIELD = "yield"        # a turn's worth of lines done: let other sessions run
     DONE = "done"          # either side closed: the session is over
 
@@ -535,7 +535,8 @@ class Session(StartTLS):
         config = self.config
         return (not config.FilterCommand and config.KeepAlives == 0
                 and config.FilterType != "reject" and bool(self.envelope.recipients)
-                and not self.replies and not self.xclient_due and not self.skipping)
+                and not self.replies and not self.xclient_due
+                and not (self.authenticated and config.skip_authenticated))
 
     def start_data(self) -> None:
         self.check_in_step()

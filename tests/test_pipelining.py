@@ -207,6 +207,54 @@ def test_client_out_of_step_after_data(proxy, upstream, refused):
     p.wait_log("improper pipelining after DATA")
 
 
+# Without a filter the relay's callbacks take DATA (Transfer.start); with one,
+# the session's task does: what follows is tried both ways.
+BOTH_DATA_PATHS = pytest.mark.parametrize("filter_command", [None, "cat"],
+                                          ids=["relayed", "filtered"])
+
+
+@BOTH_DATA_PATHS
+def test_message_sent_along_with_data_is_out_of_step(proxy, upstream, filter_command):
+    """A lockstep client that sends DATA and its message in one write, not
+    waiting for the 354: the same 554 5.5.0, nothing delivered."""
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command})
+    with p.connect() as client:
+        client.cmd("EHLO c.test")
+        assert client.code("MAIL FROM:<a@x.test>") == 250
+        assert client.code("RCPT TO:<b@y.test>") == 250
+        client.send(b"DATA\r\n" + BODY + b".\r\n")
+        assert client.reply() == ["554 5.5.0 Error: SMTP protocol synchronization"]
+        assert client.closed_by_peer()
+    wait_until(lambda: upstream.closed_connections >= 1, 10, what="server connection closed")
+    assert upstream.messages == [] and "DATA" not in upstream.verbs()
+
+
+@BOTH_DATA_PATHS
+def test_commands_behind_the_dot_wait_for_the_verdict(proxy, upstream, filter_command):
+    """Commands sent right behind the final dot (Postfix sends its QUIT so,
+    a pipelining client its next envelope) wait until the server's verdict on
+    the message is relayed; every reply comes in order, and the next message
+    is taken as well."""
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command})
+    with p.connect() as client:
+        client.cmd("EHLO c.test")
+        client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        assert replies(client, 3)[2].startswith("354")
+        client.send(b"Subject: one\r\n\r\nfirst\r\n.\r\n" b"RSET\r\n" b"MAIL FROM:<c@x.test>\r\n"
+                    b"RCPT TO:<d@y.test>\r\n" b"DATA\r\n")
+        got = replies(client, 5)
+        assert got[0] == "250 2.0.0 Ok: queued as TEST"
+        assert [line[:3] for line in got[1:]] == ["250", "250", "250", "354"]
+        client.send(b"Subject: two\r\n\r\nsecond\r\n.\r\nQUIT\r\n")
+        assert replies(client, 2) == ["250 2.0.0 Ok: queued as TEST", "221 2.0.0 Bye"]
+        assert client.closed_by_peer()
+    first, second = upstream.wait_messages(2)
+    assert (first.sender, first.recipients, first.raw) == ("a@x.test", ["b@y.test"],
+                                                          b"Subject: one\r\n\r\nfirst")
+    assert (second.sender, second.recipients, second.raw) == ("c@x.test", ["d@y.test"],
+                                                             b"Subject: two\r\n\r\nsecond")
+
+
 def test_swaks_pipeline_through_the_proxy(proxy, upstream, tmp_path):
     if not shutil.which("swaks"):
         pytest.skip("swaks is not installed")
