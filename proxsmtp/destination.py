@@ -94,19 +94,21 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
 
 async def open_channel(config: Config, envelope: Envelope, client_sock: socket.socket,
                        proxy_header: proxyproto.ProxyHeader | None,
-                       channel: asyncio.Protocol) -> str:
+                       channel: asyncio.Protocol,
+                       loop: asyncio.AbstractEventLoop | None = None) -> str:
     """Connect `channel` (the session's SERVER side) to the server; its IP.
 
     The common case, an IP literal with no source address to bind and no
     PROXY header to send, is left to the event loop's own connect (with
     uvloop: libuv's, no Python socket and no extra loop iteration); the
     others take a socket from `connect()`."""
-    loop = asyncio.get_running_loop()
+    loop = loop or asyncio.get_running_loop()
     dest, source = target(config, envelope.client_ip, client_sock)
     if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
             and dest.is_ip):
         try:
-            await within(config.TimeOut, loop.create_connection(lambda: channel, dest.host, dest.port))
+            await within(config.TimeOut, loop.create_connection(lambda: channel, dest.host, dest.port),
+                         loop)
         except OSError as exc:       # TimeoutError included
             raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
         return addresses.plain_ip(dest.host)
@@ -115,14 +117,16 @@ async def open_channel(config: Config, envelope: Envelope, client_sock: socket.s
     return server_ip
 
 
-async def within(timeout: float, awaitable: Awaitable[object]) -> None:
+async def within(timeout: float, awaitable: Awaitable[object],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Await `awaitable`, or raise TimeoutError after `timeout` seconds.
 
     asyncio.timeout does this for every session's connect at a fortieth of
     the worker's instructions per message (its state enum, its context
     manager calls); this is the same idea, a timer cancelling the task,
     kept to one callback."""
-    task = asyncio.current_task()
+    loop = loop or asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
     assert task is not None
     expired = False
 
@@ -131,7 +135,7 @@ async def within(timeout: float, awaitable: Awaitable[object]) -> None:
         expired = True
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    timer = loop.call_later(timeout, expire)
     try:
         await awaitable
     except asyncio.CancelledError:

@@ -88,15 +88,19 @@ def set_id_source(counter) -> None:
 class Session(StartTLS):
     """State of one client connection; `run()` serves it to the end."""
 
-    def __init__(self, config: Config, sock: socket.socket) -> None:
+    def __init__(self, config: Config, sock: socket.socket,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.config = config
         self.sock = sock
+        # The worker's loop (None: the running one when run() starts).  Under
+        # CPython 3.11 asking for the running loop costs a getpid() each time.
+        self.loop = loop
         self.timeout = float(config.TimeOut)
         self.tag = next_id()
         self.envelope = Envelope(self.tag)
         self.proxy_header: proxyproto.ProxyHeader | None = None
-        self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True)
-        self.server = Channel("SERVER", self.tag)
+        self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True, loop=loop)
+        self.server = Channel("SERVER", self.tag, loop=loop)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
         self.replies = ReplyQueue(self.client)
@@ -147,7 +151,7 @@ class Session(StartTLS):
 
     async def run(self) -> None:
         """Serve the connection; never raises (but for cancellation)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = self.loop or asyncio.get_running_loop()
         envelope = self.envelope
         try:
             envelope.client_ip, envelope.local_ip = destination.client_addresses(self.sock, self.config)
@@ -242,9 +246,9 @@ class Session(StartTLS):
         failed TLS handshake with ServerTLS may); DestinationError if none."""
         channel = self.server
         if channel.transport is not None or channel.eof:    # not the first: a fresh channel
-            channel = Channel("SERVER", self.tag)
+            channel = Channel("SERVER", self.tag, loop=self.loop)
         self.envelope.server_ip = await destination.open_channel(
-            self.config, self.envelope, self.sock, self.proxy_header, channel)
+            self.config, self.envelope, self.sock, self.proxy_header, channel, self.loop)
         if channel is not self.server:
             self.server.close()
             self.server = self.server_leg.channel = channel

@@ -72,7 +72,8 @@ def check_reply_size(lines: list[bytes], size: int, name: str) -> None:
 class Channel(asyncio.Protocol):
     """One connection (CLIENT, SERVER or FILTER) with line buffering."""
 
-    def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False) -> None:
+    def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
         self.tag = tag                       # session id for log lines
         self.buf = bytearray()
@@ -96,7 +97,7 @@ class Channel(asyncio.Protocol):
         self._trace = log.isEnabledFor(logging.DEBUG)
         # The waits this channel owns (see wait_any): their future, the
         # deadline of the current one, and one timer moved lazily.
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = loop                    # None: the running one, at the first wait
         self._waiter: asyncio.Future | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None

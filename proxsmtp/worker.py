@@ -187,7 +187,7 @@ class Worker:
             stats.connection("busy")
             _busy(conn)
             return
-        session = Session(self.config, conn)
+        session = Session(self.config, conn, self._loop)
         task = self._loop.create_task(session.run())   # type: ignore[union-attr]
         self.sessions[task] = session
         task.add_done_callback(self._done)
