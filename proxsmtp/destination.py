@@ -58,10 +58,12 @@ def _ipv4_mapped(ip: str) -> bool:
     return ipaddress.IPv6Address(ip.split("%", 1)[0]).ipv4_mapped is not None
 
 
-def client_addresses(sock: socket.socket, config: Config) -> tuple[str, str]:
-    """(client IP, the IP the client connected to) for logs, filters and %l."""
+def client_addresses(peer: object, local_end: object, sock: socket.socket,
+                     config: Config) -> tuple[str, str]:
+    """(client IP, the IP the client connected to) for logs, filters and %l,
+    from the connection's peer and local sockaddr."""
     # (peer_ip says UNKNOWN for a unix socket's address, a string)
-    client, local = addresses.peer_ip(sock.getpeername()), addresses.peer_ip(sock.getsockname())
+    client, local = addresses.peer_ip(peer), addresses.peer_ip(local_end)
     if config.TransparentProxy == "client":
         try:
             local = addresses.plain_ip(original_destination(sock)[0])

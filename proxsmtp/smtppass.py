@@ -154,8 +154,8 @@ class Session(StartTLS):
         loop = self.loop = self.loop or asyncio.get_running_loop()
         envelope = self.envelope
         try:
-            envelope.client_ip, envelope.local_ip = destination.client_addresses(self.sock, self.config)
             if self.config.TLSWrapper:
+                envelope.client_ip, envelope.local_ip = self.client_addresses()
                 await loop.connect_accepted_socket(lambda: self.client, self.sock,
                                                    ssl=self.config.listening_tls,
                                                    ssl_handshake_timeout=self.timeout)
@@ -163,6 +163,7 @@ class Session(StartTLS):
                 stats.client_tls("established")
             else:
                 await loop.connect_accepted_socket(lambda: self.client, self.sock)
+                envelope.client_ip, envelope.local_ip = self.client_addresses()
         except (OSError, asyncio.TimeoutError) as exc:
             if self.config.TLSWrapper and envelope.client_ip != "UNKNOWN":
                 stats.client_tls("failed")
@@ -206,6 +207,16 @@ class Session(StartTLS):
             self.client.close()
             self.server.close()
             log.debug("%s: connection closed", self.tag)
+
+    def client_addresses(self) -> tuple[str, str]:
+        """(client IP, local IP): from the client's transport, which learnt
+        both when it was made (no syscall), or before it exists from the socket."""
+        transport = self.client.transport
+        if transport is not None:
+            peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        else:
+            peer, local = self.sock.getpeername(), self.sock.getsockname()
+        return destination.client_addresses(peer, local, self.sock, self.config)
 
     async def read_proxy_header(self) -> None:
         """ProxyProtocol: the client and local addresses are the ones the load
