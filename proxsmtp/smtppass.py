@@ -119,8 +119,10 @@ class Session(StartTLS):
     def size_limit(self) -> int:
         """The largest message taken: the smaller of MaxMessageSize and the
         server's SIZE (0: no limit)."""
-        limits = [n for n in (self.config.MaxMessageSize, self.server_size) if n > 0]
-        return min(limits) if limits else 0
+        mine, server = self.config.MaxMessageSize, self.server_size
+        if mine > 0 and server > 0:
+            return min(mine, server)
+        return mine if mine > 0 else max(server, 0)
 
     @property
     def finishing(self) -> bool:
@@ -429,7 +431,8 @@ class Session(StartTLS):
         if too_long:
             answer(R_TOOLONG)
             return True
-        if b"\r" in line[:-1].removesuffix(b"\r"):    # a server may split the line there
+        cr = line.find(b"\r")
+        if cr >= 0 and cr != len(line) - 2:       # a bare CR: a server may split the line there
             log.warning("%s: bare CR in a command from the client: %s", self.tag, clean(line[:80]))
             answer(R_BARECR)
             return True

@@ -255,9 +255,14 @@ class Channel(asyncio.Protocol):
             del buf[:end + 1]
             self._consumed()
             return line, True
-        line = bytes(buf[:end + 1])
-        del buf[:end + 1]
-        self._consumed()
+        if end + 1 == len(buf):         # the common case: the line is all there is
+            line = bytes(buf)
+            buf.clear()
+        else:
+            line = bytes(buf[:end + 1])
+            del buf[:end + 1]
+        if self._paused_reading:
+            self._consumed()
         if self._trace:
             self.trace("<", line)
         return line, False
@@ -381,7 +386,8 @@ class Channel(asyncio.Protocol):
     def write(self, data: bytes, trace: bool = True) -> None:
         """Queue bytes for the peer; raises ChannelClosed if it is gone.
         Message content is written with trace=False: it is never logged."""
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             raise ChannelClosed("%s: connection closed, can't write data" % self.name, self.name)
         if trace and self._trace:
             self.trace(">", data)
@@ -389,7 +395,7 @@ class Channel(asyncio.Protocol):
         if self._corked is not None:
             self._corked.append(data)
         else:
-            self.transport.write(data)
+            transport.write(data)
 
     def cork(self) -> None:
         """Hold writes back until uncork(): the replies to a pipelined group,
