@@ -122,28 +122,31 @@ class ReplyQueue:
         if too_long:
             log.warning("%s: SMTP response line too long. discarded extra", tag)
             line = line[:-2].rstrip(b"\r\n") + CRLF
-        self.lines.append(line)
-        self.size += len(line)
-        if len(self.lines) > 1 or self.size > REPLY_MAX_BYTES:  # the common one-liner passes
+        lines = self.lines
+        lines.append(line)
+        size = self.size = self.size + len(line)
+        if len(lines) > 1 or size > REPLY_MAX_BYTES:  # the common one-liner passes
             try:
-                check_reply_size(self.lines, self.size, "SERVER")
+                check_reply_size(lines, size, "SERVER")
             except ReplyTooLong as exc:
                 raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         if is_continued(line):
             return
-        lines, self.lines, self.size = self.lines, [], 0
-        place = self.places.popleft() if self.places else GREETING
+        self.lines, self.size = [], 0
+        places = self.places
+        place = places.popleft() if places else GREETING
         if isinstance(place, ProxyAnswers):      # no reply was due: unsolicited
-            self.places.appendleft(place)
+            places.appendleft(place)
             place = GREETING
+        client = self.client
         if isinstance(place, ProxyCommand):
             place.on_reply(lines)
         else:
             lines = on_reply(place, lines)
-            if not self.client.closed:
-                self.client.write(b"".join(lines))
-        while self.places and isinstance(self.places[0], ProxyAnswers):
-            self.client.write(self.places.popleft().reply)
+            if not client.closed:
+                client.write(lines[0] if len(lines) == 1 else b"".join(lines))
+        while places and isinstance(places[0], ProxyAnswers):
+            client.write(places.popleft().reply)
 
 
 class ServerLeg:

@@ -103,6 +103,8 @@ class Session(StartTLS):
         self.server = Channel("SERVER", self.tag, loop=loop)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
+        # Some commands wait for TLS (refusal_before_tls): with these settings only.
+        self.tls_gate = config.ClientTLS == "encrypt" or config.ServerTLS in ("encrypt", "verify")
         self.replies = ReplyQueue(self.client)
         self.authenticated = False
         self.auth_started = False
@@ -437,7 +439,7 @@ class Session(StartTLS):
             answer(R_BARECR)
             return True
         verb = verb_of(line)
-        if verb not in BEFORE_TLS:
+        if self.tls_gate and verb not in BEFORE_TLS:
             refusal = self.refusal_before_tls()
             if refusal:
                 answer(refusal)
