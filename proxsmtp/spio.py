@@ -72,6 +72,12 @@ def check_reply_size(lines: list[bytes], size: int, name: str) -> None:
 class Channel(asyncio.Protocol):
     """One connection (CLIENT, SERVER or FILTER) with line buffering."""
 
+    # Two per session, for as long as it is held: no per-instance dict.
+    __slots__ = ("name", "tag", "buf", "eof", "error", "transport", "last_action", "last_sent",
+                 "line_started", "on_ready", "_keep_open", "_scan", "_discarding",
+                 "_paused_reading", "_paused_writing", "backed_up", "_drain", "_data_started",
+                 "_trace", "_loop", "_waiter", "_deadline", "_timer", "_timer_at", "_corked")
+
     def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.name = name
