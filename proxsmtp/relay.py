@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from .log import log
-from .spio import (REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size,
-                   is_continued)
+from .spio import REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size
 
 R_FAILED = b"451 Local Error\r\n"
 R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
@@ -130,7 +129,7 @@ class ReplyQueue:
                 check_reply_size(lines, size, "SERVER")
             except ReplyTooLong as exc:
                 raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
-        if is_continued(line):
+        if line[3:4] == b"-" and line[:3].isdigit():     # is_continued(), inline: once per line
             return
         self.lines, self.size = [], 0
         places = self.places
@@ -143,8 +142,10 @@ class ReplyQueue:
             place.on_reply(lines)
         else:
             lines = on_reply(place, lines)
-            if not client.closed:
+            try:
                 client.write(lines[0] if len(lines) == 1 else b"".join(lines))
+            except ChannelClosed:       # the client is gone: the session ends at its next step
+                pass
         while places and isinstance(places[0], ProxyAnswers):
             client.write(places.popleft().reply)
 

@@ -312,11 +312,9 @@ class Session(StartTLS):
         if self.ended:
             return DONE
         client, server = self.client, self.server
-        turn = 0
         corked = False
         try:
-            while turn < LINES_PER_TURN:
-                turn += 1
+            for _ in range(LINES_PER_TURN):
                 transfer = self.transfer
                 if transfer is not None:
                     if transfer.receiving:          # the server waits meanwhile
@@ -333,7 +331,7 @@ class Session(StartTLS):
                         client.cork()
                         server.cork()
                         corked = True
-                    self.replies.server_line(*got, self.tag, self.on_reply)
+                    self.replies.server_line(got[0], got[1], self.tag, self.on_reply)
                     continue
                 if server.eof:
                     self.ended = True
@@ -346,7 +344,7 @@ class Session(StartTLS):
                         client.cork()
                         server.cork()
                         corked = True
-                    if not self.command(*got):
+                    if not self.command(got[0], got[1]):
                         self.deferred = got
                         return COMMAND
                     continue
@@ -381,11 +379,13 @@ class Session(StartTLS):
         """A channel has news while passthru sleeps: relay what is plain here,
         wake the task only for what it must do itself."""
         client = self.client
-        if not client.waiting:        # already woken: the task takes it from here
+        waiter = client.waiter
+        if waiter is None or waiter.done():   # already woken: the task takes it from here
             return
         try:
             if self.relay_lines() is WAIT:
-                client.extend_wait(self.idle_wait())
+                client.extend_wait(self.timeout if self.transfer is None and client.line_started is None
+                                   else self.idle_wait())
                 return
         except Exception as exc:      # raised in the task, as if it had relayed the line
             client.fail(exc)

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import time
+from time import monotonic
 from typing import Awaitable, Callable
 
 from .log import clean, log
@@ -76,7 +77,7 @@ class Channel(asyncio.Protocol):
     __slots__ = ("name", "tag", "buf", "eof", "error", "transport", "last_action", "last_sent",
                  "line_started", "on_ready", "_keep_open", "_scan", "_discarding",
                  "_paused_reading", "_paused_writing", "backed_up", "_drain", "_data_started",
-                 "_trace", "_loop", "_waiter", "_deadline", "_timer", "_timer_at", "_corked")
+                 "_trace", "_loop", "waiter", "_deadline", "_timer", "_timer_at", "_corked")
 
     def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -86,7 +87,7 @@ class Channel(asyncio.Protocol):
         self.eof = False
         self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
-        self.last_action = time.monotonic()
+        self.last_action = monotonic()
         self.last_sent = self.last_action      # when we last wrote to the peer
         self.line_started: float | None = None   # when an unfinished last line began
         self.on_ready = None                 # callable set by the session
@@ -104,7 +105,7 @@ class Channel(asyncio.Protocol):
         # The waits this channel owns (see wait_any): their future, the
         # deadline of the current one, and one timer moved lazily.
         self._loop = loop                    # None: the running one, at the first wait
-        self._waiter: asyncio.Future | None = None
+        self.waiter: asyncio.Future | None = None   # the pending wait's (see wait_any)
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -122,17 +123,19 @@ class Channel(asyncio.Protocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
-        self.buf += data
-        now = self.last_action = time.monotonic()
-        if data.endswith(b"\n"):
+        buf = self.buf
+        buf += data
+        now = self.last_action = monotonic()
+        if data[-1:] == b"\n":
             self.line_started = None
         elif self.line_started is None or b"\n" in data:
             self.line_started = now
-        if len(self.buf) > _READ_HIGH and not self._paused_reading and self.transport:
+        if len(buf) > _READ_HIGH and not self._paused_reading and self.transport:
             self._paused_reading = True
             self.transport.pause_reading()
-        if self.on_ready is not None:
-            self.on_ready()
+        ready = self.on_ready
+        if ready is not None:
+            ready()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -167,15 +170,9 @@ class Channel(asyncio.Protocol):
     # --- waiting (wait_any) ---------------------------------------------------
 
     def _set_ready(self) -> None:
-        waiter = self._waiter
+        waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    @property
-    def waiting(self) -> bool:
-        """A wait this channel owns is pending (not yet woken)."""
-        waiter = self._waiter
-        return waiter is not None and not waiter.done()
 
     def wake(self) -> None:
         """End the pending wait (from a news callback): the task goes on."""
@@ -183,7 +180,7 @@ class Channel(asyncio.Protocol):
 
     def fail(self, exc: BaseException) -> None:
         """End the pending wait with `exc`, raised in the waiting task."""
-        waiter = self._waiter
+        waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
@@ -204,7 +201,7 @@ class Channel(asyncio.Protocol):
         """The timer is due: the current wait (if any) times out, unless its
         deadline is later than the wait the timer was set for."""
         self._timer = None
-        waiter = self._waiter
+        waiter = self.waiter
         if waiter is None or waiter.done():
             return
         if self._deadline - self._loop.time() > _TIMER_SLACK:     # type: ignore[union-attr]
@@ -385,7 +382,7 @@ class Channel(asyncio.Protocol):
         if transport is None:       # the peer went away during the handshake
             raise ConnectionResetError("%s: connection closed during TLS handshake" % self.name)
         self.transport = transport
-        self.last_action = time.monotonic()
+        self.last_action = monotonic()
 
     # --- writing ------------------------------------------------------------
 
@@ -397,7 +394,7 @@ class Channel(asyncio.Protocol):
             raise ChannelClosed("%s: connection closed, can't write data" % self.name, self.name)
         if trace and self._trace:
             self.trace(">", data)
-        self.last_action = self.last_sent = time.monotonic()
+        self.last_action = self.last_sent = monotonic()
         if self._corked is not None:
             self._corked.append(data)
         else:
@@ -476,7 +473,7 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float,
     loop = owner._loop
     if loop is None:
         loop = owner._loop = asyncio.get_running_loop()
-    waiter = owner._waiter = loop.create_future()
+    waiter = owner.waiter = loop.create_future()
     deadline = owner._deadline = loop.time() + timeout
     if owner._timer is None or owner._timer_at > deadline:
         owner._set_timer(deadline)
@@ -488,6 +485,6 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float,
     try:
         await waiter
     finally:
-        owner._waiter = None
+        owner.waiter = None
         for channel in channels:
             channel.on_ready = None
