@@ -237,7 +237,11 @@ class Transfer:
         if self.message.memory is None:     # on disk: sent under flow control, by the task
             self.streaming = True
             return
-        self.server.write(b"".join(spool.outgoing(self.message.reader(), self._header())), False)
+        header = self._header()
+        if header is None:
+            self.server.write(spool.framed(self.message.memory), False)
+        else:
+            self.server.write(b"".join(spool.outgoing(self.message.reader(), header)), False)
         self._await_final()
 
     async def stream(self) -> None:

@@ -222,6 +222,14 @@ def outgoing(message: BinaryIO, header: bytes | None) -> Iterator[bytes]:
     yield guard.finish() + b".\r\n"
 
 
+def framed(message: bytes) -> bytes:
+    """A whole message held in memory, with no header to insert, as the
+    server gets it: what outgoing() makes of it, in one piece, without a
+    reader, a generator and a join per message (the common relayed case)."""
+    guard = DotGuard()
+    return b"".join((guard.feed(message), guard.finish(), b".\r\n"))
+
+
 async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
     """Stream a spooled message to `channel` (see outgoing()), waiting for
     the peer to take each CHUNK: a message on disk is never all in memory.

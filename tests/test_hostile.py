@@ -7,6 +7,7 @@ log injection, connection floods, slow-loris).
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import itertools
 import re
 import select
@@ -200,6 +201,14 @@ def test_dot_guard_matches_reference_and_holds_little(message, cuts):
         reference += b"\r\n"
     assert out == reference
     assert b"\r\n.\r\n" not in b"\r\n" + out
+
+
+@FAST
+@given(st.lists(MESSAGE_BITS, max_size=40).map(b"".join))
+def test_framed_is_outgoing_in_one_piece(message):
+    """The relayed path's shortcut sends exactly what the streamed one would."""
+    assert spool.framed(message) == b"".join(spool.outgoing(io.BytesIO(message), None))
+    assert spool.framed(message).endswith(b"\r\n.\r\n") or message == b""
 
 
 # --- random sessions against a real proxy --------------------------------------------------
