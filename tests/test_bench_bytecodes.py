@@ -1,0 +1,40 @@
+"""bench/bytecodes.py: the relay's bytecodes and calls per message, by
+function, counted in-process against fake peers."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str) -> str:
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bytecodes.py"),
+                           "--tree", ROOT, *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def per_message(output: str) -> tuple[int, int]:
+    match = re.search(r"(\d+) messages delivered; per message: (\d+) bytecodes, (\d+) calls", output)
+    assert match, output
+    return int(match.group(2)), int(match.group(3))
+
+
+def test_every_message_is_delivered_and_counted_by_function():
+    output = run("--messages", "40", "--lines", "Session.on_news")
+    assert output.startswith("40 messages delivered")
+    bytecodes, calls = per_message(output)
+    assert bytecodes > 1000 and calls > 50
+    # the relay's hot functions are there, and on_news line by line
+    assert "smtppass.py:Session.relay_lines" in output
+    assert "spio.py:Channel.data_received" in output
+    assert re.search(r"smtppass\.py:\d+  if self\.relay_lines\(\) is WAIT:", output)
+
+
+def test_the_count_repeats_and_a_reused_session_costs_less_per_message():
+    first, second = per_message(run("--messages", "40")), per_message(run("--messages", "40"))
+    assert first == second
+    reused = per_message(run("--messages", "40", "--reuse", "10"))
+    assert reused[0] < first[0] and reused[1] < first[1]
