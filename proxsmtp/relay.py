@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from .log import log
-from .spio import REPLY_MAX_BYTES, CRLF, Channel, ChannelClosed, ReplyTooLong, check_reply_size
+from .spio import (REPLY_MAX_BYTES, REPLY_MAX_LINES, CRLF, Channel, ChannelClosed, ReplyTooLong,
+                   too_long_reply)
 
 R_FAILED = b"451 Local Error\r\n"
 R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
@@ -124,11 +125,8 @@ class ReplyQueue:
         lines = self.lines
         lines.append(line)
         size = self.size = self.size + len(line)
-        if len(lines) > 1 or size > REPLY_MAX_BYTES:  # the common one-liner passes
-            try:
-                check_reply_size(lines, size, "SERVER")
-            except ReplyTooLong as exc:
-                raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
+        if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
+            raise SessionEnd(str(too_long_reply("SERVER")), R_REPLYTOOLONG)
         if line[3:4] == b"-" and line[:3].isdigit():     # is_continued(), inline: once per line
             return
         self.lines, self.size = [], 0

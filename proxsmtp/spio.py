@@ -63,11 +63,11 @@ class ReplyTooLong(ChannelClosed):
     conversation any more; the connection is given up."""
 
 
-def check_reply_size(lines: list[bytes], size: int, name: str) -> None:
-    """Raise ReplyTooLong once a reply being read has grown past the caps."""
-    if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
-        raise ReplyTooLong("%s: reply longer than %d lines or %d bytes"
-                           % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
+def too_long_reply(name: str) -> ReplyTooLong:
+    """The error for a reply that ran past REPLY_MAX_LINES or REPLY_MAX_BYTES
+    (its readers compare inline: the check runs for every reply line)."""
+    return ReplyTooLong("%s: reply longer than %d lines or %d bytes"
+                        % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
 
 
 class Channel(asyncio.Protocol):
@@ -351,7 +351,8 @@ class Channel(asyncio.Protocol):
                 line = line[:-2].rstrip(b"\r\n") + CRLF
             lines.append(line)
             size += len(line)
-            check_reply_size(lines, size, self.name)
+            if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
+                raise too_long_reply(self.name)
             if not is_continued(line):
                 return lines
 
