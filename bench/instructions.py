@@ -8,7 +8,7 @@ proxy under valgrind's callgrind (`Workers: 1`, or `--workers 1` for
 floor.py), sends a warm-up, zeroes the counters, sends the load
 (smtp-source, 20 sessions, 10 KB, a new session per message), dumps the
 counters and prints the user-space instructions the serving process
-executed per message, split by where they ran (libpython, libc, uvloop).
+executed per message, split by where they ran (the interpreter, libc, uvloop).
 Two runs of the same tree give the same figure to within 0.1 %.
 
     .venv/bin/python bench/instructions.py before=/work/wt/base after=. --floor
@@ -45,8 +45,11 @@ from proxsmtp.cli import main
 sys.exit(main())
 """
 WARM_UP = 60
-# The shared objects a figure is split by (the rest is "other").
-PARTS = (("libpython", "libpython"), ("libc", "libc.so"), ("uvloop", "uvloop"))
+# The objects a figure is split by, matched on their paths (the rest is
+# "other"): the interpreter is libpython*.so, or the python binary itself
+# where it is linked statically (Debian's /usr/bin/python3.11).
+PARTS = (("python", re.compile(r"/(lib)?python3[^/]*$")), ("libc", re.compile(r"/libc\.so[^/]*$")),
+         ("uvloop", re.compile(r"/uvloop/")))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -112,10 +115,15 @@ def measure(name: str, argv: list[str], port: int, sink_port: int, workdir: str,
     if not dumps:
         raise peers.PeerError("%s: callgrind left no dump" % name)
     costs = max((by_object(path) for path in dumps), key=lambda cost: sum(cost.values()))
-    total = sum(costs.values())
-    figures = {"total": total / messages}
-    for part, needle in PARTS:
-        figures[part] = sum(v for obj, v in costs.items() if needle in obj) / messages
+    return split(costs, messages)
+
+
+def split(costs: collections.Counter, messages: int) -> dict[str, float]:
+    """Instructions per message: the total, and the share of each of PARTS."""
+    figures = {"total": sum(costs.values()) / messages}
+    for part, name in PARTS:
+        figures[part] = sum(cost for obj, cost in costs.items()
+                            if name.search(obj)) / messages
     return figures
 
 
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(("floor", None))
         print("user-space instructions per message (k), %d messages of 10240 bytes, "
               "20 sessions, one process" % args.messages)
-        print("  %-12s %8s %10s %8s %8s %8s" % ("path", "total", "libpython", "libc", "uvloop",
+        print("  %-12s %8s %10s %8s %8s %8s" % ("path", "total", "python", "libc", "uvloop",
                                              "x floor" if args.floor else ""))
         results = {}
         for name, tree in runs:
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio = ("%8.2f" % (figures["total"] / results["floor"]["total"])
                      if args.floor else "")
             print("  %-12s %8.0f %10.0f %8.0f %8.0f %s" % (
-                name, figures["total"] / 1000, figures["libpython"] / 1000,
+                name, figures["total"] / 1000, figures["python"] / 1000,
                 figures["libc"] / 1000, figures["uvloop"] / 1000, ratio))
     except peers.PeerError as exc:
         print("instructions: %s" % exc, file=sys.stderr)

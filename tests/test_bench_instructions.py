@@ -47,6 +47,15 @@ def test_costs_are_split_by_object_and_a_call_is_not_counted_twice(tmp_path):
                      "/usr/lib/x86_64-linux-gnu/libc.so.6": 300}
 
 
+
+def test_the_interpreter_counts_whether_in_libpython_or_linked_into_python():
+    costs = {"/usr/lib/libpython3.11.so.1.0": 300, "/usr/bin/python3.11": 200,
+             "/usr/lib/x86_64-linux-gnu/libc.so.6": 100, "/v/uvloop/loop.cpython-311.so": 50,
+             "/usr/lib/x86_64-linux-gnu/libssl.so.3": 10}
+    assert instructions.split(costs, 10) == {"total": 66.0, "python": 50.0, "libc": 10.0,
+                                             "uvloop": 5.0}
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 def test_proxsmtpd_is_counted_beside_the_contract_floor():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "instructions.py"),
