@@ -13,6 +13,9 @@ CPU microseconds per message (user + system of the proxy's processes, from
 and every round's CPU figure, so the spread shows.
 
     .venv/bin/python bench/ab.py --rounds 7 before=/work/wt/base after=.
+
+`NAME=TREE@PYTHON` runs that tree on another interpreter (a venv's python
+with proxsmtpd's dependencies), to compare interpreter builds.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ sys.exit(main())
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("trees", nargs="+", metavar="NAME=TREE",
-                        help="a label and the source tree it runs")
+    parser.add_argument("trees", nargs="+", metavar="NAME=TREE[@PYTHON]",
+                        help="a label, the source tree it runs and, optionally, the python")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--messages", type=int, default=1500)
     load = parser.add_mutually_exclusive_group()
@@ -48,10 +51,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     load.add_argument("--pipelining", action="store_true", help="bench/pipeline.py, 20 sessions")
     args = parser.parse_args(argv)
     for item in args.trees:
-        name, _, tree = item.partition("=")
+        name, tree, python = split_tree(item)
         if not name or not os.path.isdir(os.path.join(tree, "proxsmtp")):
             parser.error("%s: expected NAME=TREE, TREE a checkout with proxsmtp/" % item)
+        if not os.access(python, os.X_OK):
+            parser.error("%s: %s is no program" % (item, python))
     return args
+
+
+def split_tree(item: str) -> tuple[str, str, str]:
+    """NAME=TREE[@PYTHON] -> (name, tree, python); python defaults to this one."""
+    name, _, rest = item.partition("=")
+    tree, at, python = rest.partition("@")
+    return name, tree, python if at else sys.executable
 
 
 def run_load(args: argparse.Namespace, port: int) -> float:
@@ -77,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
                                          workdir)
         started.append(paths["haproxy"])
         for item in args.trees:
-            name, _, tree = item.partition("=")
+            name, tree, python = split_tree(item)
             launcher = os.path.join(workdir, "proxsmtpd-" + name)
             with open(launcher, "w") as handle:
-                handle.write(LAUNCHER.format(python=sys.executable, tree=os.path.abspath(tree)))
+                handle.write(LAUNCHER.format(python=python, tree=os.path.abspath(tree)))
             os.chmod(launcher, 0o755)
             ports[name] = peers.free_port()
             paths[name] = peers.proxy(name, launcher, ports[name], sink_port, workdir, {}, 4000)
