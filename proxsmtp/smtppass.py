@@ -97,10 +97,15 @@ class Session(StartTLS):
         self.loop = loop
         self.timeout = float(config.TimeOut)
         self.tag = next_id()
+        # The log asked once per session: a log call below its level is still
+        # two Python calls, and the lines below are made for every session.
+        self.debug = log.isEnabledFor(logging.DEBUG)
+        self.info = log.isEnabledFor(logging.INFO)
         self.envelope = Envelope(self.tag)
         self.proxy_header: proxyproto.ProxyHeader | None = None
-        self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True, loop=loop)
-        self.server = Channel("SERVER", self.tag, loop=loop)
+        self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True, loop=loop,
+                              trace=self.debug)
+        self.server = Channel("SERVER", self.tag, loop=loop, trace=self.debug)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
         # Some commands wait for TLS (refusal_before_tls): with these settings only.
@@ -147,7 +152,7 @@ class Session(StartTLS):
     def log_message(self, status: str) -> None:
         """The one info line per message: client, from, to..., outcome, status;
         counted for /metrics with the same status word."""
-        if log.isEnabledFor(logging.INFO):      # built only when someone reads it
+        if self.info:       # built only when someone reads it
             log.info("%s: %s", self.tag, self.envelope.log_line(status))
         stats.message(status, self.envelope.size, self.envelope.filter_seconds)
 
@@ -182,7 +187,8 @@ class Session(StartTLS):
         try:
             if self.config.ProxyProtocol:
                 await self.read_proxy_header()
-            log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
+            if self.info:
+                log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
             await self.connect()
             await self.passthru()
         except SessionEnd as end:
@@ -210,7 +216,8 @@ class Session(StartTLS):
                 self.transfer.close()
             self.client.close()
             self.server.close()
-            log.debug("%s: connection closed", self.tag)
+            if self.debug:
+                log.debug("%s: connection closed", self.tag)
 
     def client_addresses(self) -> tuple[str, str]:
         """(client IP, local IP): from the client's transport, which learnt
@@ -261,13 +268,14 @@ class Session(StartTLS):
         failed TLS handshake with ServerTLS may); DestinationError if none."""
         channel = self.server
         if channel.transport is not None or channel.eof:    # not the first: a fresh channel
-            channel = Channel("SERVER", self.tag, loop=self.loop)
+            channel = Channel("SERVER", self.tag, loop=self.loop, trace=self.debug)
         self.envelope.server_ip = await destination.open_channel(
             self.config, self.envelope, self.sock, self.proxy_header, channel, self.loop)
         if channel is not self.server:
             self.server.close()
             self.server = self.server_leg.channel = channel
-        log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
+        if self.debug:
+            log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
 
     async def passthru(self) -> None:
         """Relay until either side closes or both are idle for TimeOut.
@@ -349,7 +357,8 @@ class Session(StartTLS):
                         return COMMAND
                     continue
                 if client.eof and not self.replies.waiting_for_server:
-                    log.debug("%s: client closed the connection", self.tag)
+                    if self.debug:
+                        log.debug("%s: client closed the connection", self.tag)
                     self.ended = True
                     return DONE
                 return WAIT
@@ -403,7 +412,8 @@ class Session(StartTLS):
         elif self.replies.waiting_for_server:     # the client must not wait forever
             raise SessionEnd("server closed the connection before replying",
                              R_SERVERGONE, logging.WARNING, server_error="closed")
-        log.debug("%s: server closed the connection", self.tag)
+        if self.debug:
+            log.debug("%s: server closed the connection", self.tag)
 
     @property
     def backed_up(self) -> bool:

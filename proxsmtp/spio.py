@@ -80,7 +80,7 @@ class Channel(asyncio.Protocol):
                  "_trace", "_loop", "waiter", "_deadline", "_timer", "_timer_at", "_corked")
 
     def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, trace: bool | None = None) -> None:
         self.name = name
         self.tag = tag                       # session id for log lines
         self.buf = bytearray()
@@ -101,7 +101,8 @@ class Channel(asyncio.Protocol):
         self.backed_up = False
         self._drain: asyncio.Future | None = None
         self._data_started = False
-        self._trace = log.isEnabledFor(logging.DEBUG)
+        # the protocol trace (debug level); None: ask the log
+        self._trace = log.isEnabledFor(logging.DEBUG) if trace is None else trace
         # The waits this channel owns (see wait_any): their future, the
         # deadline of the current one, and one timer moved lazily.
         self._loop = loop                    # None: the running one, at the first wait

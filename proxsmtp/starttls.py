@@ -140,7 +140,8 @@ class StartTLS:
                                  "handshake: %s" % clean(greeting[-1].strip()), R_CANTCONNECT)
             reply = await self.server_leg.command(line)
         else:
-            log.debug("%s: %s; going on in plaintext", self.tag, failure)
+            if self.debug:
+                log.debug("%s: %s; going on in plaintext", self.tag, failure)
             if verb != b"EHLO":
                 reply = await self.server_leg.command(line)
         self.relay(verb, line, reply)
