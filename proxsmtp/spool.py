@@ -2,8 +2,9 @@
 
 Every message is spooled to a file created with O_EXCL and mode 0600 in
 TempDirectory; `Spool.remove()` is called on every path out of DATA.
-Sending escapes any line that is a lone `.` (however it ends) so that
-neither a filter's output nor a bare-LF trick can end the DATA early.
+Sending escapes any line that is a lone `.` (however many CRs end it, or
+a bare LF) so that neither a filter's output nor a smuggling trick can end
+the DATA early.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ MEMORY_BUDGET = 16 * 1024 * 1024    # all messages in memory in this process tog
 
 _held = 0                     # bytes of messages now in memory, in this process
 _spooled = 0                  # bytes ever spooled, in this process
-_LONE_DOT = re.compile(rb"^\.(?=\r?$)", re.M)
+_LONE_DOT = re.compile(rb"^\.(?=\r*$)", re.M)    # see DotGuard
 # A line that begins with a dot: re finds it in half the time `b"\n." in`
 # takes (which costs 9 us per 10 KB; bench/README.md).
 _DOT_LINE = re.compile(rb"\n\.")
@@ -151,22 +152,42 @@ class Spool:
 
 
 class DotGuard:
-    """Escapes lone-dot lines in a stream of chunks split anywhere."""
+    """Escapes lone-dot lines in a stream of chunks split anywhere.
+
+    A lone-dot line is a `.` followed by nothing but CRs up to its LF (or up
+    to the end): a server that drops every CR before an LF and takes a bare
+    LF as a line end (Postfix's smtpd with `smtpd_forbid_bare_newline = no`,
+    the default before 3.9) reads `.` CR CR LF, `.` LF and the like as the end
+    of DATA, and what follows as commands: SMTP smuggling.  Such a line gets a
+    space after its dot."""
 
     def __init__(self) -> None:
-        self.tail = b""
-        self.midline = False                # the tail continues a line partly sent
+        self.tail = b""                     # held back at a line's start: b"" or b"."
+        self.crs = 0                        # CRs held back after `tail`
+        self.midline = False                # what is held continues a line partly sent
         self.ends_with_crlf = True          # nothing sent yet counts as a clean end
 
     def feed(self, data: bytes) -> bytes:
-        """Only what could still become a lone-dot line (`.`, `.` CR) or a final
-        CR is held back: a huge line without LF passes through, not piles up."""
-        data = self.tail + data
+        """Only what could still become a lone-dot line (`.` and the CRs
+        after it) or the CRs at the end are held back: a huge line without
+        LF passes through, and a run of CRs is held as a count, not copied
+        again with every chunk that adds to it."""
+        if self.crs or self.tail:
+            if data[-1:] == b"\r" and data.count(b"\r") == len(data):
+                self.crs += len(data)
+                return b""
+            data = self.tail + b"\r" * self.crs + data
+            self.tail, self.crs = b"", 0
         cut = data.rfind(b"\n") + 1
         tail = data[cut:]
-        at_start = cut > 0 or not self.midline
-        hold = len(tail) if at_start and len(tail) <= 2 else int(tail.endswith(b"\r"))
-        block, self.tail = data[:len(data) - hold], data[len(data) - hold:]
+        hold = 0
+        if tail:                            # the end of the stream, or a chunk cut mid-line
+            line = tail.rstrip(b"\r")
+            self.crs = hold = len(tail) - len(line)
+            if line == b"." and (cut or not self.midline):
+                self.tail = b"."
+                hold += 1
+        block = data[:len(data) - hold]
         skip = 0
         if self.midline:                    # the first line was begun in an earlier feed
             skip = block.find(b"\n") + 1 or len(block)
@@ -185,14 +206,12 @@ class DotGuard:
         A stream ending in a bare LF (a filter writing LF line ends) gets a
         CRLF too: only CRLF.CRLF ends DATA for a strict server.
         """
-        tail, self.tail = self.tail, b""
-        clean, self.ends_with_crlf = self.ends_with_crlf, True
-        if tail:
-            if tail.endswith(b"\r"):
-                tail = tail[:-1]
-            if tail == b".":
-                tail = b". "
-            return tail + b"\r\n"
+        clean, self.ends_with_crlf, self.midline = self.ends_with_crlf, True, False
+        if self.crs or self.tail:
+            # the last CR held becomes the CRLF; a held dot is a lone one
+            held = (b". " if self.tail else b"") + b"\r" * max(self.crs - 1, 0)
+            self.tail, self.crs = b"", 0
+            return held + b"\r\n"
         return b"" if clean else b"\r\n"
 
 
