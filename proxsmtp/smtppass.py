@@ -37,6 +37,7 @@ R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
 R_BARECR = b"500 5.5.2 Syntax error: bare CR in command\r\n"
 R_SHUTDOWN = b"421 4.3.2 Service shutting down\r\n"
 R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+R_AUTHTLS = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
 
 
 # Fairness and back-pressure (one client must neither starve its worker nor
@@ -472,6 +473,11 @@ class Session(StartTLS):
             answer(R_NOTAUTH)
             return True
         elif verb == b"AUTH":
+            if self.auth_needs_client_tls:
+                log.info("%s: refused AUTH from a client in plaintext: the server leg is "
+                         "encrypted", self.tag)
+                answer(R_AUTHTLS)
+                return True
             self.auth_started = True
         elif verb in _ENVELOPE and (address := envelope_address(line)) is not None:
             verb = address[0]
@@ -504,6 +510,15 @@ class Session(StartTLS):
             await self.hello(verb, line)
         else:
             self.command(line, too_long)
+
+    @property
+    def auth_needs_client_tls(self) -> bool:
+        """The server leg is encrypted and the client leg is not.  A server
+        may offer AUTH only over TLS (Postfix's smtpd_tls_auth_only), and
+        would then take credentials that crossed the client leg in cleartext:
+        AUTH is neither offered to nor taken from such a client (RFC 4954 4:
+        538 when the mechanism needs encryption)."""
+        return not self.envelope.client_tls and bool(self.envelope.server_tls)
 
     def note_hello(self, verb: bytes, line: bytes) -> None:
         """EHLO/HELO: the client's name; a HELO client gets XCLIENT anyway."""
@@ -643,17 +658,21 @@ class Session(StartTLS):
 
         SIZE is noted (the server's limit is enforced here too) and, with
         MaxMessageSize, says the smaller limit, added if the server gave none.
-        STARTTLS is the proxy's own offer (ClientTLS), never the server's."""
+        STARTTLS is the proxy's own offer (ClientTLS), never the server's.
+        AUTH (and the old `AUTH=` form) is dropped while only the server leg
+        is encrypted (see auth_needs_client_tls)."""
         kept = lines[:1]
         self.server_size = 0
         size_at = None
+        no_auth = self.auth_needs_client_tls
         for line in lines[1:]:
             words = line[4:].split()
             keyword = words[0].upper() if words else b""
             if keyword == b"XCLIENT":
                 log.debug("%s: XCLIENT supported", self.tag)
                 self.xclient_supported = True
-            if keyword in FILTERED_FEATURES:
+            if keyword in FILTERED_FEATURES or (
+                    no_auth and (keyword == b"AUTH" or keyword.startswith(b"AUTH="))):
                 log.debug("%s: filtered ESMTP feature: %s", self.tag, clean(line.strip()))
                 if line is lines[-1]:
                     kept.append(R_FEATURE)

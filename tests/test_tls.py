@@ -313,6 +313,70 @@ def test_server_tls_may_upgrades_before_the_client_sees_ehlo(proxy, make_upstrea
     p.wait_log(r"client_tls=none, server_tls=TLSv1\.\d/\S+, status=FILTERED$")
 
 
+PLAIN = "AUTH PLAIN AGFsaWNlAHNlY3JldA=="       # alice / secret
+
+
+def tls_only_auth_upstream(make_upstream, pki) -> RecordingServer:
+    """A server that offers and takes AUTH only inside TLS, as Postfix with
+    smtpd_tls_auth_only = yes; the old `AUTH=` form last in its reply."""
+    def ehlo(line, conn):
+        keywords = ["STARTTLS", "8BITMIME"] + (["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"]
+                                               if conn.tls else [])
+        lines = ["250-upstream.test"] + ["250-" + word for word in keywords]
+        return "\r\n".join(lines[:-1] + ["250 " + lines[-1][4:]])
+
+    def auth(line, conn):
+        return ("235 2.7.0 Authentication successful" if conn.tls
+                else "503 5.5.1 Error: authentication not enabled")
+    return tls_upstream(make_upstream, pki, replies={"EHLO": ehlo, "AUTH": auth})
+
+
+def auth_keywords(reply: list[str]) -> list[str]:
+    return [line[4:] for line in reply[1:] if line[4:].upper().startswith("AUTH")]
+
+
+@pytest.mark.parametrize("client_tls", ["off", "may"])
+def test_server_auth_under_tls_never_offered_to_a_plaintext_client(proxy, make_upstream, pki,
+                                                                  client_tls):
+    """ServerTLS may upgrades the server leg: the server's AUTH offer (made
+    only under TLS) is not shown to a client in plaintext, whose AUTH is
+    answered 538 and never reaches the server; after the client's own
+    STARTTLS the offer and the AUTH pass."""
+    upstream = tls_only_auth_upstream(make_upstream, pki)
+    p = proxy({"OutAddress": upstream.address, **tls_settings(pki, ClientTLS=client_tls)})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+        assert reply[-1].startswith("250 ") and all(line.startswith("250-") for line in reply[:-1])
+        assert auth_keywords(reply) == [], reply
+        assert client.cmd(PLAIN) == [
+            "538 5.7.11 Encryption required for requested authentication mechanism"]
+        assert client.cmd("AUTH LOGIN")[0].startswith("538 5.7.11 ")
+        assert client.code("NOOP") == 250
+        if client_tls == "may":
+            starttls(client, pki)
+            reply = client.cmd("EHLO client.example")
+            assert auth_keywords(reply) == ["AUTH PLAIN LOGIN", "AUTH=PLAIN LOGIN"], reply
+            assert client.cmd(PLAIN) == ["235 2.7.0 Authentication successful"]
+        assert client.code("QUIT") == 221
+    conn = upstream.wait_closed("EHLO client.example")
+    assert conn.tls
+    auths = [line for line in upstream.commands(conn.number) if line.upper().startswith("AUTH")]
+    assert auths == ([PLAIN] if client_tls == "may" else [])
+    p.wait_log(r"refused AUTH from a client in plaintext")
+
+
+def test_auth_offer_kept_when_both_legs_are_plaintext(proxy, make_upstream):
+    """Without TLS to the server the proxy decides nothing about AUTH: the
+    server's offer and its answer pass as before."""
+    upstream = make_upstream(extensions=("8BITMIME", "AUTH PLAIN"),
+                             replies={"AUTH": "235 2.7.0 Authentication successful"})
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert auth_keywords(client.cmd("EHLO client.example")) == ["AUTH PLAIN"]
+        assert client.cmd(PLAIN) == ["235 2.7.0 Authentication successful"]
+    upstream.wait_command("AUTH")
+
+
 def test_server_tls_may_refused_goes_on_in_plaintext(proxy, make_upstream):
     """The relay of test_hostile: STARTTLS advertised, answered 502."""
     upstream = make_upstream(extensions=("8BITMIME", "STARTTLS"))
@@ -675,6 +739,26 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
               and line[4:].split()[0].upper() == b"STARTTLS"]
     expected = 1 if client_tls != "off" and not active else 0
     assert len(offers) == expected and all(line[4:] == b"STARTTLS\r\n" for line in offers), shown
+
+
+@settings(max_examples=200, deadline=None)
+@given(EHLO_LINES.map(lambda words: words + [b"AUTH PLAIN", b"auth=login"]).flatmap(st.permutations),
+       st.booleans(), st.booleans())
+def test_ehlo_reply_drops_auth_while_only_the_server_leg_is_encrypted(keywords, client_tls,
+                                                                      server_tls):
+    """AUTH and AUTH= go from the reply exactly when the server leg is TLS and
+    the client leg is not; the reply stays well formed wherever they were."""
+    with socket.socket() as sock:
+        session = smtppass.Session(configuration.Config(), sock)
+        session.envelope.client_tls = "TLSv1.3 X" if client_tls else ""
+        session.envelope.server_tls = "TLSv1.3 X" if server_tls else ""
+        lines = [b"250-upstream.test\r\n"] + [b"250-" + word + b"\r\n" for word in keywords]
+        lines[-1] = b"250 " + lines[-1][4:]
+        shown = session.filter_features(lines)
+    assert all(line.startswith(b"250-") for line in shown[:-1]) and shown[-1].startswith(b"250 ")
+    def auth(reply):
+        return [line[4:] for line in reply[1:] if re.match(rb"(?i)auth(=|\s|$)", line[4:])]
+    assert auth(shown) == ([] if server_tls and not client_tls else auth(lines)), shown
 
 
 def test_tls_handshakes_counted_in_metrics(proxy, make_upstream, pki):
