@@ -158,8 +158,9 @@ class DotGuard:
     to the end): a server that drops every CR before an LF and takes a bare
     LF as a line end (Postfix's smtpd with `smtpd_forbid_bare_newline = no`,
     the default before 3.9) reads `.` CR CR LF, `.` LF and the like as the end
-    of DATA, and what follows as commands: SMTP smuggling.  Such a line gets a
-    space after its dot."""
+    of DATA, and what follows as commands: SMTP smuggling.  Such a line is
+    dot-stuffed (RFC 5321 4.5.2): a second dot, which that server takes off
+    again, so it stores the line the client sent."""
 
     def __init__(self) -> None:
         self.tail = b""                     # held back at a line's start: b"" or b"."
@@ -197,7 +198,7 @@ class DotGuard:
         end = max(skip, cut)                # a partial last line sent on is no lone dot
         rest = block[skip:end]
         if rest[:1] == b"." or _DOT_LINE.search(rest):
-            return block[:skip] + _LONE_DOT.sub(b". ", rest) + block[end:]
+            return block[:skip] + _LONE_DOT.sub(b"..", rest) + block[end:]
         return block
 
     def finish(self) -> bytes:
@@ -209,7 +210,7 @@ class DotGuard:
         clean, self.ends_with_crlf, self.midline = self.ends_with_crlf, True, False
         if self.crs or self.tail:
             # the last CR held becomes the CRLF; a held dot is a lone one
-            held = (b". " if self.tail else b"") + b"\r" * max(self.crs - 1, 0)
+            held = (b".." if self.tail else b"") + b"\r" * max(self.crs - 1, 0)
             self.tail, self.crs = b"", 0
             return held + b"\r\n"
         return b"" if clean else b"\r\n"

@@ -101,7 +101,7 @@ def test_filter_lone_dot_output_escaped(proxy, upstream):
         assert transaction(client)[0].startswith("250")
         assert client.cmd("NOOP")[0].startswith("250")
     message = upstream.wait_messages(1)[0]
-    assert message.raw == b"Subject: x\r\n\r\nbefore\r\n. \r\nafter\r\n. \nlast"
+    assert message.raw == b"Subject: x\r\n\r\nbefore\r\n..\r\nafter\r\n..\nlast"
     assert "after" not in upstream.commands() and "last" not in upstream.commands()
 
 

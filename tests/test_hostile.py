@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 
 from harness import TIMESTAMP, Client, Proxy, RecordingServer, send_mail, wait_until
+from postfix import wait_quiet
 from proxsmtp import addresses, commands, config, filters, header, log as logs, spio, spool
 
 BODY = b"Subject: hostile\r\n\r\nbody\r\n"
@@ -179,10 +180,10 @@ def test_channel_data_ends_only_at_crlf_dot_crlf(body, after, cuts):
 
 def escaped(message: bytes) -> bytes:
     """Reference: every line that is `.` and nothing but CRs before its LF
-    (or the end) becomes `. ` and those CRs."""
+    (or the end) gets a second dot."""
     out = []
     for line in message.split(b"\n"):
-        out.append(b". " + line[1:] if line.rstrip(b"\r") == b"." else line)
+        out.append(b"." + line if line.rstrip(b"\r") == b"." else line)
     return b"\n".join(out)
 
 
@@ -230,7 +231,7 @@ def test_dot_guard_leaves_postfix_no_early_end(message, cuts):
     """Whatever the message and wherever it is cut into chunks, a server that
     strips the CRs before LF (Postfix) sees the end of DATA only at the final
     `.`, the guard's output by chunks is its output in one piece, and the
-    message comes out as sent but for the space after an escaped dot."""
+    message comes out as sent but for the second dot of an escaped line."""
     guard = spool.DotGuard()
     out = b"".join(guard.feed(part) for part in chunked(message, cuts)) + guard.finish()
     whole = spool.DotGuard()
@@ -265,7 +266,7 @@ def test_dot_guard_holds_a_long_cr_run_as_a_count():
         assert guard.tail == b"."
     assert guard.crs == 1000000
     out += guard.feed(b"\nMAIL FROM:<evil@x.test>\r\n") + guard.finish()
-    assert out == b"body\r\n. " + b"\r" * 1000000 + b"\nMAIL FROM:<evil@x.test>\r\n"
+    assert out == b"body\r\n.." + b"\r" * 1000000 + b"\nMAIL FROM:<evil@x.test>\r\n"
 
 
 @FAST
@@ -511,7 +512,7 @@ SMUGGLING = [
 @pytest.mark.parametrize("pattern", SMUGGLING)
 def test_smuggling_never_ends_the_message_early(proxy, upstream, pattern, filter_command):
     """`<pattern>MAIL FROM...` inside DATA: the server gets one message with
-    the smuggled transaction inside it (a lone dot escaped), never a second
+    the smuggled transaction inside it (a lone dot dot-stuffed), never a second
     transaction of its own."""
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command,
                 "Header": "X-Checked: yes"})
@@ -532,7 +533,49 @@ def test_smuggling_never_ends_the_message_early(proxy, upstream, pattern, filter
     assert message.raw.endswith(b"forged")
     sent = body[len(b"Subject: carrier\r\n"):].rstrip(b"\r\n")
     received = message.raw[len(b"Subject: carrier\r\nX-Checked: yes\r\n"):]
-    assert received == re.sub(rb"(?m)^\.(?=\r*$)", b". ", sent)
+    assert received == re.sub(rb"(?m)^\.(?=\r*$)", b"..", sent)
+
+
+# A dot with several CRs before its LF, or a bare LF around it: Postfix's
+# smtpd (smtpd_forbid_bare_newline = no) reads each as the end of DATA.
+POSTFIX_SMUGGLING = [b"\r\n.\r\r\n", b"\n.\r\r\n", b"\r\n.\r\r\r\n", b"\n.\r\r\r\n", b"\n.\n"]
+
+
+@pytest.mark.parametrize("path", ["no filter", "cat", "Header"])
+def test_smuggling_against_postfix(proxy, postfix, path):
+    """A real Postfix with the defaults of 3.7/3.8 (smtpd_forbid_bare_newline
+    and smtpd_forbid_unauth_pipelining off) as the server: each carrier
+    message is queued once, whole, with its own envelope; the transaction
+    smuggled inside it stays body text and no forged envelope is queued."""
+    server = postfix(smtpd_forbid_unauth_pipelining="no")
+    settings = {"OutAddress": server.address}
+    if path == "cat":
+        settings["FilterCommand"] = "cat"
+    elif path == "Header":
+        settings["Header"] = "X-Checked: yes"
+    px = proxy(settings)
+    smuggled = (b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@y.test>\r\nDATA\r\n"
+                b"Subject: forged\r\n\r\nforged\r\n")
+    quits = []
+    for number, pattern in enumerate(POSTFIX_SMUGGLING):
+        with px.connect() as client:
+            envelope(client, ("b%d@y.test" % number,))
+            assert client.cmd("DATA")[0].startswith("354")
+            client.send(b"Subject: carrier\r\n\r\nhello" + pattern + smuggled + b".\r\n")
+            assert client.reply()[0].startswith("250")
+            quits.append(client.cmd("QUIT"))
+    server.messages(len(POSTFIX_SMUGGLING))
+    wait_quiet(server)          # a smuggled message would come in behind its carrier
+    queued = server.messages()
+    assert sorted((message["sender"], message["recipients"]) for message in queued) == [
+        ("a@x.test", ["b%d@y.test" % number]) for number in range(len(POSTFIX_SMUGGLING))]
+    # the replies to the forged transaction did not reach the client either
+    assert all(reply[0].startswith("221") for reply in quits), quits
+    for message in queued:
+        head, body = message["content"].split(b"\n\n", 1)
+        assert (b"\nX-Checked: yes\n" in head) == (path == "Header"), head
+        assert body == b"hello\n.\n" + smuggled.replace(b"\r\n", b"\n")
+    assert "evil@x.test" not in server.log()
 
 
 def test_10000_recipients(proxy, upstream):

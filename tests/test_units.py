@@ -330,26 +330,26 @@ def guard_all(chunks: list[bytes]) -> bytes:
 def test_dotguard_escapes_lone_dot_lines():
     data = b"Subject: x\r\n\r\nbefore\r\n.\r\nafter\r\n..stuffed\r\n.x\r\n"
     out = guard_all([data])
-    assert out == b"Subject: x\r\n\r\nbefore\r\n. \r\nafter\r\n..stuffed\r\n.x\r\n"
+    assert out == b"Subject: x\r\n\r\nbefore\r\n..\r\nafter\r\n..stuffed\r\n.x\r\n"
 
 
 def test_dotguard_escapes_a_dot_followed_by_crs():
     """Postfix drops every CR before LF: `.` CR CR LF is a lone dot to it."""
-    assert guard_all([b"a\r\n.\r\r\nMAIL"]) == b"a\r\n. \r\r\nMAIL\r\n"
-    assert guard_all([b"a\n.\r\r\nb\r\n"]) == b"a\n. \r\r\nb\r\n"
-    assert guard_all([b"a\r\n.\r\r\r\nb\r\n"]) == b"a\r\n. \r\r\r\nb\r\n"
-    assert guard_all([b"a\r\n.", b"\r", b"\r", b"\nb\r\n"]) == b"a\r\n. \r\r\nb\r\n"
-    assert guard_all([b"a\r\n.\r\r"]) == b"a\r\n. \r\r\n"
+    assert guard_all([b"a\r\n.\r\r\nMAIL"]) == b"a\r\n..\r\r\nMAIL\r\n"
+    assert guard_all([b"a\n.\r\r\nb\r\n"]) == b"a\n..\r\r\nb\r\n"
+    assert guard_all([b"a\r\n.\r\r\r\nb\r\n"]) == b"a\r\n..\r\r\r\nb\r\n"
+    assert guard_all([b"a\r\n.", b"\r", b"\r", b"\nb\r\n"]) == b"a\r\n..\r\r\nb\r\n"
+    assert guard_all([b"a\r\n.\r\r"]) == b"a\r\n..\r\r\n"
     assert guard_all([b"a\r\n.\r\rx\r\n"]) == b"a\r\n.\r\rx\r\n"
 
 
 def test_dotguard_bare_lf_and_first_line():
-    assert guard_all([b".\nline\n.\r\n"]) == b". \nline\n. \r\n"
+    assert guard_all([b".\nline\n.\r\n"]) == b"..\nline\n..\r\n"
 
 
 def test_dotguard_unterminated_last_line():
     assert guard_all([b"a\r\nlast"]) == b"a\r\nlast\r\n"
-    assert guard_all([b"a\r\n."]) == b"a\r\n. \r\n"
+    assert guard_all([b"a\r\n."]) == b"a\r\n..\r\n"
     assert guard_all([b"a\r\nlast\r"]) == b"a\r\nlast\r\n"
     assert guard_all([b""]) == b""
 
