@@ -365,6 +365,37 @@ def test_server_auth_under_tls_never_offered_to_a_plaintext_client(proxy, make_u
     p.wait_log(r"refused AUTH from a client in plaintext")
 
 
+def test_postfix_tls_only_auth_never_sees_cleartext_credentials(proxy, postfix, pki):
+    """A real Postfix with smtpd_tls_auth_only = yes behind ServerTLS may: the
+    proxy's leg is TLS, so Postfix offers AUTH there; a client in plaintext
+    does not see it, its AUTH PLAIN gets 538 and Postfix never hears of it.
+    After the client's STARTTLS the offer shows and AUTH reaches Postfix
+    (which has no account, so it refuses and logs the attempt)."""
+    import postfix as throwaway
+    if not throwaway.available(sasl=True):
+        pytest.skip("Postfix cannot offer AUTH here (libsasl2-modules)")
+    server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)), sasl=True)
+    p = proxy({"OutAddress": server.address, **tls_settings(pki)})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+        assert reply[-1].startswith("250 ") and "250-STARTTLS" in reply, reply
+        assert auth_keywords(reply) == [], reply
+        assert client.cmd(PLAIN) == [
+            "538 5.7.11 Encryption required for requested authentication mechanism"]
+        assert client.code("NOOP") == 250
+        starttls(client, pki)
+        reply = client.cmd("EHLO client.example")
+        assert [word.split()[0] for word in auth_keywords(reply)] == ["AUTH"], reply
+        assert client.code(PLAIN) in (454, 535)     # reached Postfix, which has no account
+        assert client.code("QUIT") == 221
+    p.wait_log(r"refused AUTH from a client in plaintext")
+    log = server.wait_log(" quit=1 ")
+    # one session: the proxy's EHLO, STARTTLS, the client's two EHLOs (before and
+    # after its own STARTTLS), and only the AUTH sent after it
+    assert len(re.findall(r"SASL PLAIN authentication failed", log)) == 1, log
+    assert re.search(r"disconnect from .* ehlo=3 starttls=1 auth=0/1 noop=1 quit=1 ", log), log
+
+
 def test_auth_offer_kept_when_both_legs_are_plaintext(proxy, make_upstream):
     """Without TLS to the server the proxy decides nothing about AUTH: the
     server's offer and its answer pass as before."""
