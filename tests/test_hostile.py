@@ -244,7 +244,8 @@ def test_dot_guard_leaves_postfix_no_early_end(message, cuts):
 
 
 @FAST
-@given(st.lists(SMUGGLING_BITS, max_size=30).map(b"".join), st.sampled_from([None, b"X-Checked: yes"]))
+@given(st.lists(SMUGGLING_BITS, max_size=30).map(b"".join),
+       st.sampled_from([None, b"X-Checked: yes"]))
 def test_every_outgoing_path_escapes_cr_runs(message, header):
     """What goes to the server or the filter node (outgoing(), framed(), the
     header inserted or not) ends DATA for Postfix at its last line only."""
@@ -566,7 +567,8 @@ def test_smuggling_against_postfix(proxy, postfix, path):
         with px.connect() as client:
             envelope(client, ("b%d@y.test" % number,))
             assert client.cmd("DATA")[0].startswith("354")
-            client.send(b"Subject: carrier\r\n\r\n" + padding + b"hello" + pattern + smuggled + b".\r\n")
+            client.send(b"Subject: carrier\r\n\r\n" + padding + b"hello" + pattern + smuggled
+                        + b".\r\n")
             assert client.reply()[0].startswith("250")
             quits.append(client.cmd("QUIT"))
     server.messages(len(POSTFIX_SMUGGLING))
