@@ -484,7 +484,7 @@ def test_xclient_goes_after_starttls(proxy, make_upstream, pki):
         client.cmd("EHLO client.example")
         assert send_after_ehlo(client)[0].startswith("250")
     message = upstream.wait_messages(1)[0]
-    assert upstream.verbs(message.conn)[:5] == ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "MAIL"]
+    assert upstream.verbs(message.conn)[:6] == ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "EHLO", "MAIL"]
     assert tls_of(upstream, message)
 
 
