@@ -32,6 +32,7 @@ CHATTER_LINES = 3            # lines of stderr from a filter that passed a messa
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
 TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
 _CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
+_PROTOCOL_STATUS = re.compile(r"^\d\d\d[ -]5\.5\.\d{1,3}(?=\s|$)")
 
 
 class FilterError(Exception):
@@ -351,9 +352,24 @@ class _Node:
         return await self.reply()
 
 
+def protocol_broke(code: int, text: str) -> bool:
+    """A reply saying the SMTP conversation itself went wrong, not a verdict on
+    the envelope or the message: 500-504 (RFC 5321 4.2.2: syntax, command not
+    implemented, bad sequence, parameter not implemented) and 554 with an
+    enhanced code of class 5.5 (RFC 3463 3.6, protocol status: Postfix's
+    `554 5.5.0 Error: SMTP protocol synchronization`)."""
+    return 500 <= code <= 504 or code == 554 and _PROTOCOL_STATUS.match(text) is not None
+
+
 def _as_rejection(code: int, text: str, step: str) -> Verdict:
+    """The node's refusal of MAIL, RCPT, DATA or the message, as the client's
+    rejection; FilterError (451 to the client) when it is no verdict at all:
+    the node and the proxy have fallen out of step, and the client's message
+    is not to blame (a bounce for it would lose mail)."""
     if not 400 <= code < 600:
         raise FilterError("unexpected reply from filter node to %s: %s" % (step, clean(text)))
+    if protocol_broke(code, text):
+        raise FilterError("protocol error from filter node at %s: %s" % (step, clean(text)))
     if code == 421:     # the node is going away; the client's session is not
         text = "451" + text[3:]
     return Verdict(False, reply=text, status=text.splitlines()[-1])
@@ -402,7 +418,8 @@ async def _connect_node(target, timeout: float, tag: str) -> Channel:
 async def _node_hello(config: Config, node: _Node, plaintext: bool) -> bool:
     """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: True when
     done, False when the handshake failed under `may` (try again in
-    plaintext)."""
+    plaintext).  Anything but success here is FilterError: these are the
+    proxy's own steps, and no verdict on the message."""
     code, text = await node.reply()
     if code != 220:
         raise FilterError("filter node greeting: %s" % clean(text))
