@@ -418,8 +418,8 @@ async def _connect_node(target, timeout: float, tag: str) -> Channel:
 async def _node_hello(config: Config, node: _Node, plaintext: bool) -> bool:
     """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: True when
     done, False when the handshake failed under `may` (try again in
-    plaintext).  Anything but success here is FilterError: these are the
-    proxy's own steps, and no verdict on the message."""
+    plaintext).  These are the proxy's own steps, no verdict on the message:
+    anything but success is FilterError, but for STARTTLS under `may`."""
     code, text = await node.reply()
     if code != 220:
         raise FilterError("filter node greeting: %s" % clean(text))
