@@ -9,7 +9,8 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 PY = $(VENV)/bin/python
 
-# What the tests drive: Postfix's smtp-sink/smtp-source, swaks, openssl s_client, haproxy,
+# What the tests drive: Postfix's smtp-sink/smtp-source and a throwaway
+# smtpd (libsasl2-modules so that it can offer AUTH), swaks, openssl s_client, haproxy,
 # iptables and ip in network namespaces, and libcap-dev for python-prctl.
 # groff-base/man-db render the manual pages; systemd's systemd-analyze checks
 # the unit; util-linux's setpriv runs the daemon in the unit's capability
@@ -17,7 +18,7 @@ PY = $(VENV)/bin/python
 # valgrind counts bench/instructions.py's instructions per message;
 # the other python3-* packages are what an installed proxsmtpd runs on (see
 # `install` below).
-TEST_DEBS = libcap-dev postfix swaks haproxy iproute2 iptables procps kmod openssl valgrind \
+TEST_DEBS = libcap-dev postfix libsasl2-modules swaks haproxy iproute2 iptables procps kmod openssl valgrind \
 	python3-trustme groff-base man-db systemd util-linux $(RUNTIME_DEBS)
 
 .PHONY: all venv deps test run clean install install-deps uninstall

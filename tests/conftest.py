@@ -48,6 +48,27 @@ def sink():
 
 
 @pytest.fixture
+def postfix():
+    """Factory: `postfix(tls=None, sasl=False, **main_cf)` -> a running
+    throwaway Postfix smtpd (tests/postfix.py); all stopped at teardown.
+    Skips the test where Postfix cannot run (not root, not installed)."""
+    import postfix as throwaway
+
+    if not throwaway.available():
+        pytest.skip("a throwaway Postfix needs root and Debian's postfix")
+    servers: list = []
+
+    def make(**kwargs):
+        server = throwaway.PostfixServer(start=False, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def proxy(tmp_path, request):
     """Factory: `proxy({settings}, debug=4, args=(), start=True)` -> a running Proxy.
 
