@@ -110,3 +110,23 @@ def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, ve
 ])
 def test_protocol_broke(reply, broke):
     assert protocol_broke(int(reply[:3]), reply) is broke
+
+
+def test_postfix_node_protocol_error_defers_the_message(proxy, upstream, postfix):
+    """A real Postfix as the node, made to answer RCPT with `500 5.5.2 Error:
+    command not recognized` (smtpd_command_filter turns RCPT into a verb it
+    does not know): the client hears 451, not a bounce."""
+    node = postfix()
+    table = node.config / "command_filter"
+    table.write_text("/^RCPT TO:(.*)$/ XRCPT TO:$1\n")
+    with open(node.config / "main.cf", "a") as main_cf:
+        main_cf.write("smtpd_command_filter = regexp:%s\n" % table)
+    node.postfix("reload")
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address}, debug=3)
+    with p.connect() as client:
+        assert send_mail(client, "a@example.org", ["b@example.net"], BODY) == ["451 Local Error"]
+    upstream.wait_command("RSET")
+    assert upstream.messages == [] and node.queued() == []
+    p.wait_log("status=FILTER-ERROR")
+    assert p.log().count("protocol error from filter node at RCPT TO: 500 5.5.2") == 1, p.log()

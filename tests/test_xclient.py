@@ -11,6 +11,14 @@ is refused with 503.
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import trustme
+
 from harness import send_mail
 
 BODY = b"Subject: xclient\r\nFrom: a@x.test\r\n\r\nhello\r\n"
@@ -143,3 +151,81 @@ def test_filter_node_gets_an_address_literal_for_a_client_without_a_name(proxy, 
     upstream.wait_messages(1)
     checked = node.wait_messages(1)[0]
     assert node.commands(checked.conn)[1:3] == ["XCLIENT ADDR=127.0.0.1", "EHLO [127.0.0.1]"]
+
+
+# --- with a real Postfix (tests/postfix.py: smtpd_helo_required and
+# smtpd_forbid_unauth_pipelining on, XCLIENT taken from loopback) ------------------------
+
+CLIENT = "127.0.0.9"        # another loopback address: XCLIENT's ADDR is not the proxy's
+
+
+def received(message: dict) -> str:
+    """The first Received header of a message Postfix queued, unfolded."""
+    content = message["content"].decode("utf-8", "replace")
+    header = content.split("\n\n", 1)[0].replace("\n\t", " ").replace("\n ", " ")
+    return next(line for line in header.splitlines() if line.startswith("Received:"))
+
+
+def pipelined_mail(client) -> list[str]:
+    """EHLO, then MAIL, RCPT and DATA in one group (PIPELINING), then the
+    message; every reply, in order."""
+    replies = [client.cmd("EHLO client.example")]
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n")
+    replies += [client.reply() for _ in range(3)]
+    client.send(BODY + b".\r\n")
+    replies.append(client.reply())
+    return replies
+
+
+def test_postfix_server_takes_the_session_after_xclient(proxy, postfix):
+    server = postfix()
+    p = proxy({"OutAddress": server.address, "XClient": "on"})
+    with p.connect(source=CLIENT) as client:
+        replies = pipelined_mail(client)
+        assert [reply[-1][:3] for reply in replies] == ["250", "250", "250", "354", "250"], replies
+        assert client.cmd("QUIT")[0].startswith("221")
+    [message] = server.messages(1)
+    assert (message["sender"], message["recipients"]) == ("a@example.org", ["b@example.net"])
+    # the client's HELO name and address, as if it had spoken to Postfix itself
+    assert received(message).startswith("Received: from client.example (unknown [%s])" % CLIENT)
+    log = server.log()
+    assert "improper command pipelining" not in log and "503 5.5.1" not in log
+
+
+def test_postfix_server_with_starttls_then_xclient(proxy, postfix):
+    cert = trustme.CA().issue_cert("postfix.test", "127.0.0.1")
+    files = Path(tempfile.mkdtemp(prefix="proxsmtp-xclient-tls."))
+    try:
+        os.chmod(files, 0o755)
+        chain, key = files / "cert.pem", files / "key.pem"
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key))
+        server = postfix(tls=(chain, key))
+        p = proxy({"OutAddress": server.address, "XClient": "on", "ServerTLS": "encrypt"})
+        with p.connect(source=CLIENT) as client:
+            assert send_mail(client, "a@example.org", ["b@example.net"], BODY,
+                             helo="EHLO client.example")[0].startswith("250")
+            assert client.cmd("QUIT")[0].startswith("221")
+        [message] = server.messages(1)
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
+    # ESMTPS: the TLS came first, then XCLIENT and the EHLO that names the client
+    assert re.match(r"Received: from client\.example \(unknown \[%s\]\) .*with ESMTPS "
+                    % re.escape(CLIENT), received(message)), received(message)
+    log = server.log()
+    assert "improper command pipelining" not in log and "503 5.5.1" not in log
+
+
+def test_postfix_filter_node_takes_the_session_after_xclient(proxy, postfix, upstream):
+    node = postfix()
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address}, debug=3)
+    with p.connect(source=CLIENT) as client:
+        replies = pipelined_mail(client)
+        assert [reply[-1][:3] for reply in replies] == ["250", "250", "250", "354", "250"], replies
+    assert upstream.wait_messages(1)[0].body.endswith(b"hello")
+    [checked] = node.messages(1)
+    assert received(checked).startswith("Received: from client.example (unknown [%s])" % CLIENT)
+    p.wait_log("status=FILTERED")
+    log = node.log()
+    assert "improper command pipelining" not in log and "503 5.5.1" not in log
