@@ -32,7 +32,7 @@ CHATTER_LINES = 3            # lines of stderr from a filter that passed a messa
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
 TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
 _CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
-_PROTOCOL_STATUS = re.compile(r"^\d\d\d[ -]5\.5\.\d{1,3}(?=\s|$)")
+_PROTOCOL_STATUS = re.compile(r"^[0-9]{3}[ -]5\.5\.[0-9]{1,3}(?=\s|$)")
 
 
 class FilterError(Exception):

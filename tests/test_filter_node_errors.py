@@ -11,6 +11,7 @@ envelope or the message reach the client as rejections.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, strategies as st
 
 from harness import send_mail
 from proxsmtp.filters import protocol_broke
@@ -110,6 +111,24 @@ def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, ve
 ])
 def test_protocol_broke(reply, broke):
     assert protocol_broke(int(reply[:3]), reply) is broke
+
+
+@given(st.integers(400, 599),
+       st.text(max_size=80) | st.from_regex(r"5\.5\.[0-9٣]{0,4}[ \t.x]?.{0,10}", fullmatch=True))
+def test_protocol_broke_on_any_reply_text(code, rest):
+    """Any text from a node: no exception; 500-504 always, other codes but
+    554 never, 554 only with a 5.5.x enhanced code first."""
+    text = "%d %s" % (code, rest)
+    broke = protocol_broke(code, text)
+    if 500 <= code <= 504:
+        assert broke
+    elif code != 554:
+        assert not broke
+    else:
+        word = rest.split()[0] if rest[:1].strip() else ""
+        parts = word.split(".")
+        assert broke == (len(parts) == 3 and parts[:2] == ["5", "5"] and parts[2].isascii()
+                         and parts[2].isdigit() and 1 <= len(parts[2]) <= 3)
 
 
 def test_postfix_node_protocol_error_defers_the_message(proxy, upstream, postfix):
