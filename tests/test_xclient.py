@@ -117,6 +117,22 @@ def test_pipelining_client_gets_one_reply_per_command(proxy, make_upstream):
     assert upstream.verbs(message.conn)[:3] == ["EHLO", "XCLIENT", "EHLO"]
 
 
+def test_server_refusing_the_ehlo_after_xclient_is_logged(proxy, make_upstream):
+    """A server that refuses the name after XCLIENT: a warning says so, and
+    the client hears the server's own answer to its command."""
+    settings = strict()
+    hello = settings["replies"]["EHLO"]
+    settings["replies"]["EHLO"] = lambda line, conn: (
+        "550 5.7.1 <client.example>: Helo command rejected" if conn.xclient else hello(line, conn))
+    upstream = make_upstream(**settings)
+    p = proxy({"OutAddress": upstream.address, "XClient": "on"})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example")[0] == "250-strict.test"
+        assert client.cmd("MAIL FROM:<a@x.test>") == ["503 5.5.1 Error: send HELO/EHLO first"]
+    p.wait_log("server refused EHLO after XCLIENT: 550 5.7.1 <client.example>: Helo command rejected")
+    assert upstream.verbs()[:4] == ["EHLO", "XCLIENT", "EHLO", "MAIL"]
+
+
 # --- the filter node leg -----------------------------------------------------------------
 
 def node_filter(upstream, node) -> dict:
