@@ -32,6 +32,7 @@ CHATTER_LINES = 3            # lines of stderr from a filter that passed a messa
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
 TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
 _CODE = re.compile(r"^[245]\d\d(?=[ -]|$)")
+_PROTOCOL_STATUS = re.compile(r"^[0-9]{3}[ -]5\.5\.[0-9]{1,3}(?=\s|$)")
 
 
 class FilterError(Exception):
@@ -351,9 +352,24 @@ class _Node:
         return await self.reply()
 
 
+def protocol_broke(code: int, text: str) -> bool:
+    """A reply saying the SMTP conversation itself went wrong, not a verdict on
+    the envelope or the message: 500-504 (RFC 5321 4.2.2: syntax, command not
+    implemented, bad sequence, parameter not implemented) and 554 with an
+    enhanced code of class 5.5 (RFC 3463 3.6, protocol status: Postfix's
+    `554 5.5.0 Error: SMTP protocol synchronization`)."""
+    return 500 <= code <= 504 or code == 554 and _PROTOCOL_STATUS.match(text) is not None
+
+
 def _as_rejection(code: int, text: str, step: str) -> Verdict:
+    """The node's refusal of MAIL, RCPT, DATA or the message, as the client's
+    rejection; FilterError (451 to the client) when it is no verdict at all:
+    the node and the proxy have fallen out of step, and the client's message
+    is not to blame (a bounce for it would lose mail)."""
     if not 400 <= code < 600:
         raise FilterError("unexpected reply from filter node to %s: %s" % (step, clean(text)))
+    if protocol_broke(code, text):
+        raise FilterError("protocol error from filter node at %s: %s" % (step, clean(text)))
     if code == 421:     # the node is going away; the client's session is not
         text = "451" + text[3:]
     return Verdict(False, reply=text, status=text.splitlines()[-1])
@@ -369,9 +385,8 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
         channel = await _connect_node(config.FilterAddress, config.FilterTimeout, envelope.tag)
         try:
             node = _Node(channel, config.FilterTimeout)
-            ehlo = await _node_hello(config, node, plaintext)
-            if ehlo is not None:
-                return await _offer(node, envelope, message, ehlo)
+            if await _node_hello(config, node, plaintext):
+                return await _offer(node, envelope, message)
         finally:
             channel.close()
         plaintext = True
@@ -400,10 +415,11 @@ async def _connect_node(target, timeout: float, tag: str) -> Channel:
     return channel
 
 
-async def _node_hello(config: Config, node: _Node, plaintext: bool) -> str | None:
-    """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: the EHLO
-    reply that holds.  None: the handshake failed under `may`, try again in
-    plaintext."""
+async def _node_hello(config: Config, node: _Node, plaintext: bool) -> bool:
+    """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: True when
+    done, False when the handshake failed under `may` (try again in
+    plaintext).  These are the proxy's own steps, no verdict on the message:
+    anything but success is FilterError, but for STARTTLS under `may`."""
     code, text = await node.reply()
     if code != 220:
         raise FilterError("filter node greeting: %s" % clean(text))
@@ -411,7 +427,7 @@ async def _node_hello(config: Config, node: _Node, plaintext: bool) -> str | Non
     if code != 250:
         raise FilterError("filter node refused EHLO: %s" % clean(ehlo))
     if plaintext:
-        return ehlo
+        return True
     policy, channel = config.ServerTLS, node.channel
     offered = any(line[4:].split()[:1] == ["STARTTLS"] for line in ehlo.upper().splitlines()[1:])
     if not offered:
@@ -437,20 +453,29 @@ async def _node_hello(config: Config, node: _Node, plaintext: bool) -> str | Non
         code, text = await node.command("EHLO proxsmtp")
         if code != 250:
             raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))
-        return text
+        return True
     if policy != "may":
         raise FilterError("no TLS to the filter node (ServerTLS %s): %s" % (policy, failure))
     if channel.closed:
         log.warning("%s: %s; connecting to the filter node again in plaintext", channel.tag, failure)
-        return None
+        return False
     log.debug("%s: %s; going on in plaintext", channel.tag, failure)
-    return ehlo
+    return True
 
 
-async def _offer(node: _Node, envelope: Envelope, message: spool.Spool, ehlo: str) -> Verdict:
-    """XCLIENT, the envelope and the message; the node's verdict."""
+def hello_name(envelope: Envelope) -> str:
+    """The name the proxy gives the filter node for the client: the client's
+    own HELO name, else its address literal, as RFC 5321 4.1.4 has a client
+    without a meaningful name of its own say it."""
+    if envelope.helo and envelope.helo.isprintable() and " " not in envelope.helo:
+        return envelope.helo
+    ip = envelope.client_ip
+    return "[%s%s]" % ("IPv6:" if ":" in ip else "", ip)
+
+
+async def _offer(node: _Node, envelope: Envelope, message: spool.Spool) -> Verdict:
+    """XCLIENT, EHLO, the envelope and the message; the node's verdict."""
     channel = node.channel
-    pipelining = any(line[4:].strip().upper() == "PIPELINING" for line in ehlo.splitlines()[1:])
     ip = envelope.client_ip
     xclient = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
     if envelope.helo:
@@ -458,6 +483,13 @@ async def _offer(node: _Node, envelope: Envelope, message: spool.Spool, ehlo: st
     code, text = await node.command(xclient)
     if code // 100 != 2:
         raise FilterError("filter node refused XCLIENT: %s" % clean(text))
+    # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
+    # again, with the client's name, and its reply read before MAIL; a node
+    # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
+    code, ehlo = await node.command("EHLO %s" % hello_name(envelope))
+    if code != 250:
+        raise FilterError("filter node refused EHLO after XCLIENT: %s" % clean(ehlo))
+    pipelining = any(line[4:].strip().upper() == "PIPELINING" for line in ehlo.splitlines()[1:])
     sender = "" if envelope.sender in (None, "<>") else envelope.sender
     envelope_lines = (["MAIL FROM:<%s>" % sender]
                       + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])

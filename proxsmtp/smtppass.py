@@ -116,6 +116,7 @@ class Session(StartTLS):
         self.auth_started = False
         self.xclient_supported = False
         self.xclient_sent = False
+        self.hello_line = b""                 # the client's last EHLO/HELO, as it sent it
         self.in_data = False
         self.server_size = 0                  # the server's EHLO SIZE (0: none given)
         self.transfer: Transfer | None = None
@@ -502,7 +503,7 @@ class Session(StartTLS):
             await self.client_starttls(line)
             return
         if self.xclient_due:
-            await self.send_xclient()
+            await self.send_xclient(verb in (b"EHLO", b"HELO"))
         if verb == b"DATA":
             await self.data()
         elif verb in (b"EHLO", b"HELO") and self.hello_due(verb):
@@ -521,7 +522,9 @@ class Session(StartTLS):
         return not self.envelope.client_tls and bool(self.envelope.server_tls)
 
     def note_hello(self, verb: bytes, line: bytes) -> None:
-        """EHLO/HELO: the client's name; a HELO client gets XCLIENT anyway."""
+        """EHLO/HELO: the client's name (and its command, said again to the
+        server after XCLIENT); a HELO client gets XCLIENT anyway."""
+        self.hello_line = line
         words = line.split()
         self.envelope.helo = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
         if verb == b"HELO":
@@ -607,8 +610,17 @@ class Session(StartTLS):
             raise SessionEnd("improper pipelining after DATA from the client: %s"
                              % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)
 
-    async def send_xclient(self) -> None:
-        """XClient: tell the server who the client really is, once."""
+    async def send_xclient(self, hello_follows: bool) -> None:
+        """XClient: tell the server who the client really is, once.
+
+        A server that takes XCLIENT answers with a new greeting and starts
+        the session over (Postfix's XCLIENT_README): the client's EHLO/HELO
+        is said again, and its reply read here, before anything else.
+        Without it Postfix refuses MAIL (smtpd_helo_required), or takes what
+        follows as improper pipelining (smtpd_forbid_unauth_pipelining), and
+        its Received line has no HELO name.  `hello_follows`: the command at
+        hand is the client's own EHLO/HELO, which does it; the client then
+        hears that reply, and one reply per command as ever."""
         await self.drain_replies()
         self.xclient_sent = True
         ip = self.envelope.client_ip
@@ -616,7 +628,17 @@ class Session(StartTLS):
         reply = await self.server_leg.command(
             b"XCLIENT ADDR=%s%s\r\n" % (b"IPv6:" if ":" in ip else b"", ip.encode()))
         if not reply[-1][:1] == b"2":
-            log.warning("%s: server didn't accept XCLIENT", self.tag)
+            log.warning("%s: server didn't accept XCLIENT: %s", self.tag, clean(reply[-1].strip()))
+            return
+        if hello_follows:
+            return
+        if not self.envelope.helo:      # the client gave no name: the server judges that
+            log.debug("%s: no HELO name to give the server after XCLIENT", self.tag)
+            return
+        reply = await self.server_leg.command(self.hello_line)
+        if reply[-1][:1] != b"2":       # its answer to the client's next command says the rest
+            log.warning("%s: server refused %s after XCLIENT: %s", self.tag,
+                        clean(self.hello_line.split()[0]), clean(reply[-1].strip()))
 
     async def drain_replies(self) -> None:
         """Relay every reply still due, so the proxy may speak to the server."""

@@ -22,7 +22,12 @@ class TLSSetupError(Exception):
 
 
 def reason(exc: BaseException) -> str:
-    """A short why for the log: the OpenSSL reason, the errno text, or the message."""
+    """A short why for the log: the OpenSSL reason, the errno text, or the message.
+    A failed certificate check says which check failed (OpenSSL's verify
+    message: an unknown CA, an expired certificate, a host name mismatch):
+    the operator's fix differs for each."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return "%s (%s)" % (exc.reason or "certificate verify failed", exc.verify_message)
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     if isinstance(exc, OSError) and exc.strerror:

@@ -274,8 +274,9 @@ def test_smtp_filter_accepts(proxy, upstream, node):
     checked = node.wait_messages(1)[0]
     assert checked.raw == body.rstrip(b"\r\n")
     assert checked.xclient == ["XCLIENT ADDR=127.0.0.1 HELO=client.example"]
-    assert node.verbs()[:6] == ["EHLO", "XCLIENT", "MAIL", "RCPT", "RCPT", "DATA"]
-    assert node.commands()[2:5] == ["MAIL FROM:<a@x.test>", "RCPT TO:<b@y.test>", "RCPT TO:<c@y.test>"]
+    assert node.verbs()[:7] == ["EHLO", "XCLIENT", "EHLO", "MAIL", "RCPT", "RCPT", "DATA"]
+    assert node.commands()[2:6] == ["EHLO client.example", "MAIL FROM:<a@x.test>",
+                                    "RCPT TO:<b@y.test>", "RCPT TO:<c@y.test>"]
     p.wait_log("status=FILTERED")
 
 

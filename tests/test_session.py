@@ -113,7 +113,9 @@ def test_xclient_sent_once_when_advertised(proxy, make_upstream):
         client.cmd("QUIT")
     commands = upstream.commands()
     assert commands.count("XCLIENT ADDR=127.0.0.1") == 1, commands
-    assert commands[:3] == ["EHLO client.example", "XCLIENT ADDR=127.0.0.1", "MAIL FROM:<a@x.test>"]
+    # XCLIENT's 220 starts the server's session over: the client's EHLO again
+    assert commands[:4] == ["EHLO client.example", "XCLIENT ADDR=127.0.0.1", "EHLO client.example",
+                            "MAIL FROM:<a@x.test>"]
     assert len(upstream.messages) == 2
 
 
@@ -130,7 +132,8 @@ def test_xclient_assumed_after_helo(proxy, upstream):
     with p.connect() as client:
         send_mail(client, "a@x.test", ["b@y.test"], BODY, helo="HELO client.example")
     upstream.wait_messages(1)
-    assert upstream.commands()[:2] == ["HELO client.example", "XCLIENT ADDR=127.0.0.1"]
+    assert upstream.commands()[:4] == ["HELO client.example", "XCLIENT ADDR=127.0.0.1",
+                                       "HELO client.example", "MAIL FROM:<a@x.test>"]
 
 
 def test_xclient_off_by_default(proxy, make_upstream):
@@ -150,7 +153,9 @@ def test_xclient_refusal_is_only_a_warning(proxy, make_upstream):
         final = send_mail(client, "a@x.test", ["b@y.test"], BODY)
     assert final[-1].startswith("250")
     upstream.wait_messages(1)
-    p.wait_log("server didn't accept XCLIENT")
+    p.wait_log("server didn't accept XCLIENT: 550 5.7.0 not authorized")
+    # no new session on the server: no EHLO said again
+    assert upstream.verbs()[:3] == ["EHLO", "XCLIENT", "MAIL"]
 
 
 def test_refused_recipient(proxy, make_upstream, tmp_path):

@@ -541,6 +541,24 @@ def test_server_tls_verify_failure_means_no_mail(proxy, make_upstream, pki, iden
         assert send_after_ehlo(client)[0].startswith("250")
 
 
+@pytest.mark.parametrize("identity, out, why", [
+    ("stranger", "127.0.0.1", "unable to get local issuer certificate"),
+    ("other_name", "localhost", "Hostname mismatch, certificate is not valid for 'localhost'"),
+    ("other_name", "127.0.0.1", "IP address mismatch, certificate is not valid for '127.0.0.1'"),
+])
+def test_server_tls_verify_failure_logs_which_check_failed(proxy, make_upstream, pki, identity,
+                                                           out, why):
+    """The log says which check failed (OpenSSL's verify message): an
+    unknown CA and a name mismatch have different fixes."""
+    upstream = tls_upstream(make_upstream, pki, identity=getattr(pki, identity))
+    p = proxy({"OutAddress": "%s:%d" % (out, upstream.port), "ServerTLS": "verify",
+               "TLSCAFile": pki.ca_file})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example")[0].startswith("421 4.7.0")
+    p.wait_log(r"no TLS to the server \(ServerTLS verify\): TLS handshake with the server "
+               r"failed: CERTIFICATE_VERIFY_FAILED \(%s\.?\)$" % re.escape(why))
+
+
 def test_aiosmtpd_require_starttls_through_both_legs(proxy, pki):
     """aiosmtpd requiring STARTTLS as the server, smtplib with starttls as the
     client, ServerTLS encrypt and ClientTLS encrypt: both legs encrypted."""
@@ -579,7 +597,7 @@ def test_xclient_goes_after_starttls(proxy, make_upstream, pki):
         client.cmd("EHLO client.example")
         assert send_after_ehlo(client)[0].startswith("250")
     message = upstream.wait_messages(1)[0]
-    assert upstream.verbs(message.conn)[:5] == ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "MAIL"]
+    assert upstream.verbs(message.conn)[:6] == ["EHLO", "STARTTLS", "EHLO", "XCLIENT", "EHLO", "MAIL"]
     assert tls_of(upstream, message)
 
 
