@@ -389,9 +389,11 @@ def test_postfix_tls_only_auth_never_sees_cleartext_credentials(proxy, postfix, 
         assert client.code(PLAIN) in (454, 535)     # reached Postfix, which has no account
         assert client.code("QUIT") == 221
     p.wait_log(r"refused AUTH from a client in plaintext")
-    log = server.wait_log(" quit=1 ")
-    # one session: the proxy's EHLO, STARTTLS, the client's two EHLOs (before and
-    # after its own STARTTLS), and only the AUTH sent after it
+    # one session (the fixture's own probe before it said only QUIT): the
+    # proxy's EHLO, STARTTLS, the client's two EHLOs (before and after its
+    # own STARTTLS), and only the AUTH sent after it
+    wait_until(lambda: " noop=1 quit=1 " in server.log(), what="the session's end in Postfix's log")
+    log = server.log()
     assert len(re.findall(r"SASL PLAIN authentication failed", log)) == 1, log
     assert re.search(r"disconnect from .* ehlo=3 starttls=1 auth=0/1 noop=1 quit=1 ", log), log
 
