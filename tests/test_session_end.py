@@ -8,6 +8,7 @@ and kernel buffers outside MaxConnections."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import struct
@@ -17,7 +18,7 @@ import urllib.request
 import pytest
 import trustme
 
-from harness import free_port, wait_until
+from harness import free_port, send_mail, wait_until
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: end\r\n\r\nthe end\r\n"
 UVLOOP_LINE = "returning true from eof_received() has no effect when using ssl"
@@ -349,3 +350,39 @@ def test_tls_clients_that_never_answer_close_notify_cost_no_descriptors(proxy, u
     finally:
         for client in clients:
             client.sock.close()
+
+
+def test_worker_near_its_descriptor_limit_refuses_new_clients_not_held_ones(proxy, upstream):
+    """A worker with RLIMIT_NOFILE 64 and more clients than it can serve:
+    each new client gets either its greeting or 421 busy at once, and every
+    session it took keeps the descriptors it needs to finish (its server
+    connection, the filter's pipes and temp file): none fails halfway."""
+    p = proxy({"OutAddress": upstream.address, "Workers": 1, "MaxConnections": 200,
+               "FilterCommand": "cat"}, start=False)
+    p.wrapper = ("prlimit", "--nofile=64:64", "--")
+    p.start()
+    held, busy = [], 0
+    try:
+        for _ in range(30):
+            client = p.connect(timeout=10)
+            if client.greeting == ["421 Server busy, too many connections"]:
+                busy += 1
+                client.close()
+                continue
+            assert client.greeting and client.greeting[0].startswith("220"), client.greeting
+            held.append(client)
+        assert busy and held
+        for number, client in enumerate(held):
+            reply = send_mail(client, "a@x.test", ["b@y.test"], b"Subject: %d\r\n\r\nhi\r\n" % number)
+            assert reply[-1].startswith("250"), reply
+        p.wait_log(r"too many descriptors open \(\d+ of RLIMIT_NOFILE 64\)")
+    finally:
+        for client in held:
+            client.close()
+    upstream.wait_messages(len(held))
+    # once the held sessions are gone, clients are served again
+    def served() -> bool:
+        with p.connect(timeout=10) as client:
+            return client.greeting[0].startswith("220")
+    wait_until(served, 10, interval=0.5, what="a client served again")
+    assert len(re.findall(r"too many descriptors open", p.log())) == 1
