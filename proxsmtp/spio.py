@@ -518,6 +518,9 @@ class Channel(asyncio.Protocol):
         if transport is None:
             return
         if not transport.is_closing():
+            if self.tls is None and not transport.get_write_buffer_size():
+                transport.close()       # nothing to wait for: it ends at once
+                return
             transport.close()
             if self.tls is not None and self.tls.peer_eof:
                 self.tls.finish()
