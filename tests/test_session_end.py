@@ -386,3 +386,69 @@ def test_worker_near_its_descriptor_limit_refuses_new_clients_not_held_ones(prox
             return client.greeting[0].startswith("220")
     wait_until(served, 10, interval=0.5, what="a client served again")
     assert len(re.findall(r"too many descriptors open", p.log())) == 1
+
+
+def test_a_finished_tls_session_is_freed_without_the_cyclic_collector(tmp_path, pki):
+    """The TLS layer and its channel hold each other while the connection
+    lives; a TLSWrapper session that ended is still freed by reference
+    counting alone (as a plaintext one is, see test_memory.py)."""
+    import asyncio
+    import gc
+    import weakref
+
+    import uvloop
+
+    from proxsmtp import config, tls
+    from proxsmtp.smtppass import Session
+    from proxsmtp.spio import Channel, TLSLayer
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 sink ESMTP\r\n")
+        while line := await reader.readline():
+            if line.upper().startswith(b"QUIT"):
+                writer.write(b"221 bye\r\n")
+                break
+            writer.write(b"250 ok\r\n")
+        writer.close()
+
+    async def one_session() -> weakref.ref:
+        server = await asyncio.start_server(sink, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = config.parse("OutAddress: 127.0.0.1:%d\nTempDirectory: %s\nTLSWrapper: on\n"
+                           "TLSCertificate: %s\nTLSKey: %s\n" % (port, tmp_path, pki.chain, pki.key))
+        cfg.listening_tls = tls.listening_context(cfg.TLSCertificate, cfg.TLSKey)
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            opening = asyncio.ensure_future(asyncio.open_connection(
+                *listener.getsockname(), ssl=pki.context, server_hostname="proxy.test"))
+            conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        session = Session(cfg, conn)
+        task = asyncio.get_running_loop().create_task(session.run())
+        reader, writer = await opening
+        conversation = [(await reader.readline())[:3]]
+        for command in (b"HELO me\r\n", b"NOOP\r\n", b"QUIT\r\n"):
+            writer.write(command)
+            conversation.append((await reader.readline())[:3])
+        await task
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        assert conversation == [b"220", b"250", b"250", b"221"]
+        ref = weakref.ref(session)
+        del session, task
+        for _ in range(20):         # the layers' and transports' connection_lost callbacks
+            await asyncio.sleep(0.01)
+        return ref
+
+    gc.collect()
+    gc.disable()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            ref = runner.run(one_session())
+        assert ref() is None, gc.get_referrers(ref())
+        # neither a channel nor a TLS layer is left for the collector to find
+        left = [thing for thing in gc.get_objects() if isinstance(thing, (Channel, TLSLayer))]
+        assert not left, left
+    finally:
+        gc.enable()
