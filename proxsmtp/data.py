@@ -28,7 +28,7 @@ from .header import HEAD_LIMIT, message_id, render as render_header
 from .log import log
 from .relay import (FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
                     client_wait)
-from .spio import CRLF, Channel
+from .spio import CRLF, Channel, ChannelClosed
 
 R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
 FAILED = R_FAILED.decode().strip()
@@ -295,10 +295,17 @@ class Transfer:
             self.awaiting_final = False
 
     def _final(self, reply: list[bytes]) -> None:
-        """The server's last word on the message goes to the client and the log."""
+        """The server's last word on the message goes to the log and to the
+        client.  The server has decided whether or not the client is still
+        there to hear it, so a client gone by now costs the message neither
+        its log line nor its count (the caller makes both)."""
         self.envelope.reply = reply[-1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
         self.envelope.delay = time.monotonic() - self.started
-        self.client.write(b"".join(reply))
+        try:
+            self.client.write(b"".join(reply))
+        except ChannelClosed:
+            log.warning("%s: client left before the server's reply to its message: %s",
+                        self.tag, self.envelope.reply)
 
     async def done_data(self, message: spool.Spool, path: str | None) -> None:
         """Offer the message (or the filter's new version at `path`) to the

@@ -4,16 +4,19 @@ The socket is bound with the SMTP one, before privileges are dropped; a
 thread of the master serves it (started after the drop, so it has no
 capabilities).  Sessions run in the workers, so a scraper can only ever
 cost the master a few threads: at most MAX_SCRAPERS connections are served
-at once (more are closed at once), each for at most SCRAPE_TIMEOUT seconds;
+at once (more are closed at once), each for at most SCRAPE_TIMEOUT seconds
+from its accept to the end of our answer, however it trickles its request;
 what is not an HTTP request gets 400 from the stdlib's request parser.
 """
 
 from __future__ import annotations
 
 import http.server
+import io
 import socket
 import socketserver
 import threading
+import time
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,7 +27,7 @@ from .log import clean, log
 from .stats import LAYOUT, Book
 
 MAX_SCRAPERS = 4             # connections served at once; more are closed unanswered
-SCRAPE_TIMEOUT = 10.0        # seconds a scraper gets for its request and our answer
+SCRAPE_TIMEOUT = 10.0        # seconds a scraper gets for its whole request and our answer
 # The classic text format, which every Prometheus reads; our names need nothing newer
 # (recent prometheus_client versions announce 1.0.0 for the same text).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -95,10 +98,42 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() else str(value)
 
 
+class _Deadline(io.RawIOBase):
+    """A scraper's socket read until one deadline.  A socket timeout alone
+    bounds each recv, so a byte every few seconds would hold the connection
+    (and one of the MAX_SCRAPERS places) for ever."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("scrape took longer than %g seconds" % SCRAPE_TIMEOUT)
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     default_request_version = "HTTP/1.0"    # junk is answered with a status line too
     timeout = SCRAPE_TIMEOUT
+
+    def setup(self) -> None:
+        self.deadline = time.monotonic() + SCRAPE_TIMEOUT
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_Deadline(self.connection, self.deadline))
+
+    def end_headers(self) -> None:
+        """The answer gets what is left of the deadline (the request took the rest)."""
+        self.connection.settimeout(max(0.001, self.deadline - time.monotonic()))
+        super().end_headers()
 
     def version_string(self) -> str:
         return "proxsmtpd"

@@ -167,9 +167,7 @@ class Session(StartTLS):
         try:
             if self.config.TLSWrapper:
                 envelope.client_ip, envelope.local_ip = self.client_addresses()
-                await loop.connect_accepted_socket(lambda: self.client, self.sock,
-                                                   ssl=self.config.listening_tls,
-                                                   ssl_handshake_timeout=self.timeout)
+                await self.client.accept_tls(self.sock, self.config.listening_tls, self.timeout)
                 envelope.client_tls = tls.describe(self.client.transport)
                 stats.client_tls("established")
             else:

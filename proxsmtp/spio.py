@@ -19,11 +19,18 @@ import asyncio
 import logging
 import socket
 import ssl
+import struct
 import time
 from time import monotonic
 from typing import Awaitable, Callable
 
 from .log import clean, log
+
+try:    # the worker's loop (see worker.py); without it TLS is the stdlib's as is
+    from uvloop import Loop as _UVLoop
+    from uvloop.loop import SSLProtocol as _UVSSLProtocol
+except ImportError:
+    _UVLoop = _UVSSLProtocol = None
 
 # Whether the event loop's TCP transports set TCP_NODELAY themselves (uvloop's
 # do; the worker says so): then a Channel need not ask the kernel again.
@@ -36,6 +43,13 @@ DATA_END = b"\r\n.\r\n"
 
 _READ_HIGH = 256 * 1024     # stop reading from a peer that floods us...
 _READ_LOW = 64 * 1024       # ...until the buffer has drained to this
+# An ended connection gets this long to hand its last words to the kernel
+# (and, over TLS, to trade close_notify alerts); then it is reset.  Without
+# it a peer that never reads (or never answers close_notify) would keep the
+# socket, its kernel buffers and a descriptor past its session, outside any
+# connection limit.
+LINGER = 2.0
+_RESET = struct.pack("ii", 1, 0)    # SO_LINGER on, 0 s: close(2) sends RST, frees the queues
 # The longest reply read whole (generous for any real EHLO answer).
 REPLY_MAX_LINES = 1000
 REPLY_MAX_BYTES = 64 * 1024
@@ -77,7 +91,8 @@ class Channel(asyncio.Protocol):
     __slots__ = ("name", "tag", "buf", "eof", "error", "transport", "last_action", "last_sent",
                  "line_started", "on_ready", "_keep_open", "_scan", "_discarding",
                  "_paused_reading", "_paused_writing", "backed_up", "_drain", "_data_started",
-                 "_trace", "_loop", "waiter", "_deadline", "_timer", "_timer_at", "_corked")
+                 "_trace", "_loop", "waiter", "_deadline", "_timer", "_timer_at", "_corked",
+                 "_linger", "tls")
 
     def __init__(self, name: str, tag: str = "", keep_open_on_eof: bool = False,
                  loop: asyncio.AbstractEventLoop | None = None, trace: bool | None = None) -> None:
@@ -111,6 +126,8 @@ class Channel(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._corked: list[bytes] | None = None   # writes held back by cork()
+        self._linger: asyncio.TimerHandle | None = None   # close()'s deadline for the peer
+        self.tls: TLSLayer | None = None     # this channel's TLS (see TLSLayer)
 
     # --- asyncio.Protocol -------------------------------------------------
 
@@ -152,6 +169,12 @@ class Channel(asyncio.Protocol):
         self.transport = None
         self._wake()
         self._stop_timer()
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        if self.tls is not None:        # it holds this channel: no cycle left behind
+            self.tls.channel = None
+            self.tls = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -377,14 +400,67 @@ class Channel(asyncio.Protocol):
         self._scan = 0
         self.line_started = None
         self._paused_reading = self._paused_writing = self.backed_up = False
+        self._keep_open = False     # the TLS layer keeps a half-closed peer's connection (TLSLayer)
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
-                                         server_hostname=server_hostname,
-                                         ssl_handshake_timeout=timeout)
+        plain = self.transport
+        if _UVLoop is not None and isinstance(loop, _UVLoop) and plain is not None:
+            # uvloop's start_tls, with our TLS layer in the place of its own
+            waiter = loop.create_future()
+            layer = TLSLayer(loop, self, context, waiter, server_side, server_hostname,
+                             call_connection_made=False, ssl_handshake_timeout=timeout)
+            transport = layer._get_app_transport()
+            plain.pause_reading()
+            plain.set_protocol(layer)
+            made = loop.call_soon(layer.connection_made, plain)
+            resume = loop.call_soon(plain.resume_reading)
+            try:
+                await waiter
+            except BaseException:
+                transport.close()
+                made.cancel()
+                resume.cancel()
+                layer.channel = None
+                raise
+            if plain.is_closing():      # the handshake ended with the connection
+                layer.channel = None
+                raise ConnectionResetError("%s: connection closed during TLS handshake" % self.name)
+            self.tls = layer
+        else:
+            transport = await loop.start_tls(plain, self, context, server_side=server_side,
+                                             server_hostname=server_hostname,
+                                             ssl_handshake_timeout=timeout)
         if transport is None:       # the peer went away during the handshake
             raise ConnectionResetError("%s: connection closed during TLS handshake" % self.name)
         self.transport = transport
         self.last_action = monotonic()
+
+    async def accept_tls(self, sock: socket.socket, context: ssl.SSLContext,
+                         timeout: float) -> None:
+        """Serve an accepted socket through TLS from its first byte (TLSWrapper):
+        the handshake, then this channel's connection_made.  Raises OSError
+        (incl. ssl.SSLError) or TimeoutError when the handshake fails or takes
+        longer than `timeout`."""
+        self._keep_open = False     # as in start_tls
+        loop = asyncio.get_running_loop()
+        if _UVLoop is None or not isinstance(loop, _UVLoop):
+            await loop.connect_accepted_socket(lambda: self, sock, ssl=context,
+                                               ssl_handshake_timeout=timeout)
+            return
+        waiter = loop.create_future()
+        layer = TLSLayer(loop, self, context, waiter, True, None,
+                         ssl_handshake_timeout=timeout)
+        transport = layer._get_app_transport()     # the one connection_made will get
+        try:
+            await loop.connect_accepted_socket(lambda: layer, sock)
+            await waiter
+        except BaseException:
+            transport.close()
+            layer.channel = None
+            raise
+        if self.transport is None:      # the handshake ended with the connection
+            layer.channel = None
+            raise ConnectionResetError("%s: connection closed during TLS handshake" % self.name)
+        self.tls = layer
 
     # --- writing ------------------------------------------------------------
 
@@ -433,10 +509,42 @@ class Channel(asyncio.Protocol):
             raise ChannelClosed("%s: connection closed while writing" % self.name, self.name)
 
     def close(self) -> None:
+        """Close gracefully: what was written goes out (over TLS, with
+        close_notify), for at most LINGER seconds; then the connection is
+        reset (abort()), whether the peer read it all or not."""
         self._stop_timer()
         self.uncork()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
+            if self.tls is None and not transport.get_write_buffer_size():
+                transport.close()       # nothing to wait for: it ends at once
+                return
+            transport.close()
+            if self.tls is not None and self.tls.peer_eof:
+                self.tls.finish()
+        if self._linger is None and self.transport is not None:
+            try:
+                loop = self._loop or asyncio.get_running_loop()
+            except RuntimeError:        # no loop runs: nothing would ever flush it
+                self.abort()
+                return
+            self._linger = loop.call_later(LINGER, self.abort)
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent bytes and all: the peer gets RST."""
+        self._linger = None
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            except OSError:
+                pass
+        transport.abort()
 
     @property
     def closed(self) -> bool:
@@ -447,6 +555,55 @@ class Channel(asyncio.Protocol):
         for line in bytes(data).splitlines()[:50]:
             if line:
                 log.debug("%s: %s %s %s", self.tag, self.name, direction, clean(line[:120]))
+
+
+# Without uvloop TLSLayer is never made (see start_tls and accept_tls).
+_TLSBase = _UVSSLProtocol if _UVSSLProtocol is not None else object
+
+
+class TLSLayer(_TLSBase):      # type: ignore[misc,valid-type]
+    """uvloop's TLS protocol, but for a peer that shuts its sending side.
+
+    uvloop ends the whole TLS connection when the TCP stream underneath
+    reaches EOF (and ignores what its application's eof_received returns):
+    whatever is written afterwards is dropped.  A client that sends `.` and
+    QUIT and then shuts down its side (shutdown(2) SHUT_WR) is still owed
+    the final reply and the 221, as it is in plaintext.  So here EOF from
+    the peer only tells the channel (which sees the end of the input); the
+    connection stays open for writing until the channel closes it, and then
+    ends without waiting for a close_notify that cannot come any more.
+
+    A close_notify alert is another matter: uvloop answers it with its own
+    and ends the connection once what was already written is out (the
+    receiver "MUST ... close down the connection immediately, discarding any
+    pending writes", RFC 5246 §7.2.1); a client that sends it has given up
+    on the replies still due."""
+
+    __slots__ = ("channel", "peer_eof")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel, context: ssl.SSLContext,
+                 waiter: asyncio.Future, server_side: bool, server_hostname: str | None,
+                 call_connection_made: bool = True, ssl_handshake_timeout: float | None = None) -> None:
+        super().__init__(loop, channel, context, waiter, server_side, server_hostname,
+                         call_connection_made=call_connection_made,
+                         ssl_handshake_timeout=ssl_handshake_timeout)
+        self.channel: Channel | None = channel
+        self.peer_eof = False
+
+    def eof_received(self) -> bool | None:
+        channel = self.channel
+        if channel is None or channel.tls is not self or channel.closed:
+            # in the handshake (it fails), or once the channel closed (done now)
+            return super().eof_received()
+        self.peer_eof = True
+        channel.eof_received()
+        return True         # the stream stays open for what is still to be written
+
+    def finish(self) -> None:
+        """The channel closed (its last bytes and our close_notify are
+        queued) after the peer's EOF: no close_notify will answer, so the
+        connection ends now rather than at the shutdown timeout."""
+        super().eof_received()
 
 
 def _cut(buf: bytearray, size: int, through: int | None = None) -> bytes:

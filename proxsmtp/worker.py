@@ -19,6 +19,7 @@ import asyncio
 import ctypes
 import errno
 import gc
+import resource
 import signal
 import socket
 
@@ -42,6 +43,12 @@ SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on S
 RETIRE_GRACE = 3600.0        # ...and after a reload (SIGUSR1 from the master)
 TRIM_EVERY = 2.0             # seconds between chances to give freed memory back
 TITLE_EVERY = 0.25           # seconds between updates of the process title's session count
+# Descriptors kept free for the sessions a worker already serves: their
+# server connections, filters (pipes, temp files) and filter nodes.  A new
+# connection that would eat into them is refused with 421: better than a
+# session that fails halfway (or a client that never gets an answer).
+FD_HEADROOM_MIN = 32
+FD_HEADROOM_SHARE = 8        # ...or an eighth of RLIMIT_NOFILE, if more
 
 
 class Worker:
@@ -60,6 +67,9 @@ class Worker:
         self.sessions: dict[asyncio.Task, Session] = {}
         self._kept: dict[asyncio.Task, int] = {}   # idle when retired: messages done then
         self._changes = 0                           # sessions opened and closed
+        self._fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._fd_ceiling = fd_ceiling(self._fd_limit)
+        self._fds_short = False          # said once until descriptors are free again
         self._stopping: asyncio.Future | None = None
         self._change_due = False
         self._loop: asyncio.AbstractEventLoop | None = None   # set by main()
@@ -181,6 +191,12 @@ class Worker:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self._pause_accepting()
             return
+        if conn.fileno() >= self._fd_ceiling:
+            self._short_of_fds(conn)
+            return
+        if self._fds_short:
+            self._fds_short = False
+            log.info("descriptors available again: accepting connections")
         if not self.slots.acquire():
             log.error("too many connections open (max %d). sent busy response",
                       self.config.MaxConnections)
@@ -199,6 +215,19 @@ class Worker:
         instructions per message; the listening socket's are known."""
         fd, _ = self.sock._accept()
         return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
+
+    def _short_of_fds(self, conn: socket.socket) -> None:
+        """The connection came with a descriptor near RLIMIT_NOFILE (accept(2)
+        gives the lowest free one, so all below it are taken): 421 busy, and
+        a pause in accepting, so that the sessions held keep their headroom
+        and other workers take the next connections."""
+        if not self._fds_short:
+            self._fds_short = True
+            log.error("too many descriptors open (%d of RLIMIT_NOFILE %d): sent busy response, "
+                      "and so until sessions end", conn.fileno() + 1, self._fd_limit)
+        stats.connection("busy")
+        _busy(conn)
+        self._pause_accepting()
 
     def _pause_accepting(self) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning."""
@@ -238,6 +267,14 @@ class AcceptedSocket(socket.socket):
     __slots__ = ()
     family = _socket.socket.family      # type: ignore[assignment]
     type = _socket.socket.type          # type: ignore[assignment]
+
+
+def fd_ceiling(limit: int) -> int:
+    """The first descriptor number a new connection may not have: the soft
+    RLIMIT_NOFILE `limit` less the headroom (see FD_HEADROOM_MIN)."""
+    if limit == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(limit - max(FD_HEADROOM_MIN, limit // FD_HEADROOM_SHARE), 1)
 
 
 def _fixed_mmap_threshold() -> None:
