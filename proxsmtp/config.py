@@ -545,7 +545,9 @@ def load(path: str, required: bool = False) -> Config:
     missing file reads as empty unless `required`: the caller warns, and the
     checks fail if a setting was needed."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        # utf-8-sig: a byte order mark that an editor on another system put
+        # first is not part of the first setting's name
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
             text = handle.read()
     except FileNotFoundError:
         if required:

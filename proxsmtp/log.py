@@ -54,17 +54,29 @@ class _SysLogHandler(logging.handlers.SysLogHandler):
         daemon's stderr is /dev/null anyway.  Each line tries to reconnect."""
 
 
+class _StderrFormatter(logging.Formatter):
+    """`proxsmtpd: warning: message` for warnings, as postfix marks its own:
+    on a terminal nothing else tells a warning from an error or a notice
+    (syslog carries the level by itself)."""
+
+    def __init__(self, timestamps: bool) -> None:
+        head = "%(asctime)s.%(msecs)03d proxsmtpd: " if timestamps else "proxsmtpd: "
+        super().__init__(head + "%(message)s", "%Y-%m-%d %H:%M:%S")
+        self._warning = logging.Formatter(head + "warning: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:
+            return self._warning.format(record)
+        return super().format(record)
+
+
 def setup_stderr(level: int, timestamps: bool = False) -> None:
     """`proxsmtpd: message` on stderr, from `level` up; with the local time
     first when `timestamps` (a daemon in the foreground, -d), not for what
     the command line itself says (-t, a refused start)."""
     _reset()
     handler = logging.StreamHandler(sys.stderr)
-    if timestamps:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d proxsmtpd: %(message)s", "%Y-%m-%d %H:%M:%S"))
-    else:
-        handler.setFormatter(logging.Formatter("proxsmtpd: %(message)s"))
+    handler.setFormatter(_StderrFormatter(timestamps))
     log.addHandler(handler)
     log.setLevel(level)
 

@@ -3,6 +3,7 @@ the server connection goes for each OutAddress / Listen form."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from proxsmtp import config
 from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
                      send_mail, write_config)
 
@@ -264,6 +266,33 @@ def test_config_test_prints_warnings_and_still_succeeds(tmp_path):
     assert "accepts connections from other hosts" in tested.stderr
     assert "%s, line 4: Header: unknown symbol %%q is left out" % conf in tested.stderr
     assert "test is successful" in tested.stdout
+
+
+def test_config_test_marks_every_warning_as_one(tmp_path):
+    conf = write_config(tmp_path / "warn.conf", "OutAddress: 10026\nListen: 0.0.0.0:%d\n"
+                        "TempDirectory: %s\nHeader: X-A: %%q\nProxyProtocolFrom: 10.0.0.0/8\n"
+                        "PidFile: %s\n" % (free_port(), tmp_path, tmp_path / "conf.pid"))
+    tested = run_proxsmtpd("-t", "-f", str(conf), "-p", str(tmp_path / "cli.pid"))
+    assert tested.returncode == 0, tested.stderr
+    lines = tested.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith("proxsmtpd: warning: ") for line in lines), lines
+    assert any(line.startswith("proxsmtpd: warning: %s, line 4: Header: unknown symbol %%q"
+                               % conf) for line in lines), lines
+    assert "proxsmtpd: warning: ignoring pid file specified on the command line." in lines
+
+
+def test_a_byte_order_mark_before_the_first_setting_is_ignored(tmp_path):
+    text = "OutAddress: 127.0.0.1:10026\nListen: 127.0.0.1:%d\nTempDirectory: %s\n" % (
+        free_port(), tmp_path)
+    plain = write_config(tmp_path / "plain.conf", text)
+    marked = tmp_path / "bom.conf"
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert config.load(str(marked)) == dataclasses.replace(config.load(str(plain)),
+                                                           source=str(marked))
+    tested = check(marked)
+    assert tested.returncode == 0, tested.stderr
+    assert tested.stderr == ""
 
 
 @pytest.mark.parametrize("text, line, message", [
