@@ -132,7 +132,8 @@ class Master:
             parts.append("TransparentProxy %s" % config.TransparentProxy)
         else:
             parts.append("OutAddress %s" % config.OutAddress)
-        parts.append("%d workers, MaxConnections %d" % (config.workers, config.MaxConnections))
+        parts.append("%d worker%s, MaxConnections %d" % (
+            config.workers, "" if config.workers == 1 else "s", config.MaxConnections))
         if config.StatsListen is not None:
             parts.append("metrics at %s/metrics" % config.StatsListen)
         return ", ".join(parts)
