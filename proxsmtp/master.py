@@ -37,7 +37,7 @@ from . import __version__, listener, log as logs, privileges, smtppass, spool, s
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
-from .slots import SharedSlots
+from .slots import SessionIds, SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
 READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be ready
@@ -68,6 +68,7 @@ class Master:
         self.sock = None
         self.stats_sock = None
         self.slots: SharedSlots | None = None
+        self.session_ids: SessionIds | None = None
         self.book: stats.Book | None = None     # what workers count, when StatsListen is set
         self.exporter = None
         self.workers: dict[int, WorkerInfo] = {}
@@ -94,6 +95,7 @@ class Master:
         if self.options.debug is None:
             self.daemonize()
         self.slots = SharedSlots(self.config.MaxConnections)
+        self.session_ids = SessionIds()
         if self.exporter is not None:
             self.book = stats.Book()
             self.book.max_connections = self.config.MaxConnections
@@ -388,7 +390,7 @@ class Master:
         self.slots.bind(index)
         if self.book is not None:
             self.book.bind(index)
-        smtppass.set_id_source((index << 14) | (n & 0x3FFF) for n in itertools.count(1))
+        smtppass.set_id_source(self.session_ids.ids())
         title = "proxsmtpd: worker %d" % number
 
         def show(sessions: int) -> None:

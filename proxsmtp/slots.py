@@ -10,8 +10,11 @@ worker killed in between errs towards one slot too many, never one lost.
 from __future__ import annotations
 
 import multiprocessing
+from typing import Iterator
 
 MAX_WORKER_SLOTS = 1024          # workers alive at once, draining ones included
+ID_BLOCK = 256                   # session ids a worker takes from SessionIds at a time
+ID_LOCK_WAIT = 1.0               # seconds; see SessionIds.ids
 
 
 class SharedSlots:
@@ -82,3 +85,30 @@ class SharedSlots:
             self._debt -= 1
         else:
             self._sem.release()
+
+
+class SessionIds:
+    """Session ids unique over a daemon run.  The master makes one before its
+    first fork; every worker, of every configuration a reload brings, takes
+    blocks of ID_BLOCK ids from the one shared counter, so that no id is
+    handed out twice, however many reloads and replaced workers there are."""
+
+    def __init__(self, block: int = ID_BLOCK) -> None:
+        self._next = multiprocessing.get_context("fork").Value("Q", 1)
+        self._block = block
+
+    def ids(self) -> Iterator[int]:
+        """This worker's ids, in order, a block at a time."""
+        lock = self._next.get_lock()
+        while True:
+            # A worker killed inside these two lines would hold the lock for
+            # good; past the wait the others go on without it rather than
+            # stop serving (the window is two lines every ID_BLOCK sessions).
+            locked = lock.acquire(timeout=ID_LOCK_WAIT)
+            try:
+                start = self._next.value
+                self._next.value = start + self._block
+            finally:
+                if locked:
+                    lock.release()
+            yield from range(start, start + self._block)
