@@ -4,6 +4,7 @@ the server connection goes for each OutAddress / Listen form."""
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
 import pwd
 import re
@@ -370,6 +371,40 @@ def test_filter_program_not_executable_by_user(tmp_path, shared_dir):
                   "(expected a shell command)" % (conf, script))
     script.chmod(0o755)
     assert check(conf).returncode == 0
+
+
+@NOBODY_ONLY
+def test_tls_key_only_root_can_read_is_refused_when_user_would_reload_it(tmp_path, shared_dir):
+    """certbot writes keys 0600 root: a start as root could read it, but every
+    reload, made as User after the switch, could not."""
+    import trustme
+    cert = trustme.CA().issue_cert("proxy.test")
+    chain, key = shared_dir / "chain.pem", shared_dir / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    chain.chmod(0o644)
+    key.chmod(0o600)
+    assert key.stat().st_uid == 0
+    spool = shared_dir / "spool"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)
+    conf = write_config(tmp_path / "k.conf", "OutAddress: 10026\nListen: 127.0.0.1:%d\n"
+                        "User: nobody\nTempDirectory: %s\nTLSCertificate: %s\nTLSKey: %s\n"
+                        % (free_port(), spool, chain, key))
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    refused_alike(conf, "%s, line 6: TLSKey: %s is not readable by nobody (Permission denied): "
+                  "the master reads it again as nobody on every reload (SIGHUP), so a reload "
+                  "would fail and a renewed certificate never be used (expected a file nobody "
+                  "can read, e.g. with chgrp %s %s; chmod g+r %s)" % (conf, key, group, key, key))
+    os.chown(key, -1, pwd.getpwnam("nobody").pw_gid)
+    key.chmod(0o640)
+    tested = check(conf)
+    assert tested.returncode == 0, tested.stderr
+    shared_dir.chmod(0o700)         # the directory on the way counts too
+    tested = check(conf)
+    assert tested.returncode == 2
+    assert "TLSCertificate: %s is not readable by nobody (Permission denied)" % chain \
+        in tested.stderr, tested.stderr
 
 
 def test_temp_directory_on_a_read_only_file_system(tmp_path):
