@@ -6,6 +6,9 @@ that share the socket and one MaxConnections semaphore.  It then only
 supervises: a worker that dies is logged, its slots are reclaimed and it
 is replaced; SIGHUP re-reads the configuration and replaces the workers
 (old ones finish their sessions first); SIGTERM/SIGINT stop everything.
+A reload is logged complete once every new worker accepts and every old
+one has stopped accepting (each says so in the shared slot books): from
+then on no connection can reach a worker with the old settings.
 
 Retired workers are bounded: at most `Workers` x GENERATIONS worker
 processes live at any time.  Idle sessions kept open (a NOOP now and then
@@ -45,6 +48,7 @@ READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be re
 # worker's own handlers exist), so that none is lost or kills us half-started.
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 GENERATIONS = 3             # workers alive at most: Workers x this (current + two retired)
+RELOAD_POLL = 0.02          # seconds between looks at a reload under way
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Master:
         self.signals: list[int] = []
         self.numbers = itertools.count(1)
         self.generation = 0
+        self.reloading = False          # reloaded, but not yet complete (reload_done)
         self.ready_fd = -1
         self.pid_file = options.pid_file
         self._wake_r = self._wake_w = -1
@@ -227,8 +232,8 @@ class Master:
 
     def supervise(self) -> None:
         while True:
-            try:
-                select.select([self._wake_r], [], [], 1.0)
+            try:    # a reload under way is looked at more often, to say when it is complete
+                select.select([self._wake_r], [], [], RELOAD_POLL if self.reloading else 1.0)
             except InterruptedError:
                 pass
             try:
@@ -248,6 +253,9 @@ class Master:
             self.slots.collect_debt()
             self.maintain()
             self.count_workers()
+            if self.reloading and self.reload_done():
+                self.reloading = False
+                logs.notice("reload complete: new connections get the new configuration")
 
     def reap(self) -> None:
         """Collect exited workers; one that died unasked for is logged."""
@@ -331,6 +339,23 @@ class Master:
             if stale:
                 self.retire(stale.pop(0))
 
+    def reload_done(self) -> bool:
+        """Every worker of the new configuration accepts, and no older one does
+        (each has taken itself off the listening socket, see Worker.stop): a
+        connection made from now on can only reach a worker with the new
+        settings."""
+        current = 0
+        for info in self.workers.values():
+            accepting = self.slots.accepting(info.index)
+            if info.generation != self.generation or info.retiring:
+                if accepting:
+                    return False
+            elif not accepting:
+                return False
+            else:
+                current += 1
+        return current >= self.config.workers
+
     def count_workers(self) -> None:
         """For /metrics: workers serving, and retiring (finishing their sessions)."""
         if self.book is not None:
@@ -347,6 +372,7 @@ class Master:
             self._backoff_until = time.monotonic() + 1.0
             return False
         number = next(self.numbers)
+        self.slots.reset(index)
         if self.book is not None:
             self.book.attach(index)
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
@@ -442,6 +468,7 @@ class Master:
         self.generation += 1                # the running workers are now stale
         self._backoff_until = 0.0
         self.maintain()
+        self.reloading = True
         logs.notice("reloaded configuration from %s: %s", self.config_file, self.summary())
 
     def stop(self) -> None:

@@ -25,6 +25,9 @@ class SharedSlots:
         self.limit = limit
         self._sem = ctx.Semaphore(limit)
         self._counts = ctx.RawArray("i", MAX_WORKER_SLOTS)
+        # 1 while a worker watches the listening socket: the master's reload
+        # is complete when the new workers do and the old ones no longer do
+        self._accepting = ctx.RawArray("b", MAX_WORKER_SLOTS)
         self._index = -1
         self._debt = 0               # units to withdraw after MaxConnections shrank
 
@@ -33,6 +36,11 @@ class SharedSlots:
     def bind(self, index: int) -> None:
         self._index = index
         self._counts[index] = 0
+        self._accepting[index] = 0
+
+    def set_accepting(self, accepting: bool) -> None:
+        """This worker now accepts connections, or has stopped for good."""
+        self._accepting[self._index] = accepting
 
     def acquire(self) -> bool:
         """Take a slot for a new session, without waiting."""
@@ -57,8 +65,16 @@ class SharedSlots:
     def in_use(self, index: int) -> int:
         return self._counts[index]
 
+    def accepting(self, index: int) -> bool:
+        return bool(self._accepting[index])
+
+    def reset(self, index: int) -> None:
+        """Before a new worker takes `index`: nothing left from the last one."""
+        self._accepting[index] = 0
+
     def reclaim(self, index: int) -> int:
         """A worker is gone: give back the units it held.  Returns how many."""
+        self._accepting[index] = 0
         count = max(0, self._counts[index])
         self._counts[index] = 0
         for _ in range(count):

@@ -4,6 +4,7 @@ sessions of old generations with 421 4.3.2, and never cuts a message."""
 
 from __future__ import annotations
 
+import os
 import re
 import select
 import signal
@@ -162,3 +163,22 @@ def test_session_ids_are_never_reused_across_reloads(proxy, upstream):
                      px.log(), re.M)
     assert len(ids) == 6, px.log()
     assert len(set(ids)) == 6, ids
+
+
+def test_reload_is_complete_only_once_old_workers_stopped_accepting(proxy, upstream):
+    """An old worker that has not yet taken itself off the listening socket
+    could still take a new connection with the old settings: until it has,
+    the reload is not complete."""
+    px = proxy({"OutAddress": upstream.address, "Workers": 1})
+    [old] = children(px.proc.pid)
+    os.kill(old, signal.SIGSTOP)        # it can't act on being retired yet
+    try:
+        px.proc.send_signal(signal.SIGHUP)
+        px.wait_log(r"reloaded configuration")
+        wait_until(lambda: len(children(px.proc.pid)) == 2, 15, what="the new worker")
+        time.sleep(1.0)
+        assert "reload complete" not in px.log()
+    finally:
+        os.kill(old, signal.SIGCONT)
+    px.wait_log(r"^proxsmtpd: reload complete: new connections get the new configuration$", 15)
+    wait_until(lambda: old not in children(px.proc.pid), 15, what="the old worker to exit")
