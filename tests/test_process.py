@@ -9,11 +9,12 @@ import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from harness import (PYTHON, REPO, Client, children, detached, free_port, pid_alive, send_mail,
-                     title, wait_until, write_config)
+from harness import (PYTHON, REPO, Client, children, detached, free_port, pid_alive,
+                     run_proxsmtpd, send_mail, title, wait_until, write_config)
 
 NOBODY_CAPS = "0000000000001000"       # CAP_NET_ADMIN only
 
@@ -253,6 +254,34 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
         assert again.returncode != 0
         assert "Address already in use" in again.stderr
     assert not pid_file.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+def test_pid_file_user_may_not_remove_is_still_removed(upstream, public_dir):
+    """User: nobody, and the pid file in a directory only root may write (as
+    /run is): no empty pid file is left behind, after SIGTERM or a SIGKILL."""
+    rundir = Path(tempfile.mkdtemp(prefix="proxsmtpd-run-", dir="/tmp"))
+    try:
+        rundir.chmod(0o755)
+        pid_file = rundir / "proxsmtpd.pid"
+        conf = write_config(rundir / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
+                                               "Listen": "127.0.0.1:%d" % free_port(),
+                                               "TempDirectory": public_dir, "User": "nobody"})
+        with detached(conf, pid_file) as (result, daemon):
+            assert result.returncode == 0, result.stderr
+            assert int(status(daemon)["Uid"].split()[0]) == 65534
+            assert pid_file.stat().st_uid == 65534
+        wait_until(lambda: not pid_file.exists(), 10, what="the pid file to be removed")
+        result = run_proxsmtpd("-f", str(conf), "-p", str(pid_file), timeout=60)
+        assert result.returncode == 0, result.stderr
+        daemon = int(pid_file.read_text())
+        workers = list(children(daemon))
+        os.kill(daemon, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(daemon) and not any(map(pid_alive, workers)), 30,
+                   what="the daemon and its workers to exit")
+        wait_until(lambda: not pid_file.exists(), 10, what="the pid file to be removed")
+    finally:
+        shutil.rmtree(rundir)
 
 
 def test_stdlib_event_loop_when_uvloop_is_missing(proxy, upstream, tmp_path):
