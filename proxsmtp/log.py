@@ -54,15 +54,14 @@ class _SysLogHandler(logging.handlers.SysLogHandler):
         daemon's stderr is /dev/null anyway.  Each line tries to reconnect."""
 
 
-class _StderrFormatter(logging.Formatter):
-    """`proxsmtpd: warning: message` for warnings, as postfix marks its own:
-    on a terminal nothing else tells a warning from an error or a notice
-    (syslog carries the level by itself)."""
+class _CommandLineFormatter(logging.Formatter):
+    """`proxsmtpd: warning: message` for a warning, as postfix marks its own:
+    what the command line says (-t, a refused start) is read by a person,
+    and nothing else there tells a warning from the error that ends it."""
 
-    def __init__(self, timestamps: bool) -> None:
-        head = "%(asctime)s.%(msecs)03d proxsmtpd: " if timestamps else "proxsmtpd: "
-        super().__init__(head + "%(message)s", "%Y-%m-%d %H:%M:%S")
-        self._warning = logging.Formatter(head + "warning: %(message)s", "%Y-%m-%d %H:%M:%S")
+    def __init__(self) -> None:
+        super().__init__("proxsmtpd: %(message)s")
+        self._warning = logging.Formatter("proxsmtpd: warning: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         if record.levelno == logging.WARNING:
@@ -73,10 +72,15 @@ class _StderrFormatter(logging.Formatter):
 def setup_stderr(level: int, timestamps: bool = False) -> None:
     """`proxsmtpd: message` on stderr, from `level` up; with the local time
     first when `timestamps` (a daemon in the foreground, -d), not for what
-    the command line itself says (-t, a refused start)."""
+    the command line itself says (-t, a refused start), where a warning
+    says so."""
     _reset()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_StderrFormatter(timestamps))
+    if timestamps:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s.%(msecs)03d proxsmtpd: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    else:
+        handler.setFormatter(_CommandLineFormatter())
     log.addHandler(handler)
     log.setLevel(level)
 
