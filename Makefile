@@ -117,8 +117,11 @@ install:
 	  else echo "  Run it as root, or choose a PREFIX you can write." >&2; fi; \
 	  exit 1; \
 	done
+	@if [ -n "$(DESTDIR)" ] && [ ! -d "$(DESTDIR)" ]; then \
+	  $(INSTALL) -d "$(DESTDIR)" || { echo "make install: can't create DESTDIR $(DESTDIR); nothing was installed." >&2; exit 1; }; \
+	fi
 	@new=; for d in $(INSTALL_DIRS); do \
-	  while [ ! -d "$(DESTDIR)$$d" ]; do new="$$new $$d"; d=$$(dirname "$$d"); done; \
+	  while [ "$$d" != / ] && [ ! -d "$(DESTDIR)$$d" ]; do new="$$new $$d"; d=$$(dirname "$$d"); done; \
 	done; \
 	$(INSTALL) -d $(addprefix $(DESTDIR),$(INSTALL_DIRS)) && \
 	{ cat $(DESTDIR)$(CREATED) 2>/dev/null; printf '%s\n' $$new; } | sed '/^$$/d' | sort -u > $(DESTDIR)$(CREATED).new && \

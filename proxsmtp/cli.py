@@ -51,11 +51,11 @@ def parse_args(argv: list[str]) -> Options:
     options = Options()
     try:
         opts, rest = getopt.getopt(argv, "d:f:p:tvh", ["help", "version"])
-    except getopt.GetoptError:
-        sys.stderr.write(USAGE)
+    except getopt.GetoptError as exc:
+        sys.stderr.write("proxsmtpd: %s\n%s" % (exc.msg, USAGE))
         sys.exit(2)
     if rest:
-        sys.stderr.write(USAGE)
+        sys.stderr.write("proxsmtpd: unexpected argument: %s\n%s" % (rest[0], USAGE))
         sys.exit(2)
     for flag, value in opts:
         if flag == "-d":

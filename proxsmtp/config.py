@@ -12,6 +12,7 @@ host; load() does both, for a start, `proxsmtpd -t` and a reload alike.
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import os
 import re
@@ -469,11 +470,42 @@ def check_system(config: Config) -> None:
                                "with: %s)" % (exc, ADD_USER)) from None
     _check_temp_directory(config, user)
     _tls_contexts(config)
+    if user is not None and os.geteuid() == 0:
+        _check_tls_files_for(config, user)
     if config.FilterCommand and config.FilterType in ("pipe", "file"):
         program = _missing_program(config.FilterCommand, user)
         if program:
             raise config.error("FilterCommand", "%s: no such program%s (expected a shell "
                                "command)" % (program, _as(config.User)))
+
+
+def _check_tls_files_for(config: Config, user) -> None:
+    """The TLS files must be readable by User, not only by root.  The master
+    reads them as root at start, but a reload (SIGHUP) reads them again after
+    the switch to User: a key only root can read (certbot writes its keys
+    0600 root) would let the start succeed and every later reload fail, so a
+    renewed certificate would never be used.  Refused at start and by -t
+    alike, -t being what the init script and the systemd unit run before a
+    reload."""
+    for name in ("TLSCertificate", "TLSKey", "TLSCAFile"):
+        path = getattr(config, name)
+        if path is None:
+            continue
+        why = privileges.unreadable(path, user)
+        if why:
+            raise config.error(name, "%s is not readable by %s (%s): the master reads it again "
+                               "as %s on every reload (SIGHUP), so a reload would fail and a "
+                               "renewed certificate never be used (expected a file %s can read, "
+                               "e.g. with chgrp %s %s; chmod g+r %s)"
+                               % (path, config.User, why, config.User, config.User,
+                                  _group_name(user.pw_gid), path, path))
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _as(user: str | None) -> str:
@@ -545,7 +577,9 @@ def load(path: str, required: bool = False) -> Config:
     missing file reads as empty unless `required`: the caller warns, and the
     checks fail if a setting was needed."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        # utf-8-sig: a byte order mark that an editor on another system put
+        # first is not part of the first setting's name
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as handle:
             text = handle.read()
     except FileNotFoundError:
         if required:

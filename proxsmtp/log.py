@@ -54,17 +54,33 @@ class _SysLogHandler(logging.handlers.SysLogHandler):
         daemon's stderr is /dev/null anyway.  Each line tries to reconnect."""
 
 
+class _CommandLineFormatter(logging.Formatter):
+    """`proxsmtpd: warning: message` for a warning, as postfix marks its own:
+    what the command line says (-t, a refused start) is read by a person,
+    and nothing else there tells a warning from the error that ends it."""
+
+    def __init__(self) -> None:
+        super().__init__("proxsmtpd: %(message)s")
+        self._warning = logging.Formatter("proxsmtpd: warning: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.WARNING:
+            return self._warning.format(record)
+        return super().format(record)
+
+
 def setup_stderr(level: int, timestamps: bool = False) -> None:
     """`proxsmtpd: message` on stderr, from `level` up; with the local time
     first when `timestamps` (a daemon in the foreground, -d), not for what
-    the command line itself says (-t, a refused start)."""
+    the command line itself says (-t, a refused start), where a warning
+    says so."""
     _reset()
     handler = logging.StreamHandler(sys.stderr)
     if timestamps:
         handler.setFormatter(logging.Formatter(
             "%(asctime)s.%(msecs)03d proxsmtpd: %(message)s", "%Y-%m-%d %H:%M:%S"))
     else:
-        handler.setFormatter(logging.Formatter("proxsmtpd: %(message)s"))
+        handler.setFormatter(_CommandLineFormatter())
     log.addHandler(handler)
     log.setLevel(level)
 

@@ -6,6 +6,9 @@ that share the socket and one MaxConnections semaphore.  It then only
 supervises: a worker that dies is logged, its slots are reclaimed and it
 is replaced; SIGHUP re-reads the configuration and replaces the workers
 (old ones finish their sessions first); SIGTERM/SIGINT stop everything.
+A reload is logged complete once every new worker accepts and every old
+one has stopped accepting (each says so in the shared slot books): from
+then on no connection can reach a worker with the old settings.
 
 Retired workers are bounded: at most `Workers` x GENERATIONS worker
 processes live at any time.  Idle sessions kept open (a NOOP now and then
@@ -37,7 +40,7 @@ from . import __version__, listener, log as logs, privileges, smtppass, spool, s
 from .config import Config
 from .log import log
 from .relay import FINAL_REPLY_WAIT
-from .slots import SharedSlots
+from .slots import SessionIds, SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
 READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be ready
@@ -45,6 +48,7 @@ READY_TIMEOUT = 60.0        # how long `proxsmtpd` waits for its daemon to be re
 # worker's own handlers exist), so that none is lost or kills us half-started.
 CONTROL_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 GENERATIONS = 3             # workers alive at most: Workers x this (current + two retired)
+RELOAD_POLL = 0.02          # seconds between looks at a reload under way
 
 
 @dataclass
@@ -68,14 +72,17 @@ class Master:
         self.sock = None
         self.stats_sock = None
         self.slots: SharedSlots | None = None
+        self.session_ids: SessionIds | None = None
         self.book: stats.Book | None = None     # what workers count, when StatsListen is set
         self.exporter = None
         self.workers: dict[int, WorkerInfo] = {}
         self.signals: list[int] = []
         self.numbers = itertools.count(1)
         self.generation = 0
+        self.reloading = False          # reloaded, but not yet complete (reload_done)
         self.ready_fd = -1
         self.pid_file = options.pid_file
+        self.remover_fd = -1            # the pid file remover's pipe (start_pid_file_remover)
         self._wake_r = self._wake_w = -1
         self._backoff_until = 0.0
 
@@ -94,12 +101,14 @@ class Master:
         if self.options.debug is None:
             self.daemonize()
         self.slots = SharedSlots(self.config.MaxConnections)
+        self.session_ids = SessionIds()
         if self.exporter is not None:
             self.book = stats.Book()
             self.book.max_connections = self.config.MaxConnections
         _preload()
         try:
             self.write_pid_file()
+            self.start_pid_file_remover()
             privileges.drop(self.config.User)
         except (OSError, privileges.PrivilegeError) as exc:
             if isinstance(exc, OSError):    # from the pid file
@@ -108,16 +117,16 @@ class Master:
             self.tell_launcher("%s" % exc)
             self.remove_pid_file()
             return 1
-        if self.exporter is not None:
-            self.exporter.start(self.book)  # without capabilities, with our signals blocked
-        self.install_signals()
-        prctl.set_child_subreaper(True)     # a dead worker's filters become ours
-        setproctitle("proxsmtpd: master -f %s" % self.config_file)
-        self.maintain()
-        self.count_workers()
-        logs.notice("proxsmtpd %s started: %s", __version__, self.summary())
-        self.tell_launcher("")
-        try:
+        try:    # however the start or the run ends, the pid file goes
+            if self.exporter is not None:
+                self.exporter.start(self.book)  # without capabilities, with our signals blocked
+            self.install_signals()
+            prctl.set_child_subreaper(True)     # a dead worker's filters become ours
+            setproctitle("proxsmtpd: master -f %s" % self.config_file)
+            self.maintain()
+            self.count_workers()
+            logs.notice("proxsmtpd %s started: %s", __version__, self.summary())
+            self.tell_launcher("")
             self.supervise()
         finally:
             self.remove_pid_file()
@@ -132,7 +141,8 @@ class Master:
             parts.append("TransparentProxy %s" % config.TransparentProxy)
         else:
             parts.append("OutAddress %s" % config.OutAddress)
-        parts.append("%d workers, MaxConnections %d" % (config.workers, config.MaxConnections))
+        parts.append("%d worker%s, MaxConnections %d" % (
+            config.workers, "" if config.workers == 1 else "s", config.MaxConnections))
         if config.StatsListen is not None:
             parts.append("metrics at %s/metrics" % config.StatsListen)
         return ", ".join(parts)
@@ -195,6 +205,37 @@ class Master:
                     entry = privileges.lookup(self.config.User)
                     os.fchown(handle.fileno(), entry.pw_uid, entry.pw_gid)
 
+    def start_pid_file_remover(self) -> None:
+        """When `User:` may not remove the pid file from its directory (root's
+        /run, say), leave behind, while still root, a process that removes it
+        once the master is gone; else a stale (emptied) pid file would stay.
+
+        It is a grandchild in a session of its own, so that it is neither
+        counted among the workers nor killed with the master's process group;
+        it keeps uid 0 (the directory's owner) but no capability, closes every
+        descriptor but its end of a pipe, and waits for that pipe to close,
+        which happens when the master exits, however it exits."""
+        if not (self.pid_file and self.config.User and os.geteuid() == 0):
+            return
+        entry = privileges.lookup(self.config.User)
+        if privileges.allowed(os.path.dirname(os.path.abspath(self.pid_file)), entry, write=True):
+            return
+        log.debug("%s may not remove the pid file %s: a process left as root will, at exit",
+                  self.config.User, self.pid_file)
+        master = os.getpid()
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                if os.fork() == 0:
+                    _remove_after(read_end, self.pid_file, master)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        os.waitpid(pid, 0)
+        self.remover_fd = write_end
+
     def remove_pid_file(self) -> None:
         if not self.pid_file:
             return
@@ -203,11 +244,16 @@ class Master:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            log.warning("couldn't remove pid file: %s: %s (emptied it)", self.pid_file, exc.strerror)
-            try:
+            if self.remover_fd < 0:
+                log.warning("couldn't remove pid file: %s: %s (emptied it)",
+                            self.pid_file, exc.strerror)
+            try:    # at once, so that nothing reads a pid there that is gone
                 open(self.pid_file, "w").close()
             except OSError:
                 pass
+        if self.remover_fd >= 0:        # its cue to remove the file
+            os.close(self.remover_fd)
+            self.remover_fd = -1
 
     def install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,8 +270,8 @@ class Master:
 
     def supervise(self) -> None:
         while True:
-            try:
-                select.select([self._wake_r], [], [], 1.0)
+            try:    # a reload under way is looked at more often, to say when it is complete
+                select.select([self._wake_r], [], [], RELOAD_POLL if self.reloading else 1.0)
             except InterruptedError:
                 pass
             try:
@@ -245,6 +291,9 @@ class Master:
             self.slots.collect_debt()
             self.maintain()
             self.count_workers()
+            if self.reloading and self.reload_done():
+                self.reloading = False
+                logs.notice("reload complete: new connections get the new configuration")
 
     def reap(self) -> None:
         """Collect exited workers; one that died unasked for is logged."""
@@ -328,6 +377,23 @@ class Master:
             if stale:
                 self.retire(stale.pop(0))
 
+    def reload_done(self) -> bool:
+        """Every worker of the new configuration accepts, and no older one does
+        (each has taken itself off the listening socket, see Worker.stop): a
+        connection made from now on can only reach a worker with the new
+        settings."""
+        current = 0
+        for info in self.workers.values():
+            accepting = self.slots.accepting(info.index)
+            if info.generation != self.generation or info.retiring:
+                if accepting:
+                    return False
+            elif not accepting:
+                return False
+            else:
+                current += 1
+        return current >= self.config.workers
+
     def count_workers(self) -> None:
         """For /metrics: workers serving, and retiring (finishing their sessions)."""
         if self.book is not None:
@@ -344,6 +410,7 @@ class Master:
             self._backoff_until = time.monotonic() + 1.0
             return False
         number = next(self.numbers)
+        self.slots.reset(index)
         if self.book is not None:
             self.book.attach(index)
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)
@@ -373,7 +440,7 @@ class Master:
     def _become_worker(self, index: int, number: int) -> None:
         master = os.getppid()
         signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w, self.ready_fd):
+        for fd in (self._wake_r, self._wake_w, self.ready_fd, self.remover_fd):
             if fd >= 0:
                 os.close(fd)
         if self.stats_sock is not None:
@@ -387,7 +454,7 @@ class Master:
         self.slots.bind(index)
         if self.book is not None:
             self.book.bind(index)
-        smtppass.set_id_source((index << 14) | (n & 0x3FFF) for n in itertools.count(1))
+        smtppass.set_id_source(self.session_ids.ids())
         title = "proxsmtpd: worker %d" % number
 
         def show(sessions: int) -> None:
@@ -439,6 +506,7 @@ class Master:
         self.generation += 1                # the running workers are now stale
         self._backoff_until = 0.0
         self.maintain()
+        self.reloading = True
         logs.notice("reloaded configuration from %s: %s", self.config_file, self.summary())
 
     def stop(self) -> None:
@@ -463,6 +531,37 @@ class Master:
             except ChildProcessError:
                 break
             self.workers.pop(pid, None)
+
+
+def _remove_after(pipe: int, pid_file: str, master: int) -> None:
+    """The pid file remover (Master.start_pid_file_remover): once `pipe`'s
+    other end is closed, remove `pid_file` if it still names `master` or is
+    empty (another proxsmtpd may have started and written its own)."""
+    setproctitle("proxsmtpd: pid file remover for %d" % master)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.closerange(3, pipe)
+    os.closerange(pipe + 1, os.sysconf("SC_OPEN_MAX"))
+    prctl.set_no_new_privs(True)
+    try:
+        prctl.capbset.limit()
+    except OSError:     # no CAP_SETPCAP (systemd's bounding set): nothing to raise anyway
+        pass
+    prctl.cap_effective.limit()     # effective first: it must stay within permitted
+    prctl.cap_inheritable.limit()
+    prctl.cap_permitted.limit()
+    # The master's control signals are still blocked here, as they were when
+    # it forked: a SIGTERM to its process group before setsid() is not fatal.
+    while os.read(pipe, 64):
+        pass
+    try:
+        with open(pid_file) as handle:
+            named = handle.read().strip()
+        if named in ("", str(master)):
+            os.unlink(pid_file)
+    except (OSError, ValueError):
+        pass
 
 
 def _adopted(master: int, workers: set[int]) -> list[int]:

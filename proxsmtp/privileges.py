@@ -48,6 +48,45 @@ def allowed(path: str, user: pwd.struct_passwd | None, write: bool) -> bool:
     return (st.st_mode >> shift) & needed == needed
 
 
+def unreadable(path: str, user: pwd.struct_passwd) -> str | None:
+    """Why `user` can't read `path` (the errno text), or None if it can, or if
+    this process can't become `user` to find out.  Tried for real, in a child
+    that switches as drop() does (that uid, its own group only, no
+    capabilities left): directories on the way, ACLs and symbolic links
+    count as they will for the master after the switch."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        answer = b""
+        try:
+            os.close(read_end)
+            os.setgroups([user.pw_gid])
+            os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+            os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        except OSError:
+            answer = b"?"
+        else:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                answer = str(exc.errno).encode()
+        finally:
+            try:
+                os.write(write_end, answer)
+            finally:
+                os._exit(0)
+    os.close(write_end)
+    try:
+        answer = os.read(read_end, 64)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    if not answer or answer == b"?":
+        return None
+    return os.strerror(int(answer))
+
+
 def drop(user: str | None) -> None:
     """Become `user` (if given and we are root) with only CAP_NET_ADMIN left."""
     if user and os.geteuid() != 0:

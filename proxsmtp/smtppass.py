@@ -76,8 +76,9 @@ _ids = itertools.count(0x100000)
 
 
 def next_id() -> str:
-    """A short id for log lines; `set_id_source()` makes it unique across workers."""
-    return "%06X" % (next(_ids) & 0xFFFFFF)
+    """A short id for log lines (six hex digits, more once past FFFFFF);
+    `set_id_source()` makes it unique across workers."""
+    return "%06X" % next(_ids)
 
 
 def set_id_source(counter) -> None:

@@ -7,7 +7,8 @@ shared Slots; it gives the slot back on every way out.
 
 Signals from the master: SIGTERM stops the worker (idle sessions get 421
 at once, one mid-message gets SHUTDOWN_GRACE); SIGUSR1 retires it after a
-reload (it stops accepting; a session that was idle then may stay, one
+reload (it stops accepting at once and tells the master so; a session
+that was idle then may stay, one
 that goes on to finish a message is closed at its next idle point, so it
 reconnects to a current worker); SIGUSR2 drains it (every session is closed
 at its first idle point, now or after its message).
@@ -97,9 +98,9 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT,
                                                     signal.SIGUSR1, signal.SIGUSR2})
         loop.add_reader(self.sock.fileno(), self._accept)
+        self.slots.set_accepting(True)
         trimmer = loop.create_task(self._trim_memory())
         await self._stopping
-        loop.remove_reader(self.sock.fileno())
         self.sock.close()
         await self.finish_sessions()
         trimmer.cancel()
@@ -124,7 +125,12 @@ class Worker:
         self.stop()
 
     def stop(self) -> None:
+        """Stop accepting now, from within the signal's handler: not one more
+        connection may be taken once the master counts this worker as
+        retired (the reload's promise, proxsmtpd(8) SIGHUP)."""
         if self._stopping is not None and not self._stopping.done():
+            self._loop.remove_reader(self.sock.fileno())   # type: ignore[union-attr]
+            self.slots.set_accepting(False)
             self._stopping.set_result(None)
 
     async def finish_sessions(self) -> None:

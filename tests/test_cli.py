@@ -34,6 +34,19 @@ def test_usage_errors(args):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("args, said", [
+    (("-x",), "option -x not recognized"),
+    (("-t", "-q", "-f", "/nonexistent"), "option -q not recognized"),
+    (("--frobnicate",), "option --frobnicate not recognized"),
+    (("-d",), "option -d requires argument"),
+    (("-d", "1", "more", "args"), "unexpected argument: more"),
+])
+def test_usage_errors_name_the_bad_option(args, said):
+    result = run_proxsmtpd(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("proxsmtpd: %s\nusage: proxsmtpd " % said), result.stderr
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_help(flag):
     result = run_proxsmtpd(flag)

@@ -3,6 +3,8 @@ the server connection goes for each OutAddress / Listen form."""
 
 from __future__ import annotations
 
+import dataclasses
+import grp
 import os
 import pwd
 import re
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from proxsmtp import config
 from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
                      send_mail, write_config)
 
@@ -266,6 +269,33 @@ def test_config_test_prints_warnings_and_still_succeeds(tmp_path):
     assert "test is successful" in tested.stdout
 
 
+def test_config_test_marks_every_warning_as_one(tmp_path):
+    conf = write_config(tmp_path / "warn.conf", "OutAddress: 10026\nListen: 0.0.0.0:%d\n"
+                        "TempDirectory: %s\nHeader: X-A: %%q\nProxyProtocolFrom: 10.0.0.0/8\n"
+                        "PidFile: %s\n" % (free_port(), tmp_path, tmp_path / "conf.pid"))
+    tested = run_proxsmtpd("-t", "-f", str(conf), "-p", str(tmp_path / "cli.pid"))
+    assert tested.returncode == 0, tested.stderr
+    lines = tested.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert all(line.startswith("proxsmtpd: warning: ") for line in lines), lines
+    assert any(line.startswith("proxsmtpd: warning: %s, line 4: Header: unknown symbol %%q"
+                               % conf) for line in lines), lines
+    assert "proxsmtpd: warning: ignoring pid file specified on the command line." in lines
+
+
+def test_a_byte_order_mark_before_the_first_setting_is_ignored(tmp_path):
+    text = "OutAddress: 127.0.0.1:10026\nListen: 127.0.0.1:%d\nTempDirectory: %s\n" % (
+        free_port(), tmp_path)
+    plain = write_config(tmp_path / "plain.conf", text)
+    marked = tmp_path / "bom.conf"
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert config.load(str(marked)) == dataclasses.replace(config.load(str(plain)),
+                                                           source=str(marked))
+    tested = check(marked)
+    assert tested.returncode == 0, tested.stderr
+    assert tested.stderr == ""
+
+
 @pytest.mark.parametrize("text, line, message", [
     ("FilterComand: cat", 2, 'unknown setting "FilterComand" (did you mean FilterCommand?)'),
     ("FilterType: milter", 2, 'FilterType: expected one of pipe, file, smtp, reject, not "milter"'),
@@ -341,6 +371,40 @@ def test_filter_program_not_executable_by_user(tmp_path, shared_dir):
                   "(expected a shell command)" % (conf, script))
     script.chmod(0o755)
     assert check(conf).returncode == 0
+
+
+@NOBODY_ONLY
+def test_tls_key_only_root_can_read_is_refused_when_user_would_reload_it(tmp_path, shared_dir):
+    """certbot writes keys 0600 root: a start as root could read it, but every
+    reload, made as User after the switch, could not."""
+    import trustme
+    cert = trustme.CA().issue_cert("proxy.test")
+    chain, key = shared_dir / "chain.pem", shared_dir / "key.pem"
+    chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key))
+    chain.chmod(0o644)
+    key.chmod(0o600)
+    assert key.stat().st_uid == 0
+    spool = shared_dir / "spool"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)
+    conf = write_config(tmp_path / "k.conf", "OutAddress: 10026\nListen: 127.0.0.1:%d\n"
+                        "User: nobody\nTempDirectory: %s\nTLSCertificate: %s\nTLSKey: %s\n"
+                        % (free_port(), spool, chain, key))
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    refused_alike(conf, "%s, line 6: TLSKey: %s is not readable by nobody (Permission denied): "
+                  "the master reads it again as nobody on every reload (SIGHUP), so a reload "
+                  "would fail and a renewed certificate never be used (expected a file nobody "
+                  "can read, e.g. with chgrp %s %s; chmod g+r %s)" % (conf, key, group, key, key))
+    os.chown(key, -1, pwd.getpwnam("nobody").pw_gid)
+    key.chmod(0o640)
+    tested = check(conf)
+    assert tested.returncode == 0, tested.stderr
+    shared_dir.chmod(0o700)         # the directory on the way counts too
+    tested = check(conf)
+    assert tested.returncode == 2
+    assert "TLSCertificate: %s is not readable by nobody (Permission denied)" % chain \
+        in tested.stderr, tested.stderr
 
 
 def test_temp_directory_on_a_read_only_file_system(tmp_path):

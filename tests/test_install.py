@@ -178,6 +178,43 @@ def test_uninstall_removes_only_the_directories_install_created(destdir):
                                 "opt/pxs/share/man", "opt/pxs/share/man/man8"]
 
 
+def make_or_kill(destdir: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+    """`make install PREFIX=/usr DESTDIR=destdir`, in its own process group so that,
+    should it hang, the shell it spawned is killed with it rather than left spinning."""
+    args = ["make", "-C", str(REPO), "--no-print-directory", "install", "PREFIX=/usr",
+            "INSTALL_PYTHON=%s" % runtime_python(), "DESTDIR=%s" % destdir]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("make install DESTDIR=%s did not finish in %d s" % (destdir, timeout))
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def test_install_into_a_missing_destdir_creates_it(tmp_path):
+    """README's own `make install DESTDIR=/tmp/stage` works when the stage isn't there yet."""
+    destdir = tmp_path / "not" / "yet" / "stage"
+    done = make_or_kill(destdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tree_of(destdir) == expected_tree("/usr", "/etc")
+    make("uninstall", destdir, "/usr")
+    assert tree_of(destdir) == {"etc/proxsmtpd.conf": 0o644}
+    assert dirs_of(destdir) == ["etc"], "uninstall left directories it created"
+
+
+def test_install_into_a_destdir_that_cant_be_made_says_so(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = make_or_kill(blocker / "stage")
+    assert done.returncode != 0
+    assert "make install: can't create DESTDIR %s; nothing was installed." % (blocker / "stage") \
+        in done.stderr, done.stderr
+    assert blocker.read_text() == ""
+
+
 def as_nobody(*command: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
                            "--inh-caps=-all", "--bounding-set=-all", *command], cwd=cwd,

@@ -35,7 +35,7 @@ def test_start_reload_and_stop_are_notices_with_timestamps(proxy, upstream):
 def test_start_line_names_transparent_mode_and_metrics(proxy):
     stats = "127.0.0.1:%d" % free_port()
     px = proxy({"TransparentProxy": "client", "Workers": 1, "StatsListen": stats}, debug=2)
-    px.wait_log(r"started: Listen .*, TransparentProxy client, 1 workers, MaxConnections 64, "
+    px.wait_log(r"started: Listen .*, TransparentProxy client, 1 worker, MaxConnections 64, "
                 r"metrics at %s/metrics$" % re.escape(stats))
 
 

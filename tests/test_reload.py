@@ -4,6 +4,8 @@ sessions of old generations with 421 4.3.2, and never cuts a message."""
 
 from __future__ import annotations
 
+import os
+import re
 import select
 import signal
 import threading
@@ -140,3 +142,43 @@ def test_retired_worker_closes_a_session_after_its_message(proxy, upstream):
     assert b"before the reload\r\nafter the reload" in message.raw
     assert b"X-Gen: one" in message.raw
     idle.close()
+
+
+def test_session_ids_are_never_reused_across_reloads(proxy, upstream):
+    """Each session's id (the first word of its log lines) is unique over the
+    daemon's run: workers that replace others after a reload go on counting
+    instead of starting again."""
+    px = proxy({"OutAddress": upstream.address, "Workers": 1}, debug=3)
+    for turn in range(1, 4):
+        for n in range(2):
+            with px.connect() as client:
+                assert send_mail(client, "a@x.example", ["b@y.example"],
+                                 b"Subject: %d.%d\r\n\r\nbody\r\n" % (turn, n))[-1].startswith("250")
+        old = set(children(px.proc.pid))
+        reload(px, turn)
+        for pid in old:     # its place (and, before, its ids) free for the next worker
+            wait_until(lambda: pid not in children(px.proc.pid), 15, what="worker %d to exit" % pid)
+    upstream.wait_messages(6)
+    ids = re.findall(r"^proxsmtpd: ([0-9A-F]{6,}): client=127\.0\.0\.1, from=a@x\.example",
+                     px.log(), re.M)
+    assert len(ids) == 6, px.log()
+    assert len(set(ids)) == 6, ids
+
+
+def test_reload_is_complete_only_once_old_workers_stopped_accepting(proxy, upstream):
+    """An old worker that has not yet taken itself off the listening socket
+    could still take a new connection with the old settings: until it has,
+    the reload is not complete."""
+    px = proxy({"OutAddress": upstream.address, "Workers": 1})
+    [old] = children(px.proc.pid)
+    os.kill(old, signal.SIGSTOP)        # it can't act on being retired yet
+    try:
+        px.proc.send_signal(signal.SIGHUP)
+        px.wait_log(r"reloaded configuration")
+        wait_until(lambda: len(children(px.proc.pid)) == 2, 15, what="the new worker")
+        time.sleep(1.0)
+        assert "reload complete" not in px.log()
+    finally:
+        os.kill(old, signal.SIGCONT)
+    px.wait_log(r"^proxsmtpd: reload complete: new connections get the new configuration$", 15)
+    wait_until(lambda: old not in children(px.proc.pid), 15, what="the old worker to exit")
