@@ -36,6 +36,7 @@ SPEC = {
     "MaxConnections": "integer(min=2, max=1048576, default=64)",
     "Workers": "integer(min=0, max=256, default=0)",
     "TimeOut": "integer(min=1, default=180)",
+    "HandshakeTimeOut": "integer(min=1, default=30)",
     "KeepAlives": "integer(min=0, default=0)",
     "MaxMessageSize": "integer(min=0, default=0)",
     "XClient": "flag(default='off')",
@@ -92,6 +93,7 @@ class Config:
     MaxConnections: int = 64
     Workers: int = 0
     TimeOut: int = 180
+    HandshakeTimeOut: int = 30             # a PROXY header, a client's TLS handshake
     KeepAlives: int = 0
     MaxMessageSize: int = 0                # bytes; 0: the server's SIZE only
     XClient: bool = False

@@ -173,7 +173,7 @@ class Worker:
 
     def _accept(self) -> None:
         try:
-            conn = self._take_connection()
+            conn, peer = self._take_connection()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -182,23 +182,26 @@ class Worker:
                 self._pause_accepting()
             return
         if not self.slots.acquire():
-            log.error("too many connections open (max %d). sent busy response",
-                      self.config.MaxConnections)
+            log.error("too many connections open (max %d). %s", self.config.MaxConnections,
+                      "closed the connection" if self.config.TLSWrapper else "sent busy response")
             stats.connection("busy")
-            _busy(conn)
+            _busy(conn, self.config.TLSWrapper)
             return
-        session = Session(self.config, conn, self._loop)
+        session = Session(self.config, conn, self._loop, peer)
         task = self._loop.create_task(session.run())   # type: ignore[union-attr]
         self.sessions[task] = session
         task.add_done_callback(self._done)
         self._changed()
 
-    def _take_connection(self) -> socket.socket:
-        """accept(2) one connection.  Not socket.accept(): its family and type
-        properties are enum conversions, a seventieth of the worker's
-        instructions per message; the listening socket's are known."""
-        fd, _ = self.sock._accept()
-        return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
+    def _take_connection(self) -> tuple[socket.socket, object]:
+        """accept(2) one connection: the socket and the peer's sockaddr.  The
+        address is kept from here: accept(2) has it even for a peer that has
+        already reset the connection, when getpeername(2) fails.  Not
+        socket.accept(): its family and type properties are enum
+        conversions, a seventieth of the worker's instructions per message;
+        the listening socket's are known."""
+        fd, peer = self.sock._accept()
+        return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd), peer
 
     def _pause_accepting(self) -> None:
         """Out of descriptors: stop accepting for a moment instead of spinning."""
@@ -253,10 +256,15 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _busy(conn: socket.socket) -> None:
+def _busy(conn: socket.socket, tls_port: bool = False) -> None:
+    """Over MaxConnections: 421, then close.  On a TLSWrapper port the client
+    expects a TLS handshake, not plaintext, and a handshake for a connection
+    that gets no slot is work a flood could ask for at will: it is closed
+    without a word."""
     try:
-        conn.setblocking(False)
-        conn.send(R_BUSY)
+        if not tls_port:
+            conn.setblocking(False)
+            conn.send(R_BUSY)
     except OSError:
         pass
     finally:
