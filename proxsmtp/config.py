@@ -350,6 +350,13 @@ def _finish(config: Config) -> None:
         raise config.error("ProxyProtocol", "can't be on with TransparentProxy: behind a load "
                            "balancer the connection's destination is the balancer's, not the "
                            "one the client chose; use OutAddress")
+    if config.ProxyProtocol and config.ProxyProtocolFrom is None \
+            and _reaches_beyond_loopback(config.Listen):
+        config.warnings.append(config.at(
+            "ProxyProtocol", "on without ProxyProtocolFrom, and Listen %s%s accepts connections "
+            "from other hosts: anyone who reaches it can send a PROXY header and claim any "
+            "client address (set ProxyProtocolFrom to the load balancers' addresses)"
+            % (config.Listen, "" if "Listen" in config.named else " (the default)")))
     if config.FilterType == "smtp":
         _filter_node(config)
     if config.StatsListen is not None and config.StatsListen == config.Listen:

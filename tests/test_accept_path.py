@@ -3,7 +3,8 @@ ProxyProtocolFrom against the address accept gave (a peer that resets at
 once), the PROXY header read before TLSWrapper's handshake (a raw client and
 haproxy `send-proxy-v2` in front), the short deadline of handshakes and
 headers (HandshakeTimeOut), health checks that send a LOCAL header and
-leave, and MaxConnections on a TLSWrapper port.
+leave, MaxConnections on a TLSWrapper port, and the start-up warning for a
+PROXY header anyone may send.
 """
 
 from __future__ import annotations
@@ -403,3 +404,32 @@ def test_busy_on_a_tls_wrapper_port_sends_no_plaintext(proxy, upstream, pki):
         for smtp in held:
             smtp.close()
 
+
+# --- the start-up warning --------------------------------------------------------------------
+
+@pytest.mark.parametrize("listen, more, warned", [
+    ("0.0.0.0:10025", "", True),
+    ("[::]:10025", "", True),
+    ("10025", "", True),
+    ("0.0.0.0:10025", "ProxyProtocolFrom: 10.0.0.5\n", False),
+    ("127.0.0.1:10025", "", False),
+    ("/run/proxsmtpd.sock", "", False),
+])
+def test_proxy_protocol_open_to_anyone_is_warned_about(tmp_path, listen, more, warned):
+    conf = write_config(tmp_path / "proxsmtpd.conf", "OutAddress: 127.0.0.1:2525\nXClient: on\n"
+                        "TempDirectory: %s\nListen: %s\nProxyProtocol: on\n%s"
+                        % (tmp_path, listen, more))
+    ran = run_proxsmtpd("-t", "-f", str(conf))
+    assert ran.returncode == 0, ran.stderr
+    said = "line 5: ProxyProtocol: on without ProxyProtocolFrom" in ran.stderr
+    assert said == warned, ran.stderr
+    if warned:
+        assert "anyone who reaches it can send a PROXY header and claim any client address" \
+            in ran.stderr
+
+
+def test_proxy_protocol_open_to_anyone_is_warned_about_at_start(proxy, upstream):
+    px = proxy({"OutAddress": upstream.address, "ProxyProtocol": "on", "XClient": "on",
+                "Listen": "0.0.0.0:%d" % free_port()})
+    px.wait_log(r"ProxyProtocol: on without ProxyProtocolFrom, and Listen 0\.0\.0\.0:\d+ "
+                r"accepts connections from other hosts")
