@@ -247,6 +247,10 @@ class Session(StartTLS):
                 log.error("%s: couldn't set up the client connection: %s", self.tag, exc)
             stats.connection("refused")
             return False
+        except asyncio.CancelledError:      # shutting down: the socket is not left to the GC
+            self.client.close()
+            self.sock.close()
+            raise
         header = self.proxy_header
         if header is None or header.source is None:
             envelope.client_ip, envelope.local_ip = self.client_addresses()
