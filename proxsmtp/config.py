@@ -37,6 +37,7 @@ SPEC = {
     "MaxConnections": "integer(min=2, max=1048576, default=64)",
     "Workers": "integer(min=0, max=256, default=0)",
     "TimeOut": "integer(min=1, default=180)",
+    "HandshakeTimeOut": "integer(min=1, default=30)",
     "KeepAlives": "integer(min=0, default=0)",
     "MaxMessageSize": "integer(min=0, default=0)",
     "XClient": "flag(default='off')",
@@ -93,6 +94,7 @@ class Config:
     MaxConnections: int = 64
     Workers: int = 0
     TimeOut: int = 180
+    HandshakeTimeOut: int = 30             # a PROXY header, a client's TLS handshake
     KeepAlives: int = 0
     MaxMessageSize: int = 0                # bytes; 0: the server's SIZE only
     XClient: bool = False
@@ -349,6 +351,13 @@ def _finish(config: Config) -> None:
         raise config.error("ProxyProtocol", "can't be on with TransparentProxy: behind a load "
                            "balancer the connection's destination is the balancer's, not the "
                            "one the client chose; use OutAddress")
+    if config.ProxyProtocol and config.ProxyProtocolFrom is None \
+            and _reaches_beyond_loopback(config.Listen):
+        config.warnings.append(config.at(
+            "ProxyProtocol", "on without ProxyProtocolFrom, and Listen %s%s accepts connections "
+            "from other hosts: anyone who reaches it can send a PROXY header and claim any "
+            "client address (set ProxyProtocolFrom to the load balancers' addresses)"
+            % (config.Listen, "" if "Listen" in config.named else " (the default)")))
     if config.FilterType == "smtp":
         _filter_node(config)
     if config.StatsListen is not None and config.StatsListen == config.Listen:

@@ -3,8 +3,11 @@ it towards the server.
 
 A load balancer in TCP mode hides the client: proxsmtpd sees the balancer's
 address.  With ProxyProtocol on, each connection starts with a header naming
-the real client (and the address it connected to); `receive()` reads it from
-the client Channel, whose buffer keeps whatever SMTP bytes came after it.
+the real client (and the address it connected to); `read()` takes it from
+the accepted socket before any transport exists, exactly its bytes: what
+came after it (SMTP, or with TLSWrapper the TLS ClientHello, as haproxy
+sends the header in plaintext before the client's TLS) stays in the kernel
+for the transport.
 With OutProxyProtocol, `build()` makes the header the server connection
 starts with, so the server (Postfix `smtpd_upstream_proxy_protocol`, Halon,
 ...) sees the client instead of proxsmtpd.
@@ -13,7 +16,8 @@ The parser is hostile-input code: `parse()` takes whatever bytes arrived so
 far and either returns a header, None ("need more bytes") or raises
 ProxyHeaderError -- never anything else.  It is our own rather than the
 `proxy-protocol` package's, because that one frames the header by reading
-from an asyncio StreamReader, while here the Channel owns the buffer (and
+from an asyncio StreamReader, while here the header must be taken from the
+socket to the byte, before the transport (and
 its unpack misreads SMTP bytes after a v2 header as TLVs and lets
 struct/Unicode/address errors escape on malformed input).
 """
@@ -29,12 +33,12 @@ from dataclasses import dataclass
 
 from . import addresses
 from .log import clean
-from .spio import Channel
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16                   # signature, version/command, family/protocol, length
+_PEEK = 1024                    # bytes looked at per read: a header with the usual TLVs
 
 _V2_LOCAL, _V2_PROXY = 0x0, 0x1
 _AF_UNSPEC, _AF_INET, _AF_INET6, _AF_UNIX = 0x0, 0x1, 0x2, 0x3
@@ -61,12 +65,15 @@ class ProxyHeaderError(Exception):
 class ProxyHeader:
     """A parsed header.  `source`/`dest` are None for LOCAL (v2), UNKNOWN
     (v1) and address families without an IP (unix, unspecified): the
-    connection's own endpoints then stand."""
+    connection's own endpoints then stand.  `local`: the v2 LOCAL command,
+    a connection the balancer made itself (its health check), not a
+    client's."""
 
     version: int
     length: int                  # bytes the header took in the stream
     source: Endpoint | None = None
     dest: Endpoint | None = None
+    local: bool = False
 
 
 def parse(data: bytes | bytearray | memoryview) -> ProxyHeader | None:
@@ -143,7 +150,7 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
     if len(data) < total:
         return None
     if command == _V2_LOCAL:
-        return ProxyHeader(2, total)
+        return ProxyHeader(2, total, local=True)
     if length < _V2_ADDRESS_LENGTH[family]:
         raise ProxyHeaderError("PROXY v2 header too short (%d bytes) for its address family"
                                % length)
@@ -206,10 +213,12 @@ def parse_networks(text: str) -> Networks:
     return tuple(networks)
 
 
-def allowed(peer_ip: str, networks: Networks | None) -> bool:
-    """May this peer send a header?  Everyone when no list is set; a peer on a
-    unix socket always (the socket file's permissions decide who connects)."""
-    if networks is None or peer_ip == "UNKNOWN":
+def allowed(peer_ip: str | None, networks: Networks | None) -> bool:
+    """May this peer send a header?  Everyone when no list is set.  `peer_ip`
+    None: a peer on a unix socket, always allowed (the socket file's
+    permissions decide who connects).  A TCP peer whose address is not an
+    IP (UNKNOWN: it could not be learnt) is refused: the list fails closed."""
+    if networks is None or peer_ip is None:
         return True
     try:
         ip = ipaddress.ip_address(peer_ip.split("%", 1)[0])
@@ -220,37 +229,117 @@ def allowed(peer_ip: str, networks: Networks | None) -> bool:
 
 # --- the session side ----------------------------------------------------------
 
-async def receive(channel: Channel, peer_ip: str, networks: Networks | None,
-                  timeout: float) -> ProxyHeader:
-    """Read the header at the start of `channel`, leaving what follows it in
-    the buffer.  The whole header must arrive within `timeout` seconds of the
-    call (a trickle of bytes doesn't restart the clock).
+async def read(sock: socket.socket, peer_ip: str | None, networks: Networks | None,
+               timeout: float, loop: asyncio.AbstractEventLoop | None = None) -> ProxyHeader:
+    """Read the header at the start of the accepted `sock` (made
+    non-blocking), taking exactly its bytes: whatever follows stays unread
+    in the kernel.  `peer_ip` is the peer's address as accept(2) gave it
+    (None on a unix socket); a peer not in `networks` is refused before a
+    byte is read.
+    The whole header must arrive within `timeout` seconds (a trickle of
+    bytes doesn't restart the clock).
 
     Raises ProxyHeaderError: a peer not in `networks`, a malformed header,
-    end of file or the time running out.
+    end of file or reset, or the time running out.
     """
     if not allowed(peer_ip, networks):
         raise ProxyHeaderError("PROXY header refused: the peer is not in ProxyProtocolFrom",
                                kind="refused")
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        header = parse(channel.buf)
-        if header is not None:
-            channel.skip(header.length)
-            return header
-        if channel.eof:
-            if not channel.buf:
-                raise ProxyHeaderError("connection closed without a PROXY header", logging.INFO,
-                                       kind="closed")
+    loop = loop or asyncio.get_running_loop()
+    sock.setblocking(False)     # as accept(2) made it, it would stall the worker
+    taken = bytearray()         # the start of a header, read already
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    # Peeked, not read: only the header's own bytes are taken.
+                    seen = sock.recv(_PEEK, socket.MSG_PEEK)
+                except (BlockingIOError, InterruptedError):
+                    await readable(sock, loop)
+                    continue
+                except OSError as exc:
+                    raise _gone(taken, exc) from None
+                if not seen:
+                    raise _gone(taken)
+                header = parse(taken + seen)
+                if header is not None:
+                    _take(sock, header.length - len(taken))
+                    return header
+                # All of it belongs to the header: taken, so that the next wait
+                # waits for new bytes.
+                taken += _take(sock, len(seen))
+    except TimeoutError:
+        raise ProxyHeaderError("no complete PROXY header within %g seconds" % timeout) from None
+
+
+def _take(sock: socket.socket, count: int) -> bytes:
+    """Read `count` bytes a peek has shown are there."""
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
             raise ProxyHeaderError("connection closed before a complete PROXY header")
-        left = deadline - loop.time()
-        if left <= 0:
-            raise ProxyHeaderError("no complete PROXY header within %g seconds" % timeout)
-        try:
-            await channel.wait(left)
-        except asyncio.TimeoutError:
-            pass
+        data += chunk
+    return data
+
+
+def _gone(taken: bytes | bytearray, exc: OSError | None = None) -> ProxyHeaderError:
+    """The peer closed (or reset) the connection before a whole header."""
+    how = "reset" if exc is not None else "closed"
+    if not taken:
+        return ProxyHeaderError("connection %s without a PROXY header" % how, logging.INFO,
+                                kind="closed")
+    return ProxyHeaderError("connection %s before a complete PROXY header" % how)
+
+
+def discard_unread(sock: socket.socket) -> None:
+    """Before closing a connection refused at its header: drop what the peer
+    has sent so far (a little of it), so that the close is a FIN, as for any
+    other end of session, not the RST that unread bytes would draw."""
+    try:
+        sock.setblocking(False)
+        for _ in range(4):
+            if not sock.recv(65536):
+                return
+    except OSError:
+        pass
+
+
+def _ready(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def readable(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    """Sleep until `sock` has something to read: bytes, end of file or an error."""
+    fd = sock.fileno()
+    waiter = loop.create_future()
+    loop.add_reader(fd, _ready, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
+
+
+async def left_at_once(sock: socket.socket, wait: float,
+                       loop: asyncio.AbstractEventLoop | None = None) -> bool:
+    """After a LOCAL header: did the balancer close (or reset) the connection
+    within `wait` seconds, without sending anything?  That is a TCP health
+    check, which needs no server connection.  Bytes, or silence (a check
+    such as haproxy's `option smtpchk` waiting for the greeting), mean the
+    session goes on."""
+    loop = loop or asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(wait):
+            await readable(sock, loop)
+    except TimeoutError:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:             # reset
+        return True
 
 
 def outbound(version: int, client_ip: str, local_ip: str, header: ProxyHeader | None,

@@ -19,7 +19,7 @@ import logging
 import re
 import socket
 
-from . import destination, filters, proxyproto, stats, tls
+from . import addresses, destination, filters, proxyproto, stats, tls
 from .commands import envelope_address, parse_xforward, verb_of
 from .config import Config
 from .data import CLIENT_GONE, READ_TIMEOUT, Transfer
@@ -50,6 +50,12 @@ _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
 R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 _IDLE = "network operation timed out"
+
+# After a PROXY LOCAL header (a balancer's health check): how long to wait
+# for the checker to close before the server is connected.  A TCP check
+# closes right behind its header; one that waits for the greeting (haproxy
+# `option smtpchk`) gets it this much later.
+LOCAL_WAIT = 1.0
 
 
 class Next(enum.Enum):
@@ -91,9 +97,14 @@ class Session(StartTLS):
     """State of one client connection; `run()` serves it to the end."""
 
     def __init__(self, config: Config, sock: socket.socket,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None, peer: object = None) -> None:
         self.config = config
         self.sock = sock
+        # The client's sockaddr as accept(2) gave it.  Never asked again
+        # later: a peer that has reset the connection by then has no address
+        # for getpeername(2), and ProxyProtocolFrom must not take it for a
+        # unix socket's.  None: not known (a session made outside a worker).
+        self.peer = peer
         # The worker's loop (None: the running one when run() starts).  Under
         # CPython 3.11 asking for the running loop costs a getpid() each time.
         self.loop = loop
@@ -163,31 +174,13 @@ class Session(StartTLS):
 
     async def run(self) -> None:
         """Serve the connection; never raises (but for cancellation)."""
-        loop = self.loop = self.loop or asyncio.get_running_loop()
+        self.loop = self.loop or asyncio.get_running_loop()
         envelope = self.envelope
-        try:
-            if self.config.TLSWrapper:
-                envelope.client_ip, envelope.local_ip = self.client_addresses()
-                await self.client.accept_tls(self.sock, self.config.listening_tls, self.timeout)
-                envelope.client_tls = tls.describe(self.client.transport)
-                stats.client_tls("established")
-            else:
-                await loop.connect_accepted_socket(lambda: self.client, self.sock)
-                envelope.client_ip, envelope.local_ip = self.client_addresses()
-        except (OSError, asyncio.TimeoutError) as exc:
-            if self.config.TLSWrapper and envelope.client_ip != "UNKNOWN":
-                stats.client_tls("failed")
-                log.warning("%s: TLS handshake with client %s failed: %s", self.tag,
-                            envelope.client_ip, tls.reason(exc))
-            else:
-                log.error("%s: couldn't set up the client connection: %s", self.tag, exc)
-            stats.connection("refused")
+        if not await self.open_client():
             self.client.close()
             self.sock.close()
             return
         try:
-            if self.config.ProxyProtocol:
-                await self.read_proxy_header()
             if self.info:
                 log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
             await self.connect()
@@ -197,10 +190,6 @@ class Session(StartTLS):
             if end.server_error:
                 stats.server_error(end.server_error)
             self._last_word(end.reply)
-        except proxyproto.ProxyHeaderError as exc:
-            log.log(exc.level, "%s: %s: %s", self.tag, envelope.client_ip, exc)
-            stats.proxy_header(exc.kind)
-            stats.connection("refused")
         except ChannelClosed as exc:
             log.warning("%s: %s", self.tag, exc)
             if exc.channel == self.server.name:
@@ -220,28 +209,89 @@ class Session(StartTLS):
             if self.debug:
                 log.debug("%s: connection closed", self.tag)
 
+    @property
+    def handshake_timeout(self) -> float:
+        """The deadline of a PROXY header and of a client's TLS handshake:
+        HandshakeTimeOut, but never longer than TimeOut."""
+        return float(min(self.config.TimeOut, self.config.HandshakeTimeOut))
+
+    async def open_client(self) -> bool:
+        """The client's side, set up: its address (accept(2)'s), the PROXY
+        header with ProxyProtocol (in plaintext, before any TLS: a balancer
+        sends it ahead of the client's bytes), the transport and with
+        TLSWrapper its handshake.  False, logged and counted, when the
+        session ends here."""
+        config, envelope, loop = self.config, self.envelope, self.loop
+        if self.peer is not None:
+            envelope.client_ip = addresses.peer_ip(self.peer)
+        try:
+            if config.ProxyProtocol:
+                await self.read_proxy_header()
+            if config.TLSWrapper:
+                await self.client.accept_tls(self.sock, config.listening_tls,
+                                             self.handshake_timeout)
+                envelope.client_tls = tls.describe(self.client.transport)
+                stats.client_tls("established")
+            else:
+                await loop.connect_accepted_socket(lambda: self.client, self.sock)
+        except proxyproto.ProxyHeaderError as exc:
+            log.log(exc.level, "%s: %s: %s", self.tag, envelope.client_ip, exc)
+            stats.proxy_header(exc.kind)
+            stats.connection("refused")
+            proxyproto.discard_unread(self.sock)
+            return False
+        except (OSError, asyncio.TimeoutError) as exc:
+            if config.TLSWrapper:
+                stats.client_tls("failed")
+                log.warning("%s: TLS handshake with client %s failed: %s", self.tag,
+                            envelope.client_ip, tls.reason(exc))
+            else:
+                log.error("%s: couldn't set up the client connection: %s", self.tag, exc)
+            stats.connection("refused")
+            return False
+        except asyncio.CancelledError:      # shutting down: the socket is not left to the GC
+            self.client.close()
+            self.sock.close()
+            raise
+        header = self.proxy_header
+        if header is None or header.source is None:
+            envelope.client_ip, envelope.local_ip = self.client_addresses()
+        return True
+
     def client_addresses(self) -> tuple[str, str]:
-        """(client IP, local IP): from the client's transport, which learnt
-        both when it was made (no syscall), or before it exists from the socket."""
+        """(client IP, local IP): the client's from accept(2), the local one
+        from the client's transport, which learnt it when it was made."""
         transport = self.client.transport
+        peer = self.peer
         if transport is not None:
-            peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        else:
-            peer, local = self.sock.getpeername(), self.sock.getsockname()
+            local = transport.get_extra_info("sockname")
+            if peer is None:
+                peer = transport.get_extra_info("peername")
+        else:       # already gone
+            try:
+                local = self.sock.getsockname()
+            except OSError:
+                local = None
         return destination.client_addresses(peer, local, self.sock, self.config)
 
     async def read_proxy_header(self) -> None:
         """ProxyProtocol: the client and local addresses are the ones the load
-        balancer's header names (unless it names none: a health check)."""
+        balancer's header names (unless it names none: a health check).
+        ProxyProtocolFrom is checked against the address accept(2) gave; a
+        TCP peer without one is refused (only a unix socket's peer has none)."""
         envelope = self.envelope
-        self.proxy_header = await proxyproto.receive(
-            self.client, envelope.client_ip, self.config.ProxyProtocolFrom, self.timeout)
-        log.debug("%s: %s sent %s", self.tag, envelope.client_ip,
-                  proxyproto.describe(self.proxy_header))
-        stats.proxy_header("local" if self.proxy_header.source is None else "proxied")
-        if self.proxy_header.source is not None:
-            envelope.client_ip, envelope.local_ip = (self.proxy_header.source[0],
-                                                     self.proxy_header.dest[0])
+        peer = None if self.sock.family == socket.AF_UNIX else envelope.client_ip
+        header = self.proxy_header = await proxyproto.read(
+            self.sock, peer, self.config.ProxyProtocolFrom, self.handshake_timeout, self.loop)
+        log.debug("%s: %s sent %s", self.tag, envelope.client_ip, proxyproto.describe(header))
+        if header.local and await proxyproto.left_at_once(
+                self.sock, min(LOCAL_WAIT, self.handshake_timeout), self.loop):
+            raise proxyproto.ProxyHeaderError(
+                "closed the connection after a PROXY LOCAL header (a health check); no server "
+                "connection opened", logging.INFO, kind="local")
+        stats.proxy_header("local" if header.source is None else "proxied")
+        if header.source is not None:
+            envelope.client_ip, envelope.local_ip = header.source[0], header.dest[0]
 
     def _last_word(self, reply: bytes | None) -> None:
         if reply and not self.client.closed:

@@ -82,7 +82,7 @@ class StartTLS:
             log.warning("%s: discarded %d bytes the client sent in plaintext behind STARTTLS",
                         self.tag, dropped)
         try:
-            await self.client.start_tls(context, True, self.timeout)
+            await self.client.start_tls(context, True, self.handshake_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             stats.client_tls("failed")
             raise SessionEnd("TLS handshake with the client failed: %s" % tls.reason(exc),

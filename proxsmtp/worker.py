@@ -189,7 +189,7 @@ class Worker:
 
     def _accept(self) -> None:
         try:
-            conn = self._take_connection()
+            conn, peer = self._take_connection()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
         except OSError as exc:
@@ -204,23 +204,26 @@ class Worker:
             self._fds_short = False
             log.info("descriptors available again: accepting connections")
         if not self.slots.acquire():
-            log.error("too many connections open (max %d). sent busy response",
-                      self.config.MaxConnections)
+            log.error("too many connections open (max %d). %s", self.config.MaxConnections,
+                      "closed the connection" if self.config.TLSWrapper else "sent busy response")
             stats.connection("busy")
-            _busy(conn)
+            _busy(conn, self.config.TLSWrapper)
             return
-        session = Session(self.config, conn, self._loop)
+        session = Session(self.config, conn, self._loop, peer)
         task = self._loop.create_task(session.run())   # type: ignore[union-attr]
         self.sessions[task] = session
         task.add_done_callback(self._done)
         self._changed()
 
-    def _take_connection(self) -> socket.socket:
-        """accept(2) one connection.  Not socket.accept(): its family and type
-        properties are enum conversions, a seventieth of the worker's
-        instructions per message; the listening socket's are known."""
-        fd, _ = self.sock._accept()
-        return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd)
+    def _take_connection(self) -> tuple[socket.socket, object]:
+        """accept(2) one connection: the socket and the peer's sockaddr.  The
+        address is kept from here: accept(2) has it even for a peer that has
+        already reset the connection, when getpeername(2) fails.  Not
+        socket.accept(): its family and type properties are enum
+        conversions, a seventieth of the worker's instructions per message;
+        the listening socket's are known."""
+        fd, peer = self.sock._accept()
+        return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd), peer
 
     def _short_of_fds(self, conn: socket.socket) -> None:
         """The connection came with a descriptor near RLIMIT_NOFILE (accept(2)
@@ -229,10 +232,11 @@ class Worker:
         and other workers take the next connections."""
         if not self._fds_short:
             self._fds_short = True
-            log.error("too many descriptors open (%d of RLIMIT_NOFILE %d): sent busy response, "
-                      "and so until sessions end", conn.fileno() + 1, self._fd_limit)
+            log.error("too many descriptors open (%d of RLIMIT_NOFILE %d): %s, and so until "
+                      "sessions end", conn.fileno() + 1, self._fd_limit,
+                      "closed the connection" if self.config.TLSWrapper else "sent busy response")
         stats.connection("busy")
-        _busy(conn)
+        _busy(conn, self.config.TLSWrapper)
         self._pause_accepting()
 
     def _pause_accepting(self) -> None:
@@ -296,10 +300,15 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _busy(conn: socket.socket) -> None:
+def _busy(conn: socket.socket, tls_port: bool = False) -> None:
+    """Over MaxConnections: 421, then close.  On a TLSWrapper port the client
+    expects a TLS handshake, not plaintext, and a handshake for a connection
+    that gets no slot is work a flood could ask for at will: it is closed
+    without a word."""
     try:
-        conn.setblocking(False)
-        conn.send(R_BUSY)
+        if not tls_port:
+            conn.setblocking(False)
+            conn.send(R_BUSY)
     except OSError:
         pass
     finally:

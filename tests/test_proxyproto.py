@@ -1,6 +1,7 @@
 """The PROXY protocol parser and builder (proxsmtp/proxyproto.py) as hostile-input
 code: hypothesis over random bytes, round trips, every split point, and the
-malformed cases one by one; `receive()` over a real socket pair; the settings."""
+malformed cases one by one; `read()` and `left_at_once()` over a real socket
+pair; the settings."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from harness import run_proxsmtpd, write_config
 from proxsmtp import addresses, config, proxyproto
 from proxsmtp.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build, parse
-from proxsmtp.spio import Channel
 
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
 ipv6 = st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**128 - 1))
@@ -61,7 +61,7 @@ def test_random_v2_bodies_with_known_families(family, command, body):
     if command not in (0, 1):
         assert result == "error"
     elif command == 0:
-        assert result == ProxyHeader(2, 16 + len(body))
+        assert result == ProxyHeader(2, 16 + len(body), local=True)
 
 
 @settings(max_examples=500)
@@ -150,12 +150,14 @@ def test_tlvs_after_the_addresses_are_part_of_the_header():
     (v2(1, 0x12, bytes(12)), 28),                            # datagram
 ])
 def test_headers_without_a_usable_address_keep_the_peer(data, length):
-    assert parse(data + b"EHLO x\r\n") == ProxyHeader(data[:6] == b"PROXY " and 1 or 2, length)
+    local = data[12:13] == b"\x20"
+    assert parse(data + b"EHLO x\r\n") == ProxyHeader(data[:6] == b"PROXY " and 1 or 2, length,
+                                                       local=local)
 
 
 def test_build_unknown_endpoints():
     assert build(1, None, ("::1", 25)) == b"PROXY UNKNOWN\r\n"
-    assert parse(build(2, ("1.2.3.4", 1), None)) == ProxyHeader(2, 16)
+    assert parse(build(2, ("1.2.3.4", 1), None)) == ProxyHeader(2, 16, local=True)
 
 
 def test_build_mixed_families_maps_ipv4():
@@ -171,19 +173,23 @@ def test_allowed_networks():
     assert proxyproto.allowed("::1", nets) and proxyproto.allowed("2001:db8::5", nets)
     assert not proxyproto.allowed("127.0.0.2", nets) and not proxyproto.allowed("11.0.0.1", nets)
     assert proxyproto.allowed("192.0.2.1", None)
-    assert proxyproto.allowed("UNKNOWN", nets)               # unix socket: its permissions decide
+    assert proxyproto.allowed(None, nets)                    # unix socket: its permissions decide
 
 
-# --- receive() on a real socket ---------------------------------------------------------------
+def test_allowed_fails_closed_for_a_tcp_peer_without_an_address():
+    """A TCP peer whose address could not be learnt is no unix socket's peer."""
+    nets = proxyproto.parse_networks("127.0.0.1/32")
+    assert not proxyproto.allowed("UNKNOWN", nets) and not proxyproto.allowed("", nets)
+    assert proxyproto.allowed("UNKNOWN", None)
 
-async def _receive(chunks: list[bytes], peer: str = "127.0.0.1", networks=None,
-                   timeout: float = 5.0) -> tuple[ProxyHeader | str, bytes]:
-    """Feed `chunks` (None: close) into a Channel through a socket pair; what
-    receive() made of it and what stayed in the buffer."""
+
+# --- read() on a real socket ------------------------------------------------------------------
+
+async def _read(chunks: list[bytes | None], peer: str | None = "127.0.0.1", networks=None,
+                timeout: float = 5.0) -> tuple[ProxyHeader | str, bytes]:
+    """Feed `chunks` (None: close) into a socket pair; what read() made of it
+    and what it left unread in the socket."""
     ours, theirs = socket.socketpair()
-    loop = asyncio.get_running_loop()
-    channel = Channel("CLIENT", keep_open_on_eof=True)
-    await loop.connect_accepted_socket(lambda: channel, ours)
 
     async def feed() -> None:
         for chunk in chunks:
@@ -193,52 +199,112 @@ async def _receive(chunks: list[bytes], peer: str = "127.0.0.1", networks=None,
             else:
                 theirs.send(chunk)
 
-    feeder = loop.create_task(feed())
+    feeder = asyncio.get_running_loop().create_task(feed())
     try:
-        result: ProxyHeader | str = await proxyproto.receive(channel, peer, networks, timeout)
+        result: ProxyHeader | str = await proxyproto.read(ours, peer, networks, timeout)
     except ProxyHeaderError as exc:
         result = str(exc)
     await feeder
-    if None not in chunks:                 # everything sent has arrived once EOF has
+    if None not in chunks:
         theirs.shutdown(socket.SHUT_WR)
-    while not channel.eof:
-        await channel.wait(5)
-    rest = bytes(channel.buf)
-    channel.close()
+    ours.setblocking(True)
+    rest = b""
+    try:
+        while chunk := ours.recv(4096):
+            rest += chunk
+    except ConnectionResetError:
+        pass
+    ours.close()
     theirs.close()
     return result, rest
 
 
-def receive(*args, **kwargs):
-    return asyncio.run(_receive(*args, **kwargs))
+def read(*args, **kwargs):
+    return asyncio.run(_read(*args, **kwargs))
 
 
-def test_receive_header_split_byte_by_byte_keeps_smtp_bytes():
+def test_read_header_split_byte_by_byte_leaves_smtp_bytes_unread():
     data = V4 + b"EHLO client.example\r\n"
-    header, rest = receive([data[i:i + 1] for i in range(len(V4) + 3)] + [data[len(V4) + 3:]])
+    header, rest = read([data[i:i + 1] for i in range(len(V4) + 3)] + [data[len(V4) + 3:]])
     assert header.source == ("203.0.113.7", 40000)
     assert rest == b"EHLO client.example\r\n"
 
 
-def test_receive_header_and_smtp_in_one_packet():
-    header, rest = receive([b"PROXY TCP4 198.51.100.2 192.0.2.1 5555 25\r\nEHLO a\r\nMAIL"])
+def test_read_header_and_smtp_in_one_packet():
+    header, rest = read([b"PROXY TCP4 198.51.100.2 192.0.2.1 5555 25\r\nEHLO a\r\nMAIL"])
     assert header.source == ("198.51.100.2", 5555) and rest == b"EHLO a\r\nMAIL"
 
 
-def test_receive_times_out_on_a_partial_header():
-    result, _ = receive([b"PROXY TCP4 1.2."], timeout=0.5)
+def test_read_leaves_a_tls_client_hello_behind_a_v2_header_unread():
+    """haproxy's header, then the client's TLS bytes in the same segment: they
+    are the TLS layer's, to the byte."""
+    hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(200))
+    header, rest = read([build(2, ("2001:db8::7", 1), ("2001:db8::25", 465)) + hello])
+    assert header.source == ("2001:db8::7", 1) and rest == hello
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.binary(max_size=40), st.integers(1, 200))
+def test_read_takes_exactly_the_header_wherever_the_bytes_split(after, split):
+    data = V4 + after
+    header, rest = read([data[:split], data[split:]] if split < len(data) else [data])
+    assert header.length == len(V4) and rest == after
+
+
+def test_read_times_out_on_a_partial_header():
+    result, _ = read([b"PROXY TCP4 1.2."], timeout=0.5)
     assert result == "no complete PROXY header within 0.5 seconds"
 
 
-def test_receive_eof():
-    assert "closed without a PROXY header" in receive([None])[0]
-    assert "before a complete PROXY header" in receive([b"PROXY TCP4", None])[0]
+def test_read_eof():
+    assert "closed without a PROXY header" in read([None])[0]
+    assert "before a complete PROXY header" in read([b"PROXY TCP4", None])[0]
 
 
-def test_receive_refuses_peers_outside_proxy_protocol_from():
-    result, _ = receive([V4], peer="127.0.0.1",
+def test_read_refuses_peers_outside_proxy_protocol_from():
+    result, rest = read([V4 + b"EHLO x\r\n"], peer="127.0.0.1",
                         networks=proxyproto.parse_networks("10.0.0.0/8"))
     assert "not in ProxyProtocolFrom" in result
+    assert rest == V4 + b"EHLO x\r\n"          # refused before a byte was read
+
+
+def test_read_refuses_a_tcp_peer_without_an_address_when_a_list_is_set():
+    result, _ = read([V4], peer="UNKNOWN", networks=proxyproto.parse_networks("127.0.0.1"))
+    assert "not in ProxyProtocolFrom" in result
+    header, _ = read([V4], peer=None, networks=proxyproto.parse_networks("127.0.0.1"))
+    assert header.source == ("203.0.113.7", 40000)
+
+
+LOCAL = V2_SIGNATURE + b"\x20\x00\x00\x00"
+
+
+async def _left_at_once(after: list[bytes | None], wait: float = 1.0) -> bool:
+    ours, theirs = socket.socketpair()
+    theirs.send(LOCAL)
+    header = await proxyproto.read(ours, None, None, 5)
+    assert header.local and header.source is None
+    for chunk in after:
+        if chunk is None:
+            theirs.close()
+        else:
+            theirs.send(chunk)
+    try:
+        return await proxyproto.left_at_once(ours, wait)
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_left_at_once_after_a_local_header():
+    assert asyncio.run(_left_at_once([None]))                     # a TCP check: close
+    assert not asyncio.run(_left_at_once([b"EHLO x\r\n", None]))  # a client's bytes
+    assert not asyncio.run(_left_at_once([], wait=0.2))           # silence: waits for a greeting
+
+
+def test_only_v2_local_is_local():
+    assert parse(LOCAL).local
+    assert not parse(b"PROXY UNKNOWN\r\n").local
+    assert not parse(v2(1, 0x00, b"")).local and not parse(V4).local
 
 
 # --- settings -----------------------------------------------------------------------------------
