@@ -87,12 +87,14 @@ def load_config(options: Options) -> configuration.Config:
         log.warning("configuration file not found: %s", options.config_file)
     try:
         config = configuration.load(options.config_file, required=required)
+        setting = "-p"
         if "PidFile" in config.named:
             if options.pid_file is not None:
                 log.warning("ignoring pid file specified on the command line.")
             options.pid_file = config.PidFile
+            setting = "PidFile"
         if options.pid_file:
-            configuration.check_pid_file(options.pid_file)
+            configuration.check_pid_file(options.pid_file, config, setting)
     except configuration.ConfigError as exc:
         if options.test:
             log.error("%s", exc)

@@ -574,11 +574,40 @@ def _missing_program(command: str, user) -> str | None:
     return first
 
 
-def check_pid_file(path: str) -> None:
-    """The pid file's directory exists: the daemon writes it after binding."""
+def check_pid_file(path: str, config: Config, setting: str) -> None:
+    """The pid file's directory exists: the daemon writes it after binding.
+
+    Started as root with `User:`, the master writes the file as root but is
+    `User` at exit: where `User` may not write the directory (root's /run),
+    it can only empty the file, and an empty pid file stays behind.  Said at
+    start and by -t (`setting` names where the path came from), unless the
+    directory is a systemd RuntimeDirectory=, which systemd removes at stop."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ConfigError("couldn't write pid file %s: no such directory: %s" % (path, directory))
+    if not config.User or os.geteuid() != 0:
+        return
+    try:
+        user = privileges.lookup(config.User)
+    except privileges.PrivilegeError:
+        return      # check_system() refused it already
+    if privileges.allowed(directory, user, write=True) or _systemd_runtime_directory(directory):
+        return
+    text = ("%s is in %s, not writable by User %s: at exit the daemon, no longer root, can "
+            "only empty the file, not remove it (expected a directory %s may write, such as "
+            "/run/proxsmtpd/: install -d -m 0755 -o %s /run/proxsmtpd)"
+            % (path, directory, config.User, config.User, config.User))
+    config.warnings.append(config.at("PidFile", text) if setting == "PidFile"
+                           else "%s %s" % (setting, text))
+
+
+def _systemd_runtime_directory(directory: str) -> bool:
+    """Whether `directory` is one systemd made for this service with
+    RuntimeDirectory= ($RUNTIME_DIRECTORY, systemd.exec(5)) and removes once
+    it has stopped."""
+    made = os.environ.get("RUNTIME_DIRECTORY", "")
+    real = os.path.realpath(directory)
+    return any(os.path.realpath(entry) == real for entry in made.split(":") if entry)
 
 
 def load(path: str, required: bool = False) -> Config:

@@ -82,7 +82,6 @@ class Master:
         self.reloading = False          # reloaded, but not yet complete (reload_done)
         self.ready_fd = -1
         self.pid_file = options.pid_file
-        self.remover_fd = -1            # the pid file remover's pipe (start_pid_file_remover)
         self._wake_r = self._wake_w = -1
         self._backoff_until = 0.0
 
@@ -108,7 +107,6 @@ class Master:
         _preload()
         try:
             self.write_pid_file()
-            self.start_pid_file_remover()
             privileges.drop(self.config.User)
         except (OSError, privileges.PrivilegeError) as exc:
             if isinstance(exc, OSError):    # from the pid file
@@ -205,37 +203,6 @@ class Master:
                     entry = privileges.lookup(self.config.User)
                     os.fchown(handle.fileno(), entry.pw_uid, entry.pw_gid)
 
-    def start_pid_file_remover(self) -> None:
-        """When `User:` may not remove the pid file from its directory (root's
-        /run, say), leave behind, while still root, a process that removes it
-        once the master is gone; else a stale (emptied) pid file would stay.
-
-        It is a grandchild in a session of its own, so that it is neither
-        counted among the workers nor killed with the master's process group;
-        it keeps uid 0 (the directory's owner) but no capability, closes every
-        descriptor but its end of a pipe, and waits for that pipe to close,
-        which happens when the master exits, however it exits."""
-        if not (self.pid_file and self.config.User and os.geteuid() == 0):
-            return
-        entry = privileges.lookup(self.config.User)
-        if privileges.allowed(os.path.dirname(os.path.abspath(self.pid_file)), entry, write=True):
-            return
-        log.debug("%s may not remove the pid file %s: a process left as root will, at exit",
-                  self.config.User, self.pid_file)
-        master = os.getpid()
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.setsid()
-                if os.fork() == 0:
-                    _remove_after(read_end, self.pid_file, master)
-            finally:
-                os._exit(0)
-        os.close(read_end)
-        os.waitpid(pid, 0)
-        self.remover_fd = write_end
-
     def remove_pid_file(self) -> None:
         if not self.pid_file:
             return
@@ -244,16 +211,11 @@ class Master:
         except FileNotFoundError:
             pass
         except OSError as exc:
-            if self.remover_fd < 0:
-                log.warning("couldn't remove pid file: %s: %s (emptied it)",
-                            self.pid_file, exc.strerror)
-            try:    # at once, so that nothing reads a pid there that is gone
+            log.warning("couldn't remove pid file: %s: %s (emptied it)", self.pid_file, exc.strerror)
+            try:    # so that nothing reads a pid there that is gone
                 open(self.pid_file, "w").close()
             except OSError:
                 pass
-        if self.remover_fd >= 0:        # its cue to remove the file
-            os.close(self.remover_fd)
-            self.remover_fd = -1
 
     def install_signals(self) -> None:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -440,7 +402,7 @@ class Master:
     def _become_worker(self, index: int, number: int) -> None:
         master = os.getppid()
         signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w, self.ready_fd, self.remover_fd):
+        for fd in (self._wake_r, self._wake_w, self.ready_fd):
             if fd >= 0:
                 os.close(fd)
         if self.stats_sock is not None:
@@ -531,37 +493,6 @@ class Master:
             except ChildProcessError:
                 break
             self.workers.pop(pid, None)
-
-
-def _remove_after(pipe: int, pid_file: str, master: int) -> None:
-    """The pid file remover (Master.start_pid_file_remover): once `pipe`'s
-    other end is closed, remove `pid_file` if it still names `master` or is
-    empty (another proxsmtpd may have started and written its own)."""
-    setproctitle("proxsmtpd: pid file remover for %d" % master)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.closerange(3, pipe)
-    os.closerange(pipe + 1, os.sysconf("SC_OPEN_MAX"))
-    prctl.set_no_new_privs(True)
-    try:
-        prctl.capbset.limit()
-    except OSError:     # no CAP_SETPCAP (systemd's bounding set): nothing to raise anyway
-        pass
-    prctl.cap_effective.limit()     # effective first: it must stay within permitted
-    prctl.cap_inheritable.limit()
-    prctl.cap_permitted.limit()
-    # The master's control signals are still blocked here, as they were when
-    # it forked: a SIGTERM to its process group before setsid() is not fatal.
-    while os.read(pipe, 64):
-        pass
-    try:
-        with open(pid_file) as handle:
-            named = handle.read().strip()
-        if named in ("", str(master)):
-            os.unlink(pid_file)
-    except (OSError, ValueError):
-        pass
 
 
 def _adopted(master: int, workers: set[int]) -> list[int]:

@@ -314,7 +314,7 @@ class InitScript:
     config and a pid file in a temporary directory via PROXSMTPD_DEFAULTS."""
 
     def __init__(self, staged: Path, workdir: Path, config_text: str | None,
-                 netns: str | None = None) -> None:
+                 netns: str | None = None, rundir: Path | None = None) -> None:
         self.script = staged / "etc/init.d/proxsmtpd"
         self.config = workdir / "proxsmtpd.conf"
         if config_text is None:         # the configuration as `make install` put it
@@ -322,11 +322,17 @@ class InitScript:
         else:
             self.config.write_text(config_text)
         self.netns = netns
-        self.pidfile = workdir / "run" / "proxsmtpd.pid"
-        self.pidfile.parent.mkdir()
+        if rundir is None:
+            self.pidfile = workdir / "run" / "proxsmtpd.pid"
+            self.pidfile.parent.mkdir()
+        else:                           # the script makes it, as it makes /run/proxsmtpd
+            self.pidfile = rundir / "proxsmtpd.pid"
         self.defaults = workdir / "default"
         self.defaults.write_text("DAEMON=%s\nCONFIG=%s\nPIDFILE=%s\nSTOP_TIMEOUT=20\n" % (
             staged / "usr/local/sbin/proxsmtpd", self.config, self.pidfile))
+        if rundir is not None:
+            with self.defaults.open("a") as defaults:
+                defaults.write("RUNDIR=%s\n" % rundir)
         self.started: set[int] = set()
 
     def __call__(self, action: str) -> subprocess.CompletedProcess:
@@ -470,6 +476,69 @@ def test_installed_config_starts_as_installed_on_loopback(staged, tmp_path):
     finally:
         init.cleanup()
         ns.delete()
+
+
+@pytest.fixture
+def public_dir():
+    """A directory `nobody` can reach and write (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="proxsmtpd-test-", dir="/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+def test_init_script_makes_the_run_directory_for_user_and_stop_leaves_no_pid_file(
+        staged, tmp_path, public_dir):
+    """start makes RUNDIR (/run/proxsmtpd by default, gone after a reboot)
+    owned by the User: of the configuration, so that the daemon may remove
+    its own pid file there; stop leaves no pid file behind, whether the
+    daemon was killed (the file names a dead pid) or could only empty it (a
+    PidFile: in a directory only root may write)."""
+    nobody = pwd.getpwnam("nobody")
+    runroot = public_dir / "run"
+    runroot.mkdir(mode=0o755)
+    rundir = runroot / "proxsmtpd"
+    settings = ("OutAddress: 127.0.0.1:9\nListen: 127.0.0.1:%d\nTempDirectory: %s\nWorkers: 1\n"
+                "User: nobody\n" % (free_port(), public_dir))
+    init = InitScript(staged, tmp_path, settings, rundir=rundir)
+    try:
+        started = init("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "warning" not in started.stderr
+        made = rundir.stat()
+        assert (made.st_uid, made.st_mode & 0o7777) == (nobody.pw_uid, 0o755)
+        master = init.pid()
+        assert init("stop").returncode == 0
+        assert not pid_alive(master) and not init.pidfile.exists()
+
+        rundir.rmdir()                  # a reboot empties /run
+        assert init("start").returncode == 0
+        assert rundir.stat().st_uid == nobody.pw_uid
+        master = init.pid()
+        workers = list(children(master))
+        os.kill(master, signal.SIGKILL)
+        wait_until(lambda: not pid_alive(master) and not any(map(pid_alive, workers)), 30,
+                   what="the daemon and its workers to exit")
+        assert init.pidfile.read_text() == "%d\n" % master
+        assert init("status").returncode == 1       # dead, with a pid file left
+        assert init("stop").returncode == 0
+        assert not init.pidfile.exists()
+        assert init("status").returncode == 3
+
+        rootonly = runroot / "rootonly"
+        rootonly.mkdir(mode=0o755)
+        init.pidfile = rootonly / "proxsmtpd.pid"
+        init.config.write_text(settings + "PidFile: %s\n" % init.pidfile)
+        started = init("start")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert "warning: %s, line 6: PidFile: %s is in %s, not writable by User nobody" % (
+            init.config, init.pidfile, rootonly) in started.stderr
+        master = init.pid()
+        assert init("stop").returncode == 0
+        assert not pid_alive(master) and not init.pidfile.exists()
+    finally:
+        init.cleanup()
 
 
 def test_init_script_restart_and_force_reload(init_script, tmp_path):
@@ -662,7 +731,9 @@ def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
     """ExecStart as systemd would run it (bounding set, no new privileges, UMask) with
     `User: nobody`: it binds, hands the pid file over, drops, relays; ExecReload's
     two commands reload a good file and refuse a broken one.  Without CAP_CHOWN in
-    the set the start fails: the set is checked, not assumed."""
+    the set the start fails: the set is checked, not assumed.  The pid file is in
+    the RuntimeDirectory=, root's, which systemd removes at stop and names in
+    $RUNTIME_DIRECTORY: no warning that nobody may not remove the file there."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv")
     service = unit_of(staged)["Service"]
@@ -689,7 +760,8 @@ def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
             return subprocess.run(["setpriv", "--bounding-set=-all," + allowed,
                                    "--inh-caps=-all", "--no-new-privs", "sh", "-c",
                                    'umask %s && exec "$@"' % one(service, "UMask"), "sh",
-                                   program, *args], capture_output=True, text=True, timeout=60)
+                                   program, *args], capture_output=True, text=True, timeout=60,
+                                  env={**os.environ, "RUNTIME_DIRECTORY": str(rundir)})
 
         without_chown = sandboxed(["-f", str(conf), "-p", str(pid_file)],
                                   [cap for cap in caps if cap != "CAP_CHOWN"])
@@ -697,6 +769,7 @@ def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
         assert "couldn't write pid file %s: Operation not permitted" % pid_file in without_chown.stderr
         started = sandboxed(["-f", str(conf), "-p", str(pid_file)], caps)
         assert started.returncode == 0, started.stderr
+        assert "warning" not in started.stderr, started.stderr
         master = int(pid_file.read_text())
         try:
             assert pid_file.stat().st_uid == pwd_uid("nobody")

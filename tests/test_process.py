@@ -256,30 +256,71 @@ def test_daemon_mode_detaches_and_manages_its_pid_file(tmp_path, upstream):
     assert not pid_file.exists()
 
 
+def pid_file_config(rundir: Path, upstream, public_dir: str) -> Path:
+    """A daemon that switches to User nobody, with its config in `rundir`."""
+    return write_config(rundir / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
+                                           "Listen": "127.0.0.1:%d" % free_port(),
+                                           "TempDirectory": public_dir, "User": "nobody"})
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
-def test_pid_file_user_may_not_remove_is_still_removed(upstream, public_dir):
-    """User: nobody, and the pid file in a directory only root may write (as
-    /run is): no empty pid file is left behind, after SIGTERM or a SIGKILL."""
+def test_pid_file_where_user_may_not_remove_it_is_warned_of_and_emptied(upstream, public_dir):
+    """User nobody, the pid file in a directory only root may write (as /run
+    is): the start and -t say so, naming the path, the user and the way out;
+    at exit the master, no longer root, empties the file, which then names
+    no dead process."""
     rundir = Path(tempfile.mkdtemp(prefix="proxsmtpd-run-", dir="/tmp"))
     try:
         rundir.chmod(0o755)
         pid_file = rundir / "proxsmtpd.pid"
-        conf = write_config(rundir / "p.conf", {"OutAddress": upstream.address, "Workers": 1,
-                                               "Listen": "127.0.0.1:%d" % free_port(),
-                                               "TempDirectory": public_dir, "User": "nobody"})
+        conf = pid_file_config(rundir, upstream, public_dir)
+        warning = ("proxsmtpd: warning: -p %s is in %s, not writable by User nobody: at exit the "
+                   "daemon, no longer root, can only empty the file, not remove it (expected a "
+                   "directory nobody may write, such as /run/proxsmtpd/: install -d -m 0755 "
+                   "-o nobody /run/proxsmtpd)\n" % (pid_file, rundir))
+        checked = run_proxsmtpd("-t", "-f", str(conf), "-p", str(pid_file))
+        assert checked.returncode == 0 and checked.stderr == warning, checked.stderr
+        # systemd's RuntimeDirectory=, which it removes at stop: nothing to warn of
+        under_systemd = subprocess.run(
+            [PYTHON, "-m", "proxsmtp.cli", "-t", "-f", str(conf), "-p", str(pid_file)], cwd=REPO,
+            env={**os.environ, "RUNTIME_DIRECTORY": str(rundir)}, capture_output=True, text=True,
+            timeout=20)
+        assert under_systemd.returncode == 0 and under_systemd.stderr == "", under_systemd.stderr
         with detached(conf, pid_file) as (result, daemon):
             assert result.returncode == 0, result.stderr
+            assert warning in result.stderr
             assert int(status(daemon)["Uid"].split()[0]) == 65534
-            assert pid_file.stat().st_uid == 65534
-        wait_until(lambda: not pid_file.exists(), 10, what="the pid file to be removed")
-        result = run_proxsmtpd("-f", str(conf), "-p", str(pid_file), timeout=60)
-        assert result.returncode == 0, result.stderr
-        daemon = int(pid_file.read_text())
-        workers = list(children(daemon))
-        os.kill(daemon, signal.SIGKILL)
-        wait_until(lambda: not pid_alive(daemon) and not any(map(pid_alive, workers)), 30,
-                   what="the daemon and its workers to exit")
-        wait_until(lambda: not pid_file.exists(), 10, what="the pid file to be removed")
+            assert pid_file.read_text() == "%d\n" % daemon
+        assert not pid_alive(daemon)
+        assert pid_file.read_text() == ""
+        lines = conf.read_text().splitlines()
+        with_setting = write_config(rundir / "q.conf", "\n".join(lines + ["PidFile: %s\n" % pid_file]))
+        checked = run_proxsmtpd("-t", "-f", str(with_setting))
+        assert checked.returncode == 0, checked.stderr
+        assert checked.stderr.startswith("proxsmtpd: warning: %s, line %d: PidFile: %s is in %s, "
+                                         % (with_setting, len(lines) + 1, pid_file, rundir)), \
+            checked.stderr
+    finally:
+        shutil.rmtree(rundir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+def test_pid_file_in_a_directory_user_owns_is_removed_without_a_warning(upstream, public_dir):
+    """User nobody, the pid file in a directory nobody owns (what the init
+    script and systemd's RuntimeDirectory= make, /run/proxsmtpd): no warning,
+    and the file is gone after SIGTERM."""
+    rundir = Path(tempfile.mkdtemp(prefix="proxsmtpd-run-", dir="/tmp"))
+    try:
+        os.chown(rundir, 65534, 65534)
+        rundir.chmod(0o755)
+        pid_file = rundir / "proxsmtpd.pid"
+        conf = pid_file_config(rundir, upstream, public_dir)
+        with detached(conf, pid_file) as (result, daemon):
+            assert result.returncode == 0, result.stderr
+            assert "warning" not in result.stderr
+            assert pid_file.read_text() == "%d\n" % daemon
+        assert not pid_alive(daemon)
+        assert not pid_file.exists()
     finally:
         shutil.rmtree(rundir)
 
