@@ -91,6 +91,25 @@ def answers(host: str, port: int | None, wait: float = 5.0, hello: bytes = b"") 
         return False
 
 
+def closed_silently(address: tuple[str, int], data: bytes = b"", timeout: float = 20.0,
+                    source: str | None = None) -> bool:
+    """Send `data` and expect the connection closed without a byte in reply."""
+    with socket.socket() as sock:
+        sock.settimeout(timeout)
+        if source:
+            sock.bind((source, 0))
+        sock.connect(address)
+        if data:
+            sock.sendall(data)
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return received == b""
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,
                interval: float = 0.05, what: str = "condition") -> object:
     """Poll `predicate` until it returns something true; AssertionError on timeout."""

@@ -20,8 +20,8 @@ import time
 import pytest
 import trustme
 
-from harness import (Client, RecordingServer, free_port, run_proxsmtpd, send_mail, stop_process,
-                     wait_until, write_config)
+from harness import (Client, closed_silently, free_port, run_proxsmtpd,
+                     send_mail, stop_process, wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: accept\r\n\r\nbody\r\n"
@@ -38,25 +38,6 @@ def reset(sock: socket.socket) -> None:
     """Close with SO_LINGER 0: the kernel sends RST, not FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def closed_silently(address: tuple[str, int], data: bytes = b"", timeout: float = 20.0,
-                    source: str | None = None) -> bool:
-    """Send `data` and expect the connection closed without a byte in reply."""
-    with socket.socket() as sock:
-        sock.settimeout(timeout)
-        if source:
-            sock.bind((source, 0))
-        sock.connect(address)
-        if data:
-            sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(4096):
-                received += chunk
-        except ConnectionResetError:
-            pass
-        return received == b""
 
 
 # --- certificates -------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import (Client, answers, children, free_port, pid_alive, send_mail, wait_until,
-                     write_config)
+from harness import (Client, answers, children, closed_silently, free_port, pid_alive, send_mail,
+                     wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
 BODY = b"Subject: proxied\r\n\r\nbody\r\n"
@@ -33,19 +33,6 @@ def header(version: int, client: str, dest: str, sport: int = 40000, dport: int 
 
 def proxied(px, hello: bytes, source: str | None = None) -> Client:
     return px.connect(hello=hello, source=source)
-
-
-def closed_without_greeting(px, data: bytes, timeout: float = 20.0) -> bool:
-    """Send `data` and expect the connection closed without a byte in reply."""
-    with socket.create_connection(px.address, timeout=timeout) as sock:
-        sock.sendall(data)
-        received = b""
-        try:
-            while chunk := sock.recv(4096):
-                received += chunk
-        except ConnectionResetError:
-            pass
-        return received == b""
 
 
 # --- inbound ----------------------------------------------------------------------------
@@ -140,7 +127,7 @@ def test_malformed_headers_cost_one_connection_each(proxy, upstream):
     [worker] = children(px.proc.pid)
     before = len(upstream.connections)
     for bad in BAD_HEADERS:
-        assert closed_without_greeting(px, bad), bad
+        assert closed_silently(px.address, bad), bad
     assert len(upstream.connections) == before, "a server connection was opened"
     assert px.log().count("PROXY") >= len(BAD_HEADERS)
     with proxied(px, header(1, "198.51.100.11", "192.0.2.1")) as smtp:
@@ -153,8 +140,8 @@ def test_no_header_within_timeout_closes_without_a_server_connection(proxy, upst
     px = proxy({"OutAddress": upstream.address, "ProxyProtocol": "on", "TimeOut": 2})
     before = len(upstream.connections)
     started = time.monotonic()
-    assert closed_without_greeting(px, b"")                    # silence
-    assert closed_without_greeting(px, b"PROXY TCP4 1.2.")     # a header begun, never ended
+    assert closed_silently(px.address, b"")                    # silence
+    assert closed_silently(px.address, b"PROXY TCP4 1.2.")     # a header begun, never ended
     assert time.monotonic() - started >= 2
     px.wait_log(r"no complete PROXY header within 2 seconds")
     assert len(upstream.connections) == before
@@ -164,7 +151,7 @@ def test_proxy_protocol_from_refuses_other_peers(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "ProxyProtocol": "on",
                 "ProxyProtocolFrom": "10.0.0.0/8, 127.0.0.5"})
     before = len(upstream.connections)
-    assert closed_without_greeting(px, header(2, "203.0.113.1", "192.0.2.1"))
+    assert closed_silently(px.address, header(2, "203.0.113.1", "192.0.2.1"))
     px.wait_log(r"127\.0\.0\.1: PROXY header refused: the peer is not in ProxyProtocolFrom")
     assert len(upstream.connections) == before
     with proxied(px, header(2, "203.0.113.2", "192.0.2.1"), source="127.0.0.5") as smtp:
@@ -223,7 +210,7 @@ def test_sighup_turning_proxy_protocol_on_and_off_applies_to_new_connections(pro
                                    and accepting(pid, inode)], 15, what="a new worker")
 
     new = reload(True, old)
-    assert closed_without_greeting(px, b"EHLO no-header.example\r\n")
+    assert closed_silently(px.address, b"EHLO no-header.example\r\n")
     with_header = proxied(px, header(2, "203.0.113.20", "192.0.2.1"))
     assert with_header.cmd("EHLO proxied.example")[-1].startswith("250")
     # the session from before the reload needs no header and keeps its address
