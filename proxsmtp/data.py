@@ -344,7 +344,7 @@ class Transfer:
             if data:
                 self._seen(data)
                 server.write(guard.feed(data), False)
-                del data    # as in cache_data
+                del data    # not kept alive by this frame while it waits on the server
                 await server.drain(self.timeout)
             if done:
                 break

@@ -62,9 +62,6 @@ class SharedSlots:
                 return index
         raise RuntimeError("no free worker slot")
 
-    def in_use(self, index: int) -> int:
-        return self._counts[index]
-
     def accepting(self, index: int) -> bool:
         return bool(self._accepting[index])
 

@@ -20,7 +20,6 @@ import logging
 import socket
 import ssl
 import struct
-import time
 from time import monotonic
 from typing import Awaitable, Callable
 
@@ -88,7 +87,7 @@ class Channel(asyncio.Protocol):
     """One connection (CLIENT, SERVER or FILTER) with line buffering."""
 
     # Two per session, for as long as it is held: no per-instance dict.
-    __slots__ = ("name", "tag", "buf", "eof", "error", "transport", "last_action", "last_sent",
+    __slots__ = ("name", "tag", "buf", "eof", "transport", "last_action", "last_sent",
                  "line_started", "on_ready", "_keep_open", "_scan", "_discarding",
                  "_paused_reading", "_paused_writing", "backed_up", "_drain", "_data_started",
                  "_trace", "_loop", "waiter", "_deadline", "_timer", "_timer_at", "_corked",
@@ -100,7 +99,6 @@ class Channel(asyncio.Protocol):
         self.tag = tag                       # session id for log lines
         self.buf = bytearray()
         self.eof = False
-        self.error: BaseException | None = None
         self.transport: asyncio.Transport | None = None
         self.last_action = monotonic()
         self.last_sent = self.last_action      # when we last wrote to the peer
@@ -165,7 +163,6 @@ class Channel(asyncio.Protocol):
         protocol, so keeping it would be a reference cycle, and a finished
         session would wait for the cyclic collector to be freed)."""
         self.eof = True
-        self.error = exc
         self.transport = None
         self._wake()
         self._stop_timer()
