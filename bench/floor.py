@@ -2,7 +2,7 @@
 """The contract floor: the least a uvloop proxy does to keep proxsmtpd's contract per message.
 
 bench/barerelay.py relays bytes and knows nothing of SMTP.  proxsmtpd (no
-filter) must do more for every message (SPEC §3 and §5), and this program
+filter) must do more for every message (docs/BEHAVIOUR.md: Commands, DATA), and this program
 does that and no more, as asyncio Protocol callbacks on uvloop, pre-forked
 like barerelay.py (whose legs, connect and process set-up it reuses), so
 that bench/run.py can show how much of proxsmtpd's cost the contract
@@ -36,7 +36,7 @@ the contract asks for once per session or message rather than per line, or
 what proxsmtpd does beyond it: timeouts (TimeOut, the final reply's 10
 minutes), logging (the per-message line, errors), metrics, the process
 title, MaxConnections slots, the client's address and the server address
-choice (§4), MAIL/RCPT address parsing (for the filter's environment and
+choice (OutAddress), MAIL/RCPT address parsing (for the filter's environment and
 the log), SIZE, the Message-ID, spilling large messages to disk, replies
 still due after the client closed, and back-pressure on a client that
 pipelines without reading.  A server reply over 64 KiB or a 354 to DATA

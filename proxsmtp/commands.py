@@ -1,7 +1,8 @@
 """Reading SMTP command lines: the verb, MAIL/RCPT addresses, XFORWARD attributes.
 
 The relay passes command lines on as the client wrote them; these helpers
-only extract what the proxy must know (SPEC §3) and never rewrite a line.
+only extract what the proxy must know (the envelope for the filter and the
+log line, RFC 5321 4.1.1.2-3) and never rewrite a line.
 """
 
 from __future__ import annotations

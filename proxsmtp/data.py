@@ -1,4 +1,4 @@
-"""DATA: the proxy takes the message over (SPEC §5).
+"""DATA: the proxy takes the message over (proxsmtpd(8) FILTERS; docs/BEHAVIOUR.md, DATA).
 
 The message is read from the client into a Spool, the filter gives its
 verdict (filters.py), and only an accepted message is offered to the server,

@@ -1,4 +1,4 @@
-"""Where a session's server connection goes (SPEC §4), and opening it.
+"""Where a session's server connection goes (proxsmtpd.conf(5) OutAddress), and opening it.
 
 - OutAddress (resolved again for every connection);
 - a bare port (or 0.0.0.0 / ::): that port on the client's own address;

@@ -29,7 +29,7 @@ class Envelope:
     recipients: list[str] = field(default_factory=list)
     xforward_addr: str | None = None
     xforward_helo: str | None = None
-    # what became of the message, for the log line (SPEC §3, `status=`)
+    # what became of the message, for the log line (proxsmtpd(8) LOGGING, `status=`)
     size: int | None = None
     msgid: str | None = None
     delay: float | None = None               # seconds from DATA to the final reply

@@ -1,13 +1,13 @@
 """One SMTP session relayed between a client and the real server.
 
 This is upstream's smtp_passthru: lines from whichever side is ready are
-relayed, with the exceptions in SPEC §3.  Plain commands and replies are
+relayed, with the exceptions docs/BEHAVIOUR.md lists (Commands).  Plain commands and replies are
 relayed straight from the channels' callbacks (relay_lines), and so is a
 message no filter has to see (data.py's Transfer.start); the session's task
 only runs what waits on something else.  The rooms around it:
 relay.py keeps each reply in its command's place, envelope.py holds what
-the server accepted (and the log line), data.py takes DATA over (§5),
-starttls.py does STARTTLS on either leg (§9), with tls.py's contexts.
+the server accepted (and the log line), data.py takes DATA over,
+starttls.py does STARTTLS on either leg (RFC 3207), with tls.py's contexts.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ WAIT, COMMAND, YIELD, DONE = Next.WAIT, Next.COMMAND, Next.YIELD, Next.DONE
 # The only verbs whose line can be a MAIL FROM:/RCPT TO: (see commands.py).
 _ENVELOPE = (b"MAIL", b"RCPT")
 
-# PIPELINING passes (SPEC §9): the reply queue keeps every reply in order.
+# PIPELINING passes (RFC 2920): the reply queue keeps every reply in order.
 FILTERED_FEATURES = {b"STARTTLS", b"CHUNKING", b"BINARYMIME",
                      b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
 
@@ -301,7 +301,7 @@ class Session(StartTLS):
                 pass
 
     async def connect(self) -> None:
-        """Open the server connection (SPEC §4), or tell the client 421;
+        """Open the server connection (proxsmtpd.conf(5) OutAddress), or tell the client 421;
         the server's greeting goes to the client."""
         try:
             await self.open_server()

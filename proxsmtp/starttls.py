@@ -1,4 +1,4 @@
-"""STARTTLS on both legs of a session (SPEC §9), mixed into Session.
+"""STARTTLS on both legs of a session (RFC 3207, proxsmtpd(8) TLS), mixed into Session.
 
 The client's STARTTLS is ended in the proxy; towards the server the proxy
 upgrades at the client's first EHLO, before the client hears the reply.

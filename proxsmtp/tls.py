@@ -1,4 +1,4 @@
-"""TLS on both legs (issue 11): the policies and the contexts they need.
+"""TLS on both legs (proxsmtpd(8) TLS): the policies and the contexts they need.
 
 The contexts are made once per configuration load, in the master, so a
 renewed certificate is picked up by the workers a SIGHUP starts, and a
