@@ -123,10 +123,10 @@ async def within(timeout: float, awaitable: Awaitable[object],
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
     """Await `awaitable`, or raise TimeoutError after `timeout` seconds.
 
-    asyncio.timeout does this for every session's connect at a fortieth of
-    the worker's instructions per message (its state enum, its context
-    manager calls); this is the same idea, a timer cancelling the task,
-    kept to one callback."""
+    asyncio.timeout does the same, but with a state machine and context
+    manager calls, and this runs for every session's connect; here it is
+    the same idea, a timer cancelling the task, kept to one callback
+    (figures: bench/README.md, Profiling)."""
     loop = loop or asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     assert task is not None

@@ -105,13 +105,14 @@ class Session(StartTLS):
         # for getpeername(2), and ProxyProtocolFrom must not take it for a
         # unix socket's.  None: not known (a session made outside a worker).
         self.peer = peer
-        # The worker's loop (None: the running one when run() starts).  Under
-        # CPython 3.11 asking for the running loop costs a getpid() each time.
+        # The worker's loop (None: the running one when run() starts), kept
+        # because CPython 3.11 asks the OS for the pid when the running loop is
+        # looked up, and the session needs its loop at several steps.
         self.loop = loop
         self.timeout = float(config.TimeOut)
         self.tag = next_id()
-        # The log asked once per session: a log call below its level is still
-        # two Python calls, and the lines below are made for every session.
+        # The log asked once per session: a log call below its level still
+        # makes its call, and the lines below are made for every session.
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.info = log.isEnabledFor(logging.INFO)
         self.envelope = Envelope(self.tag)

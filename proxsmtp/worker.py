@@ -26,7 +26,7 @@ import socket
 
 import _socket
 
-try:    # libuv's loop: about 40% more sessions per CPU second than asyncio's own
+try:    # libuv's loop when installed: more sessions per CPU second (bench/README.md, Profiling)
     import uvloop
 except ImportError:
     uvloop = None
@@ -220,8 +220,8 @@ class Worker:
         address is kept from here: accept(2) has it even for a peer that has
         already reset the connection, when getpeername(2) fails.  Not
         socket.accept(): its family and type properties are enum
-        conversions, a seventieth of the worker's instructions per message;
-        the listening socket's are known."""
+        conversions, and this runs for every connection; the listening
+        socket's are known."""
         fd, peer = self.sock._accept()
         return AcceptedSocket(self._family, socket.SOCK_STREAM, self._proto, fileno=fd), peer
 
@@ -256,8 +256,9 @@ class Worker:
 
     def _changed(self) -> None:
         """The session count changed: the gauge is set at once, the process
-        title (a syscall, twice per session under load) at most every
-        TITLE_EVERY seconds, with the count as it is then."""
+        title (a system call: following every session's start and end would
+        make two per session) at most every TITLE_EVERY seconds, with the
+        count as it is then."""
         self._changes += 1
         stats.sessions(len(self.sessions))
         if self.on_change is not None and not self._change_due:
@@ -293,7 +294,7 @@ def _fixed_mmap_threshold() -> None:
     KiB are ever written: mmapped, the untouched pages cost nothing, but
     glibc raises its threshold when the first such buffer is freed, and from
     then on they come from the heap, where more of each stays resident
-    (about 5 KiB per held TLS session, bench/README.md)."""
+    (figures: bench/README.md, TLS)."""
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (OSError, AttributeError):     # not glibc: nothing to tune
