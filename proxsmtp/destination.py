@@ -126,7 +126,7 @@ async def within(timeout: float, awaitable: Awaitable[object],
     asyncio.timeout does the same, but with a state machine and context
     manager calls, and this runs for every session's connect; here it is
     the same idea, a timer cancelling the task, kept to one callback
-    (figures: bench/README.md, Profiling)."""
+    (figures: bench/README.md, Against the TCP-relay ceiling)."""
     loop = loop or asyncio.get_running_loop()
     task = asyncio.current_task(loop)
     assert task is not None

@@ -26,7 +26,7 @@ import socket
 
 import _socket
 
-try:    # libuv's loop when installed: more sessions per CPU second (bench/README.md, Profiling)
+try:    # libuv's loop when installed: more sessions per CPU second (bench/README.md, How it got there)
     import uvloop
 except ImportError:
     uvloop = None
