@@ -26,7 +26,9 @@ import socket
 
 import _socket
 
-try:    # libuv's loop when installed: more sessions per CPU second (bench/README.md, How it got there)
+# libuv's loop when installed: more sessions per CPU second (bench/README.md,
+# How it got there).
+try:
     import uvloop
 except ImportError:
     uvloop = None
