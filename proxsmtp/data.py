@@ -260,13 +260,18 @@ class Transfer:
         self._end("FILTERED")
 
     def _end(self, status: str) -> None:
-        self.message.remove()
-        self.done(status)
+        done = self.done
+        self.close()
+        done(status)
 
     def close(self) -> None:
-        """The session ended with this transfer unfinished: its spool goes."""
+        """The transfer is over, finished (_end) or cut short with its session:
+        its spool goes, and so do its links back to the session (`done`, and
+        the reply queue that holds this transfer's callbacks), which holds
+        it: a session must not be left in a cycle for the collector."""
         if self.message is not None:
             self.message.remove()
+        self.done = self.replies = None
 
     async def wait_client_data(self) -> None:
         """Wait for more of the message, keeping the server alive meanwhile.

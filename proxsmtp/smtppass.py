@@ -448,6 +448,7 @@ class Session(StartTLS):
                                    else self.idle_wait())
                 return
         except Exception as exc:      # raised in the task, as if it had relayed the line
+            del waiter      # the future is to hold `exc`, whose traceback holds this frame
             client.fail(exc)
             return
         client.wake()

@@ -644,6 +644,8 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float,
     try:
         await waiter
     finally:
-        owner.waiter = None
+        # An exception this wait raised holds this frame in its traceback:
+        # the future, which holds the exception, must not stay in it.
+        owner.waiter = waiter = None
         for channel in channels:
             channel.on_ready = None
