@@ -222,7 +222,9 @@ class Session(StartTLS):
         TLSWrapper its handshake.  False, logged and counted, when the
         session ends here."""
         config, envelope, loop = self.config, self.envelope, self.loop
-        if self.peer is not None:
+        if self.peer is not None and (config.ProxyProtocol or config.TLSWrapper):
+            # for ProxyProtocolFrom and the log lines of these steps; the
+            # others set it at the end, with the local address
             envelope.client_ip = addresses.peer_ip(self.peer)
         try:
             if config.ProxyProtocol:
@@ -736,7 +738,7 @@ class Session(StartTLS):
         kept = lines[:1]
         self.server_size = 0
         size_at = None
-        no_auth = self.auth_needs_client_tls
+        no_auth = self.auth_needs_client_tls if self.envelope.server_tls else False
         for line in lines[1:]:
             words = line[4:].split()
             keyword = words[0].upper() if words else b""
