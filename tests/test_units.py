@@ -429,3 +429,23 @@ def test_channel_close_lingers_only_for_bytes_still_to_send(buffered, closing):
             channel._linger.cancel()
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("first", ["server", "proxy"])
+def test_reply_queue_client_gone_is_no_error_for_any_reply_it_passes_on(first):
+    """A client gone when the server's reply comes: neither that reply nor
+    a reply of the proxy's own queued behind it raises (the session ends
+    at its next step, as for a client that closed between replies)."""
+    from proxsmtp.relay import ProxyCommand, ReplyQueue, ServerAnswers
+
+    client = spio.Channel("CLIENT")      # no transport: every write fails
+    queue = ReplyQueue(client)
+    answered = []
+    if first == "server":
+        queue.expect(ServerAnswers(b"NOOP", b"NOOP\r\n"))
+    else:
+        queue.expect(ProxyCommand(answered.append))
+    queue.answer(b"500 Line too long\r\n")
+    queue.server_line(b"250 ok\r\n", False, "T", lambda place, lines: lines)
+    assert len(queue) == 0
+    assert answered == ([] if first == "server" else [[b"250 ok\r\n"]])
