@@ -654,7 +654,7 @@ class Session(StartTLS):
 
     def new_transfer(self) -> Transfer:
         return Transfer(self.config, self.envelope, self.client, self.server_leg,
-                        self.skipping, self.size_limit)
+                        self.skipping, self.size_limit, self.info, self.debug)
 
     def check_in_step(self) -> None:
         """Nothing may follow DATA before its answer (see data())."""
