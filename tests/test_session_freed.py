@@ -4,9 +4,11 @@ the cyclic collector.  Each test runs one session in this process on uvloop
 with the collector off, ends it one way, and then looks for the session
 (a weak reference) and for any Channel left behind.
 
-The message here is taken in the relay's callbacks (no filter, no
-keepalives): the transfer and the session's reply queue are then tied to
-the session by callbacks, which an ended transfer must let go of."""
+A message is taken in the relay's callbacks (no filter, no keepalives)
+unless KeepAlives says otherwise: the transfer and the session's reply
+queue are then tied to the session by callbacks, which an ended transfer
+must let go of.  A session ended by an exception raised in those callbacks
+or in a wait must not be kept by the exception's traceback either."""
 
 from __future__ import annotations
 
