@@ -41,7 +41,8 @@ class Transfer:
     """One DATA command, from the client's DATA line to the final reply."""
 
     def __init__(self, config: Config, envelope: Envelope, client: Channel,
-                 server: ServerLeg, skip: bool, size_limit: int = 0) -> None:
+                 server: ServerLeg, skip: bool, size_limit: int = 0,
+                 info: bool | None = None, debug: bool | None = None) -> None:
         self.config = config
         self.envelope = envelope
         self.client = client
@@ -59,8 +60,12 @@ class Transfer:
         self.awaiting_final = False       # the server has the message; its verdict is due
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
+        # The log's levels, as the session asked them (None: ask the log now).
+        if info is None:
+            info = log.isEnabledFor(logging.INFO)
+        self.debug = log.isEnabledFor(logging.DEBUG) if debug is None else debug
         # The first bytes, for the Message-ID of the log line (only read at INFO).
-        self.head: bytearray | None = bytearray() if log.isEnabledFor(logging.INFO) else None
+        self.head: bytearray | None = bytearray() if info else None
 
     @property
     def tag(self) -> str:
@@ -183,7 +188,8 @@ class Transfer:
             message.finish()
         except OSError as exc:
             self.error = self.error or "couldn't write to cache file: %s" % exc.strerror
-        log.debug("%s: wrote %d bytes to cache", self.tag, message.size)
+        if self.debug:
+            log.debug("%s: wrote %d bytes to cache", self.tag, message.size)
         return self.error
 
     # --- DATA in the relay's callbacks ------------------------------------------------
@@ -260,13 +266,18 @@ class Transfer:
         self._end("FILTERED")
 
     def _end(self, status: str) -> None:
-        self.message.remove()
-        self.done(status)
+        done = self.done
+        self.close()
+        done(status)
 
     def close(self) -> None:
-        """The session ended with this transfer unfinished: its spool goes."""
+        """The transfer is over, finished (_end) or cut short with its session:
+        its spool goes, and so do its links back to the session (`done`, and
+        the reply queue that holds this transfer's callbacks), which holds
+        it: a session must not be left in a cycle for the collector."""
         if self.message is not None:
             self.message.remove()
+        self.done = self.replies = None
 
     async def wait_client_data(self) -> None:
         """Wait for more of the message, keeping the server alive meanwhile.

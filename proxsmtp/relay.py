@@ -144,8 +144,11 @@ class ReplyQueue:
                 client.write(lines[0] if len(lines) == 1 else b"".join(lines))
             except ChannelClosed:       # the client is gone: the session ends at its next step
                 pass
-        while places and isinstance(places[0], ProxyAnswers):
-            client.write(places.popleft().reply)
+        try:
+            while places and isinstance(places[0], ProxyAnswers):
+                client.write(places.popleft().reply)
+        except ChannelClosed:           # as above
+            pass
 
 
 class ServerLeg:

@@ -223,7 +223,9 @@ class Session(StartTLS):
         TLSWrapper its handshake.  False, logged and counted, when the
         session ends here."""
         config, envelope, loop = self.config, self.envelope, self.loop
-        if self.peer is not None:
+        if self.peer is not None and (config.ProxyProtocol or config.TLSWrapper):
+            # for ProxyProtocolFrom and the log lines of these steps; the
+            # others set it at the end, with the local address
             envelope.client_ip = addresses.peer_ip(self.peer)
         try:
             if config.ProxyProtocol:
@@ -449,6 +451,7 @@ class Session(StartTLS):
                                    else self.idle_wait())
                 return
         except Exception as exc:      # raised in the task, as if it had relayed the line
+            del waiter      # the future is to hold `exc`, whose traceback holds this frame
             client.fail(exc)
             return
         client.wake()
@@ -652,7 +655,7 @@ class Session(StartTLS):
 
     def new_transfer(self) -> Transfer:
         return Transfer(self.config, self.envelope, self.client, self.server_leg,
-                        self.skipping, self.size_limit)
+                        self.skipping, self.size_limit, self.info, self.debug)
 
     def check_in_step(self) -> None:
         """Nothing may follow DATA before its answer (see data())."""
@@ -736,7 +739,7 @@ class Session(StartTLS):
         kept = lines[:1]
         self.server_size = 0
         size_at = None
-        no_auth = self.auth_needs_client_tls
+        no_auth = self.auth_needs_client_tls if self.envelope.server_tls else False
         for line in lines[1:]:
             words = line[4:].split()
             keyword = words[0].upper() if words else b""

@@ -514,10 +514,13 @@ class Channel(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        if self.tls is None and not transport.get_write_buffer_size():
+            # Nothing to wait for: it ends at once (or is ending already, as
+            # a server's connection does after its EOF).
+            if not transport.is_closing():
+                transport.close()
+            return
         if not transport.is_closing():
-            if self.tls is None and not transport.get_write_buffer_size():
-                transport.close()       # nothing to wait for: it ends at once
-                return
             transport.close()
             if self.tls is not None and self.tls.peer_eof:
                 self.tls.finish()
@@ -641,6 +644,8 @@ async def wait_any(channels: tuple[Channel, ...], timeout: float,
     try:
         await waiter
     finally:
-        owner.waiter = None
+        # An exception this wait raised holds this frame in its traceback:
+        # the future, which holds the exception, must not stay in it.
+        owner.waiter = waiter = None
         for channel in channels:
             channel.on_ready = None

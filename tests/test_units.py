@@ -390,3 +390,62 @@ def test_config_values_taken_literally():
     assert conf.FilterCommand == "grep -v '#' | sed \"s/a,b/c/\" | awk '{print $1}'"
     assert conf.FilterReject == "\"554 5.7.1 No\""
     assert conf.TempDirectory == "/tmp/with space"
+
+
+class _Transport:
+    """What Channel.close() asks of a transport."""
+
+    def __init__(self, buffered: int, closing: bool) -> None:
+        self.buffered, self.closing, self.closes = buffered, closing, 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def close(self) -> None:
+        self.closing = True
+        self.closes += 1
+
+
+@pytest.mark.parametrize("buffered", [0, 10])
+@pytest.mark.parametrize("closing", [False, True])
+def test_channel_close_lingers_only_for_bytes_still_to_send(buffered, closing):
+    """A plaintext connection closed with nothing left to send ends at once,
+    whether it is still open or already ending (a server's, after its EOF):
+    no LINGER timer.  With bytes still queued it gets one (then a reset)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        channel = spio.Channel("SERVER", loop=loop)
+        transport = channel.transport = _Transport(buffered, closing)
+        channel.close()
+        assert transport.closes == (0 if closing else 1)
+        assert (channel._linger is not None) == bool(buffered)
+        if channel._linger is not None:
+            assert channel._linger.when() - loop.time() > spio.LINGER - 1
+            channel._linger.cancel()
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("first", ["server", "proxy"])
+def test_reply_queue_client_gone_is_no_error_for_any_reply_it_passes_on(first):
+    """A client gone when the server's reply comes: neither that reply nor
+    a reply of the proxy's own queued behind it raises (the session ends
+    at its next step, as for a client that closed between replies)."""
+    from proxsmtp.relay import ProxyCommand, ReplyQueue, ServerAnswers
+
+    client = spio.Channel("CLIENT")      # no transport: every write fails
+    queue = ReplyQueue(client)
+    answered = []
+    if first == "server":
+        queue.expect(ServerAnswers(b"NOOP", b"NOOP\r\n"))
+    else:
+        queue.expect(ProxyCommand(answered.append))
+    queue.answer(b"500 Line too long\r\n")
+    queue.server_line(b"250 ok\r\n", False, "T", lambda place, lines: lines)
+    assert len(queue) == 0
+    assert answered == ([] if first == "server" else [[b"250 ok\r\n"]])
