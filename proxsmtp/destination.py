@@ -97,13 +97,15 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
 async def open_channel(config: Config, envelope: Envelope, client_sock: socket.socket,
                        proxy_header: proxyproto.ProxyHeader | None,
                        channel: asyncio.Protocol,
-                       loop: asyncio.AbstractEventLoop | None = None) -> str:
+                       loop: asyncio.AbstractEventLoop | None = None,
+                       peer: object = None) -> str:
     """Connect `channel` (the session's SERVER side) to the server; its IP.
 
     The common case, an IP literal with no source address to bind and no
     PROXY header to send, is left to the event loop's own connect (with
     uvloop: libuv's, no Python socket and no extra loop iteration); the
-    others take a socket from `connect()`."""
+    others take a socket from `connect()`.  `peer`: the client's address
+    as accept(2) gave it (for the OutProxyProtocol header)."""
     loop = loop or asyncio.get_running_loop()
     dest, source = target(config, envelope.client_ip, client_sock)
     if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
@@ -114,7 +116,7 @@ async def open_channel(config: Config, envelope: Envelope, client_sock: socket.s
         except OSError as exc:       # TimeoutError included
             raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
         return addresses.plain_ip(dest.host)
-    sock, server_ip = await connect(config, envelope, client_sock, proxy_header)
+    sock, server_ip = await connect(config, envelope, client_sock, proxy_header, peer)
     await loop.create_connection(lambda: channel, sock=sock)
     return server_ip
 
@@ -149,7 +151,7 @@ async def within(timeout: float, awaitable: Awaitable[object],
 
 
 async def connect(config: Config, envelope: Envelope, client_sock: socket.socket,
-                  proxy_header: proxyproto.ProxyHeader | None = None,
+                  proxy_header: proxyproto.ProxyHeader | None = None, peer: object = None,
                   ) -> tuple[socket.socket, str]:
     """A connected, non-blocking socket to the server, and the server's IP.
     `proxy_header`: the one the client's connection began with, if any (its
@@ -180,7 +182,7 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
         sock.close()
         raise
     if config.OutProxyProtocol != "off":
-        await send_proxy_header(config, envelope, proxy_header, client_sock, sock, dest)
+        await send_proxy_header(config, envelope, proxy_header, client_sock, sock, dest, peer)
     if family == socket.AF_UNIX:
         return sock, "127.0.0.1"
     return sock, addresses.peer_ip(sockaddr)
@@ -223,13 +225,13 @@ async def sock_connect(sock: socket.socket, sockaddr: object, timeout: float) ->
 async def send_proxy_header(config: Config, envelope: Envelope,
                             proxy_header: proxyproto.ProxyHeader | None,
                             client_sock: socket.socket, sock: socket.socket,
-                            dest: addresses.Address) -> None:
+                            dest: addresses.Address, peer: object = None) -> None:
     """OutProxyProtocol: the header naming the client goes first on the new
     connection, before the server has said anything."""
     local_port = dest.port if config.TransparentProxy == "client" else None
     header = proxyproto.outbound(1 if config.OutProxyProtocol == "v1" else 2,
                                  envelope.client_ip, envelope.local_ip, proxy_header,
-                                 client_sock, local_port)
+                                 client_sock, local_port, peer)
     try:
         await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, header),
                                config.TimeOut)

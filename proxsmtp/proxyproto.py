@@ -343,12 +343,15 @@ async def left_at_once(sock: socket.socket, wait: float,
 
 
 def outbound(version: int, client_ip: str, local_ip: str, header: ProxyHeader | None,
-             sock: socket.socket, local_port: int | None = None) -> bytes:
+             sock: socket.socket, local_port: int | None = None,
+             peer: object = None) -> bytes:
     """The header for a server connection on behalf of the client on `sock`.
 
     IPs are the session's (so whatever an inbound header said); ports come
-    from the inbound header if it named the client, else from `sock`
-    (`local_port` overrides the local one, e.g. the original destination's).
+    from the inbound header if it named the client, else the client's from
+    `peer`, the address accept(2) gave (getpeername(2) fails once the client
+    has reset the connection), and the local one from `sock` (`local_port`
+    overrides it, e.g. the original destination's).
     """
     if client_ip == "UNKNOWN" or local_ip == "UNKNOWN":
         return build(version, None, None)
@@ -356,7 +359,9 @@ def outbound(version: int, client_ip: str, local_ip: str, header: ProxyHeader | 
         ports = header.source[1], header.dest[1]
     else:
         try:
-            ports = sock.getpeername()[1], local_port or sock.getsockname()[1]
+            if not isinstance(peer, tuple):
+                peer = sock.getpeername()
+            ports = peer[1], local_port or sock.getsockname()[1]
         except (OSError, IndexError, TypeError):
             return build(version, None, None)
     return build(version, (client_ip, ports[0]), (local_ip, ports[1]))

@@ -324,7 +324,7 @@ class Session(StartTLS):
         if channel.transport is not None or channel.eof:    # not the first: a fresh channel
             channel = Channel("SERVER", self.tag, loop=self.loop, trace=self.debug)
         self.envelope.server_ip = await destination.open_channel(
-            self.config, self.envelope, self.sock, self.proxy_header, channel, self.loop)
+            self.config, self.envelope, self.sock, self.proxy_header, channel, self.loop, self.peer)
         if channel is not self.server:
             self.server.close()
             self.server = self.server_leg.channel = channel

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from harness import run_proxsmtpd, write_config
 from proxsmtp import addresses, config, proxyproto
-from proxsmtp.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build, parse
+from proxsmtp.proxyproto import (V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build, outbound,
+                                 parse)
 
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
 ipv6 = st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**128 - 1))
@@ -339,3 +340,17 @@ def test_invalid_settings_exit_2(tmp_path, line, words):
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in result.stderr, result.stderr
+
+
+def test_outbound_takes_the_client_port_from_accept_not_from_the_socket():
+    """The client's port in an OutProxyProtocol header is the one accept(2)
+    gave: a client that has reset its connection has no getpeername(2) any
+    more, and its header must still name it, not fall back to LOCAL."""
+    with socket.socket() as sock:           # bound, never connected: getpeername fails
+        sock.bind(("127.0.0.1", 0))
+        local_port = sock.getsockname()[1]
+        with pytest.raises(OSError):
+            sock.getpeername()
+        header = parse(outbound(2, "192.0.2.7", "127.0.0.1", None, sock, peer=("192.0.2.7", 40123)))
+        assert (header.source, header.dest) == (("192.0.2.7", 40123), ("127.0.0.1", local_port))
+        assert parse(outbound(2, "192.0.2.7", "127.0.0.1", None, sock)).source is None
