@@ -1,7 +1,8 @@
 """pytest fixtures around tests/harness.py: upstream servers and proxsmtpd runs.
 
 Every proxsmtpd started through `proxy` gets a private TempDirectory; at
-teardown the proxy is stopped and that directory must be empty (SPEC §5.5).
+teardown the proxy is stopped and that directory must be empty (temporary files
+are "removed after each message": SECURITY in proxsmtpd(8)).
 """
 
 from __future__ import annotations

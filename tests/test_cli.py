@@ -1,4 +1,4 @@
-"""SPEC §1: the command line, run as a real process."""
+"""The command line (OPTIONS, EXIT STATUS in proxsmtpd(8)), run as a real process."""
 
 from __future__ import annotations
 

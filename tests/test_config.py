@@ -1,5 +1,6 @@
-"""SPEC §2 and §4: configuration files as the daemon reads them, and where
-the server connection goes for each OutAddress / Listen form."""
+"""Configuration files as the daemon reads them (proxsmtpd.conf(5)), and where
+the server connection goes for each OutAddress / Listen form (ADDRESSES in
+proxsmtpd.conf(5))."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def test_transparent_with_out_address_warns(tmp_path):
         p.stop()
 
 
-# --- OutAddress forms (SPEC §4) ---------------------------------------------------------
+# --- OutAddress forms (ADDRESSES in proxsmtpd.conf(5)) -----------------------------------
 
 def relay_one(proxy, out_address: str, source: str | None = None, **settings):
     p = proxy({"OutAddress": out_address, **settings})

@@ -38,7 +38,7 @@ def spec_default(name: str) -> str | None:
     return None if value == "None" else value.strip("'")
 
 
-# Defaults that depend on another setting (None in SPEC), as the documentation writes them.
+# Defaults that depend on another setting (None in config.SPEC), as the documentation writes them.
 DEPENDENT_DEFAULTS = {"ClientTLS": "may when TLSCertificate is set, otherwise off"}
 
 # Sample lines that name files (or need such a setting) which do not exist on a test machine:

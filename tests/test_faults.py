@@ -1,4 +1,4 @@
-"""Fault injection (issue 7): break the server, the filter, the client, the temp
+"""Fault injection: break the server, the filter, the client, the temp
 directory and the worker on purpose, end to end.
 
 Each test checks four things: what the client is told (a 4xx or a closed

@@ -1,4 +1,5 @@
-"""SPEC §5.3: the filters (pipe, file, smtp), their environment and verdicts."""
+"""The filters (pipe, file, smtp), their environment and verdicts (FILTERS in
+proxsmtpd(8))."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §6: the Header template, as the server receives it."""
+"""The Header template (Header in proxsmtpd.conf(5)), as the server receives it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile input (issue 7): random bytes into every parser, random command
+"""Hostile input: random bytes into every parser, random command
 sequences into real sessions, and the classic attacks end to end (overlong
 lines, NUL and 8-bit bytes, bare CR/LF and SMTP smuggling, 10 000 recipients,
 log injection, connection floods, slow-loris).

@@ -1,5 +1,5 @@
 """`make install` / `make uninstall`, the installed program, the SysV init script
-and the systemd unit (issue 5).
+and the systemd unit.
 
 Installs are staged with DESTDIR in temporary directories.  The installed
 program runs on /usr/bin/python3 when Debian's python3-* dependencies are

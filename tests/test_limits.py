@@ -1,4 +1,4 @@
-"""Issue 10's session findings, end to end on loopback: mail lost on retry
+"""Session limits, end to end on loopback: mail lost on retry
 (keepalive during an upload, the wait for the final reply, SIGTERM while
 it is due), and a client or server that would exhaust a worker (back-pressure,
 a flooding client, endless replies, messages over the size limit)."""

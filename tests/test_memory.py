@@ -1,4 +1,4 @@
-"""Memory per held session (issue 10, finding 5): the in-memory spool has one
+"""Memory per held session: the in-memory spool has one
 budget per worker, beyond which messages go to temp files, so memory is not
 bounded by MaxConnections alone; the bytes kept for the Message-ID go at the
 end of the header block.  The PSS figures are measured by bench/run.py

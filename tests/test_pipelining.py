@@ -121,7 +121,8 @@ def test_pipelining_offered_only_when_the_server_offers_it(proxy, upstream, make
 def test_group_forwarded_as_a_group(proxy, group_server):
     """MAIL, RCPT, RCPT in one write reach the server before it has answered
     MAIL (a lockstep relay would send MAIL alone and wait).  DATA is the
-    proxy's own, once it has the message and the filter's verdict (SPEC §5)."""
+    proxy's own, once it has the message and the filter's verdict (DESCRIPTION
+    in proxsmtpd(8))."""
     p = proxy({"OutAddress": group_server.address})
     with p.connect() as client:
         client.cmd("EHLO c.test")

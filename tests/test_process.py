@@ -1,5 +1,6 @@
-"""The process model (SPEC §7): master, pre-forked workers, shared MaxConnections,
-privilege drop, daemon mode and signals — all with real processes."""
+"""The process model (OPERATION and SIGNALS in proxsmtpd(8)): master, pre-forked
+workers, shared MaxConnections, privilege drop, daemon mode and signals — all
+with real processes."""
 
 from __future__ import annotations
 

@@ -84,7 +84,7 @@ def test_every_split_point_needs_more_then_parses(ips, sport, dport, version):
     assert parse(header).length == len(header)
 
 
-# --- the cases from the issue, one by one ------------------------------------------------
+# --- malformed and edge-case headers, one by one --------------------------------------
 
 V4 = build(2, ("203.0.113.7", 40000), ("192.0.2.1", 25))
 

@@ -1,4 +1,4 @@
-"""Reloads under held sessions (issue 10, finding 2): the master survives any
+"""Reloads under held sessions: the master survives any
 number of SIGHUPs, never runs more than Workers x 3 workers, closes idle
 sessions of old generations with 421 4.3.2, and never cuts a message."""
 

@@ -1,5 +1,5 @@
-"""Security (issue 7): private temp files, a safe TempDirectory, what a filter
-inherits, SMTP values only ever as environment, and no XCLIENT from clients."""
+"""Security (SECURITY in proxsmtpd(8)): private temp files, a safe TempDirectory,
+what a filter inherits, SMTP values only ever as environment, and no XCLIENT from clients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SPEC §3: the relayed session, end to end (client → proxsmtpd → recording server)."""
+"""The relayed session (RFC 5321; DESCRIPTION and OPERATION in proxsmtpd(8)), end to
+end (client → proxsmtpd → recording server)."""
 
 from __future__ import annotations
 

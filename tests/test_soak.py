@@ -1,4 +1,4 @@
-"""Conservation under load (issue 7): parallel clients, a filter whose verdict
+"""Conservation under load: parallel clients, a filter whose verdict
 is random per message, an upstream that now and then drops the connection or
 defers, and an exact account of every message afterwards.
 

@@ -1,5 +1,5 @@
-"""TLS on both legs (issue 11), with real peers: smtplib (starttls, SMTP_SSL),
-swaks --tls, openssl s_client -starttls smtp, aiosmtpd with a TLS context,
+"""TLS on both legs (TLS in proxsmtpd(8); RFC 3207), with real peers: smtplib
+(starttls, SMTP_SSL), swaks --tls, openssl s_client -starttls smtp, aiosmtpd with a TLS context,
 and RecordingServer upgrading (or refusing, or injecting behind its 220).
 Certificates come from a throwaway CA made by `trustme` for each test module.
 """

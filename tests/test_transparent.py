@@ -1,4 +1,4 @@
-"""Transparent proxying with real routing (SPEC §4, issue 4).
+"""Transparent proxying with real routing (TRANSPARENT PROXY in proxsmtpd(8)).
 
 A client namespace sends mail to the *server's* address; the router namespace
 in between runs proxsmtpd behind the seed README's iptables lines; the server
@@ -254,7 +254,7 @@ def process_identity(pid: int) -> tuple[int, int]:
     return uid, caps
 
 
-# --- TLS in full transparency (issue 11) -------------------------------------------------------
+# --- TLS in full transparency -------------------------------------------------------
 
 def send_over_starttls(host: str, ca_file: str) -> dict:
     """One message to host:25 over STARTTLS, checking the certificate against
