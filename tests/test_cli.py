@@ -10,6 +10,8 @@ import pytest
 from harness import Proxy, free_port, run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import __version__, defaults
 
+pytestmark = pytest.mark.e2e
+
 
 def test_version():
     result = run_proxsmtpd("-v")

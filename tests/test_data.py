@@ -7,7 +7,11 @@ import os
 import socket
 import time
 
+import pytest
+
 from harness import send_mail, wait_until
+
+pytestmark = pytest.mark.e2e
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

@@ -13,6 +13,8 @@ import pytest
 
 from harness import RecordingServer, free_port, pid_alive, send_mail, wait_until
 
+pytestmark = pytest.mark.e2e
+
 BODY = b"Subject: test\r\nFrom: a@x.test\r\n\r\nhello world\r\n"
 
 # Dumps its environment and open descriptors as JSON to argv[1], copies stdin to stdout.

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from harness import send_mail
+
+pytestmark = pytest.mark.e2e
 
 BODY = b"Subject: test\r\nFrom: a@x.test\r\n\r\nbody line\r\n"
 

@@ -15,6 +15,8 @@ import pytest
 
 from harness import Client, RawServer, send_mail, wait_until
 
+pytestmark = pytest.mark.e2e
+
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
 CHUNK = b"X" * 78 + b"\r\n"

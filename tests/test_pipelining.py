@@ -12,6 +12,8 @@ import pytest
 
 from harness import RawServer, send_mail, wait_until
 
+pytestmark = pytest.mark.e2e
+
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
 

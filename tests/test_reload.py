@@ -11,7 +11,11 @@ import signal
 import threading
 import time
 
+import pytest
+
 from harness import children, send_mail, title, wait_until, write_config
+
+pytestmark = pytest.mark.system
 
 R_SHUTDOWN = ["421 4.3.2 Service shutting down"]
 

@@ -7,7 +7,11 @@ import re
 import socket
 import time
 
+import pytest
+
 from harness import Client, free_port, send_mail
+
+pytestmark = pytest.mark.e2e
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

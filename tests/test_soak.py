@@ -21,7 +21,11 @@ import socket
 import threading
 import zlib
 
+import pytest
+
 from harness import Client, RecordingServer, wait_until
+
+pytestmark = pytest.mark.system
 
 SCALE = max(1, int(os.environ.get("SOAK_SCALE", "1")))
 CLIENTS = 8

@@ -25,6 +25,8 @@ from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_unti
 from proxsmtp import config as configuration, smtppass
 from proxsmtp.starttls import offers_starttls
 
+pytestmark = pytest.mark.e2e
+
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
 
 
@@ -365,6 +367,7 @@ def test_server_auth_under_tls_never_offered_to_a_plaintext_client(proxy, make_u
     p.wait_log(r"refused AUTH from a client in plaintext")
 
 
+@pytest.mark.root
 def test_postfix_tls_only_auth_never_sees_cleartext_credentials(proxy, postfix, pki):
     """A real Postfix with smtpd_tls_auth_only = yes behind ServerTLS may: the
     proxy's leg is TLS, so Postfix offers AUTH there; a client in plaintext
