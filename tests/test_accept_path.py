@@ -24,7 +24,7 @@ from harness import (Client, closed_silently, free_port, run_proxsmtpd,
                      send_mail, stop_process, wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: accept\r\n\r\nbody\r\n"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"

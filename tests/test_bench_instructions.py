@@ -60,6 +60,7 @@ def test_the_interpreter_counts_whether_in_libpython_or_linked_into_python():
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
 @pytest.mark.system
+@pytest.mark.slow
 def test_proxsmtpd_is_counted_beside_the_contract_floor():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "instructions.py"),
                            "main=" + ROOT, "--floor", "--messages", "40"],

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = [pytest.mark.system, pytest.mark.skipif(
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.skipif(
     not (shutil.which("smtp-sink") and shutil.which("smtp-source")),
     reason="needs Postfix's smtp-sink and smtp-source")]
 

@@ -10,7 +10,7 @@ import pytest
 from harness import Proxy, free_port, run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import __version__, defaults
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_version():

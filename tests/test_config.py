@@ -22,7 +22,7 @@ from proxsmtp import config
 from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
                      send_mail, write_config)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 

@@ -11,7 +11,7 @@ import pytest
 
 from harness import send_mail, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

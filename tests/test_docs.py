@@ -278,6 +278,7 @@ def tproxy_recipes() -> tuple[str, str]:
 @pytest.mark.system
 @pytest.mark.netns
 @pytest.mark.root
+@pytest.mark.slow
 def test_readme_tproxy_recipes_survive_sh_e_on_a_fresh_host():
     """The seed's rc.local aborts under `sh -e` on a fresh host (flushing a table
     that does not exist); the README's corrected one goes through and routes."""
@@ -322,6 +323,7 @@ def send_through(host: str, port: int = 25) -> tuple[str, str]:
 @pytest.mark.system
 @pytest.mark.netns
 @pytest.mark.root
+@pytest.mark.slow
 def test_readme_tproxy_recipe_makes_full_transparency_work():
     """Client -> router (README recipe + proxsmtpd `TransparentProxy: full`,
     `Listen: 10025`) -> server, over IPv4 and IPv6: the server sees the client."""
@@ -377,6 +379,7 @@ def only_tools(directory: Path, *tools: str) -> Path:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_add_header_example(proxy, upstream):
     running = proxy({"OutAddress": upstream.address, "FilterType": "pipe",
                      "FilterCommand": str(SCRIPTS / "add_header.sh"), "FilterTimeout": 10})
@@ -388,6 +391,7 @@ def test_add_header_example(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_reject_pattern_example(proxy, upstream, tmp_path):
     patterns = tmp_path / "patterns"
     patterns.write_text("cheap +pills\n^Subject: .*lottery\n")
@@ -404,6 +408,7 @@ def test_reject_pattern_example(proxy, upstream, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_reject_pattern_example_fails_temporarily_without_patterns(proxy, upstream, tmp_path):
     command = "%s %s" % (SCRIPTS / "reject_pattern.sh", tmp_path / "missing")
     running = proxy({"OutAddress": upstream.address, "FilterType": "file",
@@ -415,6 +420,7 @@ def test_reject_pattern_example_fails_temporarily_without_patterns(proxy, upstre
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_spamassassin_example_passes_mail_when_absent(proxy, upstream, tmp_path):
     bindir = only_tools(tmp_path / "bin", "cat")
     command = "PATH=%s /bin/sh %s" % (bindir, SCRIPTS / "spamassassin.sh")
@@ -439,6 +445,7 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 @pytest.mark.parametrize("mode", ["reject", "tag"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_spamassassin_example_with_spamc(proxy, upstream, tmp_path, mode):
     bindir = only_tools(tmp_path / "bin", "cat")
     (bindir / "spamc").write_text(FAKE_SPAMC)

@@ -82,6 +82,7 @@ class ClosingServer(RawServer):
 # --- the server -----------------------------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_unreachable(proxy):
     px = proxy({"OutAddress": "127.0.0.1:%d" % free_port()}, debug=3)
     mark = len(px.log())
@@ -100,6 +101,7 @@ def closing_server():
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_before_greeting(proxy, closing_server):
     px = proxy({"OutAddress": closing_server.address}, debug=3)
     mark = len(px.log())
@@ -112,6 +114,7 @@ def test_server_closes_before_greeting(proxy, closing_server):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_during_envelope(proxy, make_upstream):
     server = make_upstream(drop_at="RCPT")
     px = proxy({"OutAddress": server.address}, debug=3)
@@ -134,6 +137,7 @@ def _354_then_close(line, conn):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_after_354(proxy, make_upstream, filter_command):
     server = make_upstream(replies={"DATA": _354_then_close})
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -149,6 +153,7 @@ def test_server_closes_after_354(proxy, make_upstream, filter_command):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
     server = make_upstream(drop_at="DATA-END")
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -164,6 +169,7 @@ def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream, filter_command):
     server = make_upstream(data_reply="421 4.3.0 shutting down")
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -199,6 +205,7 @@ def refused(px, upstream, reply: list[str], status: str, reason: str | None) -> 
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_exits_non_zero(proxy, upstream):
     px = filter_proxy(proxy, upstream, "cat >/dev/null; echo 'no thanks' >&2; exit 3")
     refused(px, upstream, ["550 Content Rejected; no thanks"], "550 Content Rejected; no thanks",
@@ -206,6 +213,7 @@ def test_filter_exits_non_zero(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_killed_by_signal(proxy, upstream):
     px = filter_proxy(proxy, upstream, "cat >/dev/null; kill -SEGV $$")
     refused(px, upstream, ["451 Local Error"], "FILTER-ERROR",
@@ -213,6 +221,7 @@ def test_filter_killed_by_signal(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_hangs_past_filter_timeout(proxy, upstream, tmp_path):
     pidfile = tmp_path / "pid"
     px = filter_proxy(proxy, upstream, "echo $$ > %s; exec sleep 60" % pidfile, FilterTimeout=1)
@@ -223,6 +232,7 @@ def test_filter_hangs_past_filter_timeout(proxy, upstream, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_closes_stdin_early_and_writes_nothing(proxy, upstream):
     """Exit 0 with no output for a non-empty message is a broken filter, not
     an order to deliver an empty message."""
@@ -232,6 +242,7 @@ def test_filter_closes_stdin_early_and_writes_nothing(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
     pidfile = tmp_path / "pid"
     px = filter_proxy(proxy, upstream,
@@ -246,6 +257,7 @@ def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
 
 @pytest.mark.parametrize("command, code", [("missing", 127), ("not-executable", 126)])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_cannot_be_executed(proxy, upstream, tmp_path, command, code):
     """Refused at start (tests/test_config.py); here it breaks while running."""
     path = tmp_path / command
@@ -270,6 +282,7 @@ def worker_peak_kib(px) -> list[int]:
 
 @pytest.mark.parametrize("source", ["/dev/zero", "lines"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_writes_100_mb(proxy, make_upstream, source):
     """A filter's output is streamed from disk: 100 MB (one single line, or
     many) reach the server whole, and no worker holds it in memory."""
@@ -293,6 +306,7 @@ def test_filter_writes_100_mb(proxy, make_upstream, source):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_disconnects_mid_data(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
@@ -311,6 +325,7 @@ def test_client_disconnects_mid_data(proxy, upstream, filter_command):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command, "TimeOut": 2},
                debug=3)
@@ -327,6 +342,7 @@ def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_stalls_mid_command_line(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "TimeOut": 2}, debug=3)
     mark = len(px.log())
@@ -341,6 +357,7 @@ def test_client_stalls_mid_command_line(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
     """A message sent whole is delivered; the unfinished `QUIT` after it is not
     a command (nor is an unfinished MAIL FROM in another session)."""
@@ -366,6 +383,7 @@ def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
 
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
@@ -394,6 +412,7 @@ def worker_with_session(px) -> int:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_worker_killed_mid_message(proxy, upstream, tmp_path):
     """SIGKILL leaves the worker no chance to clean up: the client sees the
     connection close (never a 250), and the master reclaims the slot, kills the
@@ -463,6 +482,7 @@ def delivered(px, upstream, body: bytes = BODY) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_temp_directory_missing(proxy, upstream, tmp_path):
     """Refused at start (tests/test_config.py); here it goes away while running."""
     missing = tmp_path / "missing"
@@ -492,6 +512,7 @@ def nobody_dir():
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as User: nobody")
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_unwritable(proxy, upstream, nobody_dir):
     """Checked at start (tests/test_config.py); here it turns unwritable later."""
     os.chmod(nobody_dir, 0o1777)
@@ -545,6 +566,7 @@ def full_disk_proxy(request, proxy, upstream):
                          indirect=True)
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_full_message_too_big(full_disk_proxy, upstream):
     px = full_disk_proxy
     mark = len(px.log())
@@ -556,6 +578,7 @@ def test_temp_directory_full_message_too_big(full_disk_proxy, upstream):
 
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_full_of_other_files(full_disk_proxy, upstream):
     px = full_disk_proxy
     mark = len(px.log())
@@ -576,6 +599,7 @@ def test_temp_directory_full_of_other_files(full_disk_proxy, upstream):
 
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_filled_by_filter_output(full_disk_proxy, upstream):
     """The message fits, the filter's copy does not: its failure is the full
     disk's, so 451 (try again), not the 550 of a rejection."""

@@ -55,6 +55,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_node_protocol_trouble_defers_the_message(proxy, upstream, make_upstream, fault):
     node_settings, logged = FAULTS[fault]
     node = make_upstream(**{"extensions": NODE_EXTENSIONS, "name": "node.test", **node_settings})
@@ -85,6 +86,7 @@ VERDICTS = {
 
 @pytest.mark.parametrize("verdict", sorted(VERDICTS))
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, verdict):
     node_settings, expected = VERDICTS[verdict]
     node = make_upstream(**{"extensions": NODE_EXTENSIONS, "name": "node.test", **node_settings})
@@ -119,6 +121,7 @@ def test_protocol_broke(reply, broke):
 @given(st.integers(400, 599),
        st.text(max_size=80) | st.from_regex(r"5\.5\.[0-9٣]{0,4}[ \t.x]?.{0,10}", fullmatch=True))
 @pytest.mark.unit
+@pytest.mark.slow
 def test_protocol_broke_on_any_reply_text(code, rest):
     """Any text from a node: no exception; 500-504 always, other codes but
     554 never, 554 only with a 5.5.x enhanced code first."""
@@ -137,6 +140,7 @@ def test_protocol_broke_on_any_reply_text(code, rest):
 
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_postfix_node_protocol_error_defers_the_message(proxy, upstream, postfix):
     """A real Postfix as the node, made to answer RCPT with `500 5.5.2 Error:
     command not recognized` (smtpd_command_filter turns RCPT into a verb it

@@ -13,7 +13,7 @@ import pytest
 
 from harness import RecordingServer, free_port, pid_alive, send_mail, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\nFrom: a@x.test\r\n\r\nhello world\r\n"
 

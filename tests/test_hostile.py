@@ -376,6 +376,7 @@ def reply_code(reply: list[str]) -> int:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(OPS, min_size=1, max_size=14))
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_random_sessions(relay, ops):
     """Every command gets one well-formed reply in order; a 250 after a message
     is the server's own reply for that very message, whose bytes arrived
@@ -476,6 +477,7 @@ def envelope(client: Client, recipients=("b@y.test",)) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_overlong_lines(proxy, upstream):
     """A 100 KB command line is refused and not relayed, not even its tail;
     a 100 KB line inside a message is data and arrives whole."""
@@ -496,6 +498,7 @@ def test_overlong_lines(proxy, upstream):
 
 @pytest.mark.parametrize("filter_command", [None, "cat", "env"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_nul_and_8bit_bytes_pass_intact(proxy, upstream, filter_command, tmp_path):
     """In commands and in the message; a NUL can't be put in the environment,
     so a filter sees the recipient without it."""
@@ -529,6 +532,7 @@ SMUGGLING = [
 @pytest.mark.parametrize("filter_command", [None, "cat"])
 @pytest.mark.parametrize("pattern", SMUGGLING)
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_smuggling_never_ends_the_message_early(proxy, upstream, pattern, filter_command):
     """`<pattern>MAIL FROM...` inside DATA: the server gets one message with
     the smuggled transaction inside it (a lone dot dot-stuffed), never a second
@@ -563,6 +567,7 @@ POSTFIX_SMUGGLING = [b"\r\n.\r\r\n", b"\n.\r\r\n", b"\r\n.\r\r\r\n", b"\n.\r\r\r
 @pytest.mark.parametrize("path", ["no filter", "on disk", "cat", "Header"])
 @pytest.mark.e2e
 @pytest.mark.root
+@pytest.mark.slow
 def test_smuggling_against_postfix(proxy, postfix, path):
     """A real Postfix with the defaults of 3.7/3.8 (smtpd_forbid_bare_newline
     and smtpd_forbid_unauth_pipelining off) as the server: each carrier
@@ -606,6 +611,7 @@ def test_smuggling_against_postfix(proxy, postfix, path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_10000_recipients(proxy, upstream):
     """Pipelined, all answered in order and relayed; one (long) log line."""
     px = proxy({"OutAddress": upstream.address}, debug=3)
@@ -627,6 +633,7 @@ def test_10000_recipients(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_recipients_too_big_for_the_environment(proxy, upstream):
     """RECIPIENTS above the kernel's limit for one environment string (128 KiB):
     the filter cannot start, so 451 and a clear log line; the worker lives on."""
@@ -647,6 +654,7 @@ def test_recipients_too_big_for_the_environment(proxy, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_log_injection_stays_on_one_line(proxy, make_upstream):
     """Control bytes in everything that is logged (HELO, sender, recipients,
     XFORWARD, a filter's rejection) are escaped: each message is one line."""
@@ -676,6 +684,7 @@ def test_log_injection_stays_on_one_line(proxy, make_upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_connection_flood(proxy, upstream):
     """1000 connections against MaxConnections 20: the rest are told 421 at
     once and closed; the upstream never sees them; service resumes after."""
@@ -714,6 +723,7 @@ def test_connection_flood(proxy, upstream):
 
 @pytest.mark.parametrize("phase", ["command", "data"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_slow_loris_closed_at_timeout(proxy, upstream, phase):
     """A client dripping a byte now and then never finishes a line: it is closed
     TimeOut after the line began, not kept forever by the trickle."""
@@ -753,6 +763,7 @@ def test_slow_loris_closed_at_timeout(proxy, upstream, phase):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_malformed_mail_and_rcpt_accepted_by_a_lax_server(proxy, upstream):
     """`MAIL TO:`, `RCPT FROM:`, a bare `MAIL`: a server that says 250 to them
     (the recorder does) must not cost the session (found by test_random_sessions)."""

@@ -28,7 +28,7 @@ import netns
 from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process,
                      title, wait_until)
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 MESSAGE = b"From: a@client.test\r\nTo: b@server.test\r\nSubject: installed\r\n\r\nbody\r\n"
 DEPENDENCIES = "import configobj, daemon, setproctitle, prctl, prometheus_client"

@@ -15,7 +15,7 @@ import pytest
 
 from harness import Client, RawServer, send_mail, wait_until
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

@@ -15,7 +15,7 @@ import pytest
 from harness import PYTHON, REPO, TIMESTAMP, detached, free_port, write_config
 from proxsmtp import __version__
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_start_reload_and_stop_are_notices_with_timestamps(proxy, upstream):

@@ -64,6 +64,7 @@ def test_message_over_the_size_limit_leaves_memory(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_held_messages_beyond_the_worker_budget_go_to_temp_files(proxy, upstream):
     """No filter (so messages would be kept in memory), one worker, more held
     500 KiB messages than its budget holds: the rest are spooled to files in

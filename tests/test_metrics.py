@@ -96,6 +96,7 @@ def spread(px) -> list[Client]:
 # --- gauges ------------------------------------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
     px = metered({"MaxConnections": 3})
     before = scrape(px)
@@ -119,6 +120,7 @@ def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_metrics_answers_404_elsewhere_and_head(metered):
     px = metered()
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -132,6 +134,7 @@ def test_metrics_answers_404_elsewhere_and_head(metered):
 # --- counters over workers, reloads and a killed worker --------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered, upstream):
     px = metered()
     clients = spread(px)
@@ -156,6 +159,7 @@ def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_counters_survive_a_reload(metered, upstream):
     """Messages counted by the old workers stay counted after SIGHUP replaced
     them; a session held across the reload keeps its retiring worker (and the
@@ -210,6 +214,7 @@ rm -f "$m"
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
         metered, make_upstream, tmp_path):
     upstream = make_upstream(extensions=("AUTH PLAIN",))
@@ -255,6 +260,7 @@ def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_server_errors_by_reason(metered, make_upstream):
     """connect: nothing listens; closed: the server hangs up at RCPT (a relayed
     command) or at the final dot (the proxy's own read); timeout: a server that
@@ -290,6 +296,7 @@ def test_server_errors_by_reason(metered, make_upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_refused_connections_are_counted(metered, upstream):
     """TransparentProxy with a client that connects to the proxy itself: the loop
     is refused before any server is contacted."""
@@ -307,6 +314,7 @@ def test_refused_connections_are_counted(metered, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_proxy_protocol_headers_counted(metered, upstream):
     """Each way a PROXY header can go, once: the header count by result, and
     the connections without a usable one counted as refused."""
@@ -345,6 +353,7 @@ def stats_socket(px) -> socket.socket:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_junk_and_idle_scrapers_cost_the_mail_nothing(metered, upstream):
     px = metered()
     with stats_socket(px) as junk:
@@ -367,6 +376,7 @@ def test_junk_and_idle_scrapers_cost_the_mail_nothing(metered, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_random_bytes_on_the_stats_port_are_answered_or_closed(metered):
     px = metered()
 
@@ -397,6 +407,7 @@ def test_random_bytes_on_the_stats_port_are_answered_or_closed(metered):
 # --- configuration -------------------------------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_stats_listen_needs_a_port_and_a_free_address(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address,
                                               "StatsListen": "127.0.0.1"})
@@ -417,6 +428,7 @@ def test_stats_listen_needs_a_port_and_a_free_address(tmp_path, upstream):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_daemon_mode_serves_metrics(tmp_path, upstream):
     """Detached (its descriptors closed, syslog), the endpoint still answers."""
     port, stats_port = free_port(), free_port()

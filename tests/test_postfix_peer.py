@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.root]
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
 
 
 def test_queued_message_comes_back_with_envelope_and_content(postfix):

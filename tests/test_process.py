@@ -17,7 +17,7 @@ import pytest
 from harness import (PYTHON, REPO, Client, children, detached, free_port, pid_alive,
                      run_proxsmtpd, send_mail, title, wait_until, write_config)
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 NOBODY_CAPS = "0000000000001000"       # CAP_NET_ADMIN only
 

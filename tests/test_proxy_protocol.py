@@ -24,7 +24,7 @@ from harness import (Client, answers, children, closed_silently, free_port, pid_
                      wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: proxied\r\n\r\nbody\r\n"
 

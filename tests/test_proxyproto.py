@@ -45,6 +45,7 @@ def v2(command: int, family: int, body: bytes, version: int = 2) -> bytes:
 @example(V2_SIGNATURE + b"\x21\x11\x00\x04abcd")
 @example(V2_SIGNATURE + b"\x21\x31\x00\x04abcd")
 @pytest.mark.unit
+@pytest.mark.slow
 def test_random_bytes_only_ever_give_a_header_more_or_our_error(data):
     result = outcome(data)
     if isinstance(result, ProxyHeader):
@@ -357,6 +358,7 @@ def test_settings_parse():
     ("TransparentProxy: client\nProxyProtocol: yes", ["ProxyProtocol", "TransparentProxy"]),
 ])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_invalid_settings_exit_2(tmp_path, line, words):
     conf = write_config(tmp_path / "bad.conf", "OutAddress: 127.0.0.1:10026\n%s\n" % line)
     result = run_proxsmtpd("-d", "2", "-f", str(conf))

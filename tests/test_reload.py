@@ -15,7 +15,7 @@ import pytest
 
 from harness import children, send_mail, title, wait_until, write_config
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 R_SHUTDOWN = ["421 4.3.2 Service shutting down"]
 

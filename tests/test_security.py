@@ -15,7 +15,7 @@ import pytest
 from harness import run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import config, spool
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: sec\r\n\r\nbody\r\n"
 

@@ -405,6 +405,7 @@ def test_server_close_closes_client(proxy, make_upstream):
         assert client.closed_by_peer()
 
 
+@pytest.mark.slow
 def test_idle_timeout(proxy, upstream):
     p = proxy({"OutAddress": upstream.address, "TimeOut": 2})
     with p.connect() as client:

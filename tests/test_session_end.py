@@ -208,6 +208,7 @@ def tls_settings(pki, mode: str) -> dict:
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_client_that_shuts_down_its_side_still_gets_250_and_221(proxy, make_upstream, pki,
                                                                     mode):
     """`.` and QUIT, then shutdown(SHUT_WR) while the server still scans the
@@ -235,6 +236,7 @@ def test_tls_client_that_shuts_down_its_side_still_gets_250_and_221(proxy, make_
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_close_notify_leaves_nothing_on_stderr(proxy, upstream, pki, mode):
     """A TLS client that sends close_notify behind its QUIT: the session ends
     cleanly, and uvloop's complaint about eof_received never reaches stderr."""
@@ -264,6 +266,7 @@ def test_close_notify_leaves_nothing_on_stderr(proxy, upstream, pki, mode):
 
 @pytest.mark.parametrize("filtered", [False, True])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_message_logged_and_counted_when_the_client_left_before_the_reply(proxy, make_upstream,
                                                                          filtered):
     """The client sends its message and resets the connection while the
@@ -299,6 +302,7 @@ def test_message_logged_and_counted_when_the_client_left_before_the_reply(proxy,
 # --- an ended session lets go of its sockets ----------------------------------------------------
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_client_that_never_reads_is_dropped_after_the_timeout(proxy, upstream):
     """A client pipelines EHLO lines and never reads a reply: once TimeOut has
     passed the session ends, and its socket must be gone from the worker
@@ -335,6 +339,7 @@ def test_client_that_never_reads_is_dropped_after_the_timeout(proxy, upstream):
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_clients_that_never_answer_close_notify_cost_no_descriptors(proxy, upstream, pki,
                                                                          mode):
     """TLS clients that QUIT, read 221 and then neither send close_notify nor
@@ -358,6 +363,7 @@ def test_tls_clients_that_never_answer_close_notify_cost_no_descriptors(proxy, u
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_worker_near_its_descriptor_limit_refuses_new_clients_not_held_ones(proxy, upstream):
     """A worker with RLIMIT_NOFILE 64 and more clients than it can serve:
     each new client gets either its greeting or 421 busy at once, and every

@@ -25,7 +25,7 @@ import pytest
 
 from harness import Client, RecordingServer, wait_until
 
-pytestmark = pytest.mark.system
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 SCALE = max(1, int(os.environ.get("SOAK_SCALE", "1")))
 CLIENTS = 8

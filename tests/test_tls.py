@@ -25,7 +25,7 @@ from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_unti
 from proxsmtp import config as configuration, smtppass
 from proxsmtp.starttls import offers_starttls
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
 

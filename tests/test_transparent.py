@@ -24,7 +24,7 @@ from harness import RecordingServer
 from netns import (CLIENT4, CLIENT6, ROUTER4_C, ROUTER4_S, ROUTER6_S, SERVER4, SERVER6,
                    NamespacedProxy, Topology)
 
-pytestmark = [pytest.mark.system, pytest.mark.netns, pytest.mark.root]
+pytestmark = [pytest.mark.system, pytest.mark.netns, pytest.mark.root, pytest.mark.slow]
 
 CAP_NET_ADMIN = 12
 FILTER = "printf 'X-Filter-Env: %s %s\\r\\n' \"$CLIENT\" \"$SERVER\"; cat"

@@ -22,7 +22,7 @@ import trustme
 
 from harness import send_mail
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: xclient\r\nFrom: a@x.test\r\n\r\nhello\r\n"
 EXTENSIONS = ("SIZE 10240000", "PIPELINING", "XCLIENT NAME ADDR PROTO HELO", "8BITMIME")
