@@ -52,6 +52,11 @@ deps:
 test: venv deps
 	$(PY) -m pytest -q tests
 
+# The quick loop: every test but the slow ones (pytest.ini; README.md, "Tests").
+.PHONY: test-quick
+test-quick: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
 # The conservation test at ten times its size (tests/test_soak.py; SOAK_SCALE=N for more).
 .PHONY: soak
 soak: venv deps

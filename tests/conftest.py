@@ -1,7 +1,12 @@
 """pytest fixtures around tests/harness.py: upstream servers and proxsmtpd runs.
 
+Each test names its group with a marker (pytest.ini): unit, session, e2e or
+system, as a module's `pytestmark` or on the test itself where a module mixes
+them; a test with none, or more than one, fails collection.
+
 Every proxsmtpd started through `proxy` gets a private TempDirectory; at
-teardown the proxy is stopped and that directory must be empty (SPEC §5.5).
+teardown the proxy is stopped and that directory must be empty (temporary files
+are "removed after each message": SECURITY in proxsmtpd(8)).
 """
 
 from __future__ import annotations
@@ -97,3 +102,19 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, "rep_" + report.when, report)
+
+
+GROUPS = ("unit", "session", "e2e", "system")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test in exactly one group, so that `-m unit` and its siblings
+    between them run the whole suite once."""
+    wrong = []
+    for item in items:
+        groups = {mark.name for mark in item.iter_markers() if mark.name in GROUPS}
+        if len(groups) != 1:
+            wrong.append("%s: %s" % (item.nodeid, ", ".join(sorted(groups)) or "no group"))
+    if wrong:
+        raise pytest.UsageError("each test needs exactly one of the markers %s:\n  %s"
+                                % (", ".join(GROUPS), "\n  ".join(wrong)))

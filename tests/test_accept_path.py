@@ -24,6 +24,8 @@ from harness import (Client, closed_silently, free_port, run_proxsmtpd,
                      send_mail, stop_process, wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: accept\r\n\r\nbody\r\n"
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LOCAL_V2 = V2_SIGNATURE + b"\x20\x00\x00\x00"

@@ -3,10 +3,14 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import ab  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 
 def test_a_tree_runs_on_this_python_unless_one_is_named():

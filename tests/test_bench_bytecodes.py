@@ -6,6 +6,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.session
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -55,6 +55,7 @@ def replies(reader, count: int) -> list[bytes]:
     return got
 
 
+@pytest.mark.e2e
 def test_messages_arrive_intact_and_the_verdict_is_the_servers(floor, upstream):
     events = []
 
@@ -91,6 +92,7 @@ def test_messages_arrive_intact_and_the_verdict_is_the_servers(floor, upstream):
     assert all(m.sender == "a@x.test" and m.recipients == ["b@y.test"] for m in got)
 
 
+@pytest.mark.e2e
 def test_pipelined_groups_get_their_replies_in_order(floor, upstream):
     with socket.create_connection(("127.0.0.1", floor), timeout=10) as sock:
         reader = sock.makefile("rb")
@@ -138,6 +140,7 @@ class Capture:
 
 
 @given(body_lines, st.binary(max_size=20), st.lists(st.integers(0, 400), max_size=6))
+@pytest.mark.unit
 def test_the_message_ends_at_the_first_crlf_dot_crlf_wherever_the_reads_split(lines, after, cuts):
     message = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
                        for line in lines) + b".\r\n"
@@ -158,6 +161,7 @@ def test_the_message_ends_at_the_first_crlf_dot_crlf_wherever_the_reads_split(li
 @given(st.lists(st.sampled_from([b"SIZE 1000", b"PIPELINING", b"CHUNKING", b"binarymime",
                                  b"8BITMIME", b"XCLIENT NAME ADDR", b"STARTTLS", b""]),
                 max_size=6))
+@pytest.mark.unit
 def test_the_filtered_ehlo_reply_stays_well_formed(keywords):
     lines = [b"250-server.test"] + [b"250-" + word for word in keywords]
     lines[-1] = b"250 " + lines[-1][4:]

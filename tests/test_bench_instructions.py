@@ -38,6 +38,7 @@ fn=(2)
 """
 
 
+@pytest.mark.unit
 def test_costs_are_split_by_object_and_a_call_is_not_counted_twice(tmp_path):
     dump = tmp_path / "callgrind.out.1"
     dump.write_text(DUMP)
@@ -48,6 +49,7 @@ def test_costs_are_split_by_object_and_a_call_is_not_counted_twice(tmp_path):
 
 
 
+@pytest.mark.unit
 def test_the_interpreter_counts_whether_in_libpython_or_linked_into_python():
     costs = {"/usr/lib/libpython3.11.so.1.0": 300, "/usr/bin/python3.11": 200,
              "/usr/lib/x86_64-linux-gnu/libc.so.6": 100, "/v/uvloop/loop.cpython-311.so": 50,
@@ -57,6 +59,8 @@ def test_the_interpreter_counts_whether_in_libpython_or_linked_into_python():
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.system
+@pytest.mark.slow
 def test_proxsmtpd_is_counted_beside_the_contract_floor():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "instructions.py"),
                            "main=" + ROOT, "--floor", "--messages", "40"],

@@ -19,9 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.skipif(
     not (shutil.which("smtp-sink") and shutil.which("smtp-source")),
-    reason="needs Postfix's smtp-sink and smtp-source")
+    reason="needs Postfix's smtp-sink and smtp-source")]
 
 
 def test_bench_quick_run_produces_every_figure(tmp_path):

@@ -1,4 +1,4 @@
-"""SPEC §1: the command line, run as a real process."""
+"""The command line (OPTIONS, EXIT STATUS in proxsmtpd(8)), run as a real process."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 
 from harness import Proxy, free_port, run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import __version__, defaults
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_version():

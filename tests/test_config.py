@@ -1,5 +1,6 @@
-"""SPEC §2 and §4: configuration files as the daemon reads them, and where
-the server connection goes for each OutAddress / Listen form."""
+"""Configuration files as the daemon reads them (proxsmtpd.conf(5)), and where
+the server connection goes for each OutAddress / Listen form (ADDRESSES in
+proxsmtpd.conf(5))."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ import pytest
 from proxsmtp import config
 from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
                      send_mail, write_config)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: x\r\n\r\nbody\r\n"
 
@@ -154,7 +157,7 @@ def test_transparent_with_out_address_warns(tmp_path):
         p.stop()
 
 
-# --- OutAddress forms (SPEC §4) ---------------------------------------------------------
+# --- OutAddress forms (ADDRESSES in proxsmtpd.conf(5)) -----------------------------------
 
 def relay_one(proxy, out_address: str, source: str | None = None, **settings):
     p = proxy({"OutAddress": out_address, **settings})
@@ -349,6 +352,7 @@ def test_temp_directory_missing_or_not_a_directory(tmp_path):
 
 
 @NOBODY_ONLY
+@pytest.mark.root
 def test_temp_directory_not_writable_by_user(tmp_path, shared_dir):
     conf = write_config(tmp_path / "t.conf", "OutAddress: 10026\nListen: 127.0.0.1:%d\n"
                         "User: nobody\nTempDirectory: %s\n" % (free_port(), shared_dir))
@@ -358,6 +362,7 @@ def test_temp_directory_not_writable_by_user(tmp_path, shared_dir):
 
 
 @NOBODY_ONLY
+@pytest.mark.root
 def test_filter_program_not_executable_by_user(tmp_path, shared_dir):
     script = shared_dir / "filter.sh"
     script.write_text("#!/bin/sh\ncat\n")
@@ -374,6 +379,7 @@ def test_filter_program_not_executable_by_user(tmp_path, shared_dir):
 
 
 @NOBODY_ONLY
+@pytest.mark.root
 def test_tls_key_only_root_can_read_is_refused_when_user_would_reload_it(tmp_path, shared_dir):
     """certbot writes keys 0600 root: a start as root could read it, but every
     reload, made as User after the switch, could not."""
@@ -407,6 +413,7 @@ def test_tls_key_only_root_can_read_is_refused_when_user_would_reload_it(tmp_pat
         in tested.stderr, tested.stderr
 
 
+@pytest.mark.root
 def test_temp_directory_on_a_read_only_file_system(tmp_path):
     """What ProtectSystem=strict makes of a TempDirectory not in ReadWritePaths."""
     if not shutil.which("unshare"):

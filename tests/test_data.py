@@ -1,4 +1,5 @@
-"""SPEC §5: DATA end to end: spooling, forwarding, dots, temp files, keepalives."""
+"""DATA end to end (RFC 5321 section 4.1.1.4 and 4.5.2; DESCRIPTION in proxsmtpd(8)):
+spooling, forwarding, dots, temp files, keepalives."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import os
 import socket
 import time
 
+import pytest
+
 from harness import send_mail, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

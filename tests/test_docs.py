@@ -38,7 +38,7 @@ def spec_default(name: str) -> str | None:
     return None if value == "None" else value.strip("'")
 
 
-# Defaults that depend on another setting (None in SPEC), as the documentation writes them.
+# Defaults that depend on another setting (None in config.SPEC), as the documentation writes them.
 DEPENDENT_DEFAULTS = {"ClientTLS": "may when TLSCertificate is set, otherwise off"}
 
 # Sample lines that name files (or need such a setting) which do not exist on a test machine:
@@ -104,6 +104,7 @@ def roff_literal_blocks(path: Path) -> list[str]:
 # --- manual pages ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("page", [MAN8, MAN5], ids=lambda p: p.name)
+@pytest.mark.unit
 def test_man_page_renders_without_warnings(page):
     if not shutil.which("man") or not shutil.which("groff"):
         pytest.skip("man/groff not installed (apt-get install man-db groff-base)")
@@ -116,6 +117,7 @@ def test_man_page_renders_without_warnings(page):
     assert checked.returncode == 0 and checked.stderr == "", checked.stderr
 
 
+@pytest.mark.unit
 def test_every_setting_is_in_both_man_pages_and_the_sample():
     texts = {path.name: path.read_text() for path in (MAN8, MAN5, SAMPLE)}
     for name in config.SPEC:
@@ -123,6 +125,7 @@ def test_every_setting_is_in_both_man_pages_and_the_sample():
             assert re.search(r"\b%s\b" % name, text), "%s is not documented in %s" % (name, where)
 
 
+@pytest.mark.unit
 def test_conf5_gives_each_setting_its_syntax_and_default():
     text = MAN5.read_text()
     settings = text.split(".SH SETTINGS\n", 1)[1].split("\n.SH ", 1)[0]
@@ -137,6 +140,7 @@ def test_conf5_gives_each_setting_its_syntax_and_default():
         assert wanted in section.replace("\n", " "), "%s: %r missing in proxsmtpd.conf(5)" % (name, wanted)
 
 
+@pytest.mark.unit
 def test_man8_lists_each_setting_with_its_default():
     text = MAN8.read_text()
     listed = text.split(".SH CONFIGURATION\n", 1)[1].split("\n.SH ", 1)[0]
@@ -146,6 +150,7 @@ def test_man8_lists_each_setting_with_its_default():
             name, documented_default(name))
 
 
+@pytest.mark.unit
 def test_man8_documents_filter_environment_and_signals():
     text = MAN8.read_text()
     for variable in ("SENDER", "RECIPIENTS", "CLIENT", "SERVER", "HELO", "REMOTE",
@@ -159,6 +164,7 @@ def test_man8_documents_filter_environment_and_signals():
         assert re.search(r'^\.SH "?%s"?$' % section, text, re.M), section
 
 
+@pytest.mark.unit
 def test_man_page_config_examples_load():
     examples = [block for page in (MAN5, MAN8) for block in roff_literal_blocks(page)
                 if looks_like_config(block)]
@@ -184,6 +190,7 @@ def sample_lines() -> dict[str, str]:
     return found
 
 
+@pytest.mark.unit
 def test_sample_config_is_safe_and_live_as_shipped():
     """Loopback in, loopback out, no warning: it starts as installed and is no open relay."""
     loaded = config.parse(SAMPLE.read_text(), str(SAMPLE))
@@ -195,6 +202,7 @@ def test_sample_config_is_safe_and_live_as_shipped():
     assert live == ["%s: %s" % item for item in LIVE.items()]
 
 
+@pytest.mark.unit
 def test_sample_config_documents_every_setting_with_its_default():
     text = SAMPLE.read_text()
     lines = sample_lines()
@@ -217,6 +225,7 @@ def test_sample_config_documents_every_setting_with_its_default():
                 "%s: the sample shows %r, not the default" % (name, line)
 
 
+@pytest.mark.unit
 def test_readme_config_examples_load():
     examples = [block for block in readme_blocks() if looks_like_config(block)]
     assert len(examples) >= 3, examples
@@ -228,6 +237,7 @@ def test_readme_config_examples_load():
     assert "MaxConnections: 3000" in README.read_text()
 
 
+@pytest.mark.unit
 def test_readme_covers_what_a_newcomer_needs():
     text = README.read_text()
     for needed in ("make run", "make test", "make install", "make uninstall", "DESTDIR",
@@ -242,6 +252,7 @@ def test_readme_covers_what_a_newcomer_needs():
     assert "seed" not in text.lower(), "internal shorthand: say which document"
 
 
+@pytest.mark.unit
 def test_man_pages_say_how_to_create_the_user_and_test_the_config():
     man8, man5 = unroff(MAN8.read_text()), unroff(MAN5.read_text())
     assert "adduser --system --no-create-home --group proxsmtpd" in man8
@@ -264,6 +275,10 @@ def tproxy_recipes() -> tuple[str, str]:
             readme_recipe("ip6tables -t mangle -N DIVERT"))
 
 
+@pytest.mark.system
+@pytest.mark.netns
+@pytest.mark.root
+@pytest.mark.slow
 def test_readme_tproxy_recipes_survive_sh_e_on_a_fresh_host():
     """The seed's rc.local aborts under `sh -e` on a fresh host (flushing a table
     that does not exist); the README's corrected one goes through and routes."""
@@ -305,6 +320,10 @@ def send_through(host: str, port: int = 25) -> tuple[str, str]:
     return local, peer
 
 
+@pytest.mark.system
+@pytest.mark.netns
+@pytest.mark.root
+@pytest.mark.slow
 def test_readme_tproxy_recipe_makes_full_transparency_work():
     """Client -> router (README recipe + proxsmtpd `TransparentProxy: full`,
     `Listen: 10025`) -> server, over IPv4 and IPv6: the server sees the client."""
@@ -359,6 +378,8 @@ def only_tools(directory: Path, *tools: str) -> Path:
     return directory
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_add_header_example(proxy, upstream):
     running = proxy({"OutAddress": upstream.address, "FilterType": "pipe",
                      "FilterCommand": str(SCRIPTS / "add_header.sh"), "FilterTimeout": 10})
@@ -369,6 +390,8 @@ def test_add_header_example(proxy, upstream):
     assert rest == MESSAGE.rstrip(b"\r\n").replace(b"\r\n.dotted", b"\r\n..dotted")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_reject_pattern_example(proxy, upstream, tmp_path):
     patterns = tmp_path / "patterns"
     patterns.write_text("cheap +pills\n^Subject: .*lottery\n")
@@ -384,6 +407,8 @@ def test_reject_pattern_example(proxy, upstream, tmp_path):
     running.wait_log(r"status=554 5\.7\.1 No thanks")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_reject_pattern_example_fails_temporarily_without_patterns(proxy, upstream, tmp_path):
     command = "%s %s" % (SCRIPTS / "reject_pattern.sh", tmp_path / "missing")
     running = proxy({"OutAddress": upstream.address, "FilterType": "file",
@@ -394,6 +419,8 @@ def test_reject_pattern_example_fails_temporarily_without_patterns(proxy, upstre
     assert upstream.messages == []
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_spamassassin_example_passes_mail_when_absent(proxy, upstream, tmp_path):
     bindir = only_tools(tmp_path / "bin", "cat")
     command = "PATH=%s /bin/sh %s" % (bindir, SCRIPTS / "spamassassin.sh")
@@ -417,6 +444,8 @@ GTUBE = b"XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 
 
 @pytest.mark.parametrize("mode", ["reject", "tag"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_spamassassin_example_with_spamc(proxy, upstream, tmp_path, mode):
     bindir = only_tools(tmp_path / "bin", "cat")
     (bindir / "spamc").write_text(FAKE_SPAMC)

@@ -1,4 +1,4 @@
-"""Fault injection (issue 7): break the server, the filter, the client, the temp
+"""Fault injection: break the server, the filter, the client, the temp
 directory and the worker on purpose, end to end.
 
 Each test checks four things: what the client is told (a 4xx or a closed
@@ -81,6 +81,8 @@ class ClosingServer(RawServer):
 
 # --- the server -----------------------------------------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_unreachable(proxy):
     px = proxy({"OutAddress": "127.0.0.1:%d" % free_port()}, debug=3)
     mark = len(px.log())
@@ -98,6 +100,8 @@ def closing_server():
     server.stop()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_before_greeting(proxy, closing_server):
     px = proxy({"OutAddress": closing_server.address}, debug=3)
     mark = len(px.log())
@@ -109,6 +113,8 @@ def test_server_closes_before_greeting(proxy, closing_server):
     no_temp_files(px)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_during_envelope(proxy, make_upstream):
     server = make_upstream(drop_at="RCPT")
     px = proxy({"OutAddress": server.address}, debug=3)
@@ -130,6 +136,8 @@ def _354_then_close(line, conn):
 
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_after_354(proxy, make_upstream, filter_command):
     server = make_upstream(replies={"DATA": _354_then_close})
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -144,6 +152,8 @@ def test_server_closes_after_354(proxy, make_upstream, filter_command):
 
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
     server = make_upstream(drop_at="DATA-END")
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -158,6 +168,8 @@ def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
 
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream, filter_command):
     server = make_upstream(data_reply="421 4.3.0 shutting down")
     px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
@@ -192,18 +204,24 @@ def refused(px, upstream, reply: list[str], status: str, reason: str | None) -> 
     no_temp_files(px)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_exits_non_zero(proxy, upstream):
     px = filter_proxy(proxy, upstream, "cat >/dev/null; echo 'no thanks' >&2; exit 3")
     refused(px, upstream, ["550 Content Rejected; no thanks"], "550 Content Rejected; no thanks",
             None)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_killed_by_signal(proxy, upstream):
     px = filter_proxy(proxy, upstream, "cat >/dev/null; kill -SEGV $$")
     refused(px, upstream, ["451 Local Error"], "FILTER-ERROR",
             r"filter command terminated abnormally \(signal 11\)")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_hangs_past_filter_timeout(proxy, upstream, tmp_path):
     pidfile = tmp_path / "pid"
     px = filter_proxy(proxy, upstream, "echo $$ > %s; exec sleep 60" % pidfile, FilterTimeout=1)
@@ -213,6 +231,8 @@ def test_filter_hangs_past_filter_timeout(proxy, upstream, tmp_path):
     wait_until(lambda: not pid_alive(pid), 10, what="the filter to be killed")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_closes_stdin_early_and_writes_nothing(proxy, upstream):
     """Exit 0 with no output for a non-empty message is a broken filter, not
     an order to deliver an empty message."""
@@ -221,6 +241,8 @@ def test_filter_closes_stdin_early_and_writes_nothing(proxy, upstream):
             r"filter command wrote no message")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
     pidfile = tmp_path / "pid"
     px = filter_proxy(proxy, upstream,
@@ -234,6 +256,8 @@ def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
 
 
 @pytest.mark.parametrize("command, code", [("missing", 127), ("not-executable", 126)])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_cannot_be_executed(proxy, upstream, tmp_path, command, code):
     """Refused at start (tests/test_config.py); here it breaks while running."""
     path = tmp_path / command
@@ -257,6 +281,8 @@ def worker_peak_kib(px) -> list[int]:
 
 
 @pytest.mark.parametrize("source", ["/dev/zero", "lines"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_filter_writes_100_mb(proxy, make_upstream, source):
     """A filter's output is streamed from disk: 100 MB (one single line, or
     many) reach the server whole, and no worker holds it in memory."""
@@ -279,6 +305,8 @@ def test_filter_writes_100_mb(proxy, make_upstream, source):
 # --- the client ------------------------------------------------------------------------
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_disconnects_mid_data(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
@@ -296,6 +324,8 @@ def test_client_disconnects_mid_data(proxy, upstream, filter_command):
 
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command, "TimeOut": 2},
                debug=3)
@@ -311,6 +341,8 @@ def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
     no_temp_files(px)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_stalls_mid_command_line(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "TimeOut": 2}, debug=3)
     mark = len(px.log())
@@ -324,6 +356,8 @@ def test_client_stalls_mid_command_line(proxy, upstream):
     no_temp_files(px)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
     """A message sent whole is delivered; the unfinished `QUIT` after it is not
     a command (nor is an unfinished MAIL FROM in another session)."""
@@ -348,6 +382,8 @@ def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
 
 
 @BOTH_DATA_PATHS
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream, filter_command):
     px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     mark = len(px.log())
@@ -375,6 +411,8 @@ def worker_with_session(px) -> int:
     return wait_until(find, 10, what="a worker holding one session")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_worker_killed_mid_message(proxy, upstream, tmp_path):
     """SIGKILL leaves the worker no chance to clean up: the client sees the
     connection close (never a 250), and the master reclaims the slot, kills the
@@ -443,6 +481,8 @@ def delivered(px, upstream, body: bytes = BODY) -> None:
     assert upstream.wait_messages(count + 1)[-1].raw == body.rstrip(b"\r\n")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_temp_directory_missing(proxy, upstream, tmp_path):
     """Refused at start (tests/test_config.py); here it goes away while running."""
     missing = tmp_path / "missing"
@@ -470,6 +510,9 @@ def nobody_dir():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run as User: nobody")
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_unwritable(proxy, upstream, nobody_dir):
     """Checked at start (tests/test_config.py); here it turns unwritable later."""
     os.chmod(nobody_dir, 0o1777)
@@ -521,6 +564,9 @@ def full_disk_proxy(request, proxy, upstream):
 
 @pytest.mark.parametrize("full_disk_proxy", [None, "cat"], ids=["relayed", "filtered"],
                          indirect=True)
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_full_message_too_big(full_disk_proxy, upstream):
     px = full_disk_proxy
     mark = len(px.log())
@@ -530,6 +576,9 @@ def test_temp_directory_full_message_too_big(full_disk_proxy, upstream):
     delivered(px, upstream)                             # the space is back
 
 
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_full_of_other_files(full_disk_proxy, upstream):
     px = full_disk_proxy
     mark = len(px.log())
@@ -548,6 +597,9 @@ def test_temp_directory_full_of_other_files(full_disk_proxy, upstream):
     delivered(px, upstream)
 
 
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_temp_directory_filled_by_filter_output(full_disk_proxy, upstream):
     """The message fits, the filter's copy does not: its failure is the full
     disk's, so 451 (try again), not the 550 of a rejection."""
@@ -559,6 +611,7 @@ def test_temp_directory_filled_by_filter_output(full_disk_proxy, upstream):
     delivered(px, upstream, BODY + (b"z" * 998 + b"\r\n") * 300)
 
 
+@pytest.mark.unit
 def test_reliability_doc_names_real_tests():
     """docs/RELIABILITY.md names the test proving each fault: they all exist,
     and every test of this file is named there."""

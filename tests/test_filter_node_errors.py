@@ -54,6 +54,8 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_node_protocol_trouble_defers_the_message(proxy, upstream, make_upstream, fault):
     node_settings, logged = FAULTS[fault]
     node = make_upstream(**{"extensions": NODE_EXTENSIONS, "name": "node.test", **node_settings})
@@ -83,6 +85,8 @@ VERDICTS = {
 
 
 @pytest.mark.parametrize("verdict", sorted(VERDICTS))
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, verdict):
     node_settings, expected = VERDICTS[verdict]
     node = make_upstream(**{"extensions": NODE_EXTENSIONS, "name": "node.test", **node_settings})
@@ -109,12 +113,15 @@ def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, ve
     ("550 5.5.0 Requested action not taken", False),
     ("451 4.5.0 local problem", False),
 ])
+@pytest.mark.unit
 def test_protocol_broke(reply, broke):
     assert protocol_broke(int(reply[:3]), reply) is broke
 
 
 @given(st.integers(400, 599),
        st.text(max_size=80) | st.from_regex(r"5\.5\.[0-9٣]{0,4}[ \t.x]?.{0,10}", fullmatch=True))
+@pytest.mark.unit
+@pytest.mark.slow
 def test_protocol_broke_on_any_reply_text(code, rest):
     """Any text from a node: no exception; 500-504 always, other codes but
     554 never, 554 only with a 5.5.x enhanced code first."""
@@ -131,6 +138,9 @@ def test_protocol_broke_on_any_reply_text(code, rest):
                          and parts[2].isdigit() and 1 <= len(parts[2]) <= 3)
 
 
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_postfix_node_protocol_error_defers_the_message(proxy, upstream, postfix):
     """A real Postfix as the node, made to answer RCPT with `500 5.5.2 Error:
     command not recognized` (smtpd_command_filter turns RCPT into a verb it

@@ -1,4 +1,5 @@
-"""SPEC §5.3: the filters (pipe, file, smtp), their environment and verdicts."""
+"""The filters (pipe, file, smtp), their environment and verdicts (FILTERS in
+proxsmtpd(8))."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import pytest
 
 from harness import RecordingServer, free_port, pid_alive, send_mail, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\nFrom: a@x.test\r\n\r\nhello world\r\n"
 

@@ -18,6 +18,8 @@ import pytest
 
 from harness import RecordingServer, free_port, send_mail, stop_process, wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 MESSAGE = b"From: a@client.test\r\nSubject: verdict\r\n\r\nbody\r\n"
 

@@ -1,10 +1,14 @@
-"""SPEC §6: the Header template, as the server receives it."""
+"""The Header template (Header in proxsmtpd.conf(5)), as the server receives it."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
+
 from harness import send_mail
+
+pytestmark = pytest.mark.e2e
 
 BODY = b"Subject: test\r\nFrom: a@x.test\r\n\r\nbody line\r\n"
 

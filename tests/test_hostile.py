@@ -1,4 +1,4 @@
-"""Hostile input (issue 7): random bytes into every parser, random command
+"""Hostile input: random bytes into every parser, random command
 sequences into real sessions, and the classic attacks end to end (overlong
 lines, NUL and 8-bit bytes, bare CR/LF and SMTP smuggling, 10 000 recipients,
 log injection, connection floods, slow-loris).
@@ -59,6 +59,7 @@ def config_lines(draw) -> str:
 
 @FAST
 @given(config_lines())
+@pytest.mark.unit
 def test_config_parse_only_raises_config_error(text):
     try:
         parsed = config.parse(text, "random.conf")
@@ -70,6 +71,7 @@ def test_config_parse_only_raises_config_error(text):
 
 @FAST
 @given(st.text(max_size=60), st.integers(1, 65535))
+@pytest.mark.unit
 def test_address_parse_only_raises_address_error(text, port):
     try:
         parsed = addresses.parse(text, port)
@@ -80,6 +82,7 @@ def test_address_parse_only_raises_address_error(text, port):
 
 @FAST
 @given(st.binary(max_size=200))
+@pytest.mark.unit
 def test_command_argument_parsers_never_raise(line):
     assert isinstance(commands.parse_address(line), str)
     for name, value in commands.parse_xforward(b"XFORWARD " + line).items():
@@ -94,6 +97,7 @@ def test_command_argument_parsers_never_raise(line):
 
 @FAST
 @given(st.binary(max_size=300))
+@pytest.mark.unit
 def test_rejection_from_stderr_is_one_final_reply_line(stderr):
     """Whatever a filter prints, the client gets exactly one well-formed, final
     reply line (a `550-` would leave it waiting for more)."""
@@ -104,6 +108,7 @@ def test_rejection_from_stderr_is_one_final_reply_line(stderr):
 
 @FAST
 @given(st.text(max_size=80))
+@pytest.mark.unit
 def test_reject_setting_is_one_final_reply_line(text):
     reply = filters.reject_reply(text.replace("\r", " ").replace("\n", " "))
     assert re.match(r"^[245]\d\d( |$)", reply), reply
@@ -111,6 +116,7 @@ def test_reject_setting_is_one_final_reply_line(text):
 
 @FAST
 @given(st.text(max_size=300))
+@pytest.mark.unit
 def test_header_template_never_raises(template):
     rendered = header.render(template, "192.0.2.1", "2001:db8::1", "TAG")
     assert isinstance(rendered, bytes) and len(rendered) <= header.MAX_HEADER_LENGTH
@@ -118,6 +124,7 @@ def test_header_template_never_raises(template):
 
 @FAST
 @given(st.one_of(st.text(max_size=100), st.binary(max_size=100)))
+@pytest.mark.unit
 def test_logged_values_stay_on_one_line(value):
     cleaned = logs.clean(value)
     assert not re.search(r"[\x00-\x1f\x7f]", cleaned), cleaned
@@ -132,6 +139,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 
 @FAST
 @given(st.binary(max_size=6000), st.lists(st.integers(0, 6000), max_size=8))
+@pytest.mark.unit
 def test_channel_lines_never_exceed_the_limit(stream, cuts):
     channel = spio.Channel("CLIENT")
     lines = []
@@ -155,6 +163,7 @@ MESSAGE_BITS = st.sampled_from([b"a", b"Subject: x", b".", b"..", b"\r\n", b"\n"
 @FAST
 @given(st.lists(MESSAGE_BITS, max_size=30).map(b"".join), st.binary(max_size=20),
        st.lists(st.integers(0, 400), max_size=6))
+@pytest.mark.unit
 def test_channel_data_ends_only_at_crlf_dot_crlf(body, after, cuts):
     """The message ends at the first CRLF.CRLF and nowhere else; it is passed on
     byte for byte; what follows stays for the command reader."""
@@ -202,6 +211,7 @@ def postfix_lines(stream: bytes) -> list[bytes]:
 @FAST
 @given(st.lists(MESSAGE_BITS, max_size=40).map(b"".join),
        st.lists(st.integers(0, 400), max_size=8))
+@pytest.mark.unit
 def test_dot_guard_matches_reference_and_holds_little(message, cuts):
     guard = spool.DotGuard()
     out = fed = b""
@@ -227,6 +237,7 @@ SMUGGLING_BITS = st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b"\r
 @FAST
 @given(st.lists(SMUGGLING_BITS, max_size=40).map(b"".join),
        st.lists(st.integers(0, 400), max_size=8))
+@pytest.mark.unit
 def test_dot_guard_leaves_postfix_no_early_end(message, cuts):
     """Whatever the message and wherever it is cut into chunks, a server that
     strips the CRs before LF (Postfix) sees the end of DATA only at the final
@@ -246,6 +257,7 @@ def test_dot_guard_leaves_postfix_no_early_end(message, cuts):
 @FAST
 @given(st.lists(SMUGGLING_BITS, max_size=30).map(b"".join),
        st.sampled_from([None, b"X-Checked: yes"]))
+@pytest.mark.unit
 def test_every_outgoing_path_escapes_cr_runs(message, header):
     """What goes to the server or the filter node (outgoing(), framed(), the
     header inserted or not) ends DATA for Postfix at its last line only."""
@@ -257,6 +269,7 @@ def test_every_outgoing_path_escapes_cr_runs(message, header):
         assert lines.index(None) == len(lines) - 1, out
 
 
+@pytest.mark.unit
 def test_dot_guard_holds_a_long_cr_run_as_a_count():
     """`.` and a million CRs fed a thousand at a time: nothing is copied over
     and over, and the line is escaped once its LF comes."""
@@ -272,6 +285,7 @@ def test_dot_guard_holds_a_long_cr_run_as_a_count():
 
 @FAST
 @given(st.lists(MESSAGE_BITS, max_size=40).map(b"".join))
+@pytest.mark.unit
 def test_framed_is_outgoing_in_one_piece(message):
     """The relayed path's shortcut sends exactly what the streamed one would."""
     assert spool.framed(message) == b"".join(spool.outgoing(io.BytesIO(message), None))
@@ -361,6 +375,8 @@ def reply_code(reply: list[str]) -> int:
 @settings(max_examples=250, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(OPS, min_size=1, max_size=14))
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_random_sessions(relay, ops):
     """Every command gets one well-formed reply in order; a 250 after a message
     is the server's own reply for that very message, whose bytes arrived
@@ -460,6 +476,8 @@ def envelope(client: Client, recipients=("b@y.test",)) -> None:
         assert client.cmd("RCPT TO:<%s>" % rcpt)[-1].startswith("250")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_overlong_lines(proxy, upstream):
     """A 100 KB command line is refused and not relayed, not even its tail;
     a 100 KB line inside a message is data and arrives whole."""
@@ -479,6 +497,8 @@ def test_overlong_lines(proxy, upstream):
 
 
 @pytest.mark.parametrize("filter_command", [None, "cat", "env"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_nul_and_8bit_bytes_pass_intact(proxy, upstream, filter_command, tmp_path):
     """In commands and in the message; a NUL can't be put in the environment,
     so a filter sees the recipient without it."""
@@ -511,6 +531,8 @@ SMUGGLING = [
 
 @pytest.mark.parametrize("filter_command", [None, "cat"])
 @pytest.mark.parametrize("pattern", SMUGGLING)
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_smuggling_never_ends_the_message_early(proxy, upstream, pattern, filter_command):
     """`<pattern>MAIL FROM...` inside DATA: the server gets one message with
     the smuggled transaction inside it (a lone dot dot-stuffed), never a second
@@ -543,6 +565,9 @@ POSTFIX_SMUGGLING = [b"\r\n.\r\r\n", b"\n.\r\r\n", b"\r\n.\r\r\r\n", b"\n.\r\r\r
 
 
 @pytest.mark.parametrize("path", ["no filter", "on disk", "cat", "Header"])
+@pytest.mark.e2e
+@pytest.mark.root
+@pytest.mark.slow
 def test_smuggling_against_postfix(proxy, postfix, path):
     """A real Postfix with the defaults of 3.7/3.8 (smtpd_forbid_bare_newline
     and smtpd_forbid_unauth_pipelining off) as the server: each carrier
@@ -585,6 +610,8 @@ def test_smuggling_against_postfix(proxy, postfix, path):
     assert "evil@x.test" not in server.log()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_10000_recipients(proxy, upstream):
     """Pipelined, all answered in order and relayed; one (long) log line."""
     px = proxy({"OutAddress": upstream.address}, debug=3)
@@ -605,6 +632,8 @@ def test_10000_recipients(proxy, upstream):
     assert logged.count(", to=") == 10000
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_recipients_too_big_for_the_environment(proxy, upstream):
     """RECIPIENTS above the kernel's limit for one environment string (128 KiB):
     the filter cannot start, so 451 and a clear log line; the worker lives on."""
@@ -624,6 +653,8 @@ def test_recipients_too_big_for_the_environment(proxy, upstream):
     assert "status=FILTER-ERROR" in log and "Traceback" not in log
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_log_injection_stays_on_one_line(proxy, make_upstream):
     """Control bytes in everything that is logged (HELO, sender, recipients,
     XFORWARD, a filter's rejection) are escaped: each message is one line."""
@@ -652,6 +683,8 @@ def test_log_injection_stays_on_one_line(proxy, make_upstream):
     assert all(TIMESTAMP.match(line) for line in lines)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_connection_flood(proxy, upstream):
     """1000 connections against MaxConnections 20: the rest are told 421 at
     once and closed; the upstream never sees them; service resumes after."""
@@ -689,6 +722,8 @@ def test_connection_flood(proxy, upstream):
 
 
 @pytest.mark.parametrize("phase", ["command", "data"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_slow_loris_closed_at_timeout(proxy, upstream, phase):
     """A client dripping a byte now and then never finishes a line: it is closed
     TimeOut after the line began, not kept forever by the trickle."""
@@ -727,6 +762,8 @@ def test_slow_loris_closed_at_timeout(proxy, upstream, phase):
     wait_until(lambda: not px.spool_files(), 10, what="no temp files")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_malformed_mail_and_rcpt_accepted_by_a_lax_server(proxy, upstream):
     """`MAIL TO:`, `RCPT FROM:`, a bare `MAIL`: a server that says 250 to them
     (the recorder does) must not cost the session (found by test_random_sessions)."""

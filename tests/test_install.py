@@ -1,5 +1,5 @@
 """`make install` / `make uninstall`, the installed program, the SysV init script
-and the systemd unit (issue 5).
+and the systemd unit.
 
 Installs are staged with DESTDIR in temporary directories.  The installed
 program runs on /usr/bin/python3 when Debian's python3-* dependencies are
@@ -27,6 +27,8 @@ import pytest
 import netns
 from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process,
                      title, wait_until)
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 MESSAGE = b"From: a@client.test\r\nTo: b@server.test\r\nSubject: installed\r\n\r\nbody\r\n"
 DEPENDENCIES = "import configobj, daemon, setproctitle, prctl, prometheus_client"
@@ -222,6 +224,7 @@ def as_nobody(*command: str, cwd: Path | None = None) -> subprocess.CompletedPro
                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"})
 
 
+@pytest.mark.root
 def test_install_as_non_root_without_initdir_stops_before_writing(tmp_path):
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv to try it as nobody")
@@ -447,6 +450,8 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
         server.stop()
 
 
+@pytest.mark.netns
+@pytest.mark.root
 def test_installed_config_starts_as_installed_on_loopback(staged, tmp_path):
     """`service proxsmtpd start` with no edits: a daemon on 127.0.0.1:10025 relaying to
     127.0.0.1:10026, without a warning (in a network namespace of its own: fixed ports)."""
@@ -488,6 +493,7 @@ def public_dir():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+@pytest.mark.root
 def test_init_script_makes_the_run_directory_for_user_and_stop_leaves_no_pid_file(
         staged, tmp_path, public_dir):
     """start makes RUNDIR (/run/proxsmtpd by default, gone after a reboot)
@@ -587,6 +593,7 @@ def test_init_script_follows_pidfile_setting(init_script, tmp_path):
     assert init("stop").returncode == 0 and not pidfile.exists()
 
 
+@pytest.mark.root
 def test_init_script_with_user_drops_root_and_cleans_up(staged):
     """User: nobody: the pid file is handed to nobody and the daemon cannot remove
     it from a root-owned directory; stop still leaves nothing behind."""
@@ -727,6 +734,7 @@ def test_systemd_analyze_security_exposure_at_most_4_5(staged):
     before.unlink()
 
 
+@pytest.mark.root
 def test_daemon_runs_in_the_units_capability_bounding_set(staged, tmp_path):
     """ExecStart as systemd would run it (bounding set, no new privileges, UMask) with
     `User: nobody`: it binds, hands the pid file over, drops, relays; ExecReload's
@@ -827,6 +835,8 @@ def netns_pids(name: str) -> list[int]:
     return [int(pid) for pid in listed.stdout.split()]
 
 
+@pytest.mark.netns
+@pytest.mark.root
 def test_make_run_as_root_drops_to_nobody_and_ctrl_c_is_no_make_error():
     """`make run` on a terminal (script(1) gives it one), in a namespace of its own
     (its ports are fixed): no "running as root" noise, mail goes through, and

@@ -1,4 +1,4 @@
-"""Issue 10's session findings, end to end on loopback: mail lost on retry
+"""Session limits, end to end on loopback: mail lost on retry
 (keepalive during an upload, the wait for the final reply, SIGTERM while
 it is due), and a client or server that would exhaust a worker (back-pressure,
 a flooding client, endless replies, messages over the size limit)."""
@@ -14,6 +14,8 @@ import time
 import pytest
 
 from harness import Client, RawServer, send_mail, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 

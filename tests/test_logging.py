@@ -15,6 +15,8 @@ import pytest
 from harness import PYTHON, REPO, TIMESTAMP, detached, free_port, write_config
 from proxsmtp import __version__
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def test_start_reload_and_stop_are_notices_with_timestamps(proxy, upstream):
     px = proxy({"OutAddress": upstream.address, "Workers": 2, "MaxConnections": 7}, debug=2)

@@ -1,4 +1,4 @@
-"""Memory per held session (issue 10, finding 5): the in-memory spool has one
+"""Memory per held session: the in-memory spool has one
 budget per worker, beyond which messages go to temp files, so memory is not
 bounded by MaxConnections alone; the bytes kept for the Message-ID go at the
 end of the header block.  The PSS figures are measured by bench/run.py
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+
+import pytest
 
 from harness import wait_until
 from hypothesis import given, settings, strategies as st
@@ -20,6 +22,7 @@ KIB = 1024
 CONFIG = config.parse("OutAddress: 127.0.0.1:25\n")
 
 
+@pytest.mark.unit
 def test_spool_budget_spills_to_a_file_and_is_given_back(tmp_path, monkeypatch):
     monkeypatch.setattr(spool, "MEMORY_BUDGET", 100 * KIB)
     start = spool.in_memory()
@@ -45,6 +48,7 @@ def test_spool_budget_spills_to_a_file_and_is_given_back(tmp_path, monkeypatch):
     assert spool.in_memory() == start and os.listdir(tmp_path) == []
 
 
+@pytest.mark.unit
 def test_message_over_the_size_limit_leaves_memory(tmp_path):
     start = spool.in_memory()
     message = spool.Spool(str(tmp_path), in_memory=True)
@@ -59,6 +63,8 @@ def test_message_over_the_size_limit_leaves_memory(tmp_path):
     assert not os.path.exists(message.path)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_held_messages_beyond_the_worker_budget_go_to_temp_files(proxy, upstream):
     """No filter (so messages would be kept in memory), one worker, more held
     500 KiB messages than its budget holds: the rest are spooled to files in
@@ -102,6 +108,7 @@ def test_held_messages_beyond_the_worker_budget_go_to_temp_files(proxy, upstream
                                          b"\r\n", b"\n", b"body line\r\n"]), max_size=12),
        cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
        tail=st.integers(min_value=0, max_value=HEAD_LIMIT + 10))
+@pytest.mark.unit
 def test_message_id_found_however_the_message_is_cut(headers, cuts, tail):
     """The head kept for the Message-ID is let go at the end of the header
     block (or at HEAD_LIMIT); the Message-ID found is the same as from the
@@ -125,6 +132,7 @@ def test_message_id_found_however_the_message_is_cut(headers, cuts, tail):
     assert transfer.envelope.size == (len(message) or None)
 
 
+@pytest.mark.session
 def test_a_finished_session_is_freed_without_the_cyclic_collector(tmp_path):
     """A session (its channels, transports, reply queue and spooled message)
     is freed by reference counting the moment it ends: nothing of it waits

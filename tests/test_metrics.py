@@ -95,6 +95,8 @@ def spread(px) -> list[Client]:
 
 # --- gauges ------------------------------------------------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
     px = metered({"MaxConnections": 3})
     before = scrape(px)
@@ -117,6 +119,8 @@ def test_sessions_gauge_follows_held_connections_and_busy_is_counted(metered):
     idle(px)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_metrics_answers_404_elsewhere_and_head(metered):
     px = metered()
     with pytest.raises(urllib.error.HTTPError) as error:
@@ -129,6 +133,8 @@ def test_metrics_answers_404_elsewhere_and_head(metered):
 
 # --- counters over workers, reloads and a killed worker --------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered, upstream):
     px = metered()
     clients = spread(px)
@@ -152,6 +158,8 @@ def test_sigkilled_worker_leaves_no_stale_gauge_and_no_counter_goes_back(metered
         client.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_counters_survive_a_reload(metered, upstream):
     """Messages counted by the old workers stay counted after SIGHUP replaced
     them; a session held across the reload keeps its retiring worker (and the
@@ -205,6 +213,8 @@ rm -f "$m"
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
         metered, make_upstream, tmp_path):
     upstream = make_upstream(extensions=("AUTH PLAIN",))
@@ -249,6 +259,8 @@ def test_messages_counted_by_status_size_and_filter_time_over_several_workers(
         value(after, "proxsmtpd_message_size_bytes_count")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_server_errors_by_reason(metered, make_upstream):
     """connect: nothing listens; closed: the server hangs up at RCPT (a relayed
     command) or at the final dot (the proxy's own read); timeout: a server that
@@ -283,6 +295,8 @@ def test_server_errors_by_reason(metered, make_upstream):
         silent.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_refused_connections_are_counted(metered, upstream):
     """TransparentProxy with a client that connects to the proxy itself: the loop
     is refused before any server is contacted."""
@@ -299,6 +313,8 @@ def test_refused_connections_are_counted(metered, upstream):
         value(before, "proxsmtpd_server_errors_total", reason="connect")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_proxy_protocol_headers_counted(metered, upstream):
     """Each way a PROXY header can go, once: the header count by result, and
     the connections without a usable one counted as refused."""
@@ -336,6 +352,8 @@ def stats_socket(px) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=20)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_junk_and_idle_scrapers_cost_the_mail_nothing(metered, upstream):
     px = metered()
     with stats_socket(px) as junk:
@@ -357,6 +375,8 @@ def test_junk_and_idle_scrapers_cost_the_mail_nothing(metered, upstream):
     assert value(scrape(px), "proxsmtpd_workers", state="serving") == 2
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_random_bytes_on_the_stats_port_are_answered_or_closed(metered):
     px = metered()
 
@@ -386,6 +406,8 @@ def test_random_bytes_on_the_stats_port_are_answered_or_closed(metered):
 
 # --- configuration -------------------------------------------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_stats_listen_needs_a_port_and_a_free_address(tmp_path, upstream):
     conf = write_config(tmp_path / "p.conf", {"OutAddress": upstream.address,
                                               "StatsListen": "127.0.0.1"})
@@ -405,6 +427,8 @@ def test_stats_listen_needs_a_port_and_a_free_address(tmp_path, upstream):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_daemon_mode_serves_metrics(tmp_path, upstream):
     """Detached (its descriptors closed, syslog), the endpoint still answers."""
     port, stats_port = free_port(), free_port()
@@ -423,6 +447,7 @@ def test_daemon_mode_serves_metrics(tmp_path, upstream):
 
 # --- the shared rows, in process ---------------------------------------------------------------
 
+@pytest.mark.unit
 def test_book_folds_a_dead_rows_counters_and_drops_its_gauge():
     book = stats.Book()
     try:
@@ -450,6 +475,7 @@ def test_book_folds_a_dead_rows_counters_and_drops_its_gauge():
     assert duration[0] == 1 and duration[stats.FILTER_BUCKETS.index(0.5)] == 1
 
 
+@pytest.mark.unit
 def test_recording_is_a_no_op_when_off():
     book = stats.Book()
     book.attach(0)
@@ -460,6 +486,7 @@ def test_recording_is_a_no_op_when_off():
     assert book.totals() == [0.0] * stats.WIDTH
 
 
+@pytest.mark.unit
 def test_dashboard_queries_only_exported_metrics():
     """share/grafana-dashboard.json is valid JSON whose queries name metrics that
     /metrics really has (a renamed metric would leave a panel empty)."""
@@ -473,6 +500,7 @@ def test_dashboard_queries_only_exported_metrics():
         assert names and set(names) <= exported, query
 
 
+@pytest.mark.unit
 def test_every_metric_is_documented_in_proxsmtpd_8():
     text = (REPO / "man" / "proxsmtpd.8").read_text()
     for family in exporter.Collector(stats.Book()).collect():

@@ -10,6 +10,8 @@ import pytest
 
 from harness import free_port, wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 
 def swaks(proxy, *args: str) -> subprocess.CompletedProcess:
     if not shutil.which("swaks"):

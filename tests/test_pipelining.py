@@ -12,6 +12,8 @@ import pytest
 
 from harness import RawServer, send_mail, wait_until
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
 
@@ -121,7 +123,8 @@ def test_pipelining_offered_only_when_the_server_offers_it(proxy, upstream, make
 def test_group_forwarded_as_a_group(proxy, group_server):
     """MAIL, RCPT, RCPT in one write reach the server before it has answered
     MAIL (a lockstep relay would send MAIL alone and wait).  DATA is the
-    proxy's own, once it has the message and the filter's verdict (SPEC §5)."""
+    proxy's own, once it has the message and the filter's verdict (DESCRIPTION
+    in proxsmtpd(8))."""
     p = proxy({"OutAddress": group_server.address})
     with p.connect() as client:
         client.cmd("EHLO c.test")

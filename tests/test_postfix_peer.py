@@ -7,6 +7,10 @@ from __future__ import annotations
 import smtplib
 import socket
 
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
+
 
 def test_queued_message_comes_back_with_envelope_and_content(postfix):
     server = postfix()

@@ -1,5 +1,6 @@
-"""The process model (SPEC §7): master, pre-forked workers, shared MaxConnections,
-privilege drop, daemon mode and signals — all with real processes."""
+"""The process model (OPERATION and SIGNALS in proxsmtpd(8)): master, pre-forked
+workers, shared MaxConnections, privilege drop, daemon mode and signals — all
+with real processes."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from harness import (PYTHON, REPO, Client, children, detached, free_port, pid_alive,
                      run_proxsmtpd, send_mail, title, wait_until, write_config)
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 NOBODY_CAPS = "0000000000001000"       # CAP_NET_ADMIN only
 
@@ -199,6 +202,7 @@ def public_dir():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+@pytest.mark.root
 def test_user_nobody_keeps_only_cap_net_admin(proxy, upstream, public_dir):
     report = os.path.join(public_dir, "filter-status")
     px = proxy({"OutAddress": upstream.address, "Workers": 2, "User": "nobody",
@@ -220,6 +224,7 @@ def test_user_nobody_keeps_only_cap_net_admin(proxy, upstream, public_dir):
                what="temp files to be removed")
 
 
+@pytest.mark.root
 def test_unknown_user_is_a_clear_error(tmp_path, upstream):
     if os.geteuid() != 0:
         pytest.skip("only root switches users")
@@ -264,6 +269,7 @@ def pid_file_config(rundir: Path, upstream, public_dir: str) -> Path:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+@pytest.mark.root
 def test_pid_file_where_user_may_not_remove_it_is_warned_of_and_emptied(upstream, public_dir):
     """User nobody, the pid file in a directory only root may write (as /run
     is): the start and -t say so, naming the path, the user and the way out;
@@ -305,6 +311,7 @@ def test_pid_file_where_user_may_not_remove_it_is_warned_of_and_emptied(upstream
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to User: nobody")
+@pytest.mark.root
 def test_pid_file_in_a_directory_user_owns_is_removed_without_a_warning(upstream, public_dir):
     """User nobody, the pid file in a directory nobody owns (what the init
     script and systemd's RuntimeDirectory= make, /run/proxsmtpd): no warning,

@@ -24,6 +24,8 @@ from harness import (Client, answers, children, closed_silently, free_port, pid_
                      wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 BODY = b"Subject: proxied\r\n\r\nbody\r\n"
 
 
@@ -407,6 +409,7 @@ def postfix():
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.root
 def test_out_proxy_protocol_to_postfix(proxy, postfix, version):
     px = proxy({"OutAddress": "127.0.0.1:%d" % postfix.port, "OutProxyProtocol": version})
     with px.connect(source="127.0.0.42") as smtp:
@@ -417,6 +420,7 @@ def test_out_proxy_protocol_to_postfix(proxy, postfix, version):
     assert "connect from unknown[127.0.0.42]" in postfix.log()
 
 
+@pytest.mark.root
 def test_balancer_header_through_to_postfix(proxy, postfix):
     """haproxy's header in, proxsmtpd's header out: Postfix logs the address the
     balancer named, not proxsmtpd's nor the balancer's."""

@@ -45,6 +45,8 @@ def v2(command: int, family: int, body: bytes, version: int = 2) -> bytes:
 @example(b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n")
 @example(V2_SIGNATURE + b"\x21\x11\x00\x04abcd")
 @example(V2_SIGNATURE + b"\x21\x31\x00\x04abcd")
+@pytest.mark.unit
+@pytest.mark.slow
 def test_random_bytes_only_ever_give_a_header_more_or_our_error(data):
     result = outcome(data)
     if isinstance(result, ProxyHeader):
@@ -57,6 +59,7 @@ def test_random_bytes_only_ever_give_a_header_more_or_our_error(data):
 @settings(max_examples=500)
 @given(st.sampled_from([0x00, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x30, 0x31]),
        st.integers(0, 15), st.binary(max_size=250))
+@pytest.mark.unit
 def test_random_v2_bodies_with_known_families(family, command, body):
     result = outcome(v2(command, family, body))
     if command not in (0, 1):
@@ -68,6 +71,7 @@ def test_random_v2_bodies_with_known_families(family, command, body):
 @settings(max_examples=500)
 @given(st.one_of(st.tuples(ipv4, ipv4), st.tuples(ipv6, ipv6), st.tuples(ipv4, ipv6)),
        port, port, st.sampled_from([1, 2]), st.binary(max_size=40))
+@pytest.mark.unit
 def test_round_trip_build_parse_with_smtp_bytes_after(ips, sport, dport, version, after):
     header = build(version, (ips[0], sport), (ips[1], dport))
     parsed = parse(header + after)
@@ -78,6 +82,7 @@ def test_round_trip_build_parse_with_smtp_bytes_after(ips, sport, dport, version
 @settings(max_examples=200)
 @given(st.one_of(st.tuples(ipv4, ipv4), st.tuples(ipv6, ipv6)), port, port,
        st.sampled_from([1, 2]))
+@pytest.mark.unit
 def test_every_split_point_needs_more_then_parses(ips, sport, dport, version):
     header = build(version, (ips[0], sport), (ips[1], dport))
     for cut in range(len(header)):
@@ -85,7 +90,7 @@ def test_every_split_point_needs_more_then_parses(ips, sport, dport, version):
     assert parse(header).length == len(header)
 
 
-# --- the cases from the issue, one by one ------------------------------------------------
+# --- malformed and edge-case headers, one by one --------------------------------------
 
 V4 = build(2, ("203.0.113.7", 40000), ("192.0.2.1", 25))
 
@@ -115,16 +120,19 @@ V4 = build(2, ("203.0.113.7", 40000), ("192.0.2.1", 25))
     V2_SIGNATURE + b"\x21\x21\x00\x0c" + bytes(12),          # IPv6 with 12 address bytes
     V2_SIGNATURE + b"\x21\x31\x00\x04abcd",                  # unix with 4 address bytes
 ])
+@pytest.mark.unit
 def test_malformed_headers_are_our_error(data):
     with pytest.raises(ProxyHeaderError):
         parse(data)
 
 
+@pytest.mark.unit
 def test_v2_length_beyond_what_arrived_needs_more():
     assert parse(V2_SIGNATURE + b"\x21\x11\xff\xff" + bytes(1000)) is None
     assert parse(V2_SIGNATURE + b"\x21\x11\xff\xff" + bytes(0xFFFF)).length == 16 + 0xFFFF
 
 
+@pytest.mark.unit
 def test_longest_valid_v1_line_parses():
     longest = b"PROXY TCP6 ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n".replace(
         b"ffff:f...f:ffff", b"ffff:" * 7 + b"ffff")
@@ -134,6 +142,7 @@ def test_longest_valid_v1_line_parses():
     assert len(unknown) == 107 and parse(unknown) == ProxyHeader(1, 107)
 
 
+@pytest.mark.unit
 def test_tlvs_after_the_addresses_are_part_of_the_header():
     body = V4[16:] + b"\x04\x00\x02ab"                       # PP2_TYPE_NOOP TLV
     header = v2(1, 0x11, body)
@@ -150,17 +159,20 @@ def test_tlvs_after_the_addresses_are_part_of_the_header():
     (v2(1, 0x31, bytes(216)), 232),                          # unix socket endpoints
     (v2(1, 0x12, bytes(12)), 28),                            # datagram
 ])
+@pytest.mark.unit
 def test_headers_without_a_usable_address_keep_the_peer(data, length):
     local = data[12:13] == b"\x20"
     assert parse(data + b"EHLO x\r\n") == ProxyHeader(data[:6] == b"PROXY " and 1 or 2, length,
                                                        local=local)
 
 
+@pytest.mark.unit
 def test_build_unknown_endpoints():
     assert build(1, None, ("::1", 25)) == b"PROXY UNKNOWN\r\n"
     assert parse(build(2, ("1.2.3.4", 1), None)) == ProxyHeader(2, 16, local=True)
 
 
+@pytest.mark.unit
 def test_build_mixed_families_maps_ipv4():
     assert build(1, ("1.2.3.4", 1), ("::1", 25)).startswith(b"PROXY TCP6 ::ffff:")
     assert parse(build(2, ("::1", 1), ("1.2.3.4", 25))).dest == ("1.2.3.4", 25)
@@ -168,6 +180,7 @@ def test_build_mixed_families_maps_ipv4():
 
 # --- ProxyProtocolFrom ---------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_allowed_networks():
     nets = proxyproto.parse_networks("10.0.0.0/8, 127.0.0.1 [::1] 2001:db8::/32")
     assert proxyproto.allowed("10.1.2.3", nets) and proxyproto.allowed("127.0.0.1", nets)
@@ -177,6 +190,7 @@ def test_allowed_networks():
     assert proxyproto.allowed(None, nets)                    # unix socket: its permissions decide
 
 
+@pytest.mark.unit
 def test_allowed_fails_closed_for_a_tcp_peer_without_an_address():
     """A TCP peer whose address could not be learnt is no unix socket's peer."""
     nets = proxyproto.parse_networks("127.0.0.1/32")
@@ -224,6 +238,7 @@ def read(*args, **kwargs):
     return asyncio.run(_read(*args, **kwargs))
 
 
+@pytest.mark.unit
 def test_read_header_split_byte_by_byte_leaves_smtp_bytes_unread():
     data = V4 + b"EHLO client.example\r\n"
     header, rest = read([data[i:i + 1] for i in range(len(V4) + 3)] + [data[len(V4) + 3:]])
@@ -231,11 +246,13 @@ def test_read_header_split_byte_by_byte_leaves_smtp_bytes_unread():
     assert rest == b"EHLO client.example\r\n"
 
 
+@pytest.mark.unit
 def test_read_header_and_smtp_in_one_packet():
     header, rest = read([b"PROXY TCP4 198.51.100.2 192.0.2.1 5555 25\r\nEHLO a\r\nMAIL"])
     assert header.source == ("198.51.100.2", 5555) and rest == b"EHLO a\r\nMAIL"
 
 
+@pytest.mark.unit
 def test_read_leaves_a_tls_client_hello_behind_a_v2_header_unread():
     """haproxy's header, then the client's TLS bytes in the same segment: they
     are the TLS layer's, to the byte."""
@@ -246,22 +263,26 @@ def test_read_leaves_a_tls_client_hello_behind_a_v2_header_unread():
 
 @settings(max_examples=50, deadline=None)
 @given(st.binary(max_size=40), st.integers(1, 200))
+@pytest.mark.unit
 def test_read_takes_exactly_the_header_wherever_the_bytes_split(after, split):
     data = V4 + after
     header, rest = read([data[:split], data[split:]] if split < len(data) else [data])
     assert header.length == len(V4) and rest == after
 
 
+@pytest.mark.unit
 def test_read_times_out_on_a_partial_header():
     result, _ = read([b"PROXY TCP4 1.2."], timeout=0.5)
     assert result == "no complete PROXY header within 0.5 seconds"
 
 
+@pytest.mark.unit
 def test_read_eof():
     assert "closed without a PROXY header" in read([None])[0]
     assert "before a complete PROXY header" in read([b"PROXY TCP4", None])[0]
 
 
+@pytest.mark.unit
 def test_read_refuses_peers_outside_proxy_protocol_from():
     result, rest = read([V4 + b"EHLO x\r\n"], peer="127.0.0.1",
                         networks=proxyproto.parse_networks("10.0.0.0/8"))
@@ -269,6 +290,7 @@ def test_read_refuses_peers_outside_proxy_protocol_from():
     assert rest == V4 + b"EHLO x\r\n"          # refused before a byte was read
 
 
+@pytest.mark.unit
 def test_read_refuses_a_tcp_peer_without_an_address_when_a_list_is_set():
     result, _ = read([V4], peer="UNKNOWN", networks=proxyproto.parse_networks("127.0.0.1"))
     assert "not in ProxyProtocolFrom" in result
@@ -296,12 +318,14 @@ async def _left_at_once(after: list[bytes | None], wait: float = 1.0) -> bool:
         theirs.close()
 
 
+@pytest.mark.unit
 def test_left_at_once_after_a_local_header():
     assert asyncio.run(_left_at_once([None]))                     # a TCP check: close
     assert not asyncio.run(_left_at_once([b"EHLO x\r\n", None]))  # a client's bytes
     assert not asyncio.run(_left_at_once([], wait=0.2))           # silence: waits for a greeting
 
 
+@pytest.mark.unit
 def test_only_v2_local_is_local():
     assert parse(LOCAL).local
     assert not parse(b"PROXY UNKNOWN\r\n").local
@@ -310,6 +334,7 @@ def test_only_v2_local_is_local():
 
 # --- settings -----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_settings_parse():
     conf = config.parse("OutAddress: 25\nProxyProtocol: on\n"
                         "ProxyProtocolFrom: 10.0.0.0/8, 127.0.0.1\nOutProxyProtocol: V2\n")
@@ -333,6 +358,8 @@ def test_settings_parse():
     ("TransparentProxy: full\nProxyProtocol: on", ["ProxyProtocol", "TransparentProxy"]),
     ("TransparentProxy: client\nProxyProtocol: yes", ["ProxyProtocol", "TransparentProxy"]),
 ])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_invalid_settings_exit_2(tmp_path, line, words):
     conf = write_config(tmp_path / "bad.conf", "OutAddress: 127.0.0.1:10026\n%s\n" % line)
     result = run_proxsmtpd("-d", "2", "-f", str(conf))

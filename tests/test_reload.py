@@ -1,4 +1,4 @@
-"""Reloads under held sessions (issue 10, finding 2): the master survives any
+"""Reloads under held sessions: the master survives any
 number of SIGHUPs, never runs more than Workers x 3 workers, closes idle
 sessions of old generations with 421 4.3.2, and never cuts a message."""
 
@@ -11,7 +11,11 @@ import signal
 import threading
 import time
 
+import pytest
+
 from harness import children, send_mail, title, wait_until, write_config
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 R_SHUTDOWN = ["421 4.3.2 Service shutting down"]
 

@@ -19,6 +19,8 @@ from harness import Client, send_mail
 from test_docs import readme_blocks
 from test_haproxy import HAPROXY, Haproxy
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
 GLOBAL = """\
 global
     stats socket {stats} mode 600 level admin

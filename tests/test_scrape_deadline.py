@@ -9,8 +9,12 @@ import threading
 import time
 import urllib.request
 
+import pytest
+
 from harness import free_port, wait_until
 from proxsmtp import exporter
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_slowloris_scrapers_lose_their_place_at_the_deadline(proxy, upstream):

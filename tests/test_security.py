@@ -1,5 +1,5 @@
-"""Security (issue 7): private temp files, a safe TempDirectory, what a filter
-inherits, SMTP values only ever as environment, and no XCLIENT from clients."""
+"""Security (SECURITY in proxsmtpd(8)): private temp files, a safe TempDirectory,
+what a filter inherits, SMTP values only ever as environment, and no XCLIENT from clients."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 
 from harness import run_proxsmtpd, send_mail, wait_until, write_config
 from proxsmtp import config, spool
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: sec\r\n\r\nbody\r\n"
 

@@ -1,4 +1,5 @@
-"""SPEC §3: the relayed session, end to end (client → proxsmtpd → recording server)."""
+"""The relayed session (RFC 5321; DESCRIPTION and OPERATION in proxsmtpd(8)), end to
+end (client → proxsmtpd → recording server)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import re
 import socket
 import time
 
+import pytest
+
 from harness import Client, free_port, send_mail
+
+pytestmark = pytest.mark.e2e
 
 BODY = b"Subject: test\r\n\r\nhello\r\n"
 
@@ -400,6 +405,7 @@ def test_server_close_closes_client(proxy, make_upstream):
         assert client.closed_by_peer()
 
 
+@pytest.mark.slow
 def test_idle_timeout(proxy, upstream):
     p = proxy({"OutAddress": upstream.address, "TimeOut": 2})
     with p.connect() as client:

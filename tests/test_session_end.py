@@ -207,6 +207,8 @@ def tls_settings(pki, mode: str) -> dict:
 # --- the final reply reaches a TLS client that shut down its sending side ---------------------
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_client_that_shuts_down_its_side_still_gets_250_and_221(proxy, make_upstream, pki,
                                                                     mode):
     """`.` and QUIT, then shutdown(SHUT_WR) while the server still scans the
@@ -233,6 +235,8 @@ def test_tls_client_that_shuts_down_its_side_still_gets_250_and_221(proxy, make_
 
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_close_notify_leaves_nothing_on_stderr(proxy, upstream, pki, mode):
     """A TLS client that sends close_notify behind its QUIT: the session ends
     cleanly, and uvloop's complaint about eof_received never reaches stderr."""
@@ -261,6 +265,8 @@ def test_close_notify_leaves_nothing_on_stderr(proxy, upstream, pki, mode):
 # --- a message the server took is logged and counted, client or no client ----------------------
 
 @pytest.mark.parametrize("filtered", [False, True])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_message_logged_and_counted_when_the_client_left_before_the_reply(proxy, make_upstream,
                                                                          filtered):
     """The client sends its message and resets the connection while the
@@ -295,6 +301,8 @@ def test_message_logged_and_counted_when_the_client_left_before_the_reply(proxy,
 
 # --- an ended session lets go of its sockets ----------------------------------------------------
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_client_that_never_reads_is_dropped_after_the_timeout(proxy, upstream):
     """A client pipelines EHLO lines and never reads a reply: once TimeOut has
     passed the session ends, and its socket must be gone from the worker
@@ -330,6 +338,8 @@ def test_client_that_never_reads_is_dropped_after_the_timeout(proxy, upstream):
 
 
 @pytest.mark.parametrize("mode", ["wrapper", "starttls"])
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_tls_clients_that_never_answer_close_notify_cost_no_descriptors(proxy, upstream, pki,
                                                                          mode):
     """TLS clients that QUIT, read 221 and then neither send close_notify nor
@@ -352,6 +362,8 @@ def test_tls_clients_that_never_answer_close_notify_cost_no_descriptors(proxy, u
             client.sock.close()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_worker_near_its_descriptor_limit_refuses_new_clients_not_held_ones(proxy, upstream):
     """A worker with RLIMIT_NOFILE 64 and more clients than it can serve:
     each new client gets either its greeting or 421 busy at once, and every
@@ -388,6 +400,7 @@ def test_worker_near_its_descriptor_limit_refuses_new_clients_not_held_ones(prox
     assert len(re.findall(r"too many descriptors open", p.log())) == 1
 
 
+@pytest.mark.session
 def test_a_finished_tls_session_is_freed_without_the_cyclic_collector(tmp_path, pki):
     """The TLS layer and its channel hold each other while the connection
     lives; a TLSWrapper session that ended is still freed by reference

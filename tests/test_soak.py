@@ -1,4 +1,4 @@
-"""Conservation under load (issue 7): parallel clients, a filter whose verdict
+"""Conservation under load: parallel clients, a filter whose verdict
 is random per message, an upstream that now and then drops the connection or
 defers, and an exact account of every message afterwards.
 
@@ -21,7 +21,11 @@ import socket
 import threading
 import zlib
 
+import pytest
+
 from harness import Client, RecordingServer, wait_until
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 SCALE = max(1, int(os.environ.get("SOAK_SCALE", "1")))
 CLIENTS = 8

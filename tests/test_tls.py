@@ -1,5 +1,5 @@
-"""TLS on both legs (issue 11), with real peers: smtplib (starttls, SMTP_SSL),
-swaks --tls, openssl s_client -starttls smtp, aiosmtpd with a TLS context,
+"""TLS on both legs (TLS in proxsmtpd(8); RFC 3207), with real peers: smtplib
+(starttls, SMTP_SSL), swaks --tls, openssl s_client -starttls smtp, aiosmtpd with a TLS context,
 and RecordingServer upgrading (or refusing, or injecting behind its 220).
 Certificates come from a throwaway CA made by `trustme` for each test module.
 """
@@ -24,6 +24,8 @@ from hypothesis import given, settings, strategies as st
 from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
 from proxsmtp import config as configuration, smtppass
 from proxsmtp.starttls import offers_starttls
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
 
@@ -365,6 +367,7 @@ def test_server_auth_under_tls_never_offered_to_a_plaintext_client(proxy, make_u
     p.wait_log(r"refused AUTH from a client in plaintext")
 
 
+@pytest.mark.root
 def test_postfix_tls_only_auth_never_sees_cleartext_credentials(proxy, postfix, pki):
     """A real Postfix with smtpd_tls_auth_only = yes behind ServerTLS may: the
     proxy's leg is TLS, so Postfix offers AUTH there; a client in plaintext

@@ -1,4 +1,4 @@
-"""Transparent proxying with real routing (SPEC §4, issue 4).
+"""Transparent proxying with real routing (TRANSPARENT PROXY in proxsmtpd(8)).
 
 A client namespace sends mail to the *server's* address; the router namespace
 in between runs proxsmtpd behind the seed README's iptables lines; the server
@@ -23,6 +23,8 @@ import netns
 from harness import RecordingServer
 from netns import (CLIENT4, CLIENT6, ROUTER4_C, ROUTER4_S, ROUTER6_S, SERVER4, SERVER6,
                    NamespacedProxy, Topology)
+
+pytestmark = [pytest.mark.system, pytest.mark.netns, pytest.mark.root, pytest.mark.slow]
 
 CAP_NET_ADMIN = 12
 FILTER = "printf 'X-Filter-Env: %s %s\\r\\n' \"$CLIENT\" \"$SERVER\"; cat"
@@ -254,7 +256,7 @@ def process_identity(pid: int) -> tuple[int, int]:
     return uid, caps
 
 
-# --- TLS in full transparency (issue 11) -------------------------------------------------------
+# --- TLS in full transparency -------------------------------------------------------
 
 def send_over_starttls(host: str, ca_file: str) -> dict:
     """One message to host:25 over STARTTLS, checking the certificate against

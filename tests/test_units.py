@@ -10,6 +10,8 @@ from hypothesis import given, strategies as st
 from proxsmtp import addresses, commands, config, filters, header, spio, spool
 from proxsmtp.addresses import Address, AddressError
 
+pytestmark = pytest.mark.unit
+
 
 def parse(text: str) -> config.Config:
     return config.parse(text, "test.conf")

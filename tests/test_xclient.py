@@ -17,9 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import trustme
 
 from harness import send_mail
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 BODY = b"Subject: xclient\r\nFrom: a@x.test\r\n\r\nhello\r\n"
 EXTENSIONS = ("SIZE 10240000", "PIPELINING", "XCLIENT NAME ADDR PROTO HELO", "8BITMIME")
@@ -193,6 +196,7 @@ def pipelined_mail(client) -> list[str]:
     return replies
 
 
+@pytest.mark.root
 def test_postfix_server_takes_the_session_after_xclient(proxy, postfix):
     server = postfix()
     p = proxy({"OutAddress": server.address, "XClient": "on"})
@@ -208,6 +212,7 @@ def test_postfix_server_takes_the_session_after_xclient(proxy, postfix):
     assert "improper command pipelining" not in log and "503 5.5.1" not in log
 
 
+@pytest.mark.root
 def test_postfix_server_with_starttls_then_xclient(proxy, postfix):
     cert = trustme.CA().issue_cert("postfix.test", "127.0.0.1")
     files = Path(tempfile.mkdtemp(prefix="proxsmtp-xclient-tls."))
@@ -232,6 +237,7 @@ def test_postfix_server_with_starttls_then_xclient(proxy, postfix):
     assert "improper command pipelining" not in log and "503 5.5.1" not in log
 
 
+@pytest.mark.root
 def test_postfix_filter_node_takes_the_session_after_xclient(proxy, postfix, upstream):
     node = postfix()
     p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
