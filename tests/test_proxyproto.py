@@ -369,6 +369,7 @@ def test_invalid_settings_exit_2(tmp_path, line, words):
         assert word in result.stderr, result.stderr
 
 
+@pytest.mark.unit
 def test_outbound_takes_the_client_port_from_accept_not_from_the_socket():
     """The client's port in an OutProxyProtocol header is the one accept(2)
     gave: a client that has reset its connection has no getpeername(2) any

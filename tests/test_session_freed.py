@@ -27,6 +27,8 @@ from proxsmtp.log import log
 from proxsmtp.smtppass import Session
 from proxsmtp.spio import Channel
 
+pytestmark = pytest.mark.session
+
 ENVELOPE = (b"EHLO me\r\n", b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@y.test>\r\n", b"DATA\r\n")
 HEAD = b"Subject: t\r\n\r\nthe first line\r\n"
 
