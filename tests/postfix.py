@@ -16,6 +16,8 @@ main.cf parameter):
 - every message is accepted for any domain from anyone and kept in the
   queue (`defer_transports`): `messages()` reads back each one's envelope
   and content with `postqueue -j` and `postcat`;
+- `smtpd_upstream_proxy_protocol="haproxy"` makes it expect a PROXY header
+  on every connection, as behind a balancer;
 - STARTTLS offered with `tls=(cert_file, key_file)`; AUTH offered with
   `sasl=True` (after STARTTLS only, as `smtpd_tls_auth_only` says; no
   credentials are accepted, and each attempt is logged as failed).
@@ -132,6 +134,7 @@ class PostfixServer:
             # is how a test sees that credentials reached the server.
             settings.update(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="cyrus")
         settings.update(main_cf)
+        self.proxy_protocol = settings.get("smtpd_upstream_proxy_protocol") == "haproxy"
         (self.config / "main.cf").write_text(
             "".join("%s = %s\n" % (name, value) for name, value in settings.items()))
         (self.config / "master.cf").write_text(
@@ -173,6 +176,8 @@ class PostfixServer:
         try:
             with socket.create_connection((self.host, self.port), timeout=2) as sock:
                 sock.settimeout(5)
+                if self.proxy_protocol:     # it says nothing before the header
+                    sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 25\r\n")
                 greeting = sock.recv(512)
                 sock.sendall(b"QUIT\r\n")
                 return greeting.startswith(b"220")

@@ -10,17 +10,13 @@ never a server connection, never the worker.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from harness import (Client, answers, children, closed_silently, free_port, pid_alive, send_mail,
+from harness import (Client, children, closed_silently, free_port, pid_alive, send_mail,
                      wait_until, write_config)
 from proxsmtp.proxyproto import V2_SIGNATURE, build
 
@@ -296,141 +292,31 @@ def test_out_proxy_protocol_connection_refused_is_421(proxy):
 
 # --- outbound: a real Postfix smtpd ---------------------------------------------------------------
 
-POSTFIX = "/usr/sbin/postfix"
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {dir}/queue
-data_directory = {dir}/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = postfix.test
-mydestination =
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file = {dir}/maillog
-maillog_file_prefixes = {dir}
-syslog_name = proxsmtpd-test
-default_transport = discard
-relay_transport = discard
-local_transport = discard
-"""
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n -  0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n -  - trivial-rewrite
-bounce    unix  - - n -  0 bounce
-defer     unix  - - n -  0 bounce
-trace     unix  - - n -  0 bounce
-verify    unix  - - n -  1 verify
-proxymap  unix  - - n -  - proxymap
-discard   unix  - - n -  - discard
-error     unix  - - n -  - error
-retry     unix  - - n -  - error
-anvil     unix  - - n -  1 anvil
-scache    unix  - - n -  1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
-
-
-class Postfix:
-    """A throwaway Postfix instance (`postfix -c DIR start-fg`) with one smtpd on
-    loopback that expects haproxy's PROXY header.  Its directory is made with
-    mkdtemp (0755: Postfix's daemons run as `postfix` and must reach it), and
-    the master is stopped by its pid."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="proxsmtpd-postfix-"))
-        os.chmod(self.dir, 0o755)
-        for sub in ("conf", "queue", "data"):
-            (self.dir / sub).mkdir()
-        shutil.chown(self.dir / "data", "postfix")
-        self.port = free_port()
-        (self.dir / "conf" / "main.cf").write_text(MAIN_CF.format(dir=self.dir))
-        (self.dir / "conf" / "master.cf").write_text(MASTER_CF.format(port=self.port))
-        self.maillog = self.dir / "maillog"
-        self.out = open(self.dir / "start.out", "wb")
-        self.proc = subprocess.Popen([POSTFIX, "-c", str(self.dir / "conf"), "start-fg"],
-                                     stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_until(lambda: self.proc.poll() is not None or
-                       answers("127.0.0.1", self.port, wait=0.1), 30, what="postfix smtpd")
-        except AssertionError:
-            self.stop()
-            raise
-        if self.proc.poll() is not None:
-            text = self.log() + (self.dir / "start.out").read_text(errors="replace")
-            self.stop()
-            raise RuntimeError("postfix didn't start:\n" + text)
-
-    def log(self) -> str:
-        try:
-            return self.maillog.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def master_pid(self) -> int | None:
-        try:
-            return int((self.dir / "queue" / "pid" / "master.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
-
-    def stop(self) -> None:
-        pid = self.master_pid()
-        if pid is not None and pid_alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: not pid_alive(pid), 20, what="postfix master to exit")
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self.out.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def postfix():
-    if not os.path.exists(POSTFIX) or os.geteuid() != 0:
-        pytest.skip("a throwaway Postfix instance needs postfix installed and root")
-    instance = Postfix()
-    yield instance
-    instance.stop()
-
-
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.root
 def test_out_proxy_protocol_to_postfix(proxy, postfix, version):
-    px = proxy({"OutAddress": "127.0.0.1:%d" % postfix.port, "OutProxyProtocol": version})
+    server = postfix(smtpd_upstream_proxy_protocol="haproxy")
+    px = proxy({"OutAddress": server.address, "OutProxyProtocol": version})
     with px.connect(source="127.0.0.42") as smtp:
         assert send_mail(smtp, "a@x.test", ["b@remote.test"], BODY)[-1].startswith("250")
         smtp.cmd("QUIT")
-    wait_until(lambda: "client=unknown[127.0.0.42]" in postfix.log(), 20,
-               what="postfix to log the message from 127.0.0.42:\n" + postfix.log())
-    assert "connect from unknown[127.0.0.42]" in postfix.log()
+    wait_until(lambda: "client=unknown[127.0.0.42]" in server.log(), 20,
+               what="postfix to log the message from 127.0.0.42:\n" + server.log())
+    assert "connect from unknown[127.0.0.42]" in server.log()
 
 
 @pytest.mark.root
 def test_balancer_header_through_to_postfix(proxy, postfix):
     """haproxy's header in, proxsmtpd's header out: Postfix logs the address the
     balancer named, not proxsmtpd's nor the balancer's."""
-    px = proxy({"OutAddress": "127.0.0.1:%d" % postfix.port, "ProxyProtocol": "on",
+    server = postfix(smtpd_upstream_proxy_protocol="haproxy")
+    px = proxy({"OutAddress": server.address, "ProxyProtocol": "on",
                 "OutProxyProtocol": "v2"})
     with proxied(px, header(2, "127.0.0.77", "127.0.0.1")) as smtp:
         assert send_mail(smtp, "a@x.test", ["b@remote.test"], BODY)[-1].startswith("250")
         smtp.cmd("QUIT")
-    wait_until(lambda: "client=unknown[127.0.0.77]" in postfix.log(), 20,
-               what="postfix to log the message from 127.0.0.77:\n" + postfix.log())
+    wait_until(lambda: "client=unknown[127.0.0.77]" in server.log(), 20,
+               what="postfix to log the message from 127.0.0.77:\n" + server.log())
 
 
 def test_sighup_cannot_combine_proxy_protocol_with_a_running_transparent_proxy(proxy, upstream):
