@@ -14,7 +14,9 @@ Everything listens on loopback on free ports and is stopped by its pid.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
 import re
 import shutil
@@ -26,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 # how a foreground log line starts (proxsmtp/log.py)
@@ -108,6 +110,26 @@ def closed_silently(address: tuple[str, int], data: bytes = b"", timeout: float 
         except ConnectionResetError:
             pass
         return received == b""
+
+
+def freed_without_collector(one_session: Callable[[], Awaitable[object]],
+                            leftovers: tuple[type, ...] = ()) -> None:
+    """Run `one_session()` on uvloop with the cyclic collector off: it runs a
+    session in-process and returns a weakref to it.  The session must have
+    been freed by reference counting alone (relay.py's promise), and no object
+    of a `leftovers` type may be left for the collector to find."""
+    import uvloop
+
+    gc.collect()
+    gc.disable()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            ref = runner.run(one_session())
+        assert ref() is None, gc.get_referrers(ref())
+        left = [thing for thing in gc.get_objects() if isinstance(thing, leftovers)]
+        assert not left, left
+    finally:
+        gc.enable()
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0,

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from harness import wait_until
+from harness import freed_without_collector, wait_until
 from hypothesis import given, settings, strategies as st
 
 from proxsmtp import config, data, spool
@@ -139,11 +139,8 @@ def test_a_finished_session_is_freed_without_the_cyclic_collector(tmp_path):
     for the cyclic collector, whose runs would otherwise cost every worker
     CPU per message and keep finished sessions' buffers resident."""
     import asyncio
-    import gc
     import socket
     import weakref
-
-    import uvloop
 
     from proxsmtp.smtppass import Session
 
@@ -191,11 +188,4 @@ def test_a_finished_session_is_freed_without_the_cyclic_collector(tmp_path):
             await asyncio.sleep(0)
         return ref
 
-    gc.collect()
-    gc.disable()
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            ref = runner.run(one_session())
-        assert ref() is None, gc.get_referrers(ref())
-    finally:
-        gc.enable()
+    freed_without_collector(one_session)

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 import trustme
 
-from harness import free_port, send_mail, wait_until
+from harness import free_port, freed_without_collector, send_mail, wait_until
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: end\r\n\r\nthe end\r\n"
 UVLOOP_LINE = "returning true from eof_received() has no effect when using ssl"
@@ -406,10 +406,7 @@ def test_a_finished_tls_session_is_freed_without_the_cyclic_collector(tmp_path, 
     lives; a TLSWrapper session that ended is still freed by reference
     counting alone (as a plaintext one is, see test_memory.py)."""
     import asyncio
-    import gc
     import weakref
-
-    import uvloop
 
     from proxsmtp import config, tls
     from proxsmtp.smtppass import Session
@@ -454,14 +451,5 @@ def test_a_finished_tls_session_is_freed_without_the_cyclic_collector(tmp_path, 
             await asyncio.sleep(0.01)
         return ref
 
-    gc.collect()
-    gc.disable()
-    try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            ref = runner.run(one_session())
-        assert ref() is None, gc.get_referrers(ref())
-        # neither a channel nor a TLS layer is left for the collector to find
-        left = [thing for thing in gc.get_objects() if isinstance(thing, (Channel, TLSLayer))]
-        assert not left, left
-    finally:
-        gc.enable()
+    # neither a channel nor a TLS layer is left for the collector to find
+    freed_without_collector(one_session, (Channel, TLSLayer))

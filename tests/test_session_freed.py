@@ -13,15 +13,14 @@ or in a wait must not be kept by the exception's traceback either."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import socket
 import weakref
 from typing import Awaitable, Callable
 
 import pytest
-import uvloop
 
+from harness import freed_without_collector
 from proxsmtp import config
 from proxsmtp.log import log
 from proxsmtp.smtppass import Session
@@ -151,16 +150,9 @@ def freed_after(script: Script, tmp_path, sink: Sink | None = None,
     log.addHandler(lines)
     log.propagate = False
     log.setLevel(logging.INFO)
-    gc.collect()
-    gc.disable()
     try:
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            ref = runner.run(one_session())
-        assert ref() is None, gc.get_referrers(ref())
-        left = [thing for thing in gc.get_objects() if isinstance(thing, Channel)]
-        assert not left, left
+        freed_without_collector(one_session, (Channel,))
     finally:
-        gc.enable()
         log.removeHandler(lines)
         log.propagate = propagate
         log.setLevel(level)
