@@ -25,7 +25,7 @@ from . import filters, spool
 from .config import Config
 from .envelope import Envelope
 from .header import HEAD_LIMIT, message_id, render as render_header
-from .log import log
+from .log import clean, log
 from .relay import (FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
                     client_wait)
 from .spio import CRLF, Channel, ChannelClosed
@@ -78,7 +78,7 @@ class Transfer:
             return "SKIPPED"
         if self.config.FilterType == "reject":
             reply = filters.reject_reply(self.config.FilterReject)
-            self.client.write(reply.encode("utf-8", "surrogateescape") + CRLF)
+            self._verdict(reply.encode("utf-8", "surrogateescape") + CRLF)
             return "REJECTED"
         if not self.envelope.recipients:
             await self.refused_data()
@@ -231,7 +231,7 @@ class Transfer:
 
     def _refuse(self, reply: str, status: str) -> None:
         """As fail_data(): the client hears `reply`, the server gets RSET."""
-        self.client.write(reply.encode("utf-8", "surrogateescape") + CRLF)
+        self._verdict(reply.encode("utf-8", "surrogateescape") + CRLF)
         self._command(b"RSET\r\n", lambda lines: self._end(status))
 
     def _on_354(self, reply: list[bytes]) -> None:
@@ -306,17 +306,22 @@ class Transfer:
             self.awaiting_final = False
 
     def _final(self, reply: list[bytes]) -> None:
-        """The server's last word on the message goes to the log and to the
-        client.  The server has decided whether or not the client is still
-        there to hear it, so a client gone by now costs the message neither
-        its log line nor its count (the caller makes both)."""
+        """The server's last word on the message goes to the log and to the client."""
         self.envelope.reply = reply[-1].rstrip(b"\r\n").decode("utf-8", "backslashreplace")
         self.envelope.delay = time.monotonic() - self.started
+        self._verdict(b"".join(reply))
+
+    def _verdict(self, reply: bytes) -> None:
+        """What became of the message (the server's reply, or the proxy's or
+        the filter's refusal), to the client.  It is decided whether or not
+        the client is still there to hear it, so a client gone by now costs
+        the message neither its log line nor its count (the caller makes
+        both); the session then finds the client gone and ends."""
         try:
-            self.client.write(b"".join(reply))
+            self.client.write(reply)
         except ChannelClosed:
-            log.warning("%s: client left before the server's reply to its message: %s",
-                        self.tag, self.envelope.reply)
+            log.warning("%s: client left before the answer to its message: %s", self.tag,
+                        clean(reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]))
 
     async def done_data(self, message: spool.Spool, path: str | None) -> None:
         """Offer the message (or the filter's new version at `path`) to the
@@ -339,7 +344,7 @@ class Transfer:
 
     async def fail_data(self, reply: str) -> None:
         """Answer the client with a rejection and make the server forget the message."""
-        self.client.write(reply.encode("utf-8", "surrogateescape") + CRLF)
+        self._verdict(reply.encode("utf-8", "surrogateescape") + CRLF)
         await self.server.command(b"RSET\r\n")
 
     async def pass_data(self) -> None:

@@ -299,6 +299,38 @@ def test_message_logged_and_counted_when_the_client_left_before_the_reply(proxy,
     wait_until(lambda: filtered_total() == 1.0, 10, what="the message counted")
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_refused_message_logged_and_counted_when_the_client_left_before_the_refusal(
+        proxy, upstream):
+    """The client sends its message and resets the connection while the
+    filter still judges it; the filter refuses it: the refusal is logged and
+    counted as for a client that stayed, not lost with the session."""
+    port = free_port()
+    p = proxy({"OutAddress": upstream.address, "StatsListen": "127.0.0.1:%d" % port,
+               "FilterCommand": "sleep 2; echo '550 5.7.1 no thanks' >&2; exit 1"})
+    with p.connect() as client:
+        client.cmd("EHLO c.test")
+        assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+        assert client.cmd("RCPT TO:<b@y.test>")[-1].startswith("250")
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(BODY + b".\r\n")
+        p.wait_log(r"executed filter command")
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    p.wait_log(r"from=a@x\.test, to=b@y\.test, .*status=550 5\.7\.1 no thanks$")
+    assert upstream.messages == []
+
+    def rejected_total() -> float:
+        url = "http://127.0.0.1:%d/metrics" % port
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            text = answer.read().decode()
+        for line in text.splitlines():
+            if line.startswith('proxsmtpd_messages_total{status="REJECTED"}'):
+                return float(line.split()[-1])
+        return 0.0
+    wait_until(lambda: rejected_total() == 1.0, 10, what="the refusal counted")
+
+
 # --- an ended session lets go of its sockets ----------------------------------------------------
 
 @pytest.mark.e2e
