@@ -195,10 +195,18 @@ class PostfixServer:
         return self.log()
 
     def queued(self) -> list[dict]:
-        """`postqueue -j`: one dict per queued message (queue_id, sender, recipients...)."""
+        """`postqueue -j`: one dict per queued message (queue_id, sender, recipients...).
+        showq reads the queue directories one after another, so a message
+        that qmgr moves from `active` to `deferred` meanwhile is listed in
+        both: one queue id is one message."""
         result = subprocess.run(["postqueue", "-c", str(self.config), "-j"],
                                 capture_output=True, text=True, timeout=30)
-        return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+        entries = {}
+        for line in result.stdout.splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                entries.setdefault(entry["queue_id"], entry)
+        return list(entries.values())
 
     def content(self, queue_id: str) -> bytes:
         """The queued message's headers and body as Postfix stored them (LF line ends)."""
