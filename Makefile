@@ -93,7 +93,8 @@ INSTALL ?= install
 RUNTIME_DEBS = python3-configobj python3-daemon python3-setproctitle python3-prctl python3-uvloop \
 	python3-prometheus-client
 EXAMPLES = add_header.sh reject_pattern.sh spamassassin.sh
-MODULES = $(notdir $(wildcard proxsmtp/*.py))
+# The package, room by room (docs/ARCHITECTURE.md): its top and each subpackage.
+ROOMS = process net smtp session message filters
 
 SUBST = sed -e 's|/usr/local/etc|$(SYSCONFDIR)|g' \
 	-e 's|/usr/local/sbin|$(SBINDIR)|g' \
@@ -104,7 +105,7 @@ SUBST = sed -e 's|/usr/local/etc|$(SYSCONFDIR)|g' \
 
 # The directories install writes to; those it had to create are listed in
 # $(CREATED) (without DESTDIR) for uninstall to remove once empty.
-INSTALL_DIRS = $(SBINDIR) $(LIBDIR)/proxsmtp $(DATADIR) $(MANDIR)/man8 $(MANDIR)/man5 \
+INSTALL_DIRS = $(SBINDIR) $(LIBDIR)/proxsmtp $(addprefix $(LIBDIR)/proxsmtp/,$(ROOMS)) $(DATADIR) $(MANDIR)/man8 $(MANDIR)/man5 \
 	$(SYSCONFDIR) $(INITDIR) $(SYSTEMDUNITDIR)
 CREATED = $(LIBDIR)/installed-directories
 # Where systemd looks for units of the system manager (systemd.unit(5)).
@@ -131,8 +132,11 @@ install:
 	$(INSTALL) -d $(addprefix $(DESTDIR),$(INSTALL_DIRS)) && \
 	{ cat $(DESTDIR)$(CREATED) 2>/dev/null; printf '%s\n' $$new; } | sed '/^$$/d' | sort -u > $(DESTDIR)$(CREATED).new && \
 	mv $(DESTDIR)$(CREATED).new $(DESTDIR)$(CREATED) && chmod 644 $(DESTDIR)$(CREATED)
-	$(INSTALL) -m 644 $(addprefix proxsmtp/,$(MODULES)) $(DESTDIR)$(LIBDIR)/proxsmtp/
-	sed -i 's|^SYSCONFDIR = .*|SYSCONFDIR = "$(SYSCONFDIR)"|' $(DESTDIR)$(LIBDIR)/proxsmtp/defaults.py
+	$(INSTALL) -m 644 $(wildcard proxsmtp/*.py) $(DESTDIR)$(LIBDIR)/proxsmtp/
+	for room in $(ROOMS); do \
+	  $(INSTALL) -m 644 proxsmtp/$$room/*.py $(DESTDIR)$(LIBDIR)/proxsmtp/$$room/ || exit 1; \
+	done
+	sed -i 's|^SYSCONFDIR = .*|SYSCONFDIR = "$(SYSCONFDIR)"|' $(DESTDIR)$(LIBDIR)/proxsmtp/process/defaults.py
 	rel=$$($(PYTHON) -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' \
 	  $(LIBDIR) $(SBINDIR)) && \
 	sed -e 's|@PYTHON@|$(INSTALL_PYTHON)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e "s|@LIBDIR_REL@|$$rel|" \
@@ -189,14 +193,14 @@ install-deps:
 # it created once they are empty (deepest first).
 uninstall:
 	rm -f $(DESTDIR)$(SBINDIR)/proxsmtpd
-	rm -f $(addprefix $(DESTDIR)$(LIBDIR)/proxsmtp/,$(MODULES))
-	rm -rf $(DESTDIR)$(LIBDIR)/proxsmtp/__pycache__
+	rm -f $(addprefix $(DESTDIR)$(LIBDIR)/,$(wildcard proxsmtp/*.py proxsmtp/*/*.py))
+	rm -rf $(DESTDIR)$(LIBDIR)/proxsmtp/__pycache__ $(addsuffix /__pycache__,$(addprefix $(DESTDIR)$(LIBDIR)/proxsmtp/,$(ROOMS)))
 	rm -f $(DESTDIR)$(MANDIR)/man8/proxsmtpd.8 $(DESTDIR)$(MANDIR)/man5/proxsmtpd.conf.5
 	rm -f $(addprefix $(DESTDIR)$(DATADIR)/,$(EXAMPLES) proxsmtpd.conf proxsmtpd.default \
 	  grafana-dashboard.json)
 	rm -f $(DESTDIR)$(INITDIR)/proxsmtpd $(DESTDIR)$(SYSTEMDUNITDIR)/proxsmtpd.service
 	@dirs=$$(sort -r $(DESTDIR)$(CREATED) 2>/dev/null); rm -f $(DESTDIR)$(CREATED); \
-	for d in $$dirs $(LIBDIR)/proxsmtp $(LIBDIR) $(DATADIR); do \
+	for d in $$dirs $(addprefix $(LIBDIR)/proxsmtp/,$(ROOMS)) $(LIBDIR)/proxsmtp $(LIBDIR) $(DATADIR); do \
 	  rmdir "$(DESTDIR)$$d" 2>/dev/null && echo "removed directory $(DESTDIR)$$d"; \
 	done; true
 	@echo "kept $(DESTDIR)$(SYSCONFDIR)/proxsmtpd.conf"

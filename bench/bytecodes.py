@@ -208,7 +208,9 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
     """Serve sessions until `messages` are delivered (after a warm-up); how many were."""
     sys.path.insert(0, tree)
     import uvloop
-    from proxsmtp import config as config_module, smtppass, spio
+    from proxsmtp.process import config as config_module
+    from proxsmtp.session import session as smtppass
+    from proxsmtp.net import channel as spio
 
     spio.SETS_NODELAY = True            # as the worker says under uvloop
     workdir = tempfile.mkdtemp()

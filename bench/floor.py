@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import barerelay  # noqa: E402
 
-LINE_LIMIT = 4096           # as proxsmtp/spio.py
+LINE_LIMIT = 4096           # as proxsmtp/net/channel.py
 REPLY_LIMIT = 64 * 1024     # a server reply (all its lines) longer than this ends the session
 
 R_354 = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"

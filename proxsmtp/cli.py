@@ -8,8 +8,9 @@ import os
 import sys
 from typing import NoReturn
 
-from . import __version__, config as configuration, defaults
-from .log import DEBUG_LEVELS, log, setup_stderr
+from . import __version__
+from .process import config as configuration, defaults
+from .process.log import DEBUG_LEVELS, log, setup_stderr
 
 USAGE = ("usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n"
          "       proxsmtpd -t [-f configfile]\n"
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.test:
         print("proxsmtpd: configuration file %s test is successful" % options.config_file)
         return 0
-    from . import master
+    from .process import master
     try:
         return master.run(config, options)
     except KeyboardInterrupt:

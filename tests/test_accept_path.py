@@ -22,7 +22,7 @@ import trustme
 
 from harness import (Client, closed_silently, free_port, run_proxsmtpd,
                      send_mail, stop_process, wait_until, write_config)
-from proxsmtp.proxyproto import V2_SIGNATURE, build
+from proxsmtp.net.proxyproto import V2_SIGNATURE, build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -32,9 +32,9 @@ def test_every_message_is_delivered_and_counted_by_function():
     bytecodes, calls = per_message(output)
     assert bytecodes > 1000 and calls > 50
     # the relay's hot functions are there, and on_news line by line
-    assert "smtppass.py:Session.relay_lines" in output
-    assert "spio.py:Channel.data_received" in output
-    assert re.search(r"smtppass\.py:\d+  if self\.relay_lines\(\) is WAIT:", output)
+    assert "session.py:Session.relay_lines" in output
+    assert "channel.py:Channel.data_received" in output
+    assert re.search(r"session\.py:\d+  if self\.relay_lines\(\) is WAIT:", output)
 
 
 def test_the_count_repeats_and_a_reused_session_costs_less_per_message():

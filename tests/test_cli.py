@@ -8,7 +8,8 @@ import signal
 import pytest
 
 from harness import Proxy, free_port, run_proxsmtpd, send_mail, wait_until, write_config
-from proxsmtp import __version__, defaults
+from proxsmtp import __version__
+from proxsmtp.process import defaults
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from proxsmtp import config
+from proxsmtp.process import config
 from harness import (PYTHON, REPO, Client, Proxy, RecordingServer, free_port, run_proxsmtpd,
                      send_mail, write_config)
 

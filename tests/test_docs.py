@@ -20,7 +20,7 @@ import pytest
 
 import netns
 from harness import REPO, RecordingServer
-from proxsmtp import config
+from proxsmtp.process import config
 
 SAMPLE = REPO / "etc" / "proxsmtpd.conf"
 MAN8 = REPO / "man" / "proxsmtpd.8"

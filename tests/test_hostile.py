@@ -20,7 +20,11 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 
 from harness import TIMESTAMP, Client, Proxy, RecordingServer, send_mail, wait_until
 from postfix import wait_quiet
-from proxsmtp import addresses, commands, config, filters, header, log as logs, spio, spool
+from proxsmtp.net import addresses, channel as spio
+from proxsmtp.smtp import syntax as commands
+from proxsmtp.process import config, log as logs
+from proxsmtp import filters
+from proxsmtp.message import header, spool
 
 BODY = b"Subject: hostile\r\n\r\nbody\r\n"
 FORBIDDEN = ("XCLIENT", "STARTTLS", "BDAT")

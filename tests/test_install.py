@@ -709,7 +709,7 @@ def test_systemd_unit_sandbox_leaves_the_daemon_what_it_needs(staged):
 
 
 def config_default(name: str) -> str:
-    from proxsmtp import config
+    from proxsmtp.process import config
     return config.Config().__dict__[name]
 
 

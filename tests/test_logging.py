@@ -43,7 +43,7 @@ def test_start_line_names_transparent_mode_and_metrics(proxy):
 
 SYSLOG_PROBE = r"""
 import os, sys
-from proxsmtp import log as logs
+from proxsmtp.process import log as logs
 logs.setup_syslog(sys.argv[1])
 logs.notice("from the master")
 logs.log.debug("never sent to syslog")

@@ -14,9 +14,10 @@ import pytest
 from harness import freed_without_collector, wait_until
 from hypothesis import given, settings, strategies as st
 
-from proxsmtp import config, data, spool
-from proxsmtp.envelope import Envelope
-from proxsmtp.header import HEAD_LIMIT, message_id
+from proxsmtp.process import config
+from proxsmtp.message import transfer as data, spool
+from proxsmtp.message.envelope import Envelope
+from proxsmtp.message.header import HEAD_LIMIT, message_id
 
 KIB = 1024
 CONFIG = config.parse("OutAddress: 127.0.0.1:25\n")
@@ -142,7 +143,7 @@ def test_a_finished_session_is_freed_without_the_cyclic_collector(tmp_path):
     import socket
     import weakref
 
-    from proxsmtp.smtppass import Session
+    from proxsmtp.session.session import Session
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink ESMTP\r\n")

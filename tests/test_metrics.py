@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title,
                      wait_until, write_config)
-from proxsmtp import exporter, stats
-from proxsmtp.proxyproto import build
+from proxsmtp.process import exporter, stats
+from proxsmtp.net.proxyproto import build
 
 
 def scrape(px, path: str = "/metrics") -> dict:

@@ -18,7 +18,7 @@ import pytest
 
 from harness import (Client, children, closed_silently, free_port, pid_alive, send_mail,
                      wait_until, write_config)
-from proxsmtp.proxyproto import V2_SIGNATURE, build
+from proxsmtp.net.proxyproto import V2_SIGNATURE, build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

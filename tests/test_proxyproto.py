@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from harness import run_proxsmtpd, write_config
-from proxsmtp import addresses, config, proxyproto
-from proxsmtp.proxyproto import (V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build, outbound,
-                                 parse)
+from proxsmtp.net import addresses, proxyproto
+from proxsmtp.process import config
+from proxsmtp.net.proxyproto import V2_SIGNATURE, ProxyHeader, ProxyHeaderError, build, outbound, parse
 
 ipv4 = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
 ipv6 = st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**128 - 1))

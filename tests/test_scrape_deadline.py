@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from harness import free_port, wait_until
-from proxsmtp import exporter
+from proxsmtp.process import exporter
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,7 +13,8 @@ import tempfile
 import pytest
 
 from harness import run_proxsmtpd, send_mail, wait_until, write_config
-from proxsmtp import config, spool
+from proxsmtp.process import config
+from proxsmtp.message import spool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -21,10 +21,10 @@ from typing import Awaitable, Callable
 import pytest
 
 from harness import freed_without_collector
-from proxsmtp import config
-from proxsmtp.log import log
-from proxsmtp.smtppass import Session
-from proxsmtp.spio import Channel
+from proxsmtp.process import config
+from proxsmtp.process.log import log
+from proxsmtp.session.session import Session
+from proxsmtp.net.channel import Channel
 
 pytestmark = pytest.mark.session
 

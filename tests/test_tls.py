@@ -22,8 +22,9 @@ import trustme
 from hypothesis import given, settings, strategies as st
 
 from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
-from proxsmtp import config as configuration, smtppass
-from proxsmtp.starttls import offers_starttls
+from proxsmtp.process import config as configuration
+from proxsmtp.session import session as smtppass
+from proxsmtp.session.starttls import offers_starttls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -7,8 +7,12 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from proxsmtp import addresses, commands, config, filters, header, spio, spool
-from proxsmtp.addresses import Address, AddressError
+from proxsmtp.net import addresses, channel as spio
+from proxsmtp.smtp import syntax as commands
+from proxsmtp.process import config
+from proxsmtp import filters
+from proxsmtp.message import header, spool
+from proxsmtp.net.addresses import Address, AddressError
 
 pytestmark = pytest.mark.unit
 
@@ -438,7 +442,7 @@ def test_reply_queue_client_gone_is_no_error_for_any_reply_it_passes_on(first):
     """A client gone when the server's reply comes: neither that reply nor
     a reply of the proxy's own queued behind it raises (the session ends
     at its next step, as for a client that closed between replies)."""
-    from proxsmtp.relay import ProxyCommand, ReplyQueue, ServerAnswers
+    from proxsmtp.session.replyqueue import ProxyCommand, ReplyQueue, ServerAnswers
 
     client = spio.Channel("CLIENT")      # no transport: every write fails
     queue = ReplyQueue(client)

@@ -16,12 +16,13 @@ import subprocess
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from . import addresses, spool, tls
-from .config import Config
-from .destination import connect_failure, sock_connect
-from .envelope import Envelope
-from .log import clean, log
-from .spio import Channel, ChannelClosed, ReplyTooLong
+from ..net import addresses, tls
+from ..message import spool
+from ..process.config import Config
+from ..net.destination import connect_failure, sock_connect
+from ..message.envelope import Envelope
+from ..process.log import clean, log
+from ..net.channel import Channel, ChannelClosed, ReplyTooLong
 
 # Called while a filter works: keeps the server connection alive (KeepAlives).
 KeepAlive = Callable[[], Awaitable[None]]

@@ -36,10 +36,13 @@ import prctl
 from setproctitle import setproctitle
 
 from . import config as configuration
-from . import __version__, listener, log as logs, privileges, smtppass, spool, stats
+from .. import __version__
+from . import listener, log as logs, privileges, stats
+from ..session import session
+from ..message import spool
 from .config import Config
 from .log import log
-from .relay import FINAL_REPLY_WAIT
+from ..session.replyqueue import FINAL_REPLY_WAIT
 from .slots import SessionIds, SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
@@ -416,7 +419,7 @@ class Master:
         self.slots.bind(index)
         if self.book is not None:
             self.book.bind(index)
-        smtppass.set_id_source(self.session_ids.ids())
+        session.set_id_source(self.session_ids.ids())
         title = "proxsmtpd: worker %d" % number
 
         def show(sessions: int) -> None:

@@ -19,15 +19,16 @@ import logging
 import re
 import socket
 
-from . import addresses, destination, filters, proxyproto, stats, tls
-from .commands import envelope_address, parse_xforward, verb_of
-from .config import Config
-from .data import CLIENT_GONE, READ_TIMEOUT, Transfer
-from .envelope import Envelope
-from .log import clean, log
-from .relay import (FINAL_REPLY_WAIT, R_FAILED, SERVER_GONE, SERVER_TIMEOUT, GREETING, ReplyQueue,
-                    ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line)
-from .spio import CRLF, Channel, ChannelClosed, wait_any
+from ..net import addresses, destination, proxyproto, tls
+from .. import filters
+from ..process import stats
+from ..smtp.syntax import envelope_address, parse_xforward, verb_of
+from ..process.config import Config
+from ..message.transfer import CLIENT_GONE, READ_TIMEOUT, Transfer
+from ..message.envelope import Envelope
+from ..process.log import clean, log
+from .replyqueue import FINAL_REPLY_WAIT, R_FAILED, SERVER_GONE, SERVER_TIMEOUT, GREETING, ReplyQueue, ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line
+from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
 from .starttls import BEFORE_TLS, R_CANTCONNECT, R_NOTSUPP, R_STARTTLS, StartTLS
 
 R_TOOLONG = b"500 Line too long\r\n"

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from configobj import ConfigObj, flatten_errors
 from validate import Validator, ValidateError, VdtValueError
 
-from . import addresses, header, privileges, proxyproto, tls
-from .addresses import Address, AddressError
-from .proxyproto import Networks
+from ..net import addresses, proxyproto, tls
+from ..message import header
+from . import privileges
+from ..net.addresses import Address, AddressError
+from ..net.proxyproto import Networks
 
 # Every setting: configobj check with its default.  The order is the order of
 # the sample config and of the manual page.

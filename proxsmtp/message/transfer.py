@@ -21,14 +21,14 @@ import logging
 import time
 from typing import Callable
 
-from . import filters, spool
-from .config import Config
+from .. import filters
+from . import spool
+from ..process.config import Config
 from .envelope import Envelope
 from .header import HEAD_LIMIT, message_id, render as render_header
-from .log import clean, log
-from .relay import (FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
-                    client_wait)
-from .spio import CRLF, Channel, ChannelClosed
+from ..process.log import clean, log
+from ..session.replyqueue import FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd, client_wait
+from ..net.channel import CRLF, Channel, ChannelClosed
 
 R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
 FAILED = R_FAILED.decode().strip()

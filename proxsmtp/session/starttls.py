@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import addresses, destination, stats, tls
-from .log import clean, log
-from .relay import ServerAnswers, SessionEnd
+from ..net import addresses, destination, tls
+from ..process import stats
+from ..process.log import clean, log
+from .replyqueue import ServerAnswers, SessionEnd
 
 R_NOTSUPP = b"502 Command not implemented\r\n"
 R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"

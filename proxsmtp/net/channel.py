@@ -23,7 +23,7 @@ import struct
 from time import monotonic
 from typing import Awaitable, Callable
 
-from .log import clean, log
+from ..process.log import clean, log
 
 try:    # the worker's loop (see worker.py); without it TLS is the stdlib's as is
     from uvloop import Loop as _UVLoop

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .log import clean
+from ..process.log import clean
 
 
 @dataclass

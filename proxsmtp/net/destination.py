@@ -18,9 +18,9 @@ import struct
 from typing import Awaitable
 
 from . import addresses, proxyproto
-from .config import Config
-from .envelope import Envelope
-from .log import log
+from ..process.config import Config
+from ..message.envelope import Envelope
+from ..process.log import log
 
 SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h

@@ -20,9 +20,8 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from .log import log
-from .spio import (REPLY_MAX_BYTES, REPLY_MAX_LINES, CRLF, Channel, ChannelClosed, ReplyTooLong,
-                   too_long_reply)
+from ..process.log import log
+from ..net.channel import REPLY_MAX_BYTES, REPLY_MAX_LINES, CRLF, Channel, ChannelClosed, ReplyTooLong, too_long_reply
 
 R_FAILED = b"451 Local Error\r\n"
 R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 
-from .log import log
+from ..process.log import log
 
 MAX_HEADER_LENGTH = 1023
 _ESCAPES = {"r": "\r", "n": "\n", "t": "\t"}

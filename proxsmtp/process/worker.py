@@ -33,11 +33,13 @@ try:
 except ImportError:
     uvloop = None
 
-from . import spio, spool, stats
+from ..net import channel
+from ..message import spool
+from . import stats
 from .config import Config
 from .log import log
-from .relay import FINAL_REPLY_WAIT
-from .smtppass import Session
+from ..session.replyqueue import FINAL_REPLY_WAIT
+from ..session.session import Session
 
 R_BUSY = b"421 Server busy, too many connections\r\n"
 M_MMAP_THRESHOLD = -3        # glibc mallopt(3)
@@ -81,7 +83,7 @@ class Worker:
         """Run until SIGTERM/SIGINT, then let sessions finish (bounded)."""
         _fixed_mmap_threshold()
         factory = uvloop.new_event_loop if uvloop is not None else None
-        spio.SETS_NODELAY = uvloop is not None
+        channel.SETS_NODELAY = uvloop is not None
         # What the master built before the fork lives as long as we do: the
         # cyclic collector need not look at it again (and copy-on-write pages
         # stay shared).

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 
-from . import addresses
-from .addresses import Address, AddressError
+from ..net import addresses
+from ..net.addresses import Address, AddressError
 from .config import Config
-from .destination import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IPV6
+from ..net.destination import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IPV6
 from .log import log
 
 

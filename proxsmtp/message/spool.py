@@ -16,7 +16,7 @@ import tempfile
 from typing import BinaryIO, Iterator
 
 from . import header as headers
-from .spio import Channel
+from ..net.channel import Channel
 
 CHUNK = 64 * 1024
 MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)

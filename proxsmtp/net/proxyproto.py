@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass
 
 from . import addresses
-from .log import clean
+from ..process.log import clean
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)

@@ -1,0 +1,1 @@
+"""One message: its envelope, its intake, the DATA paths, the spool, the Header line."""

@@ -1,0 +1,1 @@
+"""Connections: addresses, channels, TLS, the PROXY protocol, timers, connecting out."""

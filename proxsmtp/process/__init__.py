@@ -1,0 +1,1 @@
+"""The processes: command line, configuration, master and workers, logging, metrics."""

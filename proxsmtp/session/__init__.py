@@ -1,0 +1,1 @@
+"""One client session: its life cycle, the relay pump, commands, replies, STARTTLS."""

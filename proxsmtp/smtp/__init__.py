@@ -1,0 +1,1 @@
+"""The SMTP language: reply texts and status words, command syntax, the peer client."""
