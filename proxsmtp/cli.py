@@ -9,7 +9,8 @@ import sys
 from typing import NoReturn
 
 from . import __version__
-from .process import config as configuration, defaults
+from .process import config as configuration
+from .process import defaults
 from .process.log import DEBUG_LEVELS, log, setup_stderr
 
 USAGE = ("usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n"

@@ -11,23 +11,21 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from ..net import addresses, tls
 from ..message import spool
-from ..process.config import Config
-from ..net.destination import connect_failure, sock_connect
 from ..message.envelope import Envelope
-from ..process.log import clean, log
+from ..net import destination, tls
 from ..net.channel import Channel, ChannelClosed, ReplyTooLong
+from ..process.config import Config
+from ..process.log import clean, log
+from ..smtp.replies import REJECT_PREFIX
 
 # Called while a filter works: keeps the server connection alive (KeepAlives).
 KeepAlive = Callable[[], Awaitable[None]]
 
-REJECT_PREFIX = "550 Content Rejected"
 STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line matters)
 CHATTER_LINES = 3            # lines of stderr from a filter that passed a message, logged
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
@@ -394,25 +392,11 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
 
 
 async def _connect_node(target, timeout: float, tag: str) -> Channel:
-    loop = asyncio.get_running_loop()
     channel = Channel("FILTER", tag)
     try:
-        if addresses.is_ip(target.host):
-            family, sockaddr = addresses.family_of(target.host), (target.host, target.port)
-        else:
-            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
-            family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await sock_connect(sock, sockaddr, timeout)
-        except BaseException:
-            sock.close()
-            raise
-        await loop.create_connection(lambda: channel, sock=sock)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise FilterError("connect to filter node %s failed: %s"
-                          % (target, connect_failure(exc))) from None
+        await destination.connect_channel(target, timeout, channel, "filter node")
+    except destination.DestinationError as exc:
+        raise FilterError(str(exc)) from None
     return channel
 
 

@@ -15,8 +15,8 @@ import re
 import tempfile
 from typing import BinaryIO, Iterator
 
-from . import header as headers
 from ..net.channel import Channel
+from . import header as headers
 
 CHUNK = 64 * 1024
 MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)

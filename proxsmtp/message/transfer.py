@@ -22,17 +22,17 @@ import time
 from typing import Callable
 
 from .. import filters
-from . import spool
-from ..process.config import Config
-from .envelope import Envelope
-from .header import HEAD_LIMIT, message_id, render as render_header
-from ..process.log import clean, log
-from ..session.replyqueue import FINAL_REPLY_WAIT, R_FAILED, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd, client_wait
 from ..net.channel import CRLF, Channel, ChannelClosed
+from ..process.config import Config
+from ..process.log import clean, log
+from ..session.replyqueue import (FINAL_REPLY_WAIT, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
+                                  client_wait)
+from ..smtp.replies import FAILED, R_DATAINTERMED, TOO_BIG
+from . import spool
+from .envelope import Envelope
+from .header import HEAD_LIMIT, message_id
+from .header import render as render_header
 
-R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
-FAILED = R_FAILED.decode().strip()
-TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 CLIENT_GONE = "unexpected end of data from client"
 READ_TIMEOUT = "network operation timed out reading message"
 

@@ -17,10 +17,10 @@ import socket
 import struct
 from typing import Awaitable
 
-from . import addresses, proxyproto
-from ..process.config import Config
 from ..message.envelope import Envelope
+from ..process.config import Config
 from ..process.log import log
+from . import addresses, proxyproto
 
 SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h
@@ -157,8 +157,36 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
     `proxy_header`: the one the client's connection began with, if any (its
     ports go into the OutProxyProtocol header)."""
     dest, source = target(config, envelope.client_ip, client_sock)
+    sock, sockaddr = await dial(dest, config.TimeOut, source, envelope.tag)
+    if config.OutProxyProtocol != "off":
+        await send_proxy_header(config, envelope, proxy_header, client_sock, sock, dest, peer)
+    if sock.family == socket.AF_UNIX:
+        return sock, "127.0.0.1"
+    return sock, addresses.peer_ip(sockaddr)
+
+
+async def connect_channel(dest: addresses.Address, timeout: float, channel: asyncio.Protocol,
+                          what: str) -> None:
+    """Connect `channel` to `dest` (a host name is resolved): the filter
+    node's connection, made as the server's is.  DestinationError, naming
+    `what` (\"filter node\"), if it fails."""
+    sock, _ = await dial(dest, timeout, None, "", what)
+    try:
+        await asyncio.get_running_loop().create_connection(lambda: channel, sock=sock)
+    except OSError as exc:
+        sock.close()
+        raise DestinationError("connect to %s %s failed: %s"
+                               % (what, dest, connect_failure(exc))) from None
+
+
+async def dial(dest: addresses.Address, timeout: float, source: tuple | None,
+               tag: str, what: str = "") -> tuple[socket.socket, object]:
+    """A connected, non-blocking socket to `dest` (bound to `source` with
+    IP_TRANSPARENT when given) and the address it reached; DestinationError
+    if `dest` does not resolve or does not answer within `timeout`.  `what`
+    names the peer in that error (the server's is not named)."""
+    name = "%s %s" % (what, dest) if what else str(dest)
     loop = asyncio.get_running_loop()
-    timeout = config.TimeOut
     try:
         if dest.is_unix:
             family, sockaddr = socket.AF_UNIX, dest.path
@@ -168,24 +196,20 @@ async def connect(config: Config, envelope: Envelope, client_sock: socket.socket
             infos = await loop.getaddrinfo(dest.host, dest.port, type=socket.SOCK_STREAM)
             family, _, _, _, sockaddr = infos[0]
     except (OSError, UnicodeError) as exc:
-        raise DestinationError("couldn't resolve %s: %s" % (dest, exc)) from None
+        raise DestinationError("couldn't resolve %s: %s" % (name, exc)) from None
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if source is not None:
-            bind_transparent(sock, family, source, envelope.tag)
+            bind_transparent(sock, family, source, tag)
         await sock_connect(sock, sockaddr, timeout)
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
-        raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
+        raise DestinationError("connect to %s failed: %s" % (name, connect_failure(exc))) from None
     except BaseException:
         sock.close()
         raise
-    if config.OutProxyProtocol != "off":
-        await send_proxy_header(config, envelope, proxy_header, client_sock, sock, dest, peer)
-    if family == socket.AF_UNIX:
-        return sock, "127.0.0.1"
-    return sock, addresses.peer_ip(sockaddr)
+    return sock, sockaddr
 
 
 def _connected(waiter: asyncio.Future, error: BaseException | None = None) -> None:

@@ -31,8 +31,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from . import addresses
 from ..process.log import clean
+from . import addresses
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)

@@ -23,13 +23,13 @@ import stat
 from dataclasses import dataclass, field
 
 from configobj import ConfigObj, flatten_errors
-from validate import Validator, ValidateError, VdtValueError
+from validate import ValidateError, Validator, VdtValueError
 
-from ..net import addresses, proxyproto, tls
 from ..message import header
-from . import privileges
+from ..net import addresses, proxyproto, tls
 from ..net.addresses import Address, AddressError
 from ..net.proxyproto import Networks
+from . import privileges
 
 # Every setting: configobj check with its default.  The order is the order of
 # the sample config and of the manual page.

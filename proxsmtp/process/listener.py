@@ -7,8 +7,8 @@ import socket
 
 from ..net import addresses
 from ..net.addresses import Address, AddressError
-from .config import Config
 from ..net.destination import IP_TRANSPARENT, IPV6_TRANSPARENT, SOL_IPV6
+from .config import Config
 from .log import log
 
 

@@ -35,14 +35,16 @@ import daemon
 import prctl
 from setproctitle import setproctitle
 
-from . import config as configuration
 from .. import __version__
-from . import listener, log as logs, privileges, stats
-from ..session import session
 from ..message import spool
+from ..session import session
+from ..session.replyqueue import FINAL_REPLY_WAIT
+from . import config as configuration
+from . import listener
+from . import log as logs
+from . import privileges, stats
 from .config import Config
 from .log import log
-from ..session.replyqueue import FINAL_REPLY_WAIT
 from .slots import SessionIds, SharedSlots
 from .worker import SHUTDOWN_GRACE, Worker
 
@@ -155,7 +157,7 @@ class Master:
         if self.stats_sock is None:
             return
         try:
-            from .exporter import Exporter     # prometheus_client only when asked for
+            from .exporter import Exporter  # prometheus_client only when asked for
         except ImportError as exc:
             raise listener.ListenError("StatsListen needs the prometheus_client package "
                                        "(python3-prometheus-client): %s" % exc) from None

@@ -16,6 +16,7 @@ at its first idle point, now or after its message).
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import ctypes
 import errno
@@ -24,8 +25,6 @@ import resource
 import signal
 import socket
 
-import _socket
-
 # libuv's loop when installed: more sessions per CPU second (bench/README.md,
 # How it got there).
 try:
@@ -33,15 +32,15 @@ try:
 except ImportError:
     uvloop = None
 
-from ..net import channel
 from ..message import spool
+from ..net import channel
+from ..session.replyqueue import FINAL_REPLY_WAIT
+from ..session.session import Session
+from ..smtp.replies import R_BUSY
 from . import stats
 from .config import Config
 from .log import log
-from ..session.replyqueue import FINAL_REPLY_WAIT
-from ..session.session import Session
 
-R_BUSY = b"421 Server busy, too many connections\r\n"
 M_MMAP_THRESHOLD = -3        # glibc mallopt(3)
 MMAP_THRESHOLD = 128 * 1024
 SHUTDOWN_GRACE = 30.0        # seconds a session mid-message gets to finish on SIGTERM

@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from ..net.channel import (CRLF, REPLY_MAX_BYTES, REPLY_MAX_LINES, Channel, ChannelClosed,
+                           ReplyTooLong, too_long_reply)
 from ..process.log import log
-from ..net.channel import REPLY_MAX_BYTES, REPLY_MAX_LINES, CRLF, Channel, ChannelClosed, ReplyTooLong, too_long_reply
+from ..smtp.replies import R_FAILED, R_REPLYTOOLONG
 
-R_FAILED = b"451 Local Error\r\n"
-R_REPLYTOOLONG = b"421 4.4.2 Local Error, server reply too long\r\n"
 SERVER_GONE = "server disconnected unexpectedly"
 SERVER_TIMEOUT = "network operation timed out waiting for server"
 # RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final

@@ -19,27 +19,21 @@ import logging
 import re
 import socket
 
-from ..net import addresses, destination, proxyproto, tls
 from .. import filters
-from ..process import stats
-from ..smtp.syntax import envelope_address, parse_xforward, verb_of
-from ..process.config import Config
-from ..message.transfer import CLIENT_GONE, READ_TIMEOUT, Transfer
 from ..message.envelope import Envelope
-from ..process.log import clean, log
-from .replyqueue import FINAL_REPLY_WAIT, R_FAILED, SERVER_GONE, SERVER_TIMEOUT, GREETING, ReplyQueue, ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line
+from ..message.transfer import CLIENT_GONE, READ_TIMEOUT, Transfer
+from ..net import addresses, destination, proxyproto, tls
 from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
-from .starttls import BEFORE_TLS, R_CANTCONNECT, R_NOTSUPP, R_STARTTLS, StartTLS
-
-R_TOOLONG = b"500 Line too long\r\n"
-R_NOTAUTH = b"554 Insufficient authorization\r\n"
-R_FEATURE = b"250 XFILTERED\r\n"
-R_SERVERGONE = b"421 Local Error, server closed the connection\r\n"
-R_BARECR = b"500 5.5.2 Syntax error: bare CR in command\r\n"
-R_SHUTDOWN = b"421 4.3.2 Service shutting down\r\n"
-R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
-R_AUTHTLS = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
-
+from ..process import stats
+from ..process.config import Config
+from ..process.log import clean, log
+from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_CANTCONNECT, R_FAILED, R_FEATURE, R_NOTAUTH,
+                            R_NOTSUPP, R_SERVERGONE, R_SHUTDOWN, R_SIZE, R_STARTTLS, R_SYNC,
+                            R_TOOLONG)
+from ..smtp.syntax import envelope_address, parse_xforward, verb_of
+from .replyqueue import (FINAL_REPLY_WAIT, GREETING, SERVER_GONE, SERVER_TIMEOUT, ReplyQueue,
+                         ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line)
+from .starttls import BEFORE_TLS, StartTLS
 
 # Fairness and back-pressure (one client must neither starve its worker nor
 # make it buffer without bound): lines handled before yielding to other
@@ -49,7 +43,6 @@ MAX_PENDING_REPLIES = 512
 
 _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
-R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 _IDLE = "network operation timed out"
 
 # After a PROXY LOCAL header (a balancer's health check): how long to wait

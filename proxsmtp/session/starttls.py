@@ -15,19 +15,9 @@ import logging
 from ..net import addresses, destination, tls
 from ..process import stats
 from ..process.log import clean, log
+from ..smtp.replies import (R_CANTCONNECT, R_NOSERVERTLS, R_NOTSUPP, R_SERVERPLAIN, R_TLSACTIVE,
+                            R_TLSAUTHED, R_TLSFIRST, R_TLSINTXN, R_TLSREADY, R_TLSSYNTAX)
 from .replyqueue import ServerAnswers, SessionEnd
-
-R_NOTSUPP = b"502 Command not implemented\r\n"
-R_CANTCONNECT = b"421 Local Error, cannot connect to server\r\n"
-R_TLSREADY = b"220 2.0.0 Ready to start TLS\r\n"
-R_TLSACTIVE = b"503 5.5.1 Error: TLS already active\r\n"
-R_TLSSYNTAX = b"501 5.5.4 Syntax: STARTTLS\r\n"
-R_TLSINTXN = b"503 5.5.1 Error: MAIL transaction in progress\r\n"
-R_TLSAUTHED = b"503 5.5.1 Error: already authenticated\r\n"
-R_TLSFIRST = b"530 5.7.0 Must issue a STARTTLS command first\r\n"
-R_NOSERVERTLS = b"421 4.7.0 TLS to the server failed, try again later\r\n"
-R_SERVERPLAIN = b"451 4.7.0 TLS to the server is required and not established\r\n"
-R_STARTTLS = b"250-STARTTLS\r\n"
 
 # Commands allowed on a leg that must be encrypted and is not (yet).
 BEFORE_TLS = {b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"}
