@@ -209,10 +209,10 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
     sys.path.insert(0, tree)
     import uvloop
     from proxsmtp.process import config as config_module
-    from proxsmtp.session import session as smtppass
-    from proxsmtp.net import channel as spio
+    from proxsmtp.net import channel
+    from proxsmtp.session.session import Session
 
-    spio.SETS_NODELAY = True            # as the worker says under uvloop
+    channel.SETS_NODELAY = True            # as the worker says under uvloop
     workdir = tempfile.mkdtemp()
     path = os.path.join(workdir, "bench.conf")
     with open(path, "w") as handle:
@@ -241,7 +241,7 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
         sock = socket.socket()
         try:
             for _ in range(count):
-                await smtppass.Session(config, sock, loop).run()
+                await Session(config, sock, loop).run()
         finally:
             sock.close()
 

@@ -23,7 +23,7 @@ from hypothesis import given, settings, strategies as st
 
 from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
 from proxsmtp.process import config as configuration
-from proxsmtp.session import session as smtppass
+from proxsmtp.session.session import Session
 from proxsmtp.session.starttls import offers_starttls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -778,7 +778,7 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
     ClientTLS offers it (and the client has no TLS yet)."""
     cfg = configuration.Config(ClientTLS=client_tls)
     with socket.socket() as sock:
-        session = smtppass.Session(cfg, sock)
+        session = Session(cfg, sock)
         session.envelope.client_tls = "TLSv1.3 X" if active else ""
         lines = [b"250" + (b"-" if keywords else b" ") + first + b"\r\n"]
         lines += [b"250-" + word + b"\r\n" for word in keywords]
@@ -811,7 +811,7 @@ def test_ehlo_reply_drops_auth_while_only_the_server_leg_is_encrypted(keywords, 
     """AUTH and AUTH= go from the reply exactly when the server leg is TLS and
     the client leg is not; the reply stays well formed wherever they were."""
     with socket.socket() as sock:
-        session = smtppass.Session(configuration.Config(), sock)
+        session = Session(configuration.Config(), sock)
         session.envelope.client_tls = "TLSv1.3 X" if client_tls else ""
         session.envelope.server_tls = "TLSv1.3 X" if server_tls else ""
         lines = [b"250-upstream.test\r\n"] + [b"250-" + word + b"\r\n" for word in keywords]

@@ -25,16 +25,14 @@ from .. import filters
 from ..net.channel import CRLF, Channel, ChannelClosed
 from ..process.config import Config
 from ..process.log import clean, log
-from ..session.replyqueue import (FINAL_REPLY_WAIT, ProxyCommand, ReplyQueue, ServerLeg, SessionEnd,
-                                  client_wait)
-from ..smtp.replies import FAILED, R_DATAINTERMED, TOO_BIG
+from ..session.replyqueue import ProxyCommand, ReplyQueue
+from ..smtp.ends import CLIENT_GONE, READ_TIMEOUT, SessionEnd, client_wait
+from ..smtp.peer import ServerLeg
+from ..smtp.replies import FAILED, FINAL_REPLY_WAIT, R_DATAINTERMED, TOO_BIG
 from . import spool
 from .envelope import Envelope
 from .header import HEAD_LIMIT, message_id
 from .header import render as render_header
-
-CLIENT_GONE = "unexpected end of data from client"
-READ_TIMEOUT = "network operation timed out reading message"
 
 
 class Transfer:

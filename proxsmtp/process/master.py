@@ -38,7 +38,7 @@ from setproctitle import setproctitle
 from .. import __version__
 from ..message import spool
 from ..session import session
-from ..session.replyqueue import FINAL_REPLY_WAIT
+from ..smtp.replies import FINAL_REPLY_WAIT
 from . import config as configuration
 from . import listener
 from . import log as logs

@@ -34,9 +34,8 @@ except ImportError:
 
 from ..message import spool
 from ..net import channel
-from ..session.replyqueue import FINAL_REPLY_WAIT
 from ..session.session import Session
-from ..smtp.replies import R_BUSY
+from ..smtp.replies import FINAL_REPLY_WAIT, R_BUSY
 from . import stats
 from .config import Config
 from .log import log

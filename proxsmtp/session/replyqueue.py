@@ -6,44 +6,19 @@ sent the commands.  Server replies fill the places in turn; a proxy reply
 is sent as soon as everything before it has been answered.  So a client
 that pipelines gets every reply in order, whoever made it.
 
-Also here: SessionEnd, the way a session ends with a last word to the
-client, and ServerLeg, the server connection as the proxy's own commands
-(NOOP, XCLIENT, DATA, RSET) use it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import logging
-import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 from ..net.channel import (CRLF, REPLY_MAX_BYTES, REPLY_MAX_LINES, Channel, ChannelClosed,
-                           ReplyTooLong, too_long_reply)
+                           too_long_reply)
 from ..process.log import log
-from ..smtp.replies import R_FAILED, R_REPLYTOOLONG
-
-SERVER_GONE = "server disconnected unexpectedly"
-SERVER_TIMEOUT = "network operation timed out waiting for server"
-# RFC 5321 §4.5.3.2.6: a client waits 10 minutes for the reply to the final
-# dot.  Giving up sooner makes the client retry a message the server may
-# already have taken: a duplicate.
-FINAL_REPLY_WAIT = 600.0
-
-
-class SessionEnd(Exception):
-    """Ends the session; `reply` (if any) is the last thing the client hears.
-    `server_error` (connect, closed, timeout) when the server failed us: counted
-    for /metrics (stats.server_error)."""
-
-    def __init__(self, reason: str, reply: bytes | None = R_FAILED, level: int = logging.ERROR,
-                 server_error: str | None = None):
-        super().__init__(reason)
-        self.reply = reply
-        self.level = level
-        self.server_error = server_error
+from ..smtp.ends import SessionEnd
+from ..smtp.replies import R_REPLYTOOLONG
 
 
 @dataclass(slots=True)
@@ -150,60 +125,3 @@ class ReplyQueue:
             pass
 
 
-class ServerLeg:
-    """The server connection for commands the proxy sends itself."""
-
-    def __init__(self, channel: Channel, timeout: float, keepalives: int) -> None:
-        self.channel = channel
-        self.timeout = timeout
-        self.keepalives = keepalives
-
-    def write(self, data: bytes, trace: bool = True) -> None:
-        self.channel.write(data, trace)
-
-    async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """One whole (multi-line) reply; SessionEnd if the server fails us."""
-        try:
-            return await self.channel.read_reply(self.timeout if timeout is None else timeout)
-        except ReplyTooLong as exc:
-            raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
-        except ChannelClosed:
-            raise SessionEnd(SERVER_GONE, server_error="closed") from None
-        except asyncio.TimeoutError:
-            raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
-
-    def command(self, line: bytes) -> Awaitable[list[bytes]]:
-        """Send one command of the proxy's own; its reply, to await.
-        (read_reply's own coroutine: no frame of its own to resume through.)"""
-        self.write(line)
-        return self.read_reply()
-
-    @property
-    def keepalive_due(self) -> bool:
-        """KeepAlives seconds since we last sent the server anything: its idle
-        timer counts from then, however busy the client is meanwhile."""
-        every = self.keepalives
-        return every > 0 and time.monotonic() - self.channel.last_sent > every
-
-    async def keepalive(self) -> None:
-        """KeepAlives: NOOP to a server left idle while the client or filter works."""
-        if self.keepalive_due and not self.channel.closed:
-            log.debug("%s: sending NOOP to server as keepalive", self.channel.tag)
-            await self.command(b"NOOP\r\n")
-
-
-def client_wait(client: Channel, timeout: float, reason: str) -> float:
-    """How long to wait for the client: TimeOut, but a line it has begun must
-    be finished TimeOut after its first byte (a slow-loris trickle of bytes
-    does not start the clock again); raises SessionEnd once that is past."""
-    started = client.line_started
-    if started is None:
-        return timeout
-    left = started + timeout - time.monotonic()
-    if left <= 0:
-        raise unfinished_line(reason, timeout)
-    return min(timeout, left)
-
-
-def unfinished_line(reason: str, timeout: float) -> SessionEnd:
-    return SessionEnd(reason + " (a line unfinished for %d seconds)" % timeout, None)

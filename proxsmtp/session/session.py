@@ -21,18 +21,20 @@ import socket
 
 from .. import filters
 from ..message.envelope import Envelope
-from ..message.transfer import CLIENT_GONE, READ_TIMEOUT, Transfer
+from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
 from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
-from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_CANTCONNECT, R_FAILED, R_FEATURE, R_NOTAUTH,
-                            R_NOTSUPP, R_SERVERGONE, R_SHUTDOWN, R_SIZE, R_STARTTLS, R_SYNC,
-                            R_TOOLONG)
+from ..smtp.ends import (CLIENT_GONE, IDLE, READ_TIMEOUT, SERVER_GONE, SERVER_TIMEOUT, SessionEnd,
+                         client_wait, unfinished_line)
+from ..smtp.peer import ServerLeg
+from ..smtp.replies import (FINAL_REPLY_WAIT, R_AUTHTLS, R_BARECR, R_CANTCONNECT, R_FAILED,
+                            R_FEATURE, R_NOTAUTH, R_NOTSUPP, R_SERVERGONE, R_SHUTDOWN, R_SIZE,
+                            R_STARTTLS, R_SYNC, R_TOOLONG)
 from ..smtp.syntax import envelope_address, parse_xforward, verb_of
-from .replyqueue import (FINAL_REPLY_WAIT, GREETING, SERVER_GONE, SERVER_TIMEOUT, ReplyQueue,
-                         ServerAnswers, ServerLeg, SessionEnd, client_wait, unfinished_line)
+from .replyqueue import GREETING, ReplyQueue, ServerAnswers
 from .starttls import BEFORE_TLS, StartTLS
 
 # Fairness and back-pressure (one client must neither starve its worker nor
@@ -43,7 +45,6 @@ MAX_PENDING_REPLIES = 512
 
 _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
 
-_IDLE = "network operation timed out"
 
 # After a PROXY LOCAL header (a balancer's health check): how long to wait
 # for the checker to close before the server is connected.  A TCP check
@@ -346,8 +347,8 @@ class Session(StartTLS):
                     # A begun line bounded this wait (the loop's timer may fire a
                     # hair early, so its deadline is not re-checked): say so.
                     if client.line_started is not None:
-                        raise unfinished_line(_IDLE, self.timeout) from None
-                    raise SessionEnd(_IDLE, None, server_error="timeout"
+                        raise unfinished_line(IDLE, self.timeout) from None
+                    raise SessionEnd(IDLE, None, server_error="timeout"
                                      if self.replies.waiting_for_server else None) from None
             elif step is COMMAND:
                 if self.deferred is None:       # a relayed message to send from disk
@@ -425,7 +426,7 @@ class Session(StartTLS):
         client = self.client
         if client.line_started is None:
             return self.timeout
-        return client_wait(client, self.timeout, READ_TIMEOUT if self.receiving else _IDLE)
+        return client_wait(client, self.timeout, READ_TIMEOUT if self.receiving else IDLE)
 
     @property
     def receiving(self) -> bool:

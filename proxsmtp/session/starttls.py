@@ -15,9 +15,10 @@ import logging
 from ..net import addresses, destination, tls
 from ..process import stats
 from ..process.log import clean, log
+from ..smtp.ends import SessionEnd
 from ..smtp.replies import (R_CANTCONNECT, R_NOSERVERTLS, R_NOTSUPP, R_SERVERPLAIN, R_TLSACTIVE,
                             R_TLSAUTHED, R_TLSFIRST, R_TLSINTXN, R_TLSREADY, R_TLSSYNTAX)
-from .replyqueue import ServerAnswers, SessionEnd
+from .replyqueue import ServerAnswers
 
 # Commands allowed on a leg that must be encrypted and is not (yet).
 BEFORE_TLS = {b"EHLO", b"HELO", b"STARTTLS", b"NOOP", b"RSET", b"QUIT"}

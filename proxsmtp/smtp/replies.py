@@ -49,6 +49,11 @@ R_SERVERPLAIN = b"451 4.7.0 TLS to the server is required and not established\r\
 
 # --- DATA -------------------------------------------------------------------
 
+# RFC 5321 4.5.3.2.6: a client waits 10 minutes for the reply to the final
+# dot.  Giving up sooner makes the client retry a message the server may
+# already have taken: a duplicate.
+FINAL_REPLY_WAIT = 600.0
+
 R_DATAINTERMED = b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
 # the size limit, found while the message came in (after 354: RFC 1870 6.3)
 TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
