@@ -92,7 +92,7 @@ def test_command_argument_parsers_never_raise(line):
     for name, value in commands.parse_xforward(b"XFORWARD " + line).items():
         assert isinstance(name, str) and isinstance(value, str)
     commands.verb_of(line)
-    spio.is_continued(line)
+    commands.is_continued(line)
     for pattern in (commands.MAIL, commands.RCPT):
         match = pattern.match(b"MAIL FROM:" + line) or pattern.match(b"RCPT TO:" + line)
         if match:

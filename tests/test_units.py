@@ -290,9 +290,9 @@ def test_parse_xforward():
 
 
 def test_is_continued():
-    assert spio.is_continued(b"250-PIPELINING\r\n")
-    assert not spio.is_continued(b"250 OK\r\n")
-    assert not spio.is_continued(b"25-x\r\n")
+    assert commands.is_continued(b"250-PIPELINING\r\n")
+    assert not commands.is_continued(b"250 OK\r\n")
+    assert not commands.is_continued(b"25-x\r\n")
 
 
 # --- header --------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from typing import Awaitable, Callable
 from ..message import spool
 from ..message.envelope import Envelope
 from ..net import destination, tls
-from ..net.channel import Channel, ChannelClosed, ReplyTooLong
+from ..net.channel import Channel, ChannelClosed
 from ..process.config import Config
 from ..process.log import clean, log
+from ..smtp.peer import ReplyTooLong, read_reply
 from ..smtp.replies import REJECT_PREFIX
 
 # Called while a filter works: keeps the server connection alive (KeepAlives).
@@ -327,7 +328,7 @@ class _Node:
 
     async def reply(self) -> tuple[int, str]:
         try:
-            lines = await self.channel.read_reply(self.timeout)
+            lines = await read_reply(self.channel, self.timeout)
         except ReplyTooLong as exc:
             raise FilterError("filter node: %s" % exc) from None
         except ChannelClosed:

@@ -49,17 +49,9 @@ _READ_LOW = 64 * 1024       # ...until the buffer has drained to this
 # connection limit.
 LINGER = 2.0
 _RESET = struct.pack("ii", 1, 0)    # SO_LINGER on, 0 s: close(2) sends RST, frees the queues
-# The longest reply read whole (generous for any real EHLO answer).
-REPLY_MAX_LINES = 1000
-REPLY_MAX_BYTES = 64 * 1024
 # A wait's timer may fire this much before its deadline (the loop's clock
 # granularity) and still count as due.
 _TIMER_SLACK = 0.002
-
-
-def is_continued(line: bytes) -> bool:
-    """`250-...`: more lines of this reply follow."""
-    return len(line) > 3 and line[3:4] == b"-" and line[:3].isdigit()
 
 
 class ChannelClosed(Exception):
@@ -69,18 +61,6 @@ class ChannelClosed(Exception):
         super().__init__(message)
         self.channel = channel          # the Channel's name: CLIENT, SERVER or FILTER
         self.timed_out = timed_out
-
-
-class ReplyTooLong(ChannelClosed):
-    """A peer's reply ran past REPLY_MAX_LINES or REPLY_MAX_BYTES: not a
-    conversation any more; the connection is given up."""
-
-
-def too_long_reply(name: str) -> ReplyTooLong:
-    """The error for a reply that ran past REPLY_MAX_LINES or REPLY_MAX_BYTES
-    (its readers compare inline: the check runs for every reply line)."""
-    return ReplyTooLong("%s: reply longer than %d lines or %d bytes"
-                        % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
 
 
 class Channel(asyncio.Protocol):
@@ -352,30 +332,6 @@ class Channel(asyncio.Protocol):
         """Sleep until this channel has news (data, EOF), or time out.
         (wait_any's own coroutine: no frame of its own to resume through.)"""
         return wait_any((self,), timeout)
-
-    async def read_reply(self, timeout: float) -> list[bytes]:
-        """One whole (multi-line) SMTP reply; an overlong line is cut short,
-        an endless reply raises ReplyTooLong, EOF ChannelClosed, `timeout`
-        seconds without news asyncio.TimeoutError."""
-        lines: list[bytes] = []
-        size = 0
-        while True:
-            got = self.take_line()
-            if got is None:
-                if self.eof:
-                    raise ChannelClosed("%s: connection closed by peer" % self.name, self.name)
-                await wait_any((self,), timeout)
-                continue
-            line, too_long = got
-            if too_long:
-                log.warning("%s: SMTP response line too long. discarded extra", self.tag)
-                line = line[:-2].rstrip(b"\r\n") + CRLF
-            lines.append(line)
-            size += len(line)
-            if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
-                raise too_long_reply(self.name)
-            if not is_continued(line):
-                return lines
 
     @property
     def pending(self) -> int:

@@ -15,12 +15,12 @@ import ipaddress
 import os
 import socket
 import struct
-from typing import Awaitable
 
 from ..message.envelope import Envelope
 from ..process.config import Config
 from ..process.log import log
 from . import addresses, proxyproto
+from .waits import within
 
 SO_ORIGINAL_DST = 80            # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h
@@ -119,35 +119,6 @@ async def open_channel(config: Config, envelope: Envelope, client_sock: socket.s
     sock, server_ip = await connect(config, envelope, client_sock, proxy_header, peer)
     await loop.create_connection(lambda: channel, sock=sock)
     return server_ip
-
-
-async def within(timeout: float, awaitable: Awaitable[object],
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """Await `awaitable`, or raise TimeoutError after `timeout` seconds.
-
-    asyncio.timeout does the same, but with a state machine and context
-    manager calls, and this runs for every session's connect; here it is
-    the same idea, a timer cancelling the task, kept to one callback
-    (figures: bench/README.md, Against the TCP-relay ceiling)."""
-    loop = loop or asyncio.get_running_loop()
-    task = asyncio.current_task(loop)
-    assert task is not None
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = loop.call_later(timeout, expire)
-    try:
-        await awaitable
-    except asyncio.CancelledError:
-        if expired and task.uncancel() == 0:
-            raise TimeoutError() from None
-        raise
-    finally:
-        timer.cancel()
 
 
 async def connect(config: Config, envelope: Envelope, client_sock: socket.socket,

@@ -14,10 +14,10 @@ import collections
 from dataclasses import dataclass
 from typing import Callable
 
-from ..net.channel import (CRLF, REPLY_MAX_BYTES, REPLY_MAX_LINES, Channel, ChannelClosed,
-                           too_long_reply)
+from ..net.channel import CRLF, Channel, ChannelClosed
 from ..process.log import log
 from ..smtp.ends import SessionEnd
+from ..smtp.peer import REPLY_MAX_BYTES, REPLY_MAX_LINES, too_long_reply
 from ..smtp.replies import R_REPLYTOOLONG
 
 

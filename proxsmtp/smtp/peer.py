@@ -11,10 +11,52 @@ import asyncio
 import time
 from typing import Awaitable
 
-from ..net.channel import Channel, ChannelClosed, ReplyTooLong
+from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
 from ..process.log import log
 from .ends import SERVER_GONE, SERVER_TIMEOUT, SessionEnd
 from .replies import R_REPLYTOOLONG
+from .syntax import is_continued
+
+# The longest reply read whole (generous for any real EHLO answer).
+REPLY_MAX_LINES = 1000
+REPLY_MAX_BYTES = 64 * 1024
+
+
+class ReplyTooLong(ChannelClosed):
+    """A peer's reply ran past REPLY_MAX_LINES or REPLY_MAX_BYTES: not a
+    conversation any more; the connection is given up."""
+
+
+def too_long_reply(name: str) -> ReplyTooLong:
+    """The error for a reply that ran past REPLY_MAX_LINES or REPLY_MAX_BYTES
+    (its readers compare inline: the check runs for every reply line)."""
+    return ReplyTooLong("%s: reply longer than %d lines or %d bytes"
+                        % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
+
+
+async def read_reply(channel: Channel, timeout: float) -> list[bytes]:
+    """One whole (multi-line) SMTP reply; an overlong line is cut short,
+    an endless reply raises ReplyTooLong, EOF ChannelClosed, `timeout`
+    seconds without news asyncio.TimeoutError."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        got = channel.take_line()
+        if got is None:
+            if channel.eof:
+                raise ChannelClosed("%s: connection closed by peer" % channel.name, channel.name)
+            await wait_any((channel,), timeout)
+            continue
+        line, too_long = got
+        if too_long:
+            log.warning("%s: SMTP response line too long. discarded extra", channel.tag)
+            line = line[:-2].rstrip(b"\r\n") + CRLF
+        lines.append(line)
+        size += len(line)
+        if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
+            raise too_long_reply(channel.name)
+        if not is_continued(line):
+            return lines
 
 
 class ServerLeg:
@@ -31,7 +73,7 @@ class ServerLeg:
     async def read_reply(self, timeout: float | None = None) -> list[bytes]:
         """One whole (multi-line) reply; SessionEnd if the server fails us."""
         try:
-            return await self.channel.read_reply(self.timeout if timeout is None else timeout)
+            return await read_reply(self.channel, self.timeout if timeout is None else timeout)
         except ReplyTooLong as exc:
             raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
         except ChannelClosed:

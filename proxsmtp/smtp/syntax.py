@@ -59,3 +59,8 @@ def parse_xforward(line: bytes) -> dict[str, str]:
             value = value[1:-1]
         attrs[name.upper()] = value
     return attrs
+
+
+def is_continued(line: bytes) -> bool:
+    """`250-...`: more lines of this reply follow."""
+    return len(line) > 3 and line[3:4] == b"-" and line[:3].isdigit()
