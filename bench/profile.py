@@ -26,8 +26,8 @@ import peers  # noqa: E402
 from run import FILTERS, REPO  # noqa: E402
 
 # Frames every stack shares (process entry, event loop plumbing): not news.
-_SKIP = re.compile(r"^(process \d+|<module>|main \(|run \(|Master\.|Worker\.run|Runner\.run"
-                   r"|BaseEventLoop\.run_)")
+_SKIP = re.compile(r"^(process \d+|<module>|main \(|run \(|Master\.|WorkerPool\.|Worker\.run"
+                   r"|Runner\.run|BaseEventLoop\.run_)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

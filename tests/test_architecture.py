@@ -20,6 +20,7 @@ ALLOWED = {
     "cli": None,                # anything
     "__init__": None,           # the version
     "process.master": None,
+    "process.pool": None,       # the master's workers: forks them, cleans up after them
     "process.worker": None,
     "session": {"session", "message", "filters", "smtp", "net"} | BASE,
     "message": {"message", "filters", "smtp", "net"} | BASE,

@@ -1,6 +1,7 @@
 """The documentation holds: manual pages render cleanly and cover every setting
 the parser accepts (names and defaults derived from proxsmtp.config.SPEC), the
-sample config and every config example load with the real parser, the README's
+sample config and every config example load with the real parser, every
+`module:function` that docs/BEHAVIOUR.md names exists, the README's
 firewall recipes run under `sh -e` on a fresh host (a new network namespace)
 and make TPROXY work, and the example filter scripts do what the man page says
 through a real proxsmtpd.
@@ -8,6 +9,7 @@ through a real proxsmtpd.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import shutil
@@ -171,6 +173,71 @@ def test_man_page_config_examples_load():
     assert len(examples) >= 6, examples
     for block in examples:
         parse_example(block)
+
+
+# --- docs/BEHAVIOUR.md's references ------------------------------------------------------------
+
+BEHAVIOUR = REPO / "docs" / "BEHAVIOUR.md"
+# `module:qualname`, the module dotted below proxsmtp/ (`process.worker:Worker._accept`).
+REFERENCE = re.compile(r"`([a-z_][\w.]*):([A-Za-z_][\w.]*)`")
+# The header's example of the form, not a reference.
+PLACEHOLDERS = {"module:function"}
+
+
+def references(text: str) -> list[str]:
+    """Every backquoted `module:qualname` in `text`, in order, each once."""
+    found = ["%s:%s" % match for match in REFERENCE.findall(text)]
+    return [ref for ref in dict.fromkeys(found) if ref not in PLACEHOLDERS]
+
+
+def unresolved(reference: str) -> str | None:
+    """Why `module:qualname` names nothing in proxsmtp (None if it resolves):
+    the module must import, and each part of the qualname must be an
+    attribute of the one before (a method, a property, a nested class, a
+    module-level name).  A function or class must be defined in that module:
+    one it only imports lives elsewhere."""
+    module, qualname = reference.split(":")
+    try:
+        found = importlib.import_module("proxsmtp." + module)
+    except ImportError as exc:
+        return "%s: no module proxsmtp.%s (%s)" % (reference, module, exc)
+    for part in qualname.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            return "%s: no %s in %s" % (reference, part, getattr(found, "__qualname__", module))
+    home = getattr(found, "__module__", None)
+    if callable(found) and isinstance(home, str) and home != "proxsmtp." + module:
+        return "%s: defined in %s, not in proxsmtp.%s" % (reference, home, module)
+    return None
+
+
+@pytest.mark.unit
+def test_behaviour_references_name_existing_code():
+    """Each behaviour's `module:function` is where the code is: a function
+    moved or renamed takes its line in docs/BEHAVIOUR.md along."""
+    named = references(BEHAVIOUR.read_text())
+    assert len(named) >= 100, "fewer references than docs/BEHAVIOUR.md holds: %d" % len(named)
+    missing = [why for why in map(unresolved, named) if why is not None]
+    assert not missing, "\n".join(missing)
+
+
+@pytest.mark.unit
+def test_behaviour_reference_check_catches_a_wrong_one():
+    """The check itself: a missing module, function, method or nested part is
+    caught; methods, properties, nested classes and constants resolve."""
+    assert references("x `module:function` `a.b:C.d` `a.b:C.d` `Received:` `cli:main`") == [
+        "a.b:C.d", "cli:main"]
+    assert unresolved("cli:main") is None
+    assert unresolved("process.worker:Worker._accept") is None
+    assert unresolved("process.pool:WorkerInfo.retiring") is None        # a dataclass field
+    assert unresolved("process.worker:AcceptedSocket.family") is None    # a descriptor
+    assert unresolved("process.config:Config") is None
+    assert "no module" in unresolved("process.nowhere:run")
+    assert "no main in" in unresolved("process.worker:main")
+    assert "no _accepts in" in unresolved("process.worker:Worker._accepts")
+    assert "no x in" in unresolved("process.worker:Worker._accept.x")
+    assert "defined in proxsmtp.process.slots" in unresolved("process.pool:SharedSlots.bind")
 
 
 # --- the sample configuration ----------------------------------------------------------------

@@ -52,7 +52,9 @@ def make(target: str, destdir: Path | None, prefix: str = "/usr/local", **variab
 
 
 def modules() -> list[str]:
-    return sorted(path.name for path in (REPO / "proxsmtp").glob("*.py"))
+    """The package's modules, rooms included, relative to proxsmtp/."""
+    package = REPO / "proxsmtp"
+    return sorted(str(path.relative_to(package)) for path in package.rglob("*.py"))
 
 
 def expected_tree(prefix: str, sysconfdir: str) -> dict[str, int]:
