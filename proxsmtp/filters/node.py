@@ -91,7 +91,8 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
     if policy != "may":
         raise FilterError("no TLS to the filter node (ServerTLS %s): %s" % (policy, failure))
     if channel.closed:
-        log.warning("%s: %s; connecting to the filter node again in plaintext", channel.tag, failure)
+        log.warning("%s: %s; connecting to the filter node again in plaintext",
+                    channel.tag, failure)
         return False
     log.debug("%s: %s; going on in plaintext", channel.tag, failure)
     return True

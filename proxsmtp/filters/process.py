@@ -91,7 +91,8 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
     stdin = open(message.path, "rb") if pipe else open(os.devnull, "rb")
     try:
         try:
-            proc = FilterProcess(config.FilterCommand, stdin, out_fd if pipe else subprocess.DEVNULL,
+            proc = FilterProcess(config.FilterCommand, stdin,
+                                 out_fd if pipe else subprocess.DEVNULL,
                                  environment(config, envelope, None if pipe else message.path))
         except OSError as exc:
             raise FilterError("couldn't run filter command: %s" % exc.strerror) from None
