@@ -24,7 +24,7 @@ from hypothesis import given, settings, strategies as st
 from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
 from proxsmtp.process import config as configuration
 from proxsmtp.session.session import Session
-from proxsmtp.session.starttls import offers_starttls
+from proxsmtp.smtp.syntax import ehlo_offers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -785,7 +785,7 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
         if keywords:
             lines[-1] = b"250 " + lines[-1][4:]
         shown = session.filter_features(lines)
-    assert offers_starttls(lines) == any(
+    assert ehlo_offers(lines, b"STARTTLS") == any(
         word.split()[:1] and word.split()[0].upper() == b"STARTTLS" for word in keywords)
     assert all(line.startswith(b"250-") for line in shown[:-1]), shown
     assert shown[-1].startswith(b"250 ") or shown[-1] in (b"250\r\n",), shown

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import event, given, settings, strategies as st
 
 from proxsmtp.net import addresses, channel as spio
 from proxsmtp.smtp import syntax as commands
@@ -455,3 +455,74 @@ def test_reply_queue_client_gone_is_no_error_for_any_reply_it_passes_on(first):
     queue.server_line(b"250 ok\r\n", False, "T", lambda place, lines: lines)
     assert len(queue) == 0
     assert answered == ([] if first == "server" else [[b"250 ok\r\n"]])
+
+
+# --- the reply reader: Peer.read_reply and its inlined copy in ReplyQueue.server_line ---
+
+REPLY_CODES = st.sampled_from([b"250", b"220", b"554", b"25", b"abc", b""])
+REPLY_TEXT = st.one_of(st.binary(max_size=30), st.integers(900, 5000).map(lambda n: b"x" * n))
+
+
+@st.composite
+def reply_streams(draw) -> list[bytes]:
+    """Server reply lines: continuations, final lines, over-long lines (cut
+    short by the channel), endings without CR, and runs of continuations past
+    REPLY_MAX_LINES or REPLY_MAX_BYTES."""
+    lines = []
+    for _ in range(draw(st.integers(0, 8))):
+        line = (draw(REPLY_CODES) + draw(st.sampled_from([b"-", b" ", b""]))
+                + draw(REPLY_TEXT).replace(b"\n", b" ") + draw(st.sampled_from([b"\r\n", b"\n"])))
+        lines += [line] * draw(st.sampled_from([1, 1, 1, 2, 17, 999, 1000, 1001]))
+    return lines
+
+
+@settings(max_examples=200, deadline=None)
+@given(reply_streams(), st.lists(st.integers(0, 100000), max_size=5))
+def test_reply_queue_groups_and_refuses_replies_as_the_peer_reader_does(lines, cuts):
+    """ReplyQueue.server_line gathers the server's reply lines and checks
+    REPLY_MAX_LINES/REPLY_MAX_BYTES itself (the per-line path calls no
+    reader): it makes the same replies of the same lines as Peer.read_reply,
+    and ends the session at the same over-long reply with the same reason."""
+    from proxsmtp.session.replyqueue import ReplyQueue
+    from proxsmtp.smtp.ends import SERVER_GONE, SessionEnd
+    from proxsmtp.smtp.peer import ServerLeg
+    from proxsmtp.smtp.replies import R_FAILED
+
+    stream = b"".join(lines)
+    points = sorted({min(cut, len(stream)) for cut in cuts})
+    chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+
+    relayed, queue_end = [], None
+    server = spio.Channel("SERVER")
+    queue = ReplyQueue(spio.Channel("CLIENT"))      # no transport: the client is gone
+    try:
+        for chunk in chunks:                        # as the relay takes them: line by line
+            server.data_received(chunk)
+            while (got := server.take_line()) is not None:
+                queue.server_line(got[0], got[1], "T", lambda place, reply: relayed.append(reply)
+                                  or reply)
+    except SessionEnd as exc:
+        queue_end = (str(exc), exc.reply)
+
+    read, peer_end = [], None
+    channel = spio.Channel("SERVER")
+    for chunk in chunks:
+        channel.data_received(chunk)
+    channel.eof_received()
+    leg = ServerLeg(channel, 1.0, 0)
+    while peer_end is None:
+        reader = leg.read_reply()
+        try:
+            reader.send(None)           # all is there: it never waits
+        except StopIteration as done:
+            read.append(done.value)
+        except SessionEnd as exc:
+            peer_end = (str(exc), exc.reply)
+        else:
+            reader.close()
+            raise AssertionError("read_reply waited with the whole stream at hand")
+
+    event("refused as too long" if queue_end else "read to the end")
+    assert read == relayed
+    # the queue is left with the unfinished reply, if any; the reader finds the EOF
+    assert peer_end == (queue_end or (SERVER_GONE, R_FAILED))

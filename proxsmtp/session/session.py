@@ -35,7 +35,7 @@ from ..smtp.replies import (FINAL_REPLY_WAIT, R_AUTHTLS, R_BARECR, R_CANTCONNECT
                             R_STARTTLS, R_SYNC, R_TOOLONG)
 from ..smtp.syntax import envelope_address, parse_xforward, verb_of
 from .replyqueue import GREETING, ReplyQueue, ServerAnswers
-from .starttls import BEFORE_TLS, StartTLS
+from .starttls import BEFORE_TLS, StartTLS, refusal_before_tls
 
 # Fairness and back-pressure (one client must neither starve its worker nor
 # make it buffer without bound): lines handled before yielding to other
@@ -88,7 +88,7 @@ def set_id_source(counter) -> None:
     _ids = counter
 
 
-class Session(StartTLS):
+class Session:
     """State of one client connection; `run()` serves it to the end."""
 
     def __init__(self, config: Config, sock: socket.socket,
@@ -500,7 +500,7 @@ class Session(StartTLS):
             return True
         verb = verb_of(line)
         if self.tls_gate and verb not in BEFORE_TLS:
-            refusal = self.refusal_before_tls()
+            refusal = refusal_before_tls(self)
             if refusal:
                 answer(refusal)
                 return True
@@ -548,7 +548,7 @@ class Session(StartTLS):
         server first if due, then the command itself."""
         verb = verb_of(line)
         if verb == b"STARTTLS":
-            await self.client_starttls(line)
+            await StartTLS(self).client(line)
             return
         if self.xclient_due:
             await self.send_xclient(verb in (b"EHLO", b"HELO"))
@@ -556,7 +556,7 @@ class Session(StartTLS):
             await self.data()
         elif verb in (b"EHLO", b"HELO") and self.hello_due(verb):
             self.note_hello(verb, line)
-            await self.hello(verb, line)
+            await StartTLS(self).hello(verb, line)
         else:
             self.command(line, too_long)
 

@@ -1,21 +1,26 @@
-"""The proxy as an SMTP client: the server leg's commands of its own.
+"""The proxy as an SMTP client (RFC 5321): the one reply reader, and the
+proxy's own commands, EHLO, STARTTLS (RFC 3207) and XCLIENT.
 
-ServerLeg is the server connection as the proxy's own commands (NOOP,
-XCLIENT, DATA, RSET) use it: a reply read whole, or SessionEnd when the
-server fails us.
+A Peer is a connection the proxy speaks SMTP on itself: the server leg
+(ServerLeg, for NOOP, XCLIENT, DATA, RSET and STARTTLS) or a filter node
+(filters.node).  Both read replies with Peer.read_reply; what a failure to
+read one means (the session's end, or a filter's error) is the `failure`
+each is made with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
-from typing import Awaitable
+from typing import Awaitable, Callable
 
-from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
-from ..process.log import log
+from ..net import tls
+from ..net.channel import CRLF, Channel, ChannelClosed
+from ..process.log import clean, log
 from .ends import SERVER_GONE, SERVER_TIMEOUT, SessionEnd
 from .replies import R_REPLYTOOLONG
-from .syntax import is_continued
+from .syntax import is_continued, xtext
 
 # The longest reply read whole (generous for any real EHLO answer).
 REPLY_MAX_LINES = 1000
@@ -29,63 +34,130 @@ class ReplyTooLong(ChannelClosed):
 
 def too_long_reply(name: str) -> ReplyTooLong:
     """The error for a reply that ran past REPLY_MAX_LINES or REPLY_MAX_BYTES
-    (its readers compare inline: the check runs for every reply line)."""
+    (ReplyQueue.server_line compares inline: the check runs for every reply line)."""
     return ReplyTooLong("%s: reply longer than %d lines or %d bytes"
                         % (name, REPLY_MAX_LINES, REPLY_MAX_BYTES))
 
 
-async def read_reply(channel: Channel, timeout: float) -> list[bytes]:
-    """One whole (multi-line) SMTP reply; an overlong line is cut short,
-    an endless reply raises ReplyTooLong, EOF ChannelClosed, `timeout`
-    seconds without news asyncio.TimeoutError."""
-    lines: list[bytes] = []
-    size = 0
-    while True:
-        got = channel.take_line()
-        if got is None:
-            if channel.eof:
-                raise ChannelClosed("%s: connection closed by peer" % channel.name, channel.name)
-            await wait_any((channel,), timeout)
-            continue
-        line, too_long = got
-        if too_long:
-            log.warning("%s: SMTP response line too long. discarded extra", channel.tag)
-            line = line[:-2].rstrip(b"\r\n") + CRLF
-        lines.append(line)
-        size += len(line)
-        if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
-            raise too_long_reply(channel.name)
-        if not is_continued(line):
-            return lines
+class Refused(str):
+    """Why STARTTLS did not happen, when the peer merely refused it: the
+    connection goes on as it was, in plaintext."""
 
 
-class ServerLeg:
-    """The server connection for commands the proxy sends itself."""
+# A failure to read a reply (ReplyTooLong, ChannelClosed or TimeoutError),
+# as the Peer's user raises it.
+Failure = Callable[[Exception], Exception]
 
-    def __init__(self, channel: Channel, timeout: float, keepalives: int) -> None:
+
+class Peer:
+    """One connection the proxy speaks SMTP on as the client."""
+
+    def __init__(self, channel: Channel, timeout: float, who: str, failure: Failure) -> None:
         self.channel = channel
-        self.timeout = timeout
-        self.keepalives = keepalives
-
-    def write(self, data: bytes, trace: bool = True) -> None:
-        self.channel.write(data, trace)
+        self.timeout = timeout      # seconds to wait for news of a reply
+        self.who = who              # "the server", "the filter node": for the log
+        self.failure = failure
 
     async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """One whole (multi-line) reply; SessionEnd if the server fails us."""
+        """One whole (multi-line) reply.  An overlong line is cut short; an
+        endless reply (ReplyTooLong), the peer's EOF (ChannelClosed) or
+        `timeout` seconds without news (TimeoutError) raise what `failure`
+        makes of them."""
+        channel = self.channel
+        if timeout is None:
+            timeout = self.timeout
+        lines: list[bytes] = []
+        size = 0
         try:
-            return await read_reply(self.channel, self.timeout if timeout is None else timeout)
-        except ReplyTooLong as exc:
-            raise SessionEnd(str(exc), R_REPLYTOOLONG) from None
-        except ChannelClosed:
-            raise SessionEnd(SERVER_GONE, server_error="closed") from None
-        except asyncio.TimeoutError:
-            raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
+            while True:
+                got = channel.take_line()
+                if got is None:
+                    if channel.eof:
+                        raise ChannelClosed("%s: connection closed by peer" % channel.name,
+                                            channel.name)
+                    await channel.wait(timeout)
+                    continue
+                line, too_long = got
+                if too_long:
+                    log.warning("%s: SMTP response line too long. discarded extra", channel.tag)
+                    line = line[:-2].rstrip(b"\r\n") + CRLF
+                lines.append(line)
+                size += len(line)
+                if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
+                    raise too_long_reply(channel.name)
+                if not is_continued(line):
+                    return lines
+        except (ChannelClosed, asyncio.TimeoutError) as exc:
+            raise self.failure(exc) from None
+
+    def write(self, data: bytes, trace: bool = True) -> None:
+        """Bytes for the peer (trace=False: message content, never logged);
+        ChannelClosed if it is gone."""
+        self.channel.write(data, trace)
+
+    def send(self, *lines: bytes) -> None:
+        """Commands in one write: a pipelined group (RFC 2920) when there are several."""
+        self.channel.write(b"".join(lines))
 
     def command(self, line: bytes) -> Awaitable[list[bytes]]:
-        """Send one command of the proxy's own; its reply, to await.
-        (read_reply's own coroutine: no frame of its own to resume through.)"""
-        self.write(line)
+        """Send one command; its reply, to await.  (read_reply's own
+        coroutine: no frame of its own to resume through.)"""
+        self.channel.write(line)
         return self.read_reply()
+
+    def ehlo(self, name: str) -> Awaitable[list[bytes]]:
+        """EHLO with the proxy's `name` for itself; the reply, to await."""
+        return self.command(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
+
+    def xclient(self, ip: str, helo: str | None = None) -> Awaitable[list[bytes]]:
+        """XCLIENT ADDR (and HELO): who the client really is (Postfix's
+        XCLIENT_README); the reply, to await."""
+        line = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
+        if helo:
+            line += " HELO=%s" % xtext(helo)
+        return self.command(line.encode("ascii") + CRLF)
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str | None,
+                       timeout: float) -> str | None:
+        """STARTTLS (RFC 3207): None when TLS is up, else why not.  A refusal
+        (Refused) leaves the connection as it was; plaintext the peer sent
+        behind its 220 is never read as if it had come inside TLS (the
+        STARTTLS injection attack): the connection is closed unread, as it is
+        after a failed handshake."""
+        channel = self.channel
+        reply = await self.command(b"STARTTLS\r\n")
+        if reply[-1][:3] != b"220":
+            return Refused("%s refused STARTTLS: %s" % (self.who, clean(reply[-1].strip())))
+        if channel.pending:
+            unread = channel.pending
+            channel.close()
+            return ("%s sent %d bytes behind its 220 to STARTTLS (plaintext injected?), not read"
+                    % (self.who, unread))
+        try:
+            await channel.start_tls(context, False, timeout, server_hostname)
+        except (OSError, asyncio.TimeoutError) as exc:
+            channel.close()
+            return "TLS handshake with %s failed: %s" % (self.who, tls.reason(exc))
+        log.debug("%s: %s TLS: %s", channel.tag, channel.name, tls.describe(channel.transport))
+        return None
+
+
+def server_failure(exc: Exception) -> SessionEnd:
+    """The server failed us: the session ends (counted as the server's error)."""
+    if isinstance(exc, ReplyTooLong):
+        return SessionEnd(str(exc), R_REPLYTOOLONG)
+    if isinstance(exc, ChannelClosed):
+        return SessionEnd(SERVER_GONE, server_error="closed")
+    return SessionEnd(SERVER_TIMEOUT, server_error="timeout")
+
+
+class ServerLeg(Peer):
+    """The server connection for commands the proxy sends itself; a reply
+    it cannot read whole ends the session (SessionEnd)."""
+
+    def __init__(self, channel: Channel, timeout: float, keepalives: int) -> None:
+        super().__init__(channel, timeout, "the server", server_failure)
+        self.keepalives = keepalives
 
     @property
     def keepalive_due(self) -> bool:

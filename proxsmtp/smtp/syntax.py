@@ -64,3 +64,19 @@ def parse_xforward(line: bytes) -> dict[str, str]:
 def is_continued(line: bytes) -> bool:
     """`250-...`: more lines of this reply follow."""
     return len(line) > 3 and line[3:4] == b"-" and line[:3].isdigit()
+
+
+def ehlo_offers(reply: list[bytes], keyword: bytes) -> bool:
+    """Does an EHLO reply advertise `keyword` (upper case)?  Each line after
+    the first is a keyword and its parameters (RFC 5321 4.1.1.1)."""
+    for line in reply[1:]:
+        words = line[4:].split(None, 1)
+        if words and words[0].upper() == keyword:
+            return True
+    return False
+
+
+def xtext(value: str) -> str:
+    """RFC 1891 xtext, as XCLIENT attribute values need."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else "+%02X" % ord(c)
+                   for c in value.encode("utf-8", "replace").decode("latin-1"))

@@ -1,0 +1,144 @@
+"""FilterType smtp (proxsmtpd(8) FILTERS): the message offered to a filter node.
+
+The proxy speaks SMTP to FilterCommand host[:port] (e.g. Halon behind
+haproxy) as a client (smtp.peer): the greeting, EHLO and, under ServerTLS,
+STARTTLS as the server leg does; then XCLIENT for the client, EHLO with the
+client's name, the envelope and the message.  2xx after the final dot
+accepts; the node's refusal is the client's rejection (verdict.as_rejection).
+"""
+
+from __future__ import annotations
+
+from ..message import spool
+from ..message.envelope import Envelope
+from ..net import destination
+from ..net.channel import Channel, ChannelClosed
+from ..process.config import Config
+from ..process.log import clean, log
+from ..smtp.peer import Peer, ReplyTooLong
+from ..smtp.syntax import ehlo_offers
+from .verdict import FilterError, Verdict, as_rejection
+
+
+def node_failure(exc: Exception) -> FilterError:
+    """A reply the node did not give whole: no verdict (451 to the client)."""
+    if isinstance(exc, ReplyTooLong):
+        return FilterError("filter node: %s" % exc)
+    if isinstance(exc, ChannelClosed):
+        return FilterError("filter node closed the connection")
+    return FilterError("timeout talking to filter node")
+
+
+def code_text(lines: list[bytes]) -> tuple[int, str]:
+    """A reply's code, and its text (lines joined by CRLF) for the log and the client."""
+    text = "\r\n".join(line.rstrip(b"\r\n").decode("utf-8", "replace") for line in lines)
+    return int(text[:3]) if text[:3].isdigit() else 0, text
+
+
+async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool) -> Verdict:
+    """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts.
+
+    The session uses STARTTLS under ServerTLS as the server leg does; with
+    `may`, a failed handshake gets one more try in plaintext."""
+    plaintext = config.ServerTLS == "off"
+    while True:
+        channel = await _connect_node(config.FilterAddress, config.FilterTimeout, envelope.tag)
+        try:
+            node = Peer(channel, config.FilterTimeout, "the filter node", node_failure)
+            if await _node_hello(config, node, plaintext):
+                return await _offer(node, envelope, message)
+        except ChannelClosed as exc:    # a write to a node gone
+            raise FilterError(str(exc)) from None
+        finally:
+            channel.close()
+        plaintext = True
+
+
+async def _connect_node(target, timeout: float, tag: str) -> Channel:
+    channel = Channel("FILTER", tag)
+    try:
+        await destination.connect_channel(target, timeout, channel, "filter node")
+    except destination.DestinationError as exc:
+        raise FilterError(str(exc)) from None
+    return channel
+
+
+async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
+    """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: True when
+    done, False when the handshake failed under `may` (try again in
+    plaintext).  These are the proxy's own steps, no verdict on the message:
+    anything but success is FilterError, but for STARTTLS under `may`."""
+    code, text = code_text(await node.read_reply())
+    if code != 220:
+        raise FilterError("filter node greeting: %s" % clean(text))
+    ehlo = await node.ehlo("proxsmtp")
+    code, text = code_text(ehlo)
+    if code != 250:
+        raise FilterError("filter node refused EHLO: %s" % clean(text))
+    if plaintext:
+        return True
+    policy, channel = config.ServerTLS, node.channel
+    if not ehlo_offers(ehlo, b"STARTTLS"):
+        failure = "the filter node offers no STARTTLS"
+    else:
+        failure = await node.starttls(config.connecting_tls, config.FilterAddress.host,
+                                      node.timeout)
+    if failure is None:
+        code, text = code_text(await node.ehlo("proxsmtp"))
+        if code != 250:
+            raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))
+        return True
+    if policy != "may":
+        raise FilterError("no TLS to the filter node (ServerTLS %s): %s" % (policy, failure))
+    if channel.closed:
+        log.warning("%s: %s; connecting to the filter node again in plaintext",
+                    channel.tag, failure)
+        return False
+    log.debug("%s: %s; going on in plaintext", channel.tag, failure)
+    return True
+
+
+def hello_name(envelope: Envelope) -> str:
+    """The name the proxy gives the filter node for the client: the client's
+    own HELO name, else its address literal, as RFC 5321 4.1.4 has a client
+    without a meaningful name of its own say it."""
+    if envelope.helo and envelope.helo.isprintable() and " " not in envelope.helo:
+        return envelope.helo
+    ip = envelope.client_ip
+    return "[%s%s]" % ("IPv6:" if ":" in ip else "", ip)
+
+
+async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdict:
+    """XCLIENT, EHLO, the envelope and the message; the node's verdict."""
+    code, text = code_text(await node.xclient(envelope.client_ip, envelope.helo))
+    if code // 100 != 2:
+        raise FilterError("filter node refused XCLIENT: %s" % clean(text))
+    # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
+    # again, with the client's name, and its reply read before MAIL; a node
+    # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
+    ehlo = await node.ehlo(hello_name(envelope))
+    code, text = code_text(ehlo)
+    if code != 250:
+        raise FilterError("filter node refused EHLO after XCLIENT: %s" % clean(text))
+    pipelining = ehlo_offers(ehlo, b"PIPELINING")
+    sender = "" if envelope.sender in (None, "<>") else envelope.sender
+    steps = (["MAIL FROM:<%s>" % sender]
+             + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])
+    lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
+    if pipelining:      # RFC 2920: one group, the replies read in order
+        node.send(*lines)
+    for step, line in zip(steps, lines):
+        if not pipelining:
+            node.send(line)
+        code, text = code_text(await node.read_reply())
+        if step == "DATA" and code != 354 or step != "DATA" and code // 100 != 2:
+            return as_rejection(code, text, step.split(":", 1)[0])
+    await spool.send(node.channel, message.reader(), None, node.timeout)
+    code, text = code_text(await node.read_reply())
+    try:
+        node.channel.write(b"QUIT\r\n")
+    except ChannelClosed:
+        pass
+    if code // 100 == 2:
+        return Verdict(True)
+    return as_rejection(code, text, "the message")
