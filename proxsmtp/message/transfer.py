@@ -108,9 +108,11 @@ class Transfer:
         """The steps of this DATA that wait on something, in the session's
         task; the offer's replies come later, through the reply queue."""
         path = self.path
-        if path is datapath.SKIPPED or path is datapath.NO_RECIPIENT:
-            self._command(b"DATA\r\n", self._on_354 if path is datapath.SKIPPED
-                          else self._on_refused_data)
+        if path is datapath.SKIPPED:        # the server's 354, and the upload (stream())
+            self._command(b"DATA\r\n", self._on_354)
+            return
+        if path is datapath.NO_RECIPIENT:
+            self._command(b"DATA\r\n", self._on_refused_data)
             return
         if path is datapath.REJECTED:
             self._refused(filters.reject_reply(self.config.FilterReject))
