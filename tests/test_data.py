@@ -94,13 +94,17 @@ def test_proxy_answers_354_itself(proxy, upstream):
     assert upstream.verbs()[-1] == "DATA"
 
 
-def test_server_refuses_data(proxy, make_upstream):
+@pytest.mark.parametrize("filter_command", ["", "cat"])
+def test_server_refuses_data(proxy, make_upstream, filter_command):
+    """A DATA the server refuses (with or without a filter, the same offer
+    steps) is relayed, and logged FILTERED with the server's reply."""
     upstream = make_upstream(replies={"DATA": "451 4.3.0 Try again later"})
-    p = proxy({"OutAddress": upstream.address})
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
     with p.connect() as client:
         assert send_mail(client, "a@x.test", ["b@y.test"], BODY) == ["451 4.3.0 Try again later"]
         assert client.cmd("NOOP")[0].startswith("250")
     assert upstream.messages == []
+    p.wait_log(r'to=b@y\.test, .*relay=.*reply="451 4\.3\.0 Try again later", status=FILTERED$')
 
 
 def test_final_reply_passed_verbatim(proxy, make_upstream):

@@ -471,7 +471,7 @@ def test_reject_pattern_example(proxy, upstream, tmp_path):
     send(running)
     assert len(upstream.wait_messages(1)) == 1
     assert upstream.messages[0].body.endswith(b"first line\r\n.dotted line")
-    running.wait_log(r"status=554 5\.7\.1 No thanks")
+    running.wait_log(r'reply="554 5\.7\.1 No thanks", .*status=REJECTED$')
 
 
 @pytest.mark.e2e

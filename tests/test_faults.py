@@ -190,7 +190,8 @@ def filter_proxy(proxy, upstream, command: str, **extra):
 
 def refused(px, upstream, reply: list[str], status: str, reason: str | None) -> None:
     """The message was refused with `reply`; nothing reached the server, which
-    was told RSET; one status line (and one line with the reason) was logged."""
+    was told RSET; one status line, with the refusal as its `reply=` (and one
+    line with the reason), was logged."""
     mark = len(px.log())
     with px.connect() as client:
         envelope(client)
@@ -198,7 +199,8 @@ def refused(px, upstream, reply: list[str], status: str, reason: str | None) -> 
         assert client.cmd("NOOP")[0].startswith("250")       # the session goes on
     upstream.wait_command("RSET")
     assert upstream.messages == [] and "DATA" not in upstream.verbs()
-    one_line(px, r"from=a@x\.test, to=b@y\.test, (?:.*, )?status=%s$" % re.escape(status), mark)
+    one_line(px, r'from=a@x\.test, to=b@y\.test, (?:.*, )?reply="%s", (?:.*, )?status=%s$'
+             % (re.escape(reply[-1]), re.escape(status)), mark)
     if reason:
         one_line(px, reason, mark)
     no_temp_files(px)
@@ -208,8 +210,7 @@ def refused(px, upstream, reply: list[str], status: str, reason: str | None) -> 
 @pytest.mark.slow
 def test_filter_exits_non_zero(proxy, upstream):
     px = filter_proxy(proxy, upstream, "cat >/dev/null; echo 'no thanks' >&2; exit 3")
-    refused(px, upstream, ["550 Content Rejected; no thanks"], "550 Content Rejected; no thanks",
-            None)
+    refused(px, upstream, ["550 Content Rejected; no thanks"], "REJECTED", None)
 
 
 @pytest.mark.e2e

@@ -10,6 +10,8 @@ envelope or the message reach the client as rejections.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -96,7 +98,7 @@ def test_node_verdicts_still_reach_the_client(proxy, upstream, make_upstream, ve
         assert send_mail(client, "a@x.test", ["b@y.test"], BODY) == expected
     upstream.wait_command("RSET")
     assert upstream.messages == []
-    p.wait_log("status=" + expected[-1])
+    p.wait_log(r'reply="%s", .*status=REJECTED$' % re.escape(expected[-1]))
 
 
 @pytest.mark.parametrize("reply, broke", [

@@ -126,8 +126,8 @@ def test_rejection_text(proxy, upstream, stderr, reply):
         assert client.cmd("MAIL FROM:<c@x.test>")[0].startswith("250")
     upstream.wait_command("RSET")
     assert upstream.messages == [] and "DATA" not in upstream.verbs()
-    status = reply if stderr else "550 Content Rejected"
-    p.wait_log(r"from=a@x\.test, to=b@y\.test, (?:.*, )?status=%s$" % status.replace(".", r"\."))
+    p.wait_log(r'from=a@x\.test, to=b@y\.test, (?:.*, )?reply="%s", (?:.*, )?status=REJECTED$'
+               % re.escape(reply))
 
 
 def test_rejection_after_lots_of_stderr(proxy, upstream):
@@ -311,7 +311,7 @@ def test_smtp_filter_rejects_recipient(proxy, upstream, make_upstream):
         assert transaction(client) == ["550 5.1.1 <b@y.test>: Recipient address rejected"]
     upstream.wait_command("RSET")
     assert upstream.messages == [] and "DATA" not in upstream.verbs()
-    p.wait_log(r"status=550 5\.1\.1 <b@y\.test>: Recipient address rejected")
+    p.wait_log(r'reply="550 5\.1\.1 <b@y\.test>: Recipient address rejected", .*status=REJECTED$')
 
 
 def test_smtp_filter_rejects_message_multiline(proxy, upstream, make_upstream):

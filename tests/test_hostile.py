@@ -677,13 +677,14 @@ def test_log_injection_stays_on_one_line(proxy, make_upstream):
         client.send(BODY + b".\r\n")
         reply = client.reply()
     assert len(reply) == 1 and reply[0].startswith("550 Content Rejected; bad")
-    px.wait_log(r"status=550 Content Rejected")
+    px.wait_log(r'reply="550 Content Rejected.*status=REJECTED$')
     raw = px.stderr_path.read_bytes()
     assert not re.search(rb"[\x00-\x08\x0b-\x1f\x7f]", raw.replace(b"\r\n", b"\n"))
     lines = raw.decode().splitlines()
     status = [line for line in lines if ", status=" in line]
     assert len(status) == 1, status
-    assert status[0].endswith("bad\\x1b[31m\\x01 status=FILTERED")
+    assert status[0].endswith('reply="550 Content Rejected; bad\\x1b[31m\\x01 status=FILTERED", '
+                              'status=REJECTED')
     assert all(TIMESTAMP.match(line) for line in lines)
 
 

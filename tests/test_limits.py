@@ -189,7 +189,7 @@ def test_message_over_the_limit_is_refused_and_never_sent_on(proxy, make_upstrea
     [message] = upstream.wait_messages(1)
     assert message.raw == BODY.rstrip(b"\r\n") or message.raw.endswith(b"hello")
     assert "RSET" in [line for _, line in upstream.lines]
-    p.wait_log(r"status=552 5\.3\.4 Message size exceeds fixed limit")
+    p.wait_log(r'reply="552 5\.3\.4 Message size exceeds fixed limit", .*status=REJECTED$')
     wait_until(lambda: not p.spool_files(), 10, what="no temp files")
 
 

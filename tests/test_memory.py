@@ -6,21 +6,20 @@ end of the header block.  The PSS figures are measured by bench/run.py
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
-
 from harness import freed_without_collector, wait_until
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxsmtp.process import config
-from proxsmtp.message import transfer as data, spool
+from proxsmtp.message import spool
 from proxsmtp.message.envelope import Envelope
 from proxsmtp.message.header import HEAD_LIMIT, message_id
+from proxsmtp.message.intake import Intake
+from proxsmtp.process import config
 
 KIB = 1024
-CONFIG = config.parse("OutAddress: 127.0.0.1:25\n")
 
 
 @pytest.mark.unit
@@ -115,22 +114,17 @@ def test_message_id_found_however_the_message_is_cut(headers, cuts, tail):
     block (or at HEAD_LIMIT); the Message-ID found is the same as from the
     whole first HEAD_LIMIT bytes, however the bytes arrive."""
     message = b"".join(headers) + b"x" * tail
-    level = data.log.level
-    data.log.setLevel(logging.INFO)           # the Message-ID is only looked for for the log
-    try:
-        transfer = data.Transfer(CONFIG, Envelope("T"), None, None, False)
-    finally:
-        data.log.setLevel(level)
+    intake = Intake(Envelope("T"), None, None, 0, True, False)   # info: the Message-ID is for the log
     points = sorted({min(cut, len(message)) for cut in cuts} | {0, len(message)})
     for start, end in zip(points, points[1:]):
-        transfer._seen(message[start:end])
-        if transfer.head is not None:
-            assert b"\r\n\r\n" not in bytes(transfer.head) and b"\n\n" not in bytes(transfer.head)
-            assert len(transfer.head) < HEAD_LIMIT
-    transfer._seen_all()
-    assert transfer.head is None
-    assert transfer.envelope.msgid == message_id(message[:HEAD_LIMIT])
-    assert transfer.envelope.size == (len(message) or None)
+        intake.seen(message[start:end])
+        if intake.head is not None:
+            assert b"\r\n\r\n" not in bytes(intake.head) and b"\n\n" not in bytes(intake.head)
+            assert len(intake.head) < HEAD_LIMIT
+    intake.seen_all()
+    assert intake.head is None
+    assert intake.envelope.msgid == message_id(message[:HEAD_LIMIT])
+    assert intake.envelope.size == (len(message) or None)
 
 
 @pytest.mark.session

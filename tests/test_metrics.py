@@ -455,7 +455,7 @@ def test_book_folds_a_dead_rows_counters_and_drops_its_gauge():
         book.bind(3)
         stats.sessions(2)
         stats.connection("accepted")
-        stats.message("550 5.7.1 no", 5000, 0.5)
+        stats.message("REJECTED", 5000, 0.5)
         stats.message("FILTERED", 1024, 0.005)
         stats.server_error("timeout")
         live = book.totals()

@@ -308,6 +308,30 @@ def test_auth_then_skip_authenticated(proxy, make_upstream, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
+def test_skip_upload_paused_past_keepalives(proxy, make_upstream):
+    """Skip with KeepAlives: the server is inside DATA while the client
+    uploads, so a pause longer than KeepAlives sends no NOOP (it would be
+    part of the message); the message arrives as sent."""
+    upstream = make_upstream(extensions=("AUTH PLAIN",))
+    p = proxy({"OutAddress": upstream.address, "Skip": "authenticated", "KeepAlives": 1,
+               "FilterCommand": "cat"}, debug=4)
+    with p.connect() as client:
+        client.cmd("EHLO client.example")
+        assert client.cmd("AUTH PLAIN AHVzZXIAcGFzcw==")[0].startswith("235")
+        client.cmd("MAIL FROM:<a@x.test>")
+        client.cmd("RCPT TO:<b@y.test>")
+        assert client.cmd("DATA")[0].startswith("354")
+        client.send(b"Subject: slow\r\n\r\nfirst\r\n")
+        time.sleep(2.5)
+        client.send(b"second\r\n.\r\n")
+        assert client.reply()[0].startswith("250")
+    message = upstream.wait_messages(1)[0]
+    assert message.raw == b"Subject: slow\r\n\r\nfirst\r\nsecond"
+    assert "NOOP" not in upstream.verbs()
+    p.wait_log(r"from=a@x\.test, to=b@y\.test, (?:.*, )?status=SKIPPED")
+
+
 def test_auth_without_skip_still_filters(proxy, make_upstream, tmp_path):
     upstream = make_upstream(extensions=("AUTH PLAIN",))
     marker = tmp_path / "filter-ran"

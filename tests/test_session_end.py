@@ -317,7 +317,7 @@ def test_refused_message_logged_and_counted_when_the_client_left_before_the_refu
         client.send(BODY + b".\r\n")
         p.wait_log(r"executed filter command")
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    p.wait_log(r"from=a@x\.test, to=b@y\.test, .*status=550 5\.7\.1 no thanks$")
+    p.wait_log(r'from=a@x\.test, to=b@y\.test, .*reply="550 5\.7\.1 no thanks", .*status=REJECTED$')
     assert upstream.messages == []
 
     def rejected_total() -> float:

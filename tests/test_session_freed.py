@@ -196,23 +196,26 @@ def test_server_gone_while_the_message_comes_in(tmp_path):
     assert logged(freed_after(script, tmp_path), "SERVER: connection closed")
 
 
-def test_server_gone_at_data(tmp_path):
-    """The server goes away instead of answering the proxy's DATA."""
+@pytest.mark.parametrize("settings", ["", "KeepAlives: 5\n"])
+def test_server_gone_at_data(tmp_path, settings):
+    """The server goes away instead of answering the proxy's DATA (offered
+    from the callbacks, or by the task: the same reply-queue steps)."""
     async def script(reader, writer, task, sink):
         await into_data(reader, writer)
         writer.write(b"the end\r\n.\r\n")
         assert await reply(reader) == b"451"
-    assert logged(freed_after(script, tmp_path, Sink(close_at=b"DATA")),
+    assert logged(freed_after(script, tmp_path, Sink(close_at=b"DATA"), settings),
                   "server disconnected unexpectedly")
 
 
-def test_server_gone_before_its_verdict(tmp_path):
+@pytest.mark.parametrize("settings", ["", "KeepAlives: 5\n"])
+def test_server_gone_before_its_verdict(tmp_path, settings):
     """The server takes the message and goes away before its final reply."""
     async def script(reader, writer, task, sink):
         await into_data(reader, writer)
         writer.write(b"the end\r\n.\r\n")
         assert await reply(reader) == b"451"
-    assert logged(freed_after(script, tmp_path, Sink(verdict=False)),
+    assert logged(freed_after(script, tmp_path, Sink(verdict=False), settings),
                   "server disconnected unexpectedly")
 
 

@@ -11,7 +11,8 @@ from proxsmtp.net import addresses, channel as spio
 from proxsmtp.smtp import syntax as commands
 from proxsmtp.process import config
 from proxsmtp import filters
-from proxsmtp.message import header, spool
+from proxsmtp.message import datapath, header, spool
+from proxsmtp.message.envelope import Envelope
 from proxsmtp.net.addresses import Address, AddressError
 
 pytestmark = pytest.mark.unit
@@ -526,3 +527,35 @@ def test_reply_queue_groups_and_refuses_replies_as_the_peer_reader_does(lines, c
     assert read == relayed
     # the queue is left with the unfinished reply, if any; the reader finds the EOF
     assert peer_end == (queue_end or (SERVER_GONE, R_FAILED))
+
+
+# --- which way a DATA goes (message.datapath) -------------------------------------------
+
+def _path(settings: str, recipients: list[str], skip: bool = False) -> datapath.Path:
+    envelope = Envelope("T")
+    envelope.recipients = recipients
+    return datapath.choose(config.parse("OutAddress: 127.0.0.1:25\n" + settings), envelope, skip)
+
+
+def test_data_path_is_decided_once_in_order():
+    rcpt = ["b@y.test"]
+    assert _path("FilterCommand: cat\nFilterType: reject\n", rcpt, skip=True) is datapath.SKIPPED
+    assert _path("FilterType: reject\n", rcpt) is datapath.REJECTED
+    assert _path("FilterType: reject\n", []) is datapath.REJECTED
+    assert _path("FilterCommand: cat\n", []) is datapath.NO_RECIPIENT
+    assert _path("", rcpt) is datapath.RELAYED
+    assert _path("FilterCommand: cat\n", rcpt) is datapath.FILTERED
+    assert _path("FilterType: smtp\nFilterCommand: 127.0.0.1:10025\n", rcpt) is datapath.FILTERED
+
+
+def test_data_taken_in_callbacks_only_when_nothing_waits():
+    plain = config.parse("OutAddress: 127.0.0.1:25\n")
+    keepalives = config.parse("OutAddress: 127.0.0.1:25\nKeepAlives: 30\n")
+    may = datapath.callbacks_may_take
+    assert may(datapath.RELAYED, plain, False, False)
+    assert not may(datapath.RELAYED, keepalives, False, False)
+    assert not may(datapath.RELAYED, plain, True, False)
+    assert not may(datapath.RELAYED, plain, False, True)
+    for path in datapath.Path:
+        if path is not datapath.RELAYED:
+            assert not may(path, plain, False, False), path

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..process.log import clean
+from ..smtp.replies import Status
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Envelope:
     msgid: str | None = None
     delay: float | None = None               # seconds from DATA to the final reply
     filter_seconds: float | None = None
-    reply: str | None = None                 # the server's final reply to the message
+    reply: str | None = None                 # its last reply: the server's, or the refusal
 
     def reset(self) -> None:
         """Forget sender, recipients, XFORWARD data and the outcome (RSET, EHLO, after DATA)."""
@@ -47,7 +48,7 @@ class Envelope:
     def in_transaction(self) -> bool:
         return self.sender is not None
 
-    def log_line(self, status: str) -> str:
+    def log_line(self, status: Status) -> str:
         """`client=..., from=..., to=..., size=..., ..., status=...`: one line,
         every network-supplied value cleaned."""
         parts = ["client=" + self.client_ip]
@@ -58,7 +59,7 @@ class Envelope:
             parts.append("size=%d" % self.size)
         if self.msgid:
             parts.append("msgid=" + clean(self.msgid, 256))
-        if self.reply is not None or self.delay is not None:
+        if self.delay is not None:              # the server had its say on it
             parts.append("relay=" + self.server_ip)
         if self.delay is not None:
             parts.append("delay=%.3f" % self.delay)
@@ -69,7 +70,7 @@ class Envelope:
         if self.client_tls or self.server_tls:     # both plaintext: the line as upstream's
             parts.append("client_tls=" + _tls(self.client_tls))
             parts.append("server_tls=" + _tls(self.server_tls))
-        parts.append("status=" + clean(status, 256))
+        parts.append("status=" + status)
         return ", ".join(parts)
 
 

@@ -87,13 +87,11 @@ def connection(result: str) -> None:
 
 
 def message(status: str, size: int | None = None, filter_seconds: float | None = None) -> None:
-    """One message's outcome: the log line's status word (a rejection's reply
-    text counts as REJECTED), its size in bytes and the filter's run time,
-    each where known."""
+    """One message's outcome: the log line's status word, its size in bytes
+    and the filter's run time, each where known."""
     if _cells is None:
         return
-    cell = LAYOUT.messages.get(status, LAYOUT.messages["REJECTED"])
-    _cells[_base + cell] += 1
+    _cells[_base + LAYOUT.messages[status]] += 1
     if size is not None:
         _observe(LAYOUT.size, SIZE_BUCKETS, float(size))
     if filter_seconds is not None:

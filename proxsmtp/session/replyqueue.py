@@ -83,6 +83,11 @@ class ReplyQueue:
         """A command went to the server: its reply takes the next place."""
         self.places.append(place)
 
+    def expect_own(self, on_reply: Callable[[list[bytes]], None]) -> None:
+        """A command of the proxy's own went to the server: its reply takes
+        the next place and goes to `on_reply`, never to the client."""
+        self.places.append(ProxyCommand(on_reply))
+
     def answer(self, reply: bytes) -> None:
         """A reply made by the proxy, kept in order behind outstanding ones."""
         if self.places:

@@ -20,6 +20,7 @@ import re
 import socket
 
 from .. import filters
+from ..message import datapath
 from ..message.envelope import Envelope
 from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
@@ -32,7 +33,7 @@ from ..smtp.ends import (CLIENT_GONE, IDLE, READ_TIMEOUT, SERVER_GONE, SERVER_TI
 from ..smtp.peer import ServerLeg
 from ..smtp.replies import (FINAL_REPLY_WAIT, R_AUTHTLS, R_BARECR, R_CANTCONNECT, R_FAILED,
                             R_FEATURE, R_NOTAUTH, R_NOTSUPP, R_SERVERGONE, R_SHUTDOWN, R_SIZE,
-                            R_STARTTLS, R_SYNC, R_TOOLONG)
+                            R_STARTTLS, R_SYNC, R_TOOLONG, Status)
 from ..smtp.syntax import envelope_address, parse_xforward, verb_of
 from .replyqueue import GREETING, ReplyQueue, ServerAnswers
 from .starttls import BEFORE_TLS, StartTLS, refusal_before_tls
@@ -600,7 +601,10 @@ class Session:
         self.replies.answer(reply.encode("utf-8", "surrogateescape") + CRLF)
 
     async def data(self) -> None:
-        """DATA: once every earlier reply is relayed, data.py takes over.
+        """DATA the relay's callbacks do not take (see relayed_data): once
+        every earlier reply is relayed, the Transfer's task steps run here;
+        its offer's replies then come through the reply queue, and
+        data_done() ends it.
 
         DATA ends a pipelined group (RFC 2920): a client that sent more before
         hearing the answer to DATA is out of step.  Those bytes are neither
@@ -608,55 +612,46 @@ class Session:
         trick, or lost first lines): the session ends with 554 5.5.0, as
         Postfix's smtpd does, and nothing is delivered."""
         self.in_data = True
-        try:
-            if self.replies.waiting_for_server:
-                await self.drain_replies()
-            self.check_in_step()
-            self.transfer = self.new_transfer()
-            status = await self.transfer.run()
-            if status is not None:
-                self.log_message(status)
-        finally:
-            self.in_data = False
-            self.transfer = None
-            self.messages += 1
-        self.envelope.reset()
+        if self.replies.waiting_for_server:
+            await self.drain_replies()
+        await self.new_transfer(datapath.choose(self.config, self.envelope, self.skipping)).run()
 
     @property
     def relayed_data(self) -> bool:
-        """This DATA is taken in the relay's callbacks (Transfer.start): it
-        needs nothing the task waits on.  Not so with a filter, keepalives to
-        send, XCLIENT still due, replies before it still due, without an
-        accepted recipient, or when the session skips or rejects."""
+        """This DATA is taken in the relay's callbacks (Transfer.start):
+        datapath says it is relayed unfiltered, and it needs nothing the
+        task waits on."""
         config = self.config
-        return (not config.FilterCommand and config.KeepAlives == 0
-                and config.FilterType != "reject" and bool(self.envelope.recipients)
-                and not self.replies and not self.xclient_due
-                and not (self.authenticated and config.skip_authenticated))
+        return datapath.callbacks_may_take(
+            datapath.choose(config, self.envelope,
+                            self.authenticated and config.skip_authenticated),
+            config, bool(self.replies), self.xclient_due)
 
     def start_data(self) -> None:
-        self.check_in_step()
-        self.in_data = True
-        self.transfer = self.new_transfer()
-        self.transfer.start(self.replies, self.data_done)
+        """DATA in the relay's callbacks (relayed_data said so)."""
+        self.new_transfer(datapath.RELAYED).start()
 
-    def data_done(self, status: str) -> None:
-        """A message taken in the callbacks is done with."""
-        self.log_message(status)
+    def data_done(self, status: Status | None) -> None:
+        """The Transfer is over: its message is logged (unless none was
+        taken) and the session takes commands again."""
+        if status is not None:
+            self.log_message(status)
         self.in_data = False
         self.transfer = None
         self.messages += 1
         self.envelope.reset()
 
-    def new_transfer(self) -> Transfer:
-        return Transfer(self.config, self.envelope, self.client, self.server_leg,
-                        self.skipping, self.size_limit, self.info, self.debug)
-
-    def check_in_step(self) -> None:
-        """Nothing may follow DATA before its answer (see data())."""
+    def new_transfer(self, path: datapath.Path) -> Transfer:
+        """The Transfer of this DATA; nothing may follow DATA before its
+        answer (see data())."""
         if self.client.buf:
             raise SessionEnd("improper pipelining after DATA from the client: %s"
                              % clean(bytes(self.client.buf[:60])), R_SYNC, logging.WARNING)
+        self.in_data = True
+        transfer = self.transfer = Transfer(
+            self.config, self.envelope, self.client, self.server_leg, self.replies,
+            self.data_done, path, self.size_limit, self.info, self.debug)
+        return transfer
 
     async def send_xclient(self, hello_follows: bool) -> None:
         """XClient: tell the server who the client really is, once.
