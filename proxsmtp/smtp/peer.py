@@ -11,7 +11,8 @@ import asyncio
 import time
 from typing import Awaitable
 
-from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
+from ..net.channel import CRLF, Channel, ChannelClosed
+from ..net.waits import wait_any
 from ..process.log import log
 from .ends import SERVER_GONE, SERVER_TIMEOUT, SessionEnd
 from .replies import R_REPLYTOOLONG
