@@ -121,10 +121,11 @@ async def open_channel(config: Config, envelope: ClientFacts, client_sock: socke
     if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
             and dest.is_ip):
         try:
-            await within(config.TimeOut, loop.create_connection(lambda: channel, dest.host, dest.port),
-                         loop)
+            await within(config.TimeOut,
+                         loop.create_connection(lambda: channel, dest.host, dest.port), loop)
         except OSError as exc:       # TimeoutError included
-            raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
+            raise DestinationError("connect to %s failed: %s"
+                                   % (dest, connect_failure(exc))) from None
         return addresses.plain_ip(dest.host)
     sock, server_ip = await connect(config, envelope, client_sock, proxy_header, peer)
     await loop.create_connection(lambda: channel, sock=sock)

@@ -36,7 +36,8 @@ from . import addresses
 from .waits import within
 
 V1_PREFIX = b"PROXY "
-V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
+# the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
+V1_MAX = 107
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16                   # signature, version/command, family/protocol, length
 _PEEK = 1024                    # bytes looked at per read: a header with the usual TLVs

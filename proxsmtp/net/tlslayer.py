@@ -54,7 +54,8 @@ class TLSLayer(_TLSBase):      # type: ignore[misc,valid-type]
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel, context: ssl.SSLContext,
                  waiter: asyncio.Future, server_side: bool, server_hostname: str | None,
-                 call_connection_made: bool = True, ssl_handshake_timeout: float | None = None) -> None:
+                 call_connection_made: bool = True,
+                 ssl_handshake_timeout: float | None = None) -> None:
         super().__init__(loop, channel, context, waiter, server_side, server_hostname,
                          call_connection_made=call_connection_made,
                          ssl_handshake_timeout=ssl_handshake_timeout)
