@@ -443,7 +443,8 @@ def test_a_finished_tls_session_is_freed_without_the_cyclic_collector(tmp_path, 
     from proxsmtp.process import config
     from proxsmtp.net import tls
     from proxsmtp.session.session import Session
-    from proxsmtp.net.channel import Channel, TLSLayer
+    from proxsmtp.net.channel import Channel
+    from proxsmtp.net.tlslayer import TLSLayer
 
     async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 sink ESMTP\r\n")

@@ -15,8 +15,8 @@ import ipaddress
 import os
 import socket
 import struct
+from typing import Protocol
 
-from ..message.envelope import Envelope
 from ..process.config import Config
 from ..process.log import log
 from . import addresses, proxyproto
@@ -27,6 +27,16 @@ IP6T_SO_ORIGINAL_DST = 80       # linux/netfilter_ipv6/ip6_tables.h
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+
+
+class ClientFacts(Protocol):
+    """What a server connection needs to know of the session's client (the
+    session's message.envelope.Envelope is passed): whom it is for, and the
+    session id for the log."""
+
+    client_ip: str      # the client's IP, or UNKNOWN
+    local_ip: str       # the IP the client connected to, or UNKNOWN
+    tag: str            # session id, as in every log line
 
 
 class DestinationError(Exception):
@@ -94,7 +104,7 @@ def target(config: Config, client_ip: str, sock: socket.socket) -> tuple[object,
     return out, None
 
 
-async def open_channel(config: Config, envelope: Envelope, client_sock: socket.socket,
+async def open_channel(config: Config, envelope: ClientFacts, client_sock: socket.socket,
                        proxy_header: proxyproto.ProxyHeader | None,
                        channel: asyncio.Protocol,
                        loop: asyncio.AbstractEventLoop | None = None,
@@ -111,17 +121,18 @@ async def open_channel(config: Config, envelope: Envelope, client_sock: socket.s
     if (source is None and config.OutProxyProtocol == "off" and not dest.is_unix
             and dest.is_ip):
         try:
-            await within(config.TimeOut, loop.create_connection(lambda: channel, dest.host, dest.port),
-                         loop)
+            await within(config.TimeOut,
+                         loop.create_connection(lambda: channel, dest.host, dest.port), loop)
         except OSError as exc:       # TimeoutError included
-            raise DestinationError("connect to %s failed: %s" % (dest, connect_failure(exc))) from None
+            raise DestinationError("connect to %s failed: %s"
+                                   % (dest, connect_failure(exc))) from None
         return addresses.plain_ip(dest.host)
     sock, server_ip = await connect(config, envelope, client_sock, proxy_header, peer)
     await loop.create_connection(lambda: channel, sock=sock)
     return server_ip
 
 
-async def connect(config: Config, envelope: Envelope, client_sock: socket.socket,
+async def connect(config: Config, envelope: ClientFacts, client_sock: socket.socket,
                   proxy_header: proxyproto.ProxyHeader | None = None, peer: object = None,
                   ) -> tuple[socket.socket, str]:
     """A connected, non-blocking socket to the server, and the server's IP.
@@ -183,20 +194,11 @@ async def dial(dest: addresses.Address, timeout: float, source: tuple | None,
     return sock, sockaddr
 
 
-def _connected(waiter: asyncio.Future, error: BaseException | None = None) -> None:
-    if not waiter.done():
-        if error is None:
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(error)
-
-
 async def sock_connect(sock: socket.socket, sockaddr: object, timeout: float) -> None:
     """Connect the non-blocking `sock` to an address already resolved.
 
     Not loop.sock_connect: uvloop's asks its thread pool for getaddrinfo
-    even for an IP literal, a thread hand-off for every session.  One
-    future and one timer, no task (asyncio.wait_for would make one)."""
+    even for an IP literal, a thread hand-off for every session."""
     try:
         sock.connect(sockaddr)
         return
@@ -206,18 +208,21 @@ async def sock_connect(sock: socket.socket, sockaddr: object, timeout: float) ->
     waiter = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, _connected, waiter)
-    timer = loop.call_later(timeout, _connected, waiter, asyncio.TimeoutError())
     try:
-        await waiter
+        await within(timeout, waiter, loop)
     finally:
-        timer.cancel()
         loop.remove_writer(fd)
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
 
 
-async def send_proxy_header(config: Config, envelope: Envelope,
+def _connected(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def send_proxy_header(config: Config, envelope: ClientFacts,
                             proxy_header: proxyproto.ProxyHeader | None,
                             client_sock: socket.socket, sock: socket.socket,
                             dest: addresses.Address, peer: object = None) -> None:
@@ -228,8 +233,7 @@ async def send_proxy_header(config: Config, envelope: Envelope,
                                  envelope.client_ip, envelope.local_ip, proxy_header,
                                  client_sock, local_port, peer)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_sendall(sock, header),
-                               config.TimeOut)
+        await within(config.TimeOut, asyncio.get_running_loop().sock_sendall(sock, header))
     except (OSError, asyncio.TimeoutError) as exc:
         sock.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"

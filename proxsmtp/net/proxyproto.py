@@ -33,9 +33,11 @@ from dataclasses import dataclass
 
 from ..process.log import clean
 from . import addresses
+from .waits import within
 
 V1_PREFIX = b"PROXY "
-V1_MAX = 107                    # the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
+# the longest v1 line, CRLF included (haproxy proxy-protocol.txt 2.1)
+V1_MAX = 107
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16                   # signature, version/command, family/protocol, length
 _PEEK = 1024                    # bytes looked at per read: a header with the usual TLVs
@@ -247,29 +249,33 @@ async def read(sock: socket.socket, peer_ip: str | None, networks: Networks | No
                                kind="refused")
     loop = loop or asyncio.get_running_loop()
     sock.setblocking(False)     # as accept(2) made it, it would stall the worker
-    taken = bytearray()         # the start of a header, read already
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    # Peeked, not read: only the header's own bytes are taken.
-                    seen = sock.recv(_PEEK, socket.MSG_PEEK)
-                except (BlockingIOError, InterruptedError):
-                    await readable(sock, loop)
-                    continue
-                except OSError as exc:
-                    raise _gone(taken, exc) from None
-                if not seen:
-                    raise _gone(taken)
-                header = parse(taken + seen)
-                if header is not None:
-                    _take(sock, header.length - len(taken))
-                    return header
-                # All of it belongs to the header: taken, so that the next wait
-                # waits for new bytes.
-                taken += _take(sock, len(seen))
+        return await within(timeout, _read_header(sock, loop), loop)
     except TimeoutError:
         raise ProxyHeaderError("no complete PROXY header within %g seconds" % timeout) from None
+
+
+async def _read_header(sock: socket.socket, loop: asyncio.AbstractEventLoop) -> ProxyHeader:
+    """read()'s work, under its deadline: peek, parse, take the header's bytes."""
+    taken = bytearray()         # the start of a header, read already
+    while True:
+        try:
+            # Peeked, not read: only the header's own bytes are taken.
+            seen = sock.recv(_PEEK, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            await readable(sock, loop)
+            continue
+        except OSError as exc:
+            raise _gone(taken, exc) from None
+        if not seen:
+            raise _gone(taken)
+        header = parse(taken + seen)
+        if header is not None:
+            _take(sock, header.length - len(taken))
+            return header
+        # All of it belongs to the header: taken, so that the next wait
+        # waits for new bytes.
+        taken += _take(sock, len(seen))
 
 
 def _take(sock: socket.socket, count: int) -> bytes:
@@ -330,8 +336,7 @@ async def left_at_once(sock: socket.socket, wait: float,
     session goes on."""
     loop = loop or asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(wait):
-            await readable(sock, loop)
+        await within(wait, readable(sock, loop), loop)
     except TimeoutError:
         return False
     try:

@@ -24,7 +24,8 @@ from ..message import datapath
 from ..message.envelope import Envelope
 from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
-from ..net.channel import CRLF, Channel, ChannelClosed, wait_any
+from ..net.channel import CRLF, Channel, ChannelClosed
+from ..net.waits import wait_any
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
