@@ -38,7 +38,6 @@ from typing import Coroutine
 
 from ..message.transfer import Transfer
 from ..net.channel import CRLF, Channel, wait_any
-from ..process.config import Config
 from ..process.log import log
 from ..smtp.ends import (CLIENT_GONE, IDLE, READ_TIMEOUT, SERVER_GONE, SERVER_TIMEOUT, SessionEnd,
                          client_wait, unfinished_line)
@@ -74,7 +73,6 @@ class Pump:
     """The relay of a Session: every attribute it uses is declared here and
     set by Session.__init__."""
 
-    config: Config
     tag: str
     debug: bool
     timeout: float                   # TimeOut
@@ -126,7 +124,7 @@ class Pump:
                 return
 
     def relay_lines(self) -> Next:
-        """Relay the lines ready on either side, server replies first; what next."""
+        """Relay up to LINES_PER_TURN lines, server replies first; what comes next."""
         if self.deferred is not None:
             return COMMAND
         if self.ended:

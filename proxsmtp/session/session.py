@@ -56,8 +56,7 @@ def set_id_source(counter) -> None:
 class Session(Pump, StartTLS):
     """State of one client connection; `run()` serves it to the end."""
 
-    # Each whole server reply the client is owed goes through here (the reply
-    # queue calls it): commands.on_reply, a method of the session's.
+    # The reply queue hands it each whole server reply the client is owed.
     on_reply = commands.on_reply
 
     def __init__(self, config: Config, sock: socket.socket,
@@ -86,8 +85,7 @@ class Session(Pump, StartTLS):
         self.server = Channel("SERVER", self.tag, loop=loop, trace=self.debug)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
-        # Some commands wait for TLS (commands.tls_first): with these settings
-        # only, and until TLS is in place.
+        # Some commands wait for TLS (commands.tls_first), with these settings only.
         self.tls_gate = config.ClientTLS == "encrypt" or config.ServerTLS in ("encrypt", "verify")
         self.replies = ReplyQueue(self.client)
         self.authenticated = False
