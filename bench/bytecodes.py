@@ -16,7 +16,7 @@ own work is not counted; Python functions outside proxsmtp that the relay
 calls (logging, dataclass __init__) are listed by calls.
 
     .venv/bin/python bench/bytecodes.py [--tree DIR] [--messages N] [--reuse K]
-                                        [--top N] [--lines Session.relay_lines,...]
+                                        [--top N] [--lines Pump.relay_lines,...]
 
 `--lines` adds the bytecodes per message of each source line of the named
 functions (qualified names, as printed).  Needs Python 3.11 and uvloop.

@@ -27,14 +27,14 @@ def per_message(output: str) -> tuple[int, int]:
 
 
 def test_every_message_is_delivered_and_counted_by_function():
-    output = run("--messages", "40", "--lines", "Session.on_news")
+    output = run("--messages", "40", "--lines", "Pump.on_news")
     assert output.startswith("40 messages delivered")
     bytecodes, calls = per_message(output)
     assert bytecodes > 1000 and calls > 50
     # the relay's hot functions are there, and on_news line by line
-    assert "session.py:Session.relay_lines" in output
+    assert "pump.py:Pump.relay_lines" in output
     assert "channel.py:Channel.data_received" in output
-    assert re.search(r"session\.py:\d+  if self\.relay_lines\(\) is WAIT:", output)
+    assert re.search(r"pump\.py:\d+  if self\.relay_lines\(\) is WAIT:", output)
 
 
 def test_the_count_repeats_and_a_reused_session_costs_less_per_message():

@@ -19,10 +19,12 @@ import time
 
 import pytest
 import trustme
-from hypothesis import given, settings, strategies as st
-
 from harness import Client, RecordingServer, free_port, run_proxsmtpd, wait_until, write_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from proxsmtp.process import config as configuration
+from proxsmtp.session.replyqueue import ServerAnswers
 from proxsmtp.session.session import Session
 from proxsmtp.smtp.syntax import ehlo_offers
 
@@ -763,6 +765,9 @@ def test_header_escape_shows_client_tls(proxy, upstream, pki):
 
 # --- the EHLO reply the client sees (untrusted server bytes) ----------------------------------
 
+# The place of the client's EHLO: its reply goes through the session's on_reply (ehlo.client_view).
+EHLO_PLACE = ServerAnswers(b"EHLO", b"EHLO client.test\r\n")
+
 EHLO_LINES = st.lists(st.one_of(
     st.sampled_from([b"STARTTLS", b"starttls", b"STARTTLS extra", b"PIPELINING", b"XCLIENT ADDR",
                      b"SIZE 100", b"8BITMIME", b"", b" ", b"STARTTLSX"]),
@@ -784,7 +789,7 @@ def test_ehlo_reply_the_client_sees_is_well_formed(first, keywords, client_tls, 
         lines += [b"250-" + word + b"\r\n" for word in keywords]
         if keywords:
             lines[-1] = b"250 " + lines[-1][4:]
-        shown = session.filter_features(lines)
+        shown = session.on_reply(EHLO_PLACE, lines)
     assert ehlo_offers(lines, b"STARTTLS") == any(
         word.split()[:1] and word.split()[0].upper() == b"STARTTLS" for word in keywords)
     assert all(line.startswith(b"250-") for line in shown[:-1]), shown
@@ -816,7 +821,7 @@ def test_ehlo_reply_drops_auth_while_only_the_server_leg_is_encrypted(keywords, 
         session.envelope.server_tls = "TLSv1.3 X" if server_tls else ""
         lines = [b"250-upstream.test\r\n"] + [b"250-" + word + b"\r\n" for word in keywords]
         lines[-1] = b"250 " + lines[-1][4:]
-        shown = session.filter_features(lines)
+        shown = session.on_reply(EHLO_PLACE, lines)
     assert all(line.startswith(b"250-") for line in shown[:-1]) and shown[-1].startswith(b"250 ")
     offered = auth_offers(lines)
     assert len(offered) >= 2

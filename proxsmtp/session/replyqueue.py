@@ -92,8 +92,11 @@ class ReplyQueue:
         """A reply made by the proxy, kept in order behind outstanding ones."""
         if self.places:
             self.places.append(ProxyAnswers(reply))
-        else:
+            return
+        try:
             self.client.write(reply)
+        except ChannelClosed:       # as in server_line
+            pass
 
     def server_line(self, line: bytes, too_long: bool, tag: str, on_reply: OnReply) -> None:
         """One line from the server; a whole reply goes to the client in its
@@ -122,7 +125,7 @@ class ReplyQueue:
             try:
                 client.write(lines[0] if len(lines) == 1 else b"".join(lines))
             except ChannelClosed:       # the client is gone: the session ends at its next step
-                pass
+                pass                    # (it finds the client's EOF), as after every write here
         try:
             while places and isinstance(places[0], ProxyAnswers):
                 client.write(places.popleft().reply)

@@ -1,79 +1,42 @@
-"""One SMTP session relayed between a client and the real server.
+"""A Session: the state of one client connection, and its life cycle.
 
-This is upstream's smtp_passthru: lines from whichever side is ready are
-relayed, with the exceptions docs/BEHAVIOUR.md lists (Commands).  Plain commands and replies are
-relayed straight from the channels' callbacks (relay_lines), and so is a
-message no filter has to see (data.py's Transfer.start); the session's task
-only runs what waits on something else.  The rooms around it:
-relay.py keeps each reply in its command's place, envelope.py holds what
-the server accepted (and the log line), data.py takes DATA over,
-starttls.py does STARTTLS on either leg (RFC 3207), with tls.py's contexts.
+`Session.run` serves a connection from accept(2) to the close: the PROXY
+header and TLSWrapper (open_client), the server connection (connect), the
+relay (pump.py: lines from either side, as they come; commands.py: what the
+proxy does with each command), and the end (smtp/ends.py: logged once,
+with a last word where one is owed).  The rooms around it: replyqueue.py
+keeps each reply in its command's place, message/transfer.py takes DATA
+over, starttls.py does STARTTLS on either leg (RFC 3207).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import logging
-import re
 import socket
+from typing import Coroutine
 
-from .. import filters
 from ..message import datapath
 from ..message.envelope import Envelope
 from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
-from ..net.channel import CRLF, Channel, ChannelClosed
-from ..net.waits import wait_any
+from ..net.channel import Channel, ChannelClosed
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
-from ..smtp.ends import (CLIENT_GONE, IDLE, READ_TIMEOUT, SERVER_GONE, SERVER_TIMEOUT, SessionEnd,
-                         client_wait, unfinished_line)
+from ..smtp.ends import SessionEnd, channel_closed
 from ..smtp.peer import ServerLeg
-from ..smtp.replies import (FINAL_REPLY_WAIT, R_AUTHTLS, R_BARECR, R_CANTCONNECT, R_FAILED,
-                            R_FEATURE, R_NOTAUTH, R_NOTSUPP, R_SERVERGONE, R_SHUTDOWN, R_SIZE,
-                            R_STARTTLS, R_SYNC, R_TOOLONG, Status)
-from ..smtp.syntax import envelope_address, parse_xforward, verb_of
-from .replyqueue import GREETING, ReplyQueue, ServerAnswers
-from .starttls import BEFORE_TLS, StartTLS, refusal_before_tls
-
-# Fairness and back-pressure (one client must neither starve its worker nor
-# make it buffer without bound): lines handled before yielding to other
-# sessions, and replies still due before the client's next commands wait.
-LINES_PER_TURN = 64
-MAX_PENDING_REPLIES = 512
-
-_SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
-
+from ..smtp.replies import R_CANTCONNECT, R_FAILED, R_SHUTDOWN, R_SYNC, Status
+from . import commands
+from .pump import Pump
+from .replyqueue import GREETING, ReplyQueue
 
 # After a PROXY LOCAL header (a balancer's health check): how long to wait
 # for the checker to close before the server is connected.  A TCP check
 # closes right behind its header; one that waits for the greeting (haproxy
 # `option smtpchk`) gets it this much later.
 LOCAL_WAIT = 1.0
-
-
-class Next(enum.Enum):
-    """What the session's task does after relay_lines()."""
-
-    WAIT = "wait"          # for news from either side (lines come in meanwhile)
-    COMMAND = "command"    # run a command that waits on something, or send a message from disk
-    YIELD = "yield"        # a turn's worth of lines done: let other sessions run
-    DONE = "done"          # either side closed: the session is over
-
-
-# Read once per line: module names, not Next.X (an enum class's attributes
-# go through EnumType.__getattr__).
-WAIT, COMMAND, YIELD, DONE = Next.WAIT, Next.COMMAND, Next.YIELD, Next.DONE
-
-# The only verbs whose line can be a MAIL FROM:/RCPT TO: (see commands.py).
-_ENVELOPE = (b"MAIL", b"RCPT")
-
-# PIPELINING passes (RFC 2920): the reply queue keeps every reply in order.
-FILTERED_FEATURES = {b"STARTTLS", b"CHUNKING", b"BINARYMIME",
-                     b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
 
 _ids = itertools.count(0x100000)
 
@@ -90,8 +53,11 @@ def set_id_source(counter) -> None:
     _ids = counter
 
 
-class Session:
+class Session(Pump):
     """State of one client connection; `run()` serves it to the end."""
+
+    # The reply queue hands it each whole server reply the client is owed.
+    on_reply = commands.on_reply
 
     def __init__(self, config: Config, sock: socket.socket,
                  loop: asyncio.AbstractEventLoop | None = None, peer: object = None) -> None:
@@ -119,29 +85,22 @@ class Session:
         self.server = Channel("SERVER", self.tag, loop=loop, trace=self.debug)
         self.server_leg = ServerLeg(self.server, float(config.TimeOut), config.KeepAlives)
         self.server_tls_tried = config.ServerTLS == "off"   # STARTTLS to the server done with
-        # Some commands wait for TLS (refusal_before_tls): with these settings only.
+        # Some commands wait for TLS (commands.tls_first), with these settings only.
         self.tls_gate = config.ClientTLS == "encrypt" or config.ServerTLS in ("encrypt", "verify")
         self.replies = ReplyQueue(self.client)
         self.authenticated = False
         self.auth_started = False
-        self.xclient_supported = False
+        self.xclient_due = False              # XClient: XCLIENT before the next command
         self.xclient_sent = False
         self.hello_line = b""                 # the client's last EHLO/HELO, as it sent it
         self.in_data = False
-        self.server_size = 0                  # the server's EHLO SIZE (0: none given)
+        # The largest message taken (0: no limit): MaxMessageSize, or the
+        # server's SIZE if smaller (ehlo.size_limit, at each EHLO reply).
+        self.size_limit: int = config.MaxMessageSize
         self.transfer: Transfer | None = None
-        self.deferred: tuple[bytes, bool] | None = None   # a command left to the task
+        self.deferred: Coroutine[None, None, None] | None = None   # a command left to the task
         self.ended = False                    # relay_lines saw either side close
         self.messages = 0                     # DATA commands done: a retiring worker watches it
-
-    @property
-    def size_limit(self) -> int:
-        """The largest message taken: the smaller of MaxMessageSize and the
-        server's SIZE (0: no limit)."""
-        mine, server = self.config.MaxMessageSize, self.server_size
-        if mine > 0 and server > 0:
-            return min(mine, server)
-        return mine if mine > 0 else max(server, 0)
 
     @property
     def finishing(self) -> bool:
@@ -184,15 +143,9 @@ class Session:
             await self.connect()
             await self.passthru()
         except SessionEnd as end:
-            log.log(end.level, "%s: %s", self.tag, end)
-            if end.server_error:
-                stats.server_error(end.server_error)
-            self._last_word(end.reply)
-        except ChannelClosed as exc:
-            log.warning("%s: %s", self.tag, exc)
-            if exc.channel == self.server.name:
-                stats.server_error("timeout" if exc.timed_out else "closed")
-            self._last_word(R_FAILED)
+            self._ended(end)
+        except ChannelClosed as exc:    # a write found a peer gone: as a read finds it
+            self._ended(channel_closed(exc, self.server.name))
         except asyncio.CancelledError:
             self._last_word(R_SHUTDOWN)
             raise
@@ -200,6 +153,9 @@ class Session:
             log.error("%s: local error: %s", self.tag, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self._last_word(R_FAILED)
         finally:
+            if self.deferred is not None:   # the task never got to it
+                self.deferred.close()
+                self.deferred = None
             if self.transfer is not None:
                 self.transfer.close()
             self.client.close()
@@ -293,7 +249,16 @@ class Session:
         if header.source is not None:
             envelope.client_ip, envelope.local_ip = header.source[0], header.dest[0]
 
+    def _ended(self, end: SessionEnd) -> None:
+        """How the session ended: logged once, at its level; counted if the
+        server failed us; the last word the client is owed."""
+        log.log(end.level, "%s: %s", self.tag, end)
+        if end.server_error:
+            stats.server_error(end.server_error)
+        self._last_word(end.reply)
+
     def _last_word(self, reply: bytes | None) -> None:
+        """Best effort: a client gone by now hears nothing (as in the reply queue)."""
         if reply and not self.client.closed:
             try:
                 self.client.write(reply)
@@ -328,278 +293,7 @@ class Session:
         if self.debug:
             log.debug("%s: SERVER connected to: %s", self.tag, self.envelope.server_ip)
 
-    async def passthru(self) -> None:
-        """Relay until either side closes or both are idle for TimeOut.
-
-        relay_lines() relays the plain commands and replies, here and, while
-        this task sleeps, straight from the channels' callbacks (on_news): a
-        line costs no task wake-up.  The task itself only does what waits on
-        something: DATA, STARTTLS, XCLIENT, the first EHLO with ServerTLS."""
-        client = self.client
-        while True:
-            step = self.relay_lines()
-            if step is WAIT:
-                try:
-                    await wait_any((client, self.server), self.idle_wait(), self.on_news)
-                except asyncio.TimeoutError:
-                    if self.receiving:
-                        raise SessionEnd(READ_TIMEOUT, None) from None
-                    if self.replies.proxy_command_due:
-                        raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
-                    # A begun line bounded this wait (the loop's timer may fire a
-                    # hair early, so its deadline is not re-checked): say so.
-                    if client.line_started is not None:
-                        raise unfinished_line(IDLE, self.timeout) from None
-                    raise SessionEnd(IDLE, None, server_error="timeout"
-                                     if self.replies.waiting_for_server else None) from None
-            elif step is COMMAND:
-                if self.deferred is None:       # a relayed message to send from disk
-                    await self.transfer.stream()    # type: ignore[union-attr]
-                    continue
-                line, self.deferred = self.deferred, None
-                await self.on_client_line(*line)
-            elif step is YIELD:           # let the worker's other sessions run
-                await asyncio.sleep(0)
-            else:
-                return
-
-    def relay_lines(self) -> Next:
-        """Relay every complete line ready on either side (up to
-        LINES_PER_TURN), server replies first; what the session does next."""
-        if self.deferred is not None:
-            return COMMAND
-        if self.ended:
-            return DONE
-        client, server = self.client, self.server
-        corked = False
-        try:
-            for _ in range(LINES_PER_TURN):
-                transfer = self.transfer
-                if transfer is not None:
-                    if transfer.receiving:          # the server waits meanwhile
-                        if not transfer.receive():
-                            if client.eof:
-                                raise SessionEnd(CLIENT_GONE, None)
-                            return WAIT
-                        continue
-                    if transfer.streaming:
-                        return COMMAND
-                got = server.take_line() if server.buf else None
-                if got is not None:
-                    if server.buf and not corked:   # more replies came with it: one write for all
-                        client.cork()
-                        server.cork()
-                        corked = True
-                    self.replies.server_line(got[0], got[1], self.tag, self.on_reply)
-                    continue
-                if server.eof:
-                    self.ended = True
-                    self.server_closed()
-                    return DONE
-                got = (client.take_line() if client.buf and transfer is None and not self.backed_up
-                       else None)
-                if got is not None:
-                    if client.buf and not corked:   # a pipelined group: its commands in one write
-                        client.cork()
-                        server.cork()
-                        corked = True
-                    if not self.command(got[0], got[1]):
-                        self.deferred = got
-                        return COMMAND
-                    continue
-                if client.eof and not self.replies.waiting_for_server:
-                    if self.debug:
-                        log.debug("%s: client closed the connection", self.tag)
-                    self.ended = True
-                    return DONE
-                return WAIT
-            return YIELD
-        finally:
-            if corked:
-                client.uncork()
-                server.uncork()
-
-    def idle_wait(self) -> float:
-        """How long passthru waits for news: TimeOut, or less for a begun
-        line; for the server's verdict on a message, as long as RFC 5321 says."""
-        transfer = self.transfer
-        if transfer is not None and transfer.awaiting_final:
-            return max(self.timeout, FINAL_REPLY_WAIT)
-        client = self.client
-        if client.line_started is None:
-            return self.timeout
-        return client_wait(client, self.timeout, READ_TIMEOUT if self.receiving else IDLE)
-
-    @property
-    def receiving(self) -> bool:
-        """A message is coming in through the relay's callbacks."""
-        return self.transfer is not None and self.transfer.receiving
-
-    def on_news(self) -> None:
-        """A channel has news while passthru sleeps: relay what is plain here,
-        wake the task only for what it must do itself."""
-        client = self.client
-        waiter = client.waiter
-        if waiter is None or waiter.done():   # already woken: the task takes it from here
-            return
-        try:
-            if self.relay_lines() is WAIT:
-                client.extend_wait(self.timeout if self.transfer is None and client.line_started is None
-                                   else self.idle_wait())
-                return
-        except Exception as exc:      # raised in the task, as if it had relayed the line
-            del waiter      # the future is to hold `exc`, whose traceback holds this frame
-            client.fail(exc)
-            return
-        client.wake()
-
-    def server_closed(self) -> None:
-        """The server closed the connection: its last words go to the client;
-        SessionEnd if the client is still owed a reply."""
-        if self.replies.proxy_command_due:      # mid-DATA: as ServerLeg.read_reply says it
-            raise SessionEnd(SERVER_GONE, server_error="closed")
-        rest = self.server.rest()
-        if rest.strip() and not self.client.closed:
-            self.client.write(rest.rstrip(b"\r\n") + CRLF)
-        elif self.replies.waiting_for_server:     # the client must not wait forever
-            raise SessionEnd("server closed the connection before replying",
-                             R_SERVERGONE, logging.WARNING, server_error="closed")
-        if self.debug:
-            log.debug("%s: server closed the connection", self.tag)
-
-    @property
-    def backed_up(self) -> bool:
-        """Take no more client commands for now: the server is not reading what
-        we send, the client is not reading its replies, or too many replies are
-        still due.  Its lines then stay in its buffer, the buffer's high-water
-        mark pauses reading, and TCP slows the client down."""
-        return (self.server.backed_up or self.client.backed_up
-                or len(self.replies.places) >= MAX_PENDING_REPLIES)
-
-    # --- client commands ------------------------------------------------------
-
-    @property
-    def xclient_due(self) -> bool:
-        """XClient: the server takes XCLIENT and has not had it yet."""
-        return self.xclient_supported and not self.xclient_sent and self.config.XClient
-
-    def hello_due(self, verb: bytes) -> bool:
-        """This EHLO/HELO is the one to try STARTTLS to the server at (hello())."""
-        return not self.server_tls_tried and (verb == b"EHLO" or self.config.ServerTLS != "may")
-
-    def command(self, line: bytes, too_long: bool) -> bool:
-        """Handle a client command that needs no waiting (relay it, or answer
-        it from the proxy); False, with nothing done, for one that must wait
-        on something: on_client_line() does it in the session's task."""
-        answer = self.replies.answer
-        if too_long:
-            answer(R_TOOLONG)
-            return True
-        cr = line.find(b"\r")
-        if cr >= 0 and cr != len(line) - 2:       # a bare CR: a server may split the line there
-            log.warning("%s: bare CR in a command from the client: %s", self.tag, clean(line[:80]))
-            answer(R_BARECR)
-            return True
-        verb = verb_of(line)
-        if self.tls_gate and verb not in BEFORE_TLS:
-            refusal = refusal_before_tls(self)
-            if refusal:
-                answer(refusal)
-                return True
-        if verb == b"DATA" and self.relayed_data:
-            self.start_data()
-            return True
-        if verb == b"STARTTLS" or verb == b"DATA" or self.xclient_due:
-            return False
-        if verb in (b"EHLO", b"HELO"):
-            if self.hello_due(verb):
-                return False
-            self.note_hello(verb, line)
-        elif verb == b"BDAT":
-            log.debug("%s: ESMTP feature not supported", self.tag)
-            answer(R_NOTSUPP)
-            return True
-        elif verb == b"XCLIENT":
-            log.warning("%s: client attempted use of privileged XCLIENT feature", self.tag)
-            answer(R_NOTAUTH)
-            return True
-        elif verb == b"AUTH":
-            if self.auth_needs_client_tls:
-                log.info("%s: refused AUTH from a client in plaintext: the server leg is "
-                         "encrypted", self.tag)
-                answer(R_AUTHTLS)
-                return True
-            self.auth_started = True
-        elif verb in _ENVELOPE and (address := envelope_address(line)) is not None:
-            verb = address[0]
-            if self.config.FilterType == "reject" and not self.skipping:
-                self.reject_envelope(*address)
-                return True
-            if verb == b"MAIL" and self.too_big(line):
-                answer(R_SIZE)
-                return True
-            self.server.write(line)
-            self.replies.expect(ServerAnswers(verb, line, address[1]))
-            return True
-        self.server.write(line)
-        self.replies.expect(ServerAnswers(verb, line))
-        return True
-
-    async def on_client_line(self, line: bytes, too_long: bool) -> None:
-        """A client command command() left to the task: XCLIENT goes to the
-        server first if due, then the command itself."""
-        verb = verb_of(line)
-        if verb == b"STARTTLS":
-            await StartTLS(self).client(line)
-            return
-        if self.xclient_due:
-            await self.send_xclient(verb in (b"EHLO", b"HELO"))
-        if verb == b"DATA":
-            await self.data()
-        elif verb in (b"EHLO", b"HELO") and self.hello_due(verb):
-            self.note_hello(verb, line)
-            await StartTLS(self).hello(verb, line)
-        else:
-            self.command(line, too_long)
-
-    @property
-    def auth_needs_client_tls(self) -> bool:
-        """The server leg is encrypted and the client leg is not.  A server
-        may offer AUTH only over TLS (Postfix's smtpd_tls_auth_only), and
-        would then take credentials that crossed the client leg in cleartext:
-        AUTH is neither offered to nor taken from such a client (RFC 4954 4:
-        538 when the mechanism needs encryption)."""
-        return not self.envelope.client_tls and bool(self.envelope.server_tls)
-
-    def note_hello(self, verb: bytes, line: bytes) -> None:
-        """EHLO/HELO: the client's name (and its command, said again to the
-        server after XCLIENT); a HELO client gets XCLIENT anyway."""
-        self.hello_line = line
-        words = line.split()
-        self.envelope.helo = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
-        if verb == b"HELO":
-            log.debug("%s: XCLIENT support assumed", self.tag)
-            self.xclient_supported = True
-
-    def too_big(self, mail: bytes) -> bool:
-        """MAIL FROM with a SIZE= above the limit: refused before any data."""
-        match = _SIZE_PARAM.search(mail)
-        limit = self.size_limit
-        return bool(match and limit and int(match.group(1)) > limit)
-
-    # --- FilterType reject -------------------------------------------------------
-
-    def reject_envelope(self, verb: bytes, address: str) -> None:
-        """FilterType reject: refuse MAIL and RCPT outright, log it as the message."""
-        if verb == b"MAIL":
-            self.envelope.sender = address
-        else:
-            self.envelope.recipients = [address]
-            self.envelope.sender = None
-        self.log_message("REJECTED")
-        self.envelope.reset()
-        reply = filters.reject_reply(self.config.FilterReject)
-        self.replies.answer(reply.encode("utf-8", "surrogateescape") + CRLF)
+    # --- DATA ------------------------------------------------------------------
 
     async def data(self) -> None:
         """DATA the relay's callbacks do not take (see relayed_data): once
@@ -653,114 +347,3 @@ class Session:
             self.config, self.envelope, self.client, self.server_leg, self.replies,
             self.data_done, path, self.size_limit, self.info, self.debug)
         return transfer
-
-    async def send_xclient(self, hello_follows: bool) -> None:
-        """XClient: tell the server who the client really is, once.
-
-        A server that takes XCLIENT answers with a new greeting and starts
-        the session over (Postfix's XCLIENT_README): the client's EHLO/HELO
-        is said again, and its reply read here, before anything else.
-        Without it Postfix refuses MAIL (smtpd_helo_required), or takes what
-        follows as improper pipelining (smtpd_forbid_unauth_pipelining), and
-        its Received line has no HELO name.  `hello_follows`: the command at
-        hand is the client's own EHLO/HELO, which does it; the client then
-        hears that reply, and one reply per command as ever."""
-        await self.drain_replies()
-        self.xclient_sent = True
-        ip = self.envelope.client_ip
-        log.debug("%s: sending XCLIENT", self.tag)
-        reply = await self.server_leg.command(
-            b"XCLIENT ADDR=%s%s\r\n" % (b"IPv6:" if ":" in ip else b"", ip.encode()))
-        if not reply[-1][:1] == b"2":
-            log.warning("%s: server didn't accept XCLIENT: %s", self.tag, clean(reply[-1].strip()))
-            return
-        if hello_follows:
-            return
-        if not self.envelope.helo:      # the client gave no name: the server judges that
-            log.debug("%s: no HELO name to give the server after XCLIENT", self.tag)
-            return
-        reply = await self.server_leg.command(self.hello_line)
-        if reply[-1][:1] != b"2":       # its answer to the client's next command says the rest
-            log.warning("%s: server refused %s after XCLIENT: %s", self.tag,
-                        clean(self.hello_line.split()[0]), clean(reply[-1].strip()))
-
-    async def drain_replies(self) -> None:
-        """Relay every reply still due, so the proxy may speak to the server."""
-        while self.replies.waiting_for_server:
-            for line in await self.server_leg.read_reply():
-                self.replies.server_line(line, False, self.tag, self.on_reply)
-
-    # --- server replies -------------------------------------------------------
-
-    def on_reply(self, place: ServerAnswers, lines: list[bytes]) -> list[bytes]:
-        """State changes for a whole server reply; what the client gets of it."""
-        if lines[-1][:1] != b"2":
-            return lines
-        verb, command, envelope = place.verb, place.line, self.envelope
-        if verb in (b"EHLO", b"HELO"):
-            envelope.reset()
-            if verb == b"EHLO":
-                return self.filter_features(lines)
-        elif verb == b"MAIL" and place.address is not None:
-            envelope.sender = place.address
-        elif verb == b"RCPT" and place.address is not None:
-            envelope.recipients.append(place.address)
-        elif verb == b"XFORWARD":
-            attrs = parse_xforward(command)
-            envelope.xforward_addr = attrs.get("ADDR", envelope.xforward_addr)
-            envelope.xforward_helo = attrs.get("HELO", envelope.xforward_helo)
-        elif verb == b"RSET":
-            envelope.reset()
-        elif lines[-1][:3] == b"235":
-            if self.auth_started:
-                log.debug("%s: client authenticated successfully", self.tag)
-                self.authenticated = True
-            else:
-                log.warning("%s: authentication success code without AUTH", self.tag)
-        return lines
-
-    def filter_features(self, lines: list[bytes]) -> list[bytes]:
-        """Drop EHLO keywords we can't pass through; keep the reply well formed.
-
-        SIZE is noted (the server's limit is enforced here too) and, with
-        MaxMessageSize, says the smaller limit, added if the server gave none.
-        STARTTLS is the proxy's own offer (ClientTLS), never the server's.
-        AUTH (and the old `AUTH=` form) is dropped while only the server leg
-        is encrypted (see auth_needs_client_tls)."""
-        kept = lines[:1]
-        self.server_size = 0
-        size_at = None
-        no_auth = self.auth_needs_client_tls if self.envelope.server_tls else False
-        for line in lines[1:]:
-            words = line[4:].split()
-            keyword = words[0].upper() if words else b""
-            if keyword == b"XCLIENT":
-                log.debug("%s: XCLIENT supported", self.tag)
-                self.xclient_supported = True
-            if keyword in FILTERED_FEATURES or (
-                    no_auth and (keyword == b"AUTH" or keyword.startswith(b"AUTH="))):
-                log.debug("%s: filtered ESMTP feature: %s", self.tag, clean(line.strip()))
-                if line is lines[-1]:
-                    kept.append(R_FEATURE)
-                continue
-            if keyword == b"SIZE":
-                size_at = len(kept)
-                if len(words) > 1 and words[1].isdigit() and len(words[1]) <= 20:
-                    self.server_size = int(words[1])
-            kept.append(line)
-        if self.config.MaxMessageSize:
-            size = b"250-SIZE %d\r\n" % self.size_limit
-            if size_at is not None:
-                kept[size_at] = kept[size_at][:4] + size[4:]
-            elif len(kept) > 1:
-                kept.insert(len(kept) - 1, size)
-            else:
-                kept = [b"250-" + kept[0][4:], b"250 " + size[4:]]
-        if self.config.ClientTLS != "off" and not self.envelope.client_tls:
-            first = kept[0]
-            if len(kept) == 1:          # `250 name` becomes `250-name`, STARTTLS goes last
-                kept = [first[:3] + b"-" + first[4 if first[3:4] == b" " else 3:],
-                        b"250 STARTTLS\r\n"]
-            else:
-                kept.insert(1, R_STARTTLS)
-        return kept

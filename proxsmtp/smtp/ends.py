@@ -2,9 +2,11 @@
 
 A session ends by raising SessionEnd wherever it finds it must: the
 reason (logged once, at the level given), the last reply the client hears
-(or none), and for /metrics whether the server failed us.  The time rule
-for a client's lines is here too: a begun line must be finished TimeOut
-after its first byte.
+(or none), and for /metrics whether the server failed us.  A peer found
+gone is said the same way wherever it is found: on a read (ServerLeg, the
+relay) or on a write (a Channel's ChannelClosed, see channel_closed).  The
+time rule for a client's lines is here too: a begun line must be finished
+TimeOut after its first byte.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
-from ..net.channel import Channel
+from ..net.channel import Channel, ChannelClosed
 from .replies import R_FAILED
 
 SERVER_GONE = "server disconnected unexpectedly"
@@ -33,6 +35,18 @@ class SessionEnd(Exception):
         self.reply = reply
         self.level = level
         self.server_error = server_error
+
+
+def channel_closed(exc: ChannelClosed, server: str) -> SessionEnd:
+    """The end a ChannelClosed means, for a session whose server channel is
+    named `server`.  The server found gone (or too slow) on a write is said
+    as on a read: SERVER_GONE or SERVER_TIMEOUT, an error, 451, counted.  A
+    client gone is a warning with the channel's words; it hears nothing more."""
+    if exc.channel == server:
+        if exc.timed_out:
+            return SessionEnd(SERVER_TIMEOUT, server_error="timeout")
+        return SessionEnd(SERVER_GONE, server_error="closed")
+    return SessionEnd(str(exc), R_FAILED, logging.WARNING)
 
 
 def client_wait(client: Channel, timeout: float, reason: str) -> float:

@@ -1,0 +1,307 @@
+"""What the proxy does with each client command: the verb -> handler table.
+
+Command lines go to the server as the client wrote them (RFC 5321), with
+the exceptions docs/BEHAVIOUR.md lists under Commands.  Each exception is a
+handler in aiosmtpd's `smtp_<VERB>` shape; a verb without one is relayed.
+A handler is `handler(session, line, verb)`: it runs in the relay's
+callbacks (see pump.py for what one may do there) and returns None when
+it is done, or a coroutine for the session's task to run when the command
+waits on something (STARTTLS, XCLIENT due first, the first EHLO under
+ServerTLS, a DATA that is not taken in the callbacks).
+
+Server replies change the session's state here too (`on_reply`): the
+envelope as the server accepted it, AUTH's success, XFORWARD, RSET.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Callable, Coroutine
+
+from .. import filters
+from ..message.envelope import Envelope
+from ..net.channel import CRLF
+from ..process.log import clean, log
+from ..smtp.replies import R_AUTHTLS, R_BARECR, R_NOTAUTH, R_NOTSUPP, R_SIZE, R_TOOLONG
+from ..smtp.syntax import envelope_address, parse_xforward
+from .ehlo import client_view
+from .replyqueue import ServerAnswers
+from .starttls import StartTLS, refusal_before_tls
+
+if TYPE_CHECKING:
+    from .session import Session
+
+Handler = Callable[["Session", bytes, bytes], Coroutine[None, None, None] | None]
+
+_SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
+
+
+# --- the handlers --------------------------------------------------------------
+
+def relay(session: Session, line: bytes, verb: bytes) -> None:
+    """A command the proxy has nothing to add to: to the server, its reply
+    to the client in its place (on_reply still sees RSET, XFORWARD, AUTH's 235)."""
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line))
+
+
+def smtp_EHLO(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
+    """EHLO and HELO (RFC 5321 4.1.1.1).  The first one with ServerTLS on
+    goes to the task: STARTTLS to the server before the client hears a
+    reply (starttls.StartTLS.hello); under `may` only an EHLO, a HELO client gets
+    plaintext."""
+    note_hello(session, verb, line)
+    if not session.server_tls_tried and (verb == b"EHLO" or session.config.ServerTLS != "may"):
+        return StartTLS(session).hello(verb, line)
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line))
+    return None
+
+
+smtp_HELO = smtp_EHLO
+
+
+def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> None:
+    """MAIL FROM (RFC 5321 4.1.1.2): refused outright with FilterType
+    reject, or with a SIZE= over the limit (RFC 1870); else relayed, its
+    address kept for on_reply.  `MAIL TO:` and the like are relayed as
+    they are: no envelope command."""
+    address = envelope_address(line)
+    if address is None:
+        session.server.write(line)
+        session.replies.expect(ServerAnswers(verb, line))
+        return
+    if session.config.FilterType == "reject" and not session.skipping:
+        reject_envelope(session, verb, address[1])
+        return
+    if too_big(session, line):
+        session.replies.answer(R_SIZE)
+        return
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line, address[1]))
+
+
+def smtp_RCPT(session: Session, line: bytes, verb: bytes) -> None:
+    """RCPT TO (RFC 5321 4.1.1.3): refused outright with FilterType reject;
+    else relayed, its address kept for on_reply."""
+    address = envelope_address(line)
+    if address is None:
+        session.server.write(line)
+        session.replies.expect(ServerAnswers(verb, line))
+        return
+    if session.config.FilterType == "reject" and not session.skipping:
+        reject_envelope(session, verb, address[1])
+        return
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line, address[1]))
+
+
+def smtp_DATA(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
+    """DATA: taken in the relay's callbacks when it needs nothing the task
+    waits on (Session.relayed_data), else by the task (Session.data)."""
+    if session.relayed_data:
+        session.start_data()
+        return None
+    return session.data()
+
+
+def smtp_STARTTLS(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None]:
+    """STARTTLS is ended in the proxy, never relayed (RFC 3207): the task
+    does it (starttls.StartTLS.client)."""
+    return StartTLS(session).client(line)
+
+
+def smtp_AUTH(session: Session, line: bytes, verb: bytes) -> None:
+    """AUTH (RFC 4954) is relayed, but not while only the server leg is
+    encrypted: 538, as for a mechanism that needs encryption."""
+    if auth_needs_client_tls(session.envelope):
+        log.info("%s: refused AUTH from a client in plaintext: the server leg is encrypted",
+                 session.tag)
+        session.replies.answer(R_AUTHTLS)
+        return
+    session.auth_started = True
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line))
+
+
+def smtp_XCLIENT(session: Session, line: bytes, verb: bytes) -> None:
+    """Only the proxy speaks for the client (Postfix's XCLIENT_README)."""
+    log.warning("%s: client attempted use of privileged XCLIENT feature", session.tag)
+    session.replies.answer(R_NOTAUTH)
+
+
+def smtp_BDAT(session: Session, line: bytes, verb: bytes) -> None:
+    """CHUNKING is not offered (RFC 3030), so BDAT is not implemented."""
+    log.debug("%s: ESMTP feature not supported", session.tag)
+    session.replies.answer(R_NOTSUPP)
+
+
+HANDLERS: dict[bytes, Handler] = {
+    b"EHLO": smtp_EHLO,
+    b"HELO": smtp_HELO,
+    b"MAIL": smtp_MAIL,
+    b"RCPT": smtp_RCPT,
+    b"DATA": smtp_DATA,
+    b"STARTTLS": smtp_STARTTLS,
+    b"AUTH": smtp_AUTH,
+    b"XCLIENT": smtp_XCLIENT,
+    b"BDAT": smtp_BDAT,
+}
+
+
+# --- the screens: a line the table never sees (Pump.relay_lines chooses) -------
+
+def too_long(session: Session, line: bytes, verb: bytes) -> None:
+    """A line over LINE_LIMIT (read to its end by the channel): never relayed."""
+    session.replies.answer(R_TOOLONG)
+
+
+def bare_cr(session: Session, line: bytes, verb: bytes) -> None:
+    """A CR not right before the LF (RFC 5321 2.3.8): a server may end the
+    line there, and read the rest as another command."""
+    log.warning("%s: bare CR in a command from the client: %s", session.tag, clean(line[:80]))
+    session.replies.answer(R_BARECR)
+
+
+def tls_first(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
+    """A command that must wait for TLS (ClientTLS encrypt, ServerTLS
+    encrypt/verify; see starttls.refusal_before_tls).  Once TLS is in place
+    on the legs that must have it, it stays so for the session: the gate
+    is lifted and this command takes its usual way."""
+    refusal = refusal_before_tls(session)
+    if refusal is not None:
+        session.replies.answer(refusal)
+        return None
+    session.tls_gate = False
+    if session.xclient_due and verb != b"STARTTLS":
+        return xclient_first(session, line, verb)
+    return HANDLERS.get(verb, relay)(session, line, verb)
+
+
+async def xclient_first(session: Session, line: bytes, verb: bytes) -> None:
+    """XClient: XCLIENT goes to the server before the client's command
+    (send_xclient); then the command, in the task."""
+    await send_xclient(session, verb in (b"EHLO", b"HELO"))
+    if verb == b"DATA":
+        await session.data()
+        return
+    command = HANDLERS.get(verb, relay)(session, line, verb)
+    if command is not None:
+        await command
+
+
+# --- what the handlers share ---------------------------------------------------
+
+def auth_needs_client_tls(envelope: Envelope) -> bool:
+    """The server leg is encrypted and the client leg is not.  A server
+    may offer AUTH only over TLS (Postfix's smtpd_tls_auth_only), and
+    would then take credentials that crossed the client leg in cleartext:
+    AUTH is neither offered to nor taken from such a client (RFC 4954 4:
+    538 when the mechanism needs encryption)."""
+    return not envelope.client_tls and bool(envelope.server_tls)
+
+
+def note_hello(session: Session, verb: bytes, line: bytes) -> None:
+    """EHLO/HELO: the client's name (and its command, said again to the
+    server after XCLIENT); a HELO client gets XCLIENT anyway."""
+    session.hello_line = line
+    words = line.split()
+    session.envelope.helo = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
+    if verb == b"HELO":
+        log.debug("%s: XCLIENT support assumed", session.tag)
+        xclient_offered(session)
+
+
+def xclient_offered(session: Session) -> None:
+    """The server takes XCLIENT (or is assumed to): with XClient it is due
+    before the client's next command, once a session."""
+    if session.config.XClient and not session.xclient_sent:
+        session.xclient_due = True
+
+
+def too_big(session: Session, mail: bytes) -> bool:
+    """MAIL FROM with a SIZE= above the limit: refused before any data."""
+    match = _SIZE_PARAM.search(mail)
+    limit = session.size_limit
+    return bool(match and limit and int(match.group(1)) > limit)
+
+
+def reject_envelope(session: Session, verb: bytes, address: str) -> None:
+    """FilterType reject: refuse MAIL and RCPT outright, log it as the message."""
+    envelope = session.envelope
+    if verb == b"MAIL":
+        envelope.sender = address
+    else:
+        envelope.recipients = [address]
+        envelope.sender = None
+    session.log_message("REJECTED")
+    envelope.reset()
+    reply = filters.reject_reply(session.config.FilterReject)
+    session.replies.answer(reply.encode("utf-8", "surrogateescape") + CRLF)
+
+
+async def send_xclient(session: Session, hello_follows: bool) -> None:
+    """XClient: tell the server who the client really is, once.
+
+    A server that takes XCLIENT answers with a new greeting and starts
+    the session over (Postfix's XCLIENT_README): the client's EHLO/HELO
+    is said again, and its reply read here, before anything else.
+    Without it Postfix refuses MAIL (smtpd_helo_required), or takes what
+    follows as improper pipelining (smtpd_forbid_unauth_pipelining), and
+    its Received line has no HELO name.  `hello_follows`: the command at
+    hand is the client's own EHLO/HELO, which does it; the client then
+    hears that reply, and one reply per command as ever."""
+    await session.drain_replies()
+    session.xclient_sent = True
+    session.xclient_due = False
+    tag, ip = session.tag, session.envelope.client_ip
+    log.debug("%s: sending XCLIENT", tag)
+    reply = await session.server_leg.command(
+        b"XCLIENT ADDR=%s%s\r\n" % (b"IPv6:" if ":" in ip else b"", ip.encode()))
+    if not reply[-1][:1] == b"2":
+        log.warning("%s: server didn't accept XCLIENT: %s", tag, clean(reply[-1].strip()))
+        return
+    if hello_follows:
+        return
+    if not session.envelope.helo:      # the client gave no name: the server judges that
+        log.debug("%s: no HELO name to give the server after XCLIENT", tag)
+        return
+    reply = await session.server_leg.command(session.hello_line)
+    if reply[-1][:1] != b"2":       # its answer to the client's next command says the rest
+        log.warning("%s: server refused %s after XCLIENT: %s", tag,
+                    clean(session.hello_line.split()[0]), clean(reply[-1].strip()))
+
+
+# --- server replies --------------------------------------------------------------
+
+def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list[bytes]:
+    """State changes for a whole server reply; what the client gets of it.
+    (Session.on_reply: the reply queue calls it for each reply it places.)"""
+    if lines[-1][:1] != b"2":
+        return lines
+    verb, envelope = place.verb, session.envelope
+    if verb in (b"EHLO", b"HELO"):
+        envelope.reset()
+        if verb == b"EHLO":
+            hide_auth = auth_needs_client_tls(envelope) if envelope.server_tls else False
+            lines, session.size_limit, xclient = client_view(
+                lines, session.config, bool(envelope.client_tls), hide_auth, session.tag)
+            if xclient:
+                xclient_offered(session)
+    elif verb == b"MAIL" and place.address is not None:
+        envelope.sender = place.address
+    elif verb == b"RCPT" and place.address is not None:
+        envelope.recipients.append(place.address)
+    elif verb == b"XFORWARD":
+        attrs = parse_xforward(place.line)
+        envelope.xforward_addr = attrs.get("ADDR", envelope.xforward_addr)
+        envelope.xforward_helo = attrs.get("HELO", envelope.xforward_helo)
+    elif verb == b"RSET":
+        envelope.reset()
+    elif lines[-1][:3] == b"235":
+        if session.auth_started:
+            log.debug("%s: client authenticated successfully", session.tag)
+            session.authenticated = True
+        else:
+            log.warning("%s: authentication success code without AUTH", session.tag)
+    return lines
