@@ -61,7 +61,6 @@ class Envelope:
             parts.append("msgid=" + clean(self.msgid, 256))
         if self.delay is not None:              # the server had its say on it
             parts.append("relay=" + self.server_ip)
-        if self.delay is not None:
             parts.append("delay=%.3f" % self.delay)
         if self.filter_seconds is not None:
             parts.append("filter=%.3f" % self.filter_seconds)

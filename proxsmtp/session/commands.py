@@ -22,7 +22,7 @@ from .. import filters
 from ..message.envelope import Envelope
 from ..net.channel import CRLF
 from ..process.log import clean, log
-from ..smtp.replies import R_AUTHTLS, R_BARECR, R_NOTAUTH, R_NOTSUPP, R_SIZE, R_TOOLONG
+from ..smtp.replies import R_AUTHTLS, R_BARECR, R_NOTAUTH, R_NOTSUPP, R_SIZE, R_TOOLONG, Status
 from ..smtp.syntax import envelope_address, parse_xforward
 from .ehlo import client_view
 from .replyqueue import ServerAnswers
@@ -227,16 +227,17 @@ def too_big(session: Session, mail: bytes) -> bool:
 
 
 def reject_envelope(session: Session, verb: bytes, address: str) -> None:
-    """FilterType reject: refuse MAIL and RCPT outright, log it as the message."""
+    """FilterType reject: refuse MAIL and RCPT outright, log it as the
+    message: REJECTED, with the reply the client hears."""
     envelope = session.envelope
     if verb == b"MAIL":
         envelope.sender = address
     else:
         envelope.recipients = [address]
         envelope.sender = None
-    session.log_message("REJECTED")
+    reply = envelope.reply = filters.reject_reply(session.config.FilterReject)
+    session.log_message(Status.REJECTED)
     envelope.reset()
-    reply = filters.reject_reply(session.config.FilterReject)
     session.replies.answer(reply.encode("utf-8", "surrogateescape") + CRLF)
 
 

@@ -120,7 +120,7 @@ class Session(Pump):
             return True
         return False
 
-    def log_message(self, status: str) -> None:
+    def log_message(self, status: Status) -> None:
         """The one info line per message: client, from, to..., outcome, status;
         counted for /metrics with the same status word."""
         if self.info:       # built only when someone reads it
