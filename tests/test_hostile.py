@@ -16,15 +16,18 @@ import threading
 import time
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
-
 from harness import TIMESTAMP, Client, Proxy, RecordingServer, send_mail, wait_until
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
 from postfix import wait_quiet
-from proxsmtp.net import addresses, channel as spio
-from proxsmtp.smtp import syntax as commands
-from proxsmtp.process import config, log as logs
+
 from proxsmtp import filters
 from proxsmtp.message import header, spool
+from proxsmtp.net import addresses
+from proxsmtp.net.channel import LINE_LIMIT, Channel
+from proxsmtp.process import config
+from proxsmtp.process import log as logs
+from proxsmtp.smtp import syntax
 
 BODY = b"Subject: hostile\r\n\r\nbody\r\n"
 FORBIDDEN = ("XCLIENT", "STARTTLS", "BDAT")
@@ -88,15 +91,15 @@ def test_address_parse_only_raises_address_error(text, port):
 @given(st.binary(max_size=200))
 @pytest.mark.unit
 def test_command_argument_parsers_never_raise(line):
-    assert isinstance(commands.parse_address(line), str)
-    for name, value in commands.parse_xforward(b"XFORWARD " + line).items():
+    assert isinstance(syntax.parse_address(line), str)
+    for name, value in syntax.parse_xforward(b"XFORWARD " + line).items():
         assert isinstance(name, str) and isinstance(value, str)
-    commands.verb_of(line)
-    commands.is_continued(line)
-    for pattern in (commands.MAIL, commands.RCPT):
+    syntax.verb_of(line)
+    syntax.is_continued(line)
+    for pattern in (syntax.MAIL, syntax.RCPT):
         match = pattern.match(b"MAIL FROM:" + line) or pattern.match(b"RCPT TO:" + line)
         if match:
-            commands.parse_address(match.group(1))
+            syntax.parse_address(match.group(1))
 
 
 @FAST
@@ -145,7 +148,7 @@ def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
 @given(st.binary(max_size=6000), st.lists(st.integers(0, 6000), max_size=8))
 @pytest.mark.unit
 def test_channel_lines_never_exceed_the_limit(stream, cuts):
-    channel = spio.Channel("CLIENT")
+    channel = Channel("CLIENT")
     lines = []
     for part in chunked(stream, cuts):
         channel.data_received(part)
@@ -153,7 +156,7 @@ def test_channel_lines_never_exceed_the_limit(stream, cuts):
             lines.append(got)
     for line, too_long in lines:
         assert line.endswith(b"\n") or too_long
-        assert len(line) <= spio.LINE_LIMIT
+        assert len(line) <= LINE_LIMIT
     if not any(too_long for _, too_long in lines):
         assert b"".join(line for line, _ in lines) + channel.rest() == stream
 
@@ -172,7 +175,7 @@ def test_channel_data_ends_only_at_crlf_dot_crlf(body, after, cuts):
     """The message ends at the first CRLF.CRLF and nowhere else; it is passed on
     byte for byte; what follows stays for the command reader."""
     stream = body + b"\r\n.\r\n" + after
-    channel = spio.Channel("CLIENT")
+    channel = Channel("CLIENT")
     channel.start_data()
     got, done = b"", False
     for part in chunked(stream, cuts):
@@ -336,7 +339,7 @@ def relay(request, tmp_path_factory):
 ADDRESS = st.text(st.characters(min_codepoint=33, max_codepoint=126, blacklist_characters="<>"),
                   min_size=1, max_size=16).map(lambda s: s + "@x.test")
 RAW = st.binary(max_size=80).filter(
-    lambda b: b"\n" not in b and commands.verb_of(b) not in (b"DATA", b"QUIT", b"BDAT"))
+    lambda b: b"\n" not in b and syntax.verb_of(b) not in (b"DATA", b"QUIT", b"BDAT"))
 FORBIDDEN_LINES = st.sampled_from([b"XCLIENT ADDR=10.6.6.6", b"xclient name=spoof",
                                    b"  XCLIENT ADDR=10.6.6.6", b"XCLIENT\tADDR=1.2.3.4",
                                    b"STARTTLS", b"starttls", b"BDAT 10 LAST", b"bdat 0",
@@ -460,14 +463,14 @@ def test_random_sessions(relay, ops):
 def assert_only_own_starttls(lines: list[str]) -> None:
     """No forbidden verb reached the server, but for the proxy's own STARTTLS
     (ServerTLS may: once per connection, right after the first EHLO)."""
-    verbs = [commands.verb_of(line.encode("utf-8", "surrogateescape")).decode("latin-1")
+    verbs = [syntax.verb_of(line.encode("utf-8", "surrogateescape")).decode("latin-1")
              for line in lines]
     first_ehlo = verbs.index("EHLO") if "EHLO" in verbs else -2
     for i, line in enumerate(lines):
         if i == first_ehlo + 1 and line == "STARTTLS":
             continue
         for part in line.split("\r"):
-            assert commands.verb_of(part.encode("utf-8", "surrogateescape")).decode(
+            assert syntax.verb_of(part.encode("utf-8", "surrogateescape")).decode(
                 "latin-1") not in FORBIDDEN, lines
 
 

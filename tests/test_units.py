@@ -5,15 +5,17 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import event, given, settings, strategies as st
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
-from proxsmtp.net import addresses, channel as spio
-from proxsmtp.smtp import syntax as commands
-from proxsmtp.process import config
 from proxsmtp import filters
 from proxsmtp.message import datapath, header, spool
 from proxsmtp.message.envelope import Envelope
+from proxsmtp.net import addresses
 from proxsmtp.net.addresses import Address, AddressError
+from proxsmtp.net.channel import LINGER, Channel
+from proxsmtp.process import config
+from proxsmtp.smtp import syntax
 
 pytestmark = pytest.mark.unit
 
@@ -279,21 +281,21 @@ def test_xtext():
     (b"", ""),
 ])
 def test_parse_address(arg, address):
-    assert commands.parse_address(arg) == address
+    assert syntax.parse_address(arg) == address
 
 
 def test_parse_xforward():
-    attrs = commands.parse_xforward(b"XFORWARD ADDR=10.0.0.9 HELO=mx.example.org NAME=[UNAVAILABLE]")
+    attrs = syntax.parse_xforward(b"XFORWARD ADDR=10.0.0.9 HELO=mx.example.org NAME=[UNAVAILABLE]")
     assert attrs["ADDR"] == "10.0.0.9" and attrs["HELO"] == "mx.example.org"
     assert attrs["NAME"] == "UNAVAILABLE"
-    assert commands.parse_xforward(b"XFORWARD addr=IPv6:2001:db8::5 helo=a+2Bb")["ADDR"] == "IPv6:2001:db8::5"
-    assert commands.parse_xforward(b"XFORWARD helo=a+2Bb")["HELO"] == "a+b"
+    assert syntax.parse_xforward(b"XFORWARD addr=IPv6:2001:db8::5 helo=a+2Bb")["ADDR"] == "IPv6:2001:db8::5"
+    assert syntax.parse_xforward(b"XFORWARD helo=a+2Bb")["HELO"] == "a+b"
 
 
 def test_is_continued():
-    assert commands.is_continued(b"250-PIPELINING\r\n")
-    assert not commands.is_continued(b"250 OK\r\n")
-    assert not commands.is_continued(b"25-x\r\n")
+    assert syntax.is_continued(b"250-PIPELINING\r\n")
+    assert not syntax.is_continued(b"250 OK\r\n")
+    assert not syntax.is_continued(b"25-x\r\n")
 
 
 # --- header --------------------------------------------------------------------------
@@ -426,13 +428,13 @@ def test_channel_close_lingers_only_for_bytes_still_to_send(buffered, closing):
 
     loop = asyncio.new_event_loop()
     try:
-        channel = spio.Channel("SERVER", loop=loop)
+        channel = Channel("SERVER", loop=loop)
         transport = channel.transport = _Transport(buffered, closing)
         channel.close()
         assert transport.closes == (0 if closing else 1)
         assert (channel._linger is not None) == bool(buffered)
         if channel._linger is not None:
-            assert channel._linger.when() - loop.time() > spio.LINGER - 1
+            assert channel._linger.when() - loop.time() > LINGER - 1
             channel._linger.cancel()
     finally:
         loop.close()
@@ -445,7 +447,7 @@ def test_reply_queue_client_gone_is_no_error_for_any_reply_it_passes_on(first):
     at its next step, as for a client that closed between replies)."""
     from proxsmtp.session.replyqueue import ProxyCommand, ReplyQueue, ServerAnswers
 
-    client = spio.Channel("CLIENT")      # no transport: every write fails
+    client = Channel("CLIENT")      # no transport: every write fails
     queue = ReplyQueue(client)
     answered = []
     if first == "server":
@@ -494,8 +496,8 @@ def test_reply_queue_groups_and_refuses_replies_as_the_peer_reader_does(lines, c
     chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
 
     relayed, queue_end = [], None
-    server = spio.Channel("SERVER")
-    queue = ReplyQueue(spio.Channel("CLIENT"))      # no transport: the client is gone
+    server = Channel("SERVER")
+    queue = ReplyQueue(Channel("CLIENT"))      # no transport: the client is gone
     try:
         for chunk in chunks:                        # as the relay takes them: line by line
             server.data_received(chunk)
@@ -506,7 +508,7 @@ def test_reply_queue_groups_and_refuses_replies_as_the_peer_reader_does(lines, c
         queue_end = (str(exc), exc.reply)
 
     read, peer_end = [], None
-    channel = spio.Channel("SERVER")
+    channel = Channel("SERVER")
     for chunk in chunks:
         channel.data_received(chunk)
     channel.eof_received()
