@@ -218,3 +218,33 @@ def pipeline(port: int, sessions: int, messages: int, size: int, python: str,
         text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
         raise PeerError("pipeline.py exited %d: %s" % (done.returncode, text[-300:]))
     return json.loads(done.stdout)["seconds"]      # its own clock: no interpreter start-up
+
+
+def filter_node(name: str, python: str, port: int, workdir: str,
+                tls: tuple[str, str] | None = None, workers: int | None = None) -> Peer:
+    """bench/node.py, the filter node for FilterType smtp: XCLIENT as Postfix
+    does it and, with `tls` (certificate, key), STARTTLS.  A peer of its own,
+    never a child of the proxy, so its CPU is not counted as the proxy's."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "node.py"),
+            "%s:%d" % (HOST, port)]
+    if tls:
+        argv += ["--tls", *tls]
+    if workers:
+        argv += ["--workers", str(workers)]
+    return Peer(name, argv, workdir).start(port)
+
+
+def spawn_floor(python: str, count: int, size: int, timeout: float = 300.0) -> dict:
+    """bench/spawn.py: CPU per spawn of `/bin/sh -c cat` (and of `cat`) from a
+    worker-sized Python process, as JSON."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "spawn.py"),
+            "--count", str(count), "--size", str(size)]
+    try:
+        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PeerError("spawn.py timed out after %.0f s" % timeout) from None
+    if done.returncode != 0:
+        text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
+        raise PeerError("spawn.py exited %d: %s" % (done.returncode, text[-300:]))
+    return json.loads(done.stdout)

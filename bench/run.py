@@ -42,14 +42,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
 REUSED = ", reused"         # label suffix: many messages per session (smtp-source -d)
 
-# The proxy configurations compared (the smtp filter's address is added at run time).
+# The proxy configurations compared (the smtp filter's address is added at run time:
+# NODES says which filter node each one talks to).
 FILE_FILTER = "sed -i -e '1s/^/X-Bench: file\\r\\n/' \"$EMAIL\""
 FILTERS = {
     "none": {},
     "pipe": {"FilterType": "pipe", "FilterCommand": "cat"},
     "file": {"FilterType": "file", "FilterCommand": FILE_FILTER},
     "smtp": {"FilterType": "smtp"},
+    "smtp, node offers STARTTLS": {"FilterType": "smtp"},
 }
+# bench/node.py, plaintext and offering STARTTLS: the second row pays what the
+# default ServerTLS (may) costs against a node that offers it, as Halon's and
+# Postfix's do.
+NODES = {"smtp": "filter-node", "smtp, node offers STARTTLS": "filter-node-tls"}
 
 # The baselines measured beside the proxy: the TCP-relay ceiling (haproxy),
 # Python's floor (an empty byte relay) and the contract floor (SMTP, no more).
@@ -67,7 +73,8 @@ MIDDATA_PATHS = ("none", "pipe", "smtp")
 
 TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
                middata_kb=192.0, tls_pss_kb=64.0,
-               relay_throughput_ratio=0.75, relay_cpu_ratio=2.0, relay_latency_ratio=1.6)
+               relay_throughput_ratio=0.75, relay_cpu_ratio=2.0, relay_latency_ratio=1.6,
+               smtp_cpu_ratio=1.25, smtp_tls_cpu_ratio=1.5)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -137,20 +144,22 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}       # path -> the process whose CPU is counted
         self.results: dict = {}
+        self.identity: tuple[str, str] = ("", "")     # the made certificate and key
 
     # -- peers ---------------------------------------------------------------
 
     def settings(self, name: str) -> dict[str, str]:
         settings = dict(FILTERS[name])
-        if name == "smtp":
-            settings["FilterCommand"] = "%s:%d" % (peers.HOST, self.ports["filter-sink"])
+        if name in NODES:
+            settings["FilterCommand"] = "%s:%d" % (peers.HOST, self.ports[NODES[name]])
         if self.args.workers is not None:
             settings["Workers"] = str(self.args.workers)
         return settings
 
     def start_proxy(self, name: str, filter_name: str) -> peers.Peer:
         port = peers.free_port()
-        peer = peers.proxy(name, self.args.proxsmtpd, port, self.ports["sink"], self.workdir,
+        slug = name.replace(", ", "-").replace(" ", "-")        # its log, config and spool
+        peer = peers.proxy(slug, self.args.proxsmtpd, port, self.ports["sink"], self.workdir,
                            self.settings(filter_name),
                            max(4000, self.args.hold + 500, self.args.data_hold + 500),
                            self.spool_root)
@@ -165,15 +174,23 @@ class Bench:
             self.peers.remove(peer)
 
     def start(self) -> None:
-        for name in ("sink", "filter-sink"):
-            self.ports[name] = peers.free_port()
-            self.peers.append(peers.sink(name, self.ports[name], self.workdir))
-        self.ports["direct"] = self.ports["sink"]
+        self.ports["sink"] = self.ports["direct"] = peers.free_port()
+        self.peers.append(peers.sink("sink", self.ports["sink"], self.workdir))
+        self.start_nodes()
         if self.args.only & {"throughput", "latency", "pipelining", "large"}:
             for name in FILTERS:
                 self.start_proxy(name, name)
         if self.args.only & {"throughput", "latency", "pipelining"}:
             self.start_relays()
+
+    def start_nodes(self) -> None:
+        """The filter nodes (bench/node.py), peers of their own: their CPU is
+        not the proxy's.  The STARTTLS one gets a certificate made here."""
+        self.identity = tlsclient.make_certificate(self.workdir)
+        for name, tls in (("filter-node", None), ("filter-node-tls", self.identity)):
+            self.ports[name] = peers.free_port()
+            self.peers.append(peers.filter_node(name, self.python, self.ports[name],
+                                                self.workdir, tls, self.args.workers))
 
     def start_relays(self) -> None:
         """haproxy (if installed), the empty uvloop relay and the contract floor,
@@ -230,6 +247,13 @@ class Bench:
             return self.counted(path, a.messages, lambda: peers.source(
                 self.ports[path], a.parallel, a.messages, a.size, same_session=same))
         self.results["throughput"] = self.alternate(measure, "per_second")
+        count = min(a.messages, 1000)
+        print("spawn floor: %d spawns of /bin/sh -c cat and of cat" % count,
+              file=sys.stderr, flush=True)
+        try:
+            self.results["spawn_floor"] = peers.spawn_floor(self.python, count, a.size)
+        except peers.PeerError as exc:
+            print("  spawn floor: FAILED: %s" % exc, file=sys.stderr, flush=True)
 
     def latency(self) -> None:
         a = self.args
@@ -418,7 +442,7 @@ class Bench:
         a = self.args
         print("tls: %d sessions, %d messages of %d bytes over STARTTLS; %d TLS sessions held"
               % (a.parallel, a.tls_messages, a.size, a.tls_hold), file=sys.stderr, flush=True)
-        cert, key = tlsclient.make_certificate(self.workdir)
+        cert, key = self.identity
         identity = {"TLSCertificate": cert, "TLSKey": key}
         server_port = peers.free_port()
         server = peers.proxy("tls-server", self.args.proxsmtpd, server_port, self.ports["sink"],
@@ -524,6 +548,16 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
         if floors:
             shown += " (%s)" % ", ".join(floors)
         target(name % limit, value, ok, shown)
+    if "throughput" in results:
+        none = results["throughput"]["none"].get("cpu_us")
+        for path, limit in (("smtp", TARGETS["smtp_cpu_ratio"]),
+                            ("smtp, node offers STARTTLS", TARGETS["smtp_tls_cpu_ratio"])):
+            cpu = results["throughput"][path].get("cpu_us")
+            ratio = cpu / none if cpu is not None and none else None
+            target("CPU per message, %s <= %.2f x none" % (path, limit), ratio,
+                   ratio is not None and ratio <= limit,
+                   "%s x (%s us, none %s us)" % (fmt(ratio, ".2f"), fmt(cpu, ".0f"),
+                                                 fmt(none, ".0f")))
     if "concurrency" in results:
         held = results["concurrency"]
         target("%d sessions held, all greeted" % args.hold, held["greeted"],
@@ -574,10 +608,10 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         return "  (%d failed)" % failed if failed else ""
 
     def rows(table: dict, unit: str, spec: str, ratio_spec: str) -> list[str]:
-        lines = ["  %-22s %10s %10s %10s %11s %10s" % ("path", unit, "x direct", "x haproxy",
+        lines = ["  %-26s %10s %10s %10s %11s %10s" % ("path", unit, "x direct", "x haproxy",
                                                        "CPU us/msg", "x haproxy")]
         for path, row in table.items():
-            lines.append("  %-22s %10s %10s %10s %11s %10s%s" % (
+            lines.append("  %-26s %10s %10s %10s %11s %10s%s" % (
                 path, fmt(row["median"], spec), fmt(row["ratio"], ratio_spec),
                 fmt(row.get("relay_ratio"), ".2f"), fmt(row.get("cpu_us"), ".0f"),
                 fmt(row.get("relay_cpu_ratio"), ".2f"), errors(row)))
@@ -592,11 +626,22 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                    % (args.parallel, args.messages, args.size))
         out.extend(rows(results["throughput"], "msg/s", ".1f", ".3f"))
         table = results["throughput"]
-        if table["pipe"].get("cpu_us") is not None and table["none"].get("cpu_us") is not None:
-            out.append("  filter spawn (pipe: cat) costs %.0f us of CPU per message"
-                       " (pipe - none, the reaped filter processes included)"
-                       % (table["pipe"]["cpu_us"] - table["none"]["cpu_us"]))
         none = table["none"].get("cpu_us")
+        floor = results.get("spawn_floor")
+        if table["pipe"].get("cpu_us") is not None and none is not None:
+            spawn = table["pipe"]["cpu_us"] - none
+            out.append("  filter spawn (pipe: cat) costs %.0f us of CPU per message"
+                       " (pipe - none, the reaped filter processes included)" % spawn)
+            if floor:
+                out.append("  spawn floor (bench/spawn.py, from a worker-sized Python process):"
+                           " /bin/sh -c cat %.0f us, cat %.0f us; pipe - none is %.2f x the"
+                           " /bin/sh -c cat floor" % (floor["shell_us"], floor["exec_us"],
+                                                      spawn / floor["shell_us"]))
+        for path in NODES:
+            cpu = table[path].get("cpu_us")
+            if cpu is not None and none:
+                out.append("  filter node (bench/node.py), %s: %.0f us per message, %.2f x none"
+                           % (path, cpu, cpu / none))
         for path, what in (("relay", "empty uvloop relay (Python's floor)"),
                            ("floor", "SMTP contract on uvloop (the contract floor)")):
             floor = table.get(path, {}).get("cpu_us")
