@@ -8,7 +8,10 @@ smtp-sink) and through three baselines in front of the same sink:
 haproxy in `mode tcp` (the ceiling for any proxy), an empty uvloop byte
 relay (bench/barerelay.py, Python's floor) and the least SMTP proxy on
 uvloop that keeps proxsmtpd's per-message contract (bench/floor.py, the
-contract floor).  The configurations are
+contract floor).  FilterType smtp talks to bench/node.py, a filter node
+that takes XCLIENT as Postfix does, once in plaintext and once offering
+STARTTLS; the pipe row is set against the CPU of spawning `/bin/sh -c cat`
+from a worker-sized process (bench/spawn.py).  The configurations are
 alternated round by round, so machine noise falls on all of them alike; the
 table shows medians over the rounds, ratios against direct and against
 haproxy, and CPU per message from /proc.  The TLS section compares a
