@@ -199,7 +199,7 @@ class NodeSession(asyncio.Protocol):
         try:
             self.transport = await loop.start_tls(self.transport, self, self.context,
                                                   server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError):
+        except (OSError, asyncio.TimeoutError):     # ssl.SSLError is an OSError
             self.transport.close()
             return
         self.tls, self.handshaking, self.greeted = True, False, False
