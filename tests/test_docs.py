@@ -41,11 +41,12 @@ def spec_default(name: str) -> str | None:
 
 
 # Defaults that depend on another setting (None in config.SPEC), as the documentation writes them.
-DEPENDENT_DEFAULTS = {"ClientTLS": "may when TLSCertificate is set, otherwise off"}
+DEPENDENT_DEFAULTS = {"ClientTLS": "may when TLSCertificate is set, otherwise off",
+                      "FilterTLS": "as ServerTLS", "FilterTLSCAFile": "as TLSCAFile"}
 
 # Sample lines that name files (or need such a setting) which do not exist on a test machine:
 # loading them must fail, naming the setting.
-NEEDS_FILES = {"TLSCertificate", "TLSKey", "TLSCAFile", "ClientTLS"}
+NEEDS_FILES = {"TLSCertificate", "TLSKey", "TLSCAFile", "ClientTLS", "FilterTLSCAFile"}
 
 
 def documented_default(name: str) -> str:

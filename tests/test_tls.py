@@ -650,7 +650,8 @@ def test_filter_node_without_starttls_under_encrypt_defers(proxy, make_upstream,
     with p.connect() as client:
         client.cmd("EHLO client.example")
         assert send_after_ehlo(client) == ["451 Local Error"]
-    p.wait_log("no TLS to the filter node \\(ServerTLS encrypt\\): the filter node offers no STARTTLS")
+    p.wait_log("no TLS to the filter node \\(FilterTLS encrypt, as ServerTLS\\): the filter node "
+               "offers no STARTTLS")
     assert not upstream.messages and not node.messages
 
 

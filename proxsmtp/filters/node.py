@@ -1,10 +1,11 @@
 """FilterType smtp (proxsmtpd(8) FILTERS): the message offered to a filter node.
 
 The proxy speaks SMTP to FilterCommand host[:port] (e.g. Halon behind
-haproxy) as a client (smtp.peer): the greeting, EHLO and, under ServerTLS,
-STARTTLS as the server leg does; then XCLIENT for the client, EHLO with the
-client's name, the envelope and the message.  2xx after the final dot
-accepts; the node's refusal is the client's rejection (verdict.as_rejection).
+haproxy) as a client (smtp.peer): the greeting, EHLO and, under FilterTLS
+(by default ServerTLS), STARTTLS as the server leg does; then XCLIENT for
+the client, EHLO with the client's name, the envelope and the message.  2xx
+after the final dot accepts; the node's refusal is the client's rejection
+(verdict.as_rejection).
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def code_text(lines: list[bytes]) -> tuple[int, str]:
 async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool) -> Verdict:
     """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts.
 
-    The session uses STARTTLS under ServerTLS as the server leg does; with
-    `may`, a failed handshake gets one more try in plaintext."""
-    plaintext = config.ServerTLS == "off"
+    The session uses STARTTLS under FilterTLS as the server leg does under
+    ServerTLS; with `may`, a failed handshake gets one more try in plaintext."""
+    plaintext = config.FilterTLS == "off"
     while True:
         channel = await _connect_node(config.FilterAddress, config.FilterTimeout, envelope.tag)
         try:
@@ -64,7 +65,7 @@ async def _connect_node(target, timeout: float, tag: str) -> Channel:
 
 
 async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
-    """Greeting, EHLO and (ServerTLS) STARTTLS with EHLO again: True when
+    """Greeting, EHLO and (FilterTLS) STARTTLS with EHLO again: True when
     done, False when the handshake failed under `may` (try again in
     plaintext).  These are the proxy's own steps, no verdict on the message:
     anything but success is FilterError, but for STARTTLS under `may`."""
@@ -77,11 +78,11 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
         raise FilterError("filter node refused EHLO: %s" % clean(text))
     if plaintext:
         return True
-    policy, channel = config.ServerTLS, node.channel
+    policy, channel = config.FilterTLS, node.channel
     if not ehlo_offers(ehlo, b"STARTTLS"):
         failure = "the filter node offers no STARTTLS"
     else:
-        failure = await node.starttls(config.connecting_tls, config.FilterAddress.host,
+        failure = await node.starttls(config.filter_tls, config.FilterAddress.host,
                                       node.timeout)
     if failure is None:
         code, text = code_text(await node.ehlo("proxsmtp"))
@@ -89,13 +90,19 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
             raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))
         return True
     if policy != "may":
-        raise FilterError("no TLS to the filter node (ServerTLS %s): %s" % (policy, failure))
+        raise FilterError("no TLS to the filter node (%s): %s" % (_policy(config), failure))
     if channel.closed:
         log.warning("%s: %s; connecting to the filter node again in plaintext",
                     channel.tag, failure)
         return False
     log.debug("%s: %s; going on in plaintext", channel.tag, failure)
     return True
+
+
+def _policy(config: Config) -> str:
+    """`FilterTLS verify`, and whence it came when unset, for the log."""
+    unset = "FilterTLS" not in config.named
+    return "FilterTLS %s%s" % (config.FilterTLS, ", as ServerTLS" if unset else "")
 
 
 def hello_name(envelope: Envelope) -> str:

@@ -64,6 +64,8 @@ SPEC = {
     "TLSWrapper": "flag(default='off')",
     "ServerTLS": "server_tls(default='may')",
     "TLSCAFile": "string(default=None)",
+    "FilterTLS": "filter_tls(default=None)",
+    "FilterTLSCAFile": "string(default=None)",
 }
 
 NAMES = {name.lower(): name for name in SPEC}
@@ -121,10 +123,13 @@ class Config:
     TLSWrapper: bool = False
     ServerTLS: str = "may"
     TLSCAFile: str | None = None
+    FilterTLS: str | None = None           # None until _finish: as ServerTLS
+    FilterTLSCAFile: str | None = None     # None: as TLSCAFile
     # made from the TLS files by check_system(), once per load (a SIGHUP picks up a
     # renewed certificate)
     listening_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     connecting_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    filter_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
@@ -226,6 +231,14 @@ def _server_tls(value: str | None) -> str:
     if word not in tls.SERVER_POLICIES:
         raise VdtValueError(value)
     return word
+
+
+@_check("filter_tls", "one of " + ", ".join(tls.SERVER_POLICIES))
+def _filter_tls(value: str | None) -> str | None:
+    """ServerTLS's policies; unset is ServerTLS's value (_tls_settings)."""
+    if value is None or value == "None":
+        return None
+    return _server_tls(value)
 
 
 @_check("skip", "authenticated")
@@ -388,9 +401,10 @@ def _finish(config: Config) -> None:
 def _tls_settings(config: Config) -> None:
     """Both or neither of TLSCertificate and TLSKey; ClientTLS and TLSWrapper
     need them; ServerTLS verify needs a name or address to check."""
-    for name in ("TLSCertificate", "TLSKey", "TLSCAFile"):
+    for name in ("TLSCertificate", "TLSKey", "TLSCAFile", "FilterTLSCAFile"):
         if not getattr(config, name):
             setattr(config, name, None)
+    _filter_tls_settings(config)
     if (config.TLSCertificate is None) != (config.TLSKey is None):
         missing = "TLSKey" if config.TLSKey is None else "TLSCertificate"
         present = "TLSCertificate" if missing == "TLSKey" else "TLSKey"
@@ -413,6 +427,20 @@ def _tls_settings(config: Config) -> None:
                            "with a unix socket)")
 
 
+def _filter_tls_settings(config: Config) -> None:
+    """FilterTLS and FilterTLSCAFile are ServerTLS's and TLSCAFile's unless
+    set.  verify needs no check of its own here: FilterType smtp needs a host
+    in FilterCommand (_filter_node), the name the node's certificate must match."""
+    if config.FilterTLS is None:
+        config.FilterTLS = config.ServerTLS
+    if config.FilterTLSCAFile is None:
+        config.FilterTLSCAFile = config.TLSCAFile
+    if config.FilterType != "smtp":
+        for name in ("FilterTLS", "FilterTLSCAFile"):
+            if name in config.named:
+                config.warnings.append(config.at(name, "ignored unless FilterType is smtp"))
+
+
 def _tls_contexts(config: Config) -> None:
     """The certificate, its key and the CA file load (and the key matches)
     now, not at the first client: made once per load."""
@@ -428,6 +456,23 @@ def _tls_contexts(config: Config) -> None:
             tls.connecting_context("may", config.TLSCAFile)
     except tls.TLSSetupError as exc:
         raise config.error("TLSCAFile", "%s (expected a PEM file of CA certificates%s)"
+                           % (exc, _as_reader(config.User))) from None
+    _filter_tls_context(config)
+
+
+def _filter_tls_context(config: Config) -> None:
+    """The filter node's context: the server leg's when the policy and the CA
+    file are the same (FilterTLS unset: as before there was a FilterTLS),
+    else one of its own, made here once per load like the others."""
+    if (config.FilterTLS, config.FilterTLSCAFile) == (config.ServerTLS, config.TLSCAFile):
+        config.filter_tls = config.connecting_tls
+        return
+    try:
+        config.filter_tls = tls.connecting_context(config.FilterTLS, config.FilterTLSCAFile)
+        if config.filter_tls is None and config.FilterTLSCAFile:   # checked even when unused
+            tls.connecting_context("may", config.FilterTLSCAFile)
+    except tls.TLSSetupError as exc:
+        raise config.error("FilterTLSCAFile", "%s (expected a PEM file of CA certificates%s)"
                            % (exc, _as_reader(config.User))) from None
 
 
@@ -498,7 +543,7 @@ def _check_tls_files_for(config: Config, user) -> None:
     renewed certificate would never be used.  Refused at start and by -t
     alike, -t being what the init script and the systemd unit run before a
     reload."""
-    for name in ("TLSCertificate", "TLSKey", "TLSCAFile"):
+    for name in ("TLSCertificate", "TLSKey", "TLSCAFile", "FilterTLSCAFile"):
         path = getattr(config, name)
         if path is None:
             continue
