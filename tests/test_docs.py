@@ -42,7 +42,8 @@ def spec_default(name: str) -> str | None:
 
 # Defaults that depend on another setting (None in config.SPEC), as the documentation writes them.
 DEPENDENT_DEFAULTS = {"ClientTLS": "may when TLSCertificate is set, otherwise off",
-                      "FilterTLS": "as ServerTLS", "FilterTLSCAFile": "as TLSCAFile"}
+                      "FilterTLS": "as ServerTLS", "FilterTLSCAFile": "as TLSCAFile",
+                      "FilterHelo": "the host name"}
 
 # Sample lines that name files (or need such a setting) which do not exist on a test machine:
 # loading them must fail, naming the setting.

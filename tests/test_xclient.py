@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def test_filter_node_hears_ehlo_after_xclient(proxy, upstream, make_upstream):
     upstream.wait_messages(1)
     checked = node.wait_messages(1)[0]
     assert node.commands(checked.conn)[:4] == [
-        "EHLO proxsmtp", "XCLIENT ADDR=127.0.0.1 HELO=client.example", "EHLO client.example",
+        "EHLO %s" % socket.getfqdn(), "XCLIENT ADDR=127.0.0.1 HELO=client.example",
+        "EHLO client.example",
         "MAIL FROM:<a@x.test>"]
     p.wait_log("status=FILTERED")
 

@@ -17,7 +17,8 @@ from ..net.channel import Channel, ChannelClosed
 from ..process.config import Config
 from ..process.log import clean, log
 from ..smtp.peer import Peer, ReplyTooLong
-from ..smtp.syntax import ehlo_offers
+from ..smtp.replies import NOT_UTF8
+from ..smtp.syntax import ehlo_keywords, ehlo_offers, esmtp_params
 from .verdict import FilterError, Verdict, as_rejection
 
 
@@ -72,7 +73,7 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
     code, text = code_text(await node.read_reply())
     if code != 220:
         raise FilterError("filter node greeting: %s" % clean(text))
-    ehlo = await node.ehlo("proxsmtp")
+    ehlo = await node.ehlo(config.FilterHelo)
     code, text = code_text(ehlo)
     if code != 250:
         raise FilterError("filter node refused EHLO: %s" % clean(text))
@@ -85,7 +86,7 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
         failure = await node.starttls(config.filter_tls, config.FilterAddress.host,
                                       node.timeout)
     if failure is None:
-        code, text = code_text(await node.ehlo("proxsmtp"))
+        code, text = code_text(await node.ehlo(config.FilterHelo))
         if code != 250:
             raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))
         return True
@@ -128,9 +129,12 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
     if code != 250:
         raise FilterError("filter node refused EHLO after XCLIENT: %s" % clean(text))
     pipelining = ehlo_offers(ehlo, b"PIPELINING")
+    offered = ehlo_keywords(ehlo)
     sender = "" if envelope.sender in (None, "<>") else envelope.sender
-    steps = (["MAIL FROM:<%s>" % sender]
-             + ["RCPT TO:<%s>" % rcpt for rcpt in envelope.recipients] + ["DATA"])
+    if "SMTPUTF8" not in offered and not all(address.isascii() for address
+                                             in [sender, *envelope.recipients]):
+        return Verdict(False, reply=NOT_UTF8, status=NOT_UTF8)
+    steps = envelope_steps(envelope, sender, offered, message.size)
     lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
     if pipelining:      # RFC 2920: one group, the replies read in order
         node.send(*lines)
@@ -147,5 +151,46 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
     except ChannelClosed:
         pass
     if code // 100 == 2:
+        envelope.filter_reply = text.splitlines()[-1]
         return Verdict(True)
     return as_rejection(code, text, "the message")
+
+
+# The client's ESMTP parameters a node gets, each only when its EHLO offers
+# the extension named: SIZE (RFC 1870), BODY (RFC 6152; BINARYMIME also
+# needs that keyword, RFC 3030), SMTPUTF8 (RFC 6531), DSN's (RFC 3461).
+MAIL_PARAMS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
+               "RET": "DSN", "ENVID": "DSN"}
+RCPT_PARAMS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
+
+
+def envelope_steps(envelope: Envelope, sender: str, offered: set[str], size: int) -> list[str]:
+    """MAIL FROM, RCPT TO for each recipient (with the client's parameters
+    the node takes) and DATA."""
+    accepted = envelope.rcpt_lines
+    return (["MAIL FROM:<%s>%s" % (sender, node_params(envelope.mail_line, MAIL_PARAMS,
+                                                        offered, size))]
+            + ["RCPT TO:<%s>%s" % (rcpt, node_params(accepted[at] if at < len(accepted) else b"",
+                                                      RCPT_PARAMS, offered))
+               for at, rcpt in enumerate(envelope.recipients)]
+            + ["DATA"])
+
+
+def node_params(line: bytes, known: dict[str, str], offered: set[str],
+                size: int | None = None) -> str:
+    """` KEY=value ...`: the parameters of the client's MAIL or RCPT `line`
+    (as the server accepted it) that the node offers the extension of,
+    as the client wrote them; SIZE says the message's real size, now known
+    (the client's is an estimate, RFC 1870 4)."""
+    words = []
+    for keyword, value in esmtp_params(line):
+        name = keyword.upper()
+        if known.get(name) not in offered:
+            continue
+        if name == "BODY" and value is not None and value.upper() == "BINARYMIME" \
+                and "BINARYMIME" not in offered:
+            continue
+        if name == "SIZE" and size is not None:
+            value = str(size)
+        words.append(keyword if value is None else "%s=%s" % (keyword, value))
+    return "".join(" " + word for word in words)

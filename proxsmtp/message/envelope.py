@@ -3,8 +3,9 @@ what became of it.  Also which leg was encrypted (client_tls, server_tls).
 
 The session fills an Envelope as the server accepts MAIL, RCPT and XFORWARD;
 filters read it (environment, XCLIENT to a filter node) and never see the
-session itself.  The per-message log line is built from it, so the line and
-the filter always agree on the facts.
+session itself; a filter node's accepting reply is noted in it for the log.
+The per-message log line is built from it, so the line and the filter
+always agree on the facts.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class Envelope:
     server_tls: str = ""
     sender: str | None = None
     recipients: list[str] = field(default_factory=list)
+    # MAIL and each RCPT as the client wrote them and the server accepted
+    # them: their ESMTP parameters (syntax.esmtp_params) are read only when
+    # a filter node is offered the message, never on the relay's path
+    mail_line: bytes = b""
+    rcpt_lines: list[bytes] = field(default_factory=list)     # in `recipients`' order
     xforward_addr: str | None = None
     xforward_helo: str | None = None
     # what became of the message, for the log line (proxsmtpd(8) LOGGING, `status=`)
@@ -35,14 +41,18 @@ class Envelope:
     msgid: str | None = None
     delay: float | None = None               # seconds from DATA to the final reply
     filter_seconds: float | None = None
+    filter_reply: str | None = None          # a filter node's reply accepting the message
     reply: str | None = None                 # its last reply: the server's, or the refusal
 
     def reset(self) -> None:
         """Forget sender, recipients, XFORWARD data and the outcome (RSET, EHLO, after DATA)."""
         self.sender = None
         self.recipients = []
+        self.rcpt_lines = []
+        self.mail_line = b""
         self.xforward_addr = self.xforward_helo = None
-        self.size = self.msgid = self.delay = self.filter_seconds = self.reply = None
+        self.size = self.msgid = self.delay = self.filter_seconds = self.filter_reply = None
+        self.reply = None
 
     @property
     def in_transaction(self) -> bool:
@@ -64,6 +74,8 @@ class Envelope:
             parts.append("delay=%.3f" % self.delay)
         if self.filter_seconds is not None:
             parts.append("filter=%.3f" % self.filter_seconds)
+        if self.filter_reply is not None:
+            parts.append('filter_reply="%s"' % clean(self.filter_reply, 256).replace('"', "'"))
         if self.reply is not None:
             parts.append('reply="%s"' % clean(self.reply, 256).replace('"', "'"))
         if self.client_tls or self.server_tls:     # both plaintext: the line as upstream's

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
+# RFC 5321 4.1.2 sub-domain: Let-dig [Ldh-str]
+_SUB_DOMAIN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 class AddressError(ValueError):
@@ -116,6 +118,27 @@ def is_ip(host: str) -> bool:
         except (OSError, ValueError, TypeError):
             pass
     return False
+
+
+def is_hello_name(text: str) -> bool:
+    """A name a client may give itself in EHLO (RFC 5321 4.1.1.1): a Domain
+    (4.1.2: labels of letters, digits and inner hyphens, 255 octets at
+    most) or an address-literal (4.1.3: `[192.0.2.1]`, `[IPv6:2001:db8::1]`)."""
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        if inner[:5].upper() == "IPV6:":
+            inner = inner[5:]
+            return ":" in inner and _parses(ipaddress.IPv6Address, inner)
+        return _parses(ipaddress.IPv4Address, inner)
+    return 0 < len(text) <= 255 and all(_SUB_DOMAIN.match(label) for label in text.split("."))
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+        return True
+    except ValueError:
+        return False
 
 
 def is_unspecified(host: str | None) -> bool:

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import ssl
 import stat
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ SPEC = {
     "FilterType": "filter_type(default='pipe')",
     "FilterTimeout": "integer(min=1, default=30)",
     "FilterReject": "string(min=1, default='530 Email Rejected')",
+    "FilterHelo": "hello_name(default=None)",
     "Header": "string(default=None)",
     "StatsListen": "stats_address(default=None)",
 
@@ -114,6 +116,7 @@ class Config:
     FilterType: str = "pipe"
     FilterTimeout: int = 30
     FilterReject: str = "530 Email Rejected"
+    FilterHelo: str | None = None          # None until _finish: the host name (FilterType smtp)
     Header: str | None = None
     StatsListen: Address | None = None     # the /metrics endpoint; None: off
 
@@ -248,6 +251,15 @@ def _skip(value: str | None) -> str | None:
     if str(value).strip().lower() != "authenticated":
         raise VdtValueError(value)
     return "authenticated"
+
+
+@_check("hello_name", "a domain name or an address literal such as [192.0.2.1]")
+def _hello_name(value: str | None) -> str | None:
+    if value is None or value == "None":
+        return None
+    if not addresses.is_hello_name(str(value).strip()):
+        raise VdtValueError(value)
+    return str(value).strip()
 
 
 @_check("address", ADDRESS_FORMS)
@@ -495,6 +507,13 @@ def _filter_node(config: Config) -> None:
         raise config.error("FilterCommand", "%s (expected host[:port])" % exc) from None
     if config.FilterAddress.host is None:
         raise config.error("FilterCommand", "a host is needed (expected host[:port])")
+    if config.FilterHelo is None:   # the name it says EHLO with to the node
+        config.FilterHelo = socket.getfqdn()
+        if not addresses.is_hello_name(config.FilterHelo):
+            config.warnings.append(config.at("FilterHelo", "the host name %s is no domain name "
+                                             "to say EHLO with; saying localhost (set FilterHelo)"
+                                             % config.FilterHelo))
+            config.FilterHelo = "localhost"
 
 
 def _reaches_beyond_loopback(addr: Address) -> bool:

@@ -10,7 +10,8 @@ waits on something (STARTTLS, XCLIENT due first, the first EHLO under
 ServerTLS, a DATA that is not taken in the callbacks).
 
 Server replies change the session's state here too (`on_reply`): the
-envelope as the server accepted it, AUTH's success, XFORWARD, RSET.
+envelope as the server accepted it (with MAIL's and RCPT's lines, whose
+ESMTP parameters a filter node gets), AUTH's success, XFORWARD, RSET.
 """
 
 from __future__ import annotations
@@ -291,8 +292,10 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
                 xclient_offered(session)
     elif verb == b"MAIL" and place.address is not None:
         envelope.sender = place.address
+        envelope.mail_line = place.line
     elif verb == b"RCPT" and place.address is not None:
         envelope.recipients.append(place.address)
+        envelope.rcpt_lines.append(place.line)
     elif verb == b"XFORWARD":
         attrs = parse_xforward(place.line)
         envelope.xforward_addr = attrs.get("ADDR", envelope.xforward_addr)

@@ -60,6 +60,11 @@ TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 FAILED = "451 Local Error"
 # FilterType's own refusal, when the filter gives no reply text
 REJECT_PREFIX = "550 Content Rejected"
+# A UTF-8 address for a filter node without SMTPUTF8: RFC 6531 3.2 forbids
+# sending it; refused with the enhanced code RFC 6531 registers (5.6.7).
+# (Sent anyway, Postfix answers `501 5.1.7 Bad sender address syntax`, which
+# reads as a broken protocol: 451, again and again, and never a bounce.)
+NOT_UTF8 = "553 5.6.7 Non-ASCII addresses not permitted by the filter node"
 
 
 class Status(enum.StrEnum):

@@ -1,4 +1,5 @@
-"""Reading SMTP command lines: the verb, MAIL/RCPT addresses, XFORWARD attributes.
+"""Reading SMTP command lines: the verb, MAIL/RCPT addresses and ESMTP
+parameters, XFORWARD attributes.
 
 The relay passes command lines on as the client wrote them; these helpers
 only extract what the proxy must know (the envelope for the filter and the
@@ -11,6 +12,12 @@ import re
 
 MAIL = re.compile(rb"^\s*MAIL\s+FROM\s*:(.*)$", re.I | re.S)
 RCPT = re.compile(rb"^\s*RCPT\s+TO\s*:(.*)$", re.I | re.S)
+
+# RFC 5321 4.1.2: esmtp-keyword, and esmtp-value (any CHAR but "=", SP and
+# controls; RFC 6531 3.3 adds UTF-8).  Surrogates stand for bytes that were
+# no UTF-8 (surrogateescape): no value.
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
+_ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+\Z")
 
 
 def verb_of(line: bytes) -> bytes:
@@ -47,6 +54,48 @@ def envelope_address(line: bytes) -> tuple[bytes, str] | None:
     return None
 
 
+def esmtp_params(line: bytes) -> list[tuple[str, str | None]]:
+    """The ESMTP parameters of a MAIL FROM/RCPT TO line (RFC 5321 4.1.2
+    Mail-parameters, Rcpt-parameters): (keyword, value or None), as the
+    client wrote them, in order, the first of a keyword repeated.  A word
+    that is no esmtp-param is left out; any line gives a list, never an
+    exception."""
+    text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
+    _, colon, arg = text.partition(":")
+    params: list[tuple[str, str | None]] = []
+    if not colon:
+        return params
+    seen = set()
+    for word in re.split(r"[ \t]+", _after_path(arg.lstrip(" \t"))):
+        keyword, eq, value = word.partition("=")
+        if not _ESMTP_KEYWORD.match(keyword) or eq and not _ESMTP_VALUE.match(value):
+            continue
+        if keyword.upper() not in seen:
+            seen.add(keyword.upper())
+            params.append((keyword, value if eq else None))
+    return params
+
+
+def _after_path(arg: str) -> str:
+    """What follows the reverse-path or forward-path at the start of `arg`:
+    `<...>` up to its `>` outside a quoted local part (RFC 5321 4.1.2
+    Quoted-string), else the first word (a lax client's bare address)."""
+    if not arg.startswith("<"):
+        parts = re.split(r"[ \t]+", arg, 1)
+        return parts[1] if len(parts) > 1 else ""
+    quoted = escaped = False
+    for at, char in enumerate(arg):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return arg[at + 1:]
+    return ""
+
+
 def parse_xforward(line: bytes) -> dict[str, str]:
     """ATTR=value pairs of an XFORWARD command (xtext decoded, [brackets] removed)."""
     attrs = {}
@@ -74,6 +123,17 @@ def ehlo_offers(reply: list[bytes], keyword: bytes) -> bool:
         if words and words[0].upper() == keyword:
             return True
     return False
+
+
+def ehlo_keywords(reply: list[bytes]) -> set[str]:
+    """The keywords (upper case) an EHLO reply advertises, one per line
+    after the first (RFC 5321 4.1.1.1)."""
+    found = set()
+    for line in reply[1:]:
+        words = line[4:].split(None, 1)
+        if words:
+            found.add(words[0].decode("ascii", "replace").upper())
+    return found
 
 
 def xtext(value: str) -> str:
