@@ -10,7 +10,7 @@ from typing import NoReturn
 
 from . import __version__
 from .process import config as configuration
-from .process import defaults
+from .process import defaults, hostcheck
 from .process.log import DEBUG_LEVELS, log, setup_stderr
 
 USAGE = ("usage: proxsmtpd [-d debuglevel] [-f configfile] [-p pidfile]\n"
@@ -96,7 +96,7 @@ def load_config(options: Options) -> configuration.Config:
             options.pid_file = config.PidFile
             setting = "PidFile"
         if options.pid_file:
-            configuration.check_pid_file(options.pid_file, config, setting)
+            hostcheck.check_pid_file(options.pid_file, config, setting)
     except configuration.ConfigError as exc:
         if options.test:
             log.error("%s", exc)

@@ -17,6 +17,7 @@ import trustme
 from harness import run_proxsmtpd, send_mail, wait_until, write_config
 
 from proxsmtp.process import config as configuration
+from proxsmtp.process import hostcheck
 
 BODY = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: filter tls\r\n\r\nto the node\r\n"
 # Postfix's Received line with smtpd_tls_received_header = yes
@@ -208,15 +209,15 @@ def test_filter_tls_defaults_follow_server_tls(pki):
     base = ("OutAddress: 127.0.0.1:2525\nFilterType: smtp\nFilterCommand: 127.0.0.1:2526\n"
             "ServerTLS: verify\nTLSCAFile: %s\n" % pki.server_ca)
     unset = configuration.parse(base)
-    configuration.check_system(unset)
+    hostcheck.check_system(unset)
     assert (unset.FilterTLS, unset.FilterTLSCAFile) == ("verify", str(pki.server_ca))
     assert unset.filter_tls is unset.connecting_tls is not None
     own = configuration.parse(base + "FilterTLSCAFile: %s\n" % pki.node_ca)
-    configuration.check_system(own)
+    hostcheck.check_system(own)
     assert own.filter_tls is not None and own.filter_tls is not own.connecting_tls
     assert own.filter_tls.verify_mode == ssl.CERT_REQUIRED and own.filter_tls.check_hostname
     off = configuration.parse(base + "FilterTLS: off\n")
-    configuration.check_system(off)
+    hostcheck.check_system(off)
     assert off.filter_tls is None and off.connecting_tls is not None
 
 
