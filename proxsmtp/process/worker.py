@@ -32,6 +32,7 @@ try:
 except ImportError:
     uvloop = None
 
+from ..filters import nodepool
 from ..message import spool
 from ..net import channel
 from ..session.session import Session
@@ -105,6 +106,7 @@ class Worker:
         await self._stopping
         self.sock.close()
         await self.finish_sessions()
+        await nodepool.close_idle()
         trimmer.cancel()
 
     def retire(self) -> None:
