@@ -70,7 +70,7 @@ class NodePeer(Peer):
         self.lost = failure         # a failure on a new connection, or after 354
         self.reused = False         # taken from the pool for this message
         self.committed = False      # the node said 354: the message may be on its way
-        self.due = 0                # replies owed for what was sent
+        self.due = 1                # replies owed (the greeting, then for what was sent)
         self.rset_due = False       # RSET's reply comes before the next one asked for
         self.pipelining = False     # the node's last EHLO offered PIPELINING
         self.last = b""             # the code of the last reply read

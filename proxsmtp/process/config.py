@@ -54,9 +54,9 @@ SPEC = {
     "FilterCommand": "string(default=None)",
     "FilterType": "filter_type(default='pipe')",
     "FilterTimeout": "integer(min=1, default=30)",
-    "FilterReject": "string(min=1, default='530 Email Rejected')",
     "FilterConnections": "integer(min=0, max=1000, default=4)",
     "FilterIdleTime": "integer(min=1, max=86400, default=30)",
+    "FilterReject": "string(min=1, default='530 Email Rejected')",
     "Header": "string(default=None)",
     "StatsListen": "stats_address(default=None)",
 
@@ -113,9 +113,9 @@ class Config:
     FilterCommand: str | None = None
     FilterType: str = "pipe"
     FilterTimeout: int = 30
-    FilterReject: str = "530 Email Rejected"
     FilterConnections: int = 4             # idle filter-node connections kept per worker; 0: none
     FilterIdleTime: int = 30               # seconds one is kept idle
+    FilterReject: str = "530 Email Rejected"
     Header: str | None = None
     StatsListen: Address | None = None     # the /metrics endpoint; None: off
 
