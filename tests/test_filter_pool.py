@@ -10,13 +10,17 @@ chosen step, and haproxy over two nodes.  Each test runs one worker, so that
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import trustme
 from harness import RecordingServer, send_mail
 from test_haproxy import HAPROXY, Haproxy
 
@@ -77,6 +81,29 @@ def test_postfix_node_takes_messages_of_several_sessions_on_one_connection(proxy
     assert p.log().count("opened a connection to the filter node") == 1, p.log()
     assert "improper command pipelining" not in log and "503 5.5.1" not in log, log
     assert p.log().count("reusing a connection to the filter node") == 3, p.log()
+
+
+@pytest.mark.root
+def test_postfix_node_with_starttls_keeps_its_tls_connection(proxy, upstream, postfix):
+    """Under ServerTLS may a node that offers STARTTLS costs one handshake,
+    not one per message."""
+    cert = trustme.CA().issue_cert("postfix.test", "127.0.0.1")
+    files = Path(tempfile.mkdtemp(prefix="proxsmtp-pool-tls."))
+    try:
+        os.chmod(files, 0o755)
+        chain, key = files / "cert.pem", files / "key.pem"
+        chain.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        cert.private_key_pem.write_to_path(str(key))
+        node = postfix(tls=(chain, key))
+        p = proxy(node_filter(upstream, node), debug=4)
+        for number in range(3):
+            assert one_message(p, number, "127.0.0.%d" % (21 + number))[-1].startswith("250")
+        assert len(node.messages(3)) == 3
+        assert p.log().count("FILTER TLS: TLS") == 1, p.log()
+        assert node.log().count("]: connect from") == 2
+        assert established(node.port) == 1
+    finally:
+        shutil.rmtree(files, ignore_errors=True)
 
 
 def test_a_kept_connection_the_node_dropped_gets_a_new_one(proxy, upstream):
