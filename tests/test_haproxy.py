@@ -132,10 +132,13 @@ def send(proxy, number: int) -> list[str]:
 
 
 def test_verdicts_balanced_and_failed_over(proxy, upstream, nodes, haproxy):
-    """Both nodes get work; one down: the other takes it all; none: 4xx, nothing delivered."""
+    """Both nodes get work; one down: the other takes it all; none: 4xx, nothing delivered.
+    (A connection per message, FilterConnections 0: haproxy picks a node for each;
+    with kept connections see tests/test_filter_pool.py.)"""
     node1, node2 = nodes
     instance = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
-                      "FilterCommand": "127.0.0.1:%d" % haproxy.front, "FilterTimeout": 5})
+                      "FilterCommand": "127.0.0.1:%d" % haproxy.front, "FilterTimeout": 5,
+                      "FilterConnections": 0})
 
     for number in range(4):
         reply = send(instance, number)

@@ -5,7 +5,9 @@ haproxy) as a client (smtp.peer): the greeting, EHLO and, under FilterTLS
 (by default ServerTLS), STARTTLS as the server leg does; then XCLIENT for
 the client, EHLO with the client's name, the envelope and the message.  2xx
 after the final dot accepts; the node's refusal is the client's rejection
-(verdict.as_rejection).
+(verdict.as_rejection).  The connection is then kept for the worker's next
+message (nodepool.py, FilterConnections), which starts with RSET and
+XCLIENT on it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..process.log import clean, log
 from ..smtp.peer import Peer, ReplyTooLong
 from ..smtp.replies import NOT_UTF8
 from ..smtp.syntax import ehlo_keywords, ehlo_offers, esmtp_params
+from . import nodepool
 from .verdict import FilterError, Verdict, as_rejection
 
 
@@ -37,32 +40,73 @@ def code_text(lines: list[bytes]) -> tuple[int, str]:
     return int(text[:3]) if text[:3].isdigit() else 0, text
 
 
+def pool_key(config: Config) -> tuple:
+    """What makes a pooled connection fit for a message: the node, and the
+    TLS policy and context it was opened under."""
+    return (config.FilterAddress, config.FilterTLS, config.filter_tls)
+
+
 async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool) -> Verdict:
     """Offer the message to FilterCommand host[:port]; 2xx after `.` accepts.
 
-    The session uses STARTTLS under FilterTLS as the server leg does under
-    ServerTLS; with `may`, a failed handshake gets one more try in plaintext."""
+    On a connection from the worker's pool (nodepool.py) if one is idle;
+    one that turns out dead before the message left (Stale) gives way to a
+    new connection.  A new one uses STARTTLS under FilterTLS as the server
+    leg does under ServerTLS; with `may`, a failed handshake gets one more
+    try in plaintext."""
+    pool = nodepool.worker_pool() if config.FilterConnections else None
+    key = pool_key(config)
+    if pool is not None:
+        node = pool.take(key, envelope.tag)
+        if node is not None:
+            try:
+                return await _verdict(config, node, envelope, message, pool)
+            except nodepool.Stale as exc:
+                log.debug("%s: FILTER: %s; trying a new connection", envelope.tag, exc)
     plaintext = config.FilterTLS == "off"
     while True:
-        channel = await _connect_node(config.FilterAddress, config.FilterTimeout, envelope.tag)
+        node = await _connect_node(config, envelope.tag, key)
         try:
-            node = Peer(channel, config.FilterTimeout, "the filter node", node_failure)
-            if await _node_hello(config, node, plaintext):
-                return await _offer(node, envelope, message)
+            ready = await _node_hello(config, node, plaintext)
         except ChannelClosed as exc:    # a write to a node gone
+            node.channel.close()
             raise FilterError(str(exc)) from None
-        finally:
-            channel.close()
+        except BaseException:
+            node.channel.close()
+            raise
+        if ready:
+            return await _verdict(config, node, envelope, message, pool)
+        node.channel.close()
         plaintext = True
 
 
-async def _connect_node(target, timeout: float, tag: str) -> Channel:
+async def _verdict(config: Config, node: nodepool.NodePeer, envelope: Envelope,
+                   message: spool.Spool, pool: nodepool.NodePool | None) -> Verdict:
+    """The offer on `node` (RSET first on a reused one); then the connection
+    goes back to the pool, or is closed."""
+    offered = False
+    try:
+        if node.reused:
+            await node.begin()
+        verdict = await _offer(node, envelope, message)
+        offered = True
+        return verdict
+    except ChannelClosed as exc:    # a write to a node gone
+        raise node.stale(exc) or FilterError(str(exc)) from None
+    finally:
+        nodepool.done(node, pool, config.FilterConnections, config.FilterIdleTime, offered)
+
+
+async def _connect_node(config: Config, tag: str, key: tuple) -> nodepool.NodePeer:
     channel = Channel("FILTER", tag)
     try:
-        await destination.connect_channel(target, timeout, channel, "filter node")
+        await destination.connect_channel(config.FilterAddress, config.FilterTimeout, channel,
+                                          "filter node")
     except destination.DestinationError as exc:
         raise FilterError(str(exc)) from None
-    return channel
+    log.debug("%s: FILTER: opened a connection to the filter node %s", tag,
+              config.FilterAddress)
+    return nodepool.NodePeer(channel, config.FilterTimeout, key, node_failure)
 
 
 async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
@@ -146,10 +190,6 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
             return as_rejection(code, text, step.split(":", 1)[0])
     await spool.send(node.channel, message.reader(), None, node.timeout)
     code, text = code_text(await node.read_reply())
-    try:
-        node.channel.write(b"QUIT\r\n")
-    except ChannelClosed:
-        pass
     if code // 100 == 2:
         envelope.filter_reply = text.splitlines()[-1]
         return Verdict(True)

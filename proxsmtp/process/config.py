@@ -50,6 +50,8 @@ SPEC = {
     "FilterCommand": "string(default=None)",
     "FilterType": "filter_type(default='pipe')",
     "FilterTimeout": "integer(min=1, default=30)",
+    "FilterConnections": "integer(min=0, max=1000, default=4)",
+    "FilterIdleTime": "integer(min=1, max=86400, default=30)",
     "FilterReject": "string(min=1, default='530 Email Rejected')",
     "FilterHelo": "hello_name(default=None)",
     "Header": "string(default=None)",
@@ -110,6 +112,8 @@ class Config:
     FilterCommand: str | None = None
     FilterType: str = "pipe"
     FilterTimeout: int = 30
+    FilterConnections: int = 4             # idle filter-node connections kept per worker; 0: none
+    FilterIdleTime: int = 30               # seconds one is kept idle
     FilterReject: str = "530 Email Rejected"
     FilterHelo: str | None = None          # None until _finish: the host name (FilterType smtp)
     Header: str | None = None

@@ -11,7 +11,8 @@ reload (it stops accepting at once and tells the master so; a session
 that was idle then may stay, one
 that goes on to finish a message is closed at its next idle point, so it
 reconnects to a current worker); SIGUSR2 drains it (every session is closed
-at its first idle point, now or after its message).
+at its first idle point, now or after its message).  Once its sessions are
+done, its idle filter node connections say QUIT (filters/nodepool.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ try:
 except ImportError:
     uvloop = None
 
+from ..filters import nodepool
 from ..message import spool
 from ..net import channel
 from ..session.session import Session
@@ -105,6 +107,7 @@ class Worker:
         await self._stopping
         self.sock.close()
         await self.finish_sessions()
+        await nodepool.close_idle()
         trimmer.cancel()
 
     def retire(self) -> None:
