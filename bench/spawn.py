@@ -11,6 +11,8 @@ process and its reaped children) per spawn, for these ways:
                  waited for with waitpid)
     cat-popen    the same, `cat` (its full path) without /bin/sh
     sh-smallenv  sh-popen with a 10-variable environment instead of os.environ
+    cat-nolocale cat-popen without the locale variables (LANG, LC_*): setlocale(3)
+                 of LANG=C.UTF-8 opens some 30 files in every program that calls it
     sh-spawn     os.posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK)) with setsid
     cat-spawn    the same without /bin/sh
     sh-filter    proxsmtp's FilterProcess and supervise(): the whole pipe path
@@ -118,10 +120,13 @@ async def main() -> None:
     small = {name: "x" * 20 for name in ("SENDER", "RECIPIENTS", "CLIENT", "SERVER", "HELO",
                                          "EMAIL", "TMPDIR", "CLIENT_TLS", "SERVER_TLS", "PATH")}
     small["PATH"] = os.environ.get("PATH", "/usr/bin:/bin")
+    nolocale = {name: value for name, value in env.items()
+                if name != "LANG" and not name.startswith("LC_")}
     ways = {
         "sh-popen": (popen, (["/bin/sh", "-c", "cat"], env)),
         "cat-popen": (popen, ([cat], env)),
         "sh-smallenv": (popen, (["/bin/sh", "-c", "cat"], small)),
+        "cat-nolocale": (popen, ([cat], nolocale)),
         "sh-spawn": (spawn, (["/bin/sh", "-c", "cat"], env)),
         "cat-spawn": (spawn, ([cat], env)),
         "sh-filter": (filtered, ("cat </dev/stdin", env)),
