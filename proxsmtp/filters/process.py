@@ -213,8 +213,7 @@ class FilterProcess:
         self.direct = False
         if argv is not None:
             try:
-                env = dict(env, PWD=shell_pwd(env))
-                self.proc = self._spawn(argv, stdin, stdout, env)
+                self.proc = self._spawn(argv, stdin, stdout, dict(env, PWD=shell_pwd(env)))
                 self.direct = True
             except OSError:         # not found, not executable, no #!: the shell says how
                 pass
