@@ -256,21 +256,44 @@ def test_filter_writes_endless_stderr(proxy, upstream, tmp_path):
     assert "forced termination" not in px.log()     # it obeyed SIGTERM, and that was seen
 
 
-@pytest.mark.parametrize("command, code", [("missing", 127), ("not-executable", 126)])
+# A plain command runs without /bin/sh (when it is dash); quoted, the same
+# program runs under it: what the shell would report, both ways.
+WAYS = pytest.mark.parametrize("quote", ["", "'"], ids=["direct", "shell"])
+
+
+@pytest.mark.parametrize("command, code, words", [("missing", 127, "not found"),
+                                                  ("not-executable", 126, "Permission denied")])
+@WAYS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_filter_cannot_be_executed(proxy, upstream, tmp_path, command, code):
-    """Refused at start (tests/test_config.py); here it breaks while running."""
+def test_filter_cannot_be_executed(proxy, upstream, tmp_path, command, code, words, quote):
+    """Refused at start (tests/test_config.py); here it breaks while running.
+    Exit 126/127 and the shell's own words on stderr, with the shell or without."""
     path = tmp_path / command
     path.write_text("#!/bin/sh\ncat\n")
     path.chmod(0o755)
-    px = filter_proxy(proxy, upstream, str(path))
+    px = filter_proxy(proxy, upstream, "%s%s%s" % (quote, path, quote))
     if command == "not-executable":
         path.chmod(0o644)
     else:
         path.unlink()
     refused(px, upstream, ["451 Local Error"], "FILTER-ERROR",
-            r"filter command could not be executed \(exit %d\)" % code)
+            r"filter command could not be executed \(exit %d\): /bin/sh: 1: %s: %s"
+            % (code, re.escape(str(path)), words))
+
+
+@WAYS
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_filter_program_killed_by_signal(proxy, upstream, tmp_path, quote):
+    """A program the filter command runs dies of a signal: reported as the
+    shell reports it (exit 128+N), whether the shell ran it or not."""
+    path = tmp_path / "crash"
+    path.write_text("#!/bin/sh\ncat >/dev/null\nkill -SEGV $$\n")
+    path.chmod(0o755)
+    px = filter_proxy(proxy, upstream, "%s%s%s" % (quote, path, quote))
+    refused(px, upstream, ["451 Local Error"], "FILTER-ERROR",
+            r"filter command terminated abnormally \(exit 139: signal 11\)")
 
 
 def worker_peak_kib(px) -> list[int]:

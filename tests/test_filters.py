@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from harness import RecordingServer, free_port, pid_alive, send_mail, wait_until
+from harness import REPO, RecordingServer, free_port, pid_alive, send_mail, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -69,6 +69,50 @@ def test_pipe_filter_environment(proxy, upstream, tmp_path):
     assert env["TMPDIR"] == str(p.spool)
     assert "EMAIL" not in env and "REMOTE" not in env and "REMOTE_HELO" not in env
     assert dump["fds"][:3] == [0, 1, 2] and len(dump["fds"]) <= 4   # 3: the listdir itself
+
+
+# The same program, named plainly (run without /bin/sh when it is dash) or
+# quoted (shell syntax: run by /bin/sh -c).
+WAYS = pytest.mark.parametrize("quote", ["", "'"], ids=["direct", "shell"])
+
+
+@WAYS
+def test_plain_command_runs_without_the_shell(proxy, upstream, tmp_path, quote):
+    """A plain command's parent is the worker itself; a quoted one's, the shell."""
+    script = tmp_path / "parent"
+    script.write_text("#!/bin/sh\necho $PPID > %s/ppid\nexec cat\n" % tmp_path)
+    script.chmod(0o755)
+    p = proxy({"OutAddress": upstream.address, "FilterCommand": "%s%s%s" % (quote, script, quote)})
+    with p.connect() as client:
+        assert transaction(client)[0].startswith("250")
+    assert upstream.wait_messages(1)[0].raw == BODY.rstrip(b"\r\n")
+    parent = int((tmp_path / "ppid").read_text())
+    assert (parent in p.children()) == (quote == "")
+
+
+def test_environment_is_the_same_with_and_without_the_shell(proxy, upstream, tmp_path,
+                                                            monkeypatch):
+    """What the shell would give the program (its PWD included) is what it gets
+    without the shell: the whole environment compared, variable by variable.
+    The daemon inherits a PWD that is not its directory: dash exports getcwd()."""
+    monkeypatch.setenv("PWD", str(tmp_path))
+    script = tmp_path / "dump.py"
+    script.write_text(ENV_DUMP)
+    dumps = []
+    for number, quote in enumerate(("", "'")):
+        out = tmp_path / ("env%d.json" % number)
+        p = proxy({"OutAddress": upstream.address, "FilterCommand": "%s%s%s %s %s" % (
+            quote, sys.executable, quote, script, out)})
+        with p.connect() as client:
+            assert transaction(client, "s@x.test")[0].startswith("250")
+        upstream.wait_messages(number + 1)
+        dumps.append(json.loads(out.read_text()))
+    direct, shell = (dump["env"] for dump in dumps)
+    assert direct["PWD"] == str(REPO) and direct["SENDER"] == "s@x.test"
+    assert direct.pop("TMPDIR").endswith("proxy0/spool")        # each proxy its own
+    assert shell.pop("TMPDIR").endswith("proxy1/spool")
+    assert direct == shell
+    assert dumps[0]["fds"] == dumps[1]["fds"]
 
 
 def test_file_filter_environment(proxy, upstream, tmp_path):

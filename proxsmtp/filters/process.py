@@ -3,13 +3,17 @@
 The command runs under /bin/sh in its own process group, with the
 message's facts in its environment; FilterTimeout without progress kills
 it.  Its exit status is the verdict: 0 accepts, another rejects with its
-last line on stderr, a crash or a signal is FilterError.
+last line on stderr, a crash or a signal is FilterError.  A command that
+the shell would only look up and run (no shell syntax, no builtin) is run
+without it, as the shell would have run it, when /bin/sh is dash: that
+saves an exec and a fork per message, half the cost of the spawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 from typing import Awaitable, Callable
@@ -28,6 +32,31 @@ STDERR_KEEP = 4096           # bytes of a filter's stderr kept (its last line ma
 CHATTER_LINES = 3            # lines of stderr from a filter that passed a message, logged
 KILL_GRACE = 3.0             # seconds between SIGTERM and SIGKILL
 TEMP_MIN_FREE = 64 * 1024    # bytes free in TempDirectory below which it counts as full
+
+SHELL = "/bin/sh"
+# Words without shell syntax: no quoting, expansion, redirection, globbing,
+# comment, operator or tilde (POSIX.1 XCU 2.2-2.6, 2.9, 2.13).
+PLAIN = re.compile(r"[ \t]*[A-Za-z0-9_./,:+@%-]+(?:[ \t]+[A-Za-z0-9_./,:+@%=-]+)*[ \t]*\Z")
+# dash(1)'s builtins and reserved words: such a command is the shell's own.
+SHELL_WORDS = frozenset(
+    ". : [ alias bg break cd chdir command continue echo eval exec exit export false fc fg "
+    "getopts hash jobs kill local printf pwd read readonly return set shift test times trap "
+    "true type ulimit umask unalias unset wait case do done elif else esac fi for if in then "
+    "until while".split())
+# Names of variables, NUL-separated: dash passes on no others.
+NAMES = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\0[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# Variables dash sets for itself, which a program it runs gets in its environment.
+SHELL_SETS = frozenset(("IFS", "OPTIND", "PPID"))
+
+
+def _shell_is_dash() -> bool:
+    try:
+        return os.path.basename(os.path.realpath(SHELL)) == "dash"
+    except OSError:
+        return False
+
+
+SHELL_IS_DASH = _shell_is_dash()
 
 
 def temp_full(directory: str) -> bool:
@@ -59,9 +88,21 @@ def _warn_chatter(tag: str, stderr: bytes) -> None:
                     clean(line, 256), " (%d more lines)" % more if more > 0 else "")
 
 
+_inherited: tuple[int, dict[str, str]] = (0, {})
+
+
+def _daemon_environment() -> dict[str, str]:
+    """The daemon's environment, copied from os.environ once per process (a
+    third of environment()'s time): nothing in the daemon changes it."""
+    global _inherited
+    if _inherited[0] != os.getpid():
+        _inherited = (os.getpid(), dict(os.environ))
+    return _inherited[1]
+
+
 def environment(config: Config, envelope: Envelope, email: str | None) -> dict[str, str]:
     """The filter's environment: the daemon's, plus the message's facts."""
-    env = dict(os.environ)
+    env = _daemon_environment().copy()
     facts = {
         "SENDER": envelope.sender,
         "RECIPIENTS": "\n".join(envelope.recipients) if envelope.recipients else None,
@@ -81,6 +122,34 @@ def environment(config: Config, envelope: Envelope, email: str | None) -> dict[s
     env["CLIENT_TLS"] = envelope.client_tls
     env["SERVER_TLS"] = envelope.server_tls
     return env
+
+
+def direct_argv(command: str, env: dict[str, str]) -> list[str] | None:
+    """The words of a command that `dash -c` would only look up in PATH and run,
+    with an environment it would pass on as it is (but PWD); None otherwise.
+    Behaviour the shell adds (126/127 and its message when the program can't be
+    run, a script without #!) comes from running the shell when exec fails."""
+    if not SHELL_IS_DASH or not PLAIN.match(command) or "PATH" not in env:
+        return None
+    words = command.split()
+    if "=" in words[0] or words[0] in SHELL_WORDS:     # an assignment, or the shell's own
+        return None
+    if not SHELL_SETS.isdisjoint(env) or not NAMES.match("\0".join(env)):
+        return None                  # dash would change these (or drop invalid names)
+    return words
+
+
+def shell_pwd(env: dict[str, str]) -> str:
+    """PWD as dash exports it: the inherited one if it names the working
+    directory, else getcwd(3)."""
+    pwd = env.get("PWD", "")
+    if pwd.startswith("/"):
+        try:
+            if os.path.samestat(os.stat(pwd), os.stat(".")):
+                return pwd
+        except OSError:
+            pass
+    return os.getcwd()
 
 
 async def command_verdict(config: Config, envelope: Envelope, message: spool.Spool,
@@ -130,15 +199,26 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
 class FilterProcess:
     """`/bin/sh -c command` in its own process group, watched from the event loop.
 
+    A command direct_argv() finds plain is run as the shell would have run it:
+    with PWD set, its death by signal N reported as exit 128+N as dash reports
+    a program it ran, and the shell itself run if exec fails (so 126/127 and
+    their message on stderr are the shell's).
     Spawned with subprocess (close_fds: the filter gets fds 0-2 only), its
     stderr read without blocking (the last STDERR_KEEP bytes kept), and its
     exit seen through a pidfd: only this child's own pid is ever waited for,
     so no session can reap another session's filter."""
 
     def __init__(self, command: str, stdin, stdout, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=stdin, stdout=stdout,
-                                     stderr=subprocess.PIPE, env=env, close_fds=True,
-                                     start_new_session=True)
+        argv = direct_argv(command, env)
+        self.direct = False
+        if argv is not None:
+            try:
+                self.proc = self._spawn(argv, stdin, stdout, dict(env, PWD=shell_pwd(env)))
+                self.direct = True
+            except OSError:         # not found, not executable, no #!: the shell says how
+                pass
+        if not self.direct:
+            self.proc = self._spawn([SHELL, "-c", command], stdin, stdout, env)
         self.pid = self.proc.pid
         self.loop = asyncio.get_running_loop()
         self.stderr = bytearray()
@@ -149,6 +229,11 @@ class FilterProcess:
         self.loop.add_reader(self._err, self._on_stderr)
         self._pidfd = os.pidfd_open(self.pid)
         self.loop.add_reader(self._pidfd, self._on_exit)
+
+    @staticmethod
+    def _spawn(argv: list[str], stdin, stdout, env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                                env=env, close_fds=True, start_new_session=True)
 
     @property
     def exited(self) -> bool:
@@ -183,7 +268,8 @@ class FilterProcess:
         self.loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = -1
-        self.status = self.proc.wait()      # waitpid(this pid): returns at once
+        status = self.proc.wait()           # waitpid(this pid): returns at once
+        self.status = 128 - status if self.direct and status < 0 else status
         self._wake()
 
     async def wait(self, timeout: float) -> None:
