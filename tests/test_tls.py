@@ -937,3 +937,20 @@ def test_server_refusing_the_session_gets_a_full_handshake(proxy, postfix, pki):
                             what="three server handshakes in the log")
     assert [h.endswith(" resumed") for h in handshakes] == [False, False, True], handshakes
     assert len(server.messages(3)) == 3
+
+
+def test_filter_node_leg_resumes_the_tls_session_with_postfix(proxy, postfix, make_upstream,
+                                                              pki):
+    """The filter node's leg is a TLS client as the server leg is: a real
+    Postfix as the node (XCLIENT from loopback), one message per session; the
+    node's handshakes after the first resume."""
+    node = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    upstream = make_upstream()
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address, "Workers": 1})
+    for _ in range(3):
+        send_one(p)
+    upstream.wait_messages(3)
+    handshakes = re.findall(r"FILTER TLS: (TLSv1\S* \S+(?: resumed)?)$", p.log(), re.M)
+    assert len(handshakes) == 3 and not handshakes[0].endswith("resumed"), handshakes
+    assert all(h.endswith(" resumed") for h in handshakes[1:]), handshakes
