@@ -8,8 +8,9 @@ One proxsmtpd (Workers 1, -d 2) relays to a throwaway Postfix with TLS
 10 KB, a new session per message); the CPU is the proxy's process tree
 (memory.cpu_seconds).  "full" is the same tree with the session cache
 held at 0 entries (tlssessions.MAX_SESSIONS), so every handshake is a full
-one; "plain" is ServerTLS off, for the share of TLS.  The rounds alternate so that both see the same machine.  A last short
-run at -d 4 counts the handshakes the log calls resumed.
+one; "plain" is ServerTLS off, for the share of TLS.  The rounds alternate
+so that all see the same machine.  A last short run at -d 4 counts the
+handshakes the log calls resumed.
 
     python bench/tlsresume.py [--messages 300] [--rounds 3]
 """
