@@ -5,7 +5,8 @@ Under uvloop (the worker's loop) the TLS is uvloop's own protocol with one
 change (TLSLayer: a peer's EOF does not end the connection), put in the
 place uvloop's start_tls and connect_accepted_socket would put theirs.
 Without uvloop it is the loop's TLS as it is (only the tests and tools run
-so).
+so).  As the client, under uvloop, the handshake offers the session kept
+for that peer (tlssessions).
 """
 
 from __future__ import annotations
