@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from . import tlssessions
-
 CLIENT_POLICIES = ("off", "may", "encrypt")
 SERVER_POLICIES = ("off", "may", "encrypt", "verify")
 
@@ -59,11 +57,10 @@ def connecting_context(policy: str, cafile: str | None) -> ssl.SSLContext | None
     if policy == "off":
         return None
     try:
-        # a ClientContext: it resumes sessions (tlssessions)
         if policy == "verify":
-            context = tlssessions.client_context(cafile)
+            context = ssl.create_default_context(cafile=cafile)
         else:
-            context = tlssessions.client_context(None)
+            context = ssl.create_default_context()
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             if cafile:      # a broken file is an error whatever the policy
