@@ -24,7 +24,7 @@ from ..message.envelope import Envelope
 from ..net.channel import CRLF
 from ..process.log import clean, log
 from ..smtp.replies import R_AUTHTLS, R_BARECR, R_NOTAUTH, R_NOTSUPP, R_SIZE, R_TOOLONG, Status
-from ..smtp.syntax import envelope_address, parse_xforward
+from ..smtp.syntax import ehlo_keywords, envelope_address, parse_xforward
 from .ehlo import client_view
 from .replyqueue import ServerAnswers
 from .starttls import StartTLS, refusal_before_tls
@@ -284,6 +284,7 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     verb, envelope = place.verb, session.envelope
     if verb in (b"EHLO", b"HELO"):
         envelope.reset()
+        session.server_leg.offers = ehlo_keywords(lines)
         if verb == b"EHLO":
             hide_auth = auth_needs_client_tls(envelope) if envelope.server_tls else False
             lines, session.size_limit, xclient = client_view(
