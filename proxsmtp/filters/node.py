@@ -6,9 +6,9 @@ haproxy) as a client (smtp.peer): the greeting, EHLO and, under FilterTLS
 the client, EHLO with the client's name, the envelope and the message (by
 BDAT, byte for byte, when it came by BDAT and the node offers CHUNKING, RFC
 3030; else by DATA, dot-stuffed).  2xx after the final dot or chunk
-accepts; the node's refusal is the client's rejection (verdict.as_rejection).  The connection is then kept for the worker's next
-message (nodepool.py, FilterConnections), which starts with RSET and
-XCLIENT on it.
+accepts; the node's refusal is the client's rejection (verdict.as_rejection).
+The connection is then kept for the worker's next message (nodepool.py,
+FilterConnections), which starts with RSET and XCLIENT on it.
 """
 
 from __future__ import annotations
