@@ -30,7 +30,7 @@ from ..process.log import clean, log
 from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_DATAAFTERBDAT, R_MAILAFTERBDAT,
                             R_NEEDMAIL, R_NEEDRCPT, R_NOTAUTH, R_NOTSUPP, R_RCPTAFTERBDAT, R_SIZE,
                             R_TOOLONG, Status, chunk_received)
-from ..smtp.syntax import bdat_args, ehlo_offers, envelope_address, parse_xforward
+from ..smtp.syntax import bdat_args, ehlo_keywords, ehlo_offers, envelope_address, parse_xforward
 from .ehlo import client_view
 from .replyqueue import ServerAnswers
 from .starttls import StartTLS, refusal_before_tls
@@ -371,6 +371,7 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     verb, envelope = place.verb, session.envelope
     if verb in (b"EHLO", b"HELO"):
         envelope.reset()
+        session.server_leg.offers = ehlo_keywords(lines)
         if verb == b"EHLO":
             hide_auth = auth_needs_client_tls(envelope) if envelope.server_tls else False
             lines, session.size_limit, xclient = client_view(
