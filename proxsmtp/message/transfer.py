@@ -120,23 +120,36 @@ class Transfer:
             self._refused(filters.reject_reply(self.config.FilterReject))
             self._end(REJECTED)
             return
+        message = self.open_spool()
+        if message is None:
+            self.refuse(FAILED, FILTER_ERROR)
+            return
+        self.client.write(R_DATAINTERMED)
+        await self.intake.take(message, self.timeout, self.config.KeepAlives)
+        await self.taken(message)
+
+    def open_spool(self) -> spool.Spool | None:
+        """The message's spool: in memory while small when no program reads
+        it; None (logged) when no temp file can be made."""
         config = self.config
         try:
-            message = self.message = spool.Spool(
+            self.message = spool.Spool(
                 config.TempDirectory,
                 in_memory=not config.FilterCommand or config.FilterType == "smtp")
         except OSError as exc:
             log.error("%s: couldn't open cache file in %s: %s", self.tag,
                       config.TempDirectory, exc.strerror)
-            self.refuse(FAILED, FILTER_ERROR)
-            return
-        self.client.write(R_DATAINTERMED)
-        await self.intake.take(message, self.timeout, config.KeepAlives)
+            return None
+        return self.message
+
+    async def taken(self, message: spool.Spool) -> None:
+        """The whole message is in `message` (DATA's final dot, BDAT's LAST
+        chunk): refused, or filtered and offered to the server."""
         refusal = self.intake.received(message)
         if refusal is not None:
             self.refuse(*refusal)
             return
-        if path is datapath.FILTERED:
+        if self.path is datapath.FILTERED:
             verdict = await self.run_filter(message)
             if verdict is None:
                 return

@@ -18,6 +18,7 @@ import socket
 from typing import Coroutine
 
 from ..message import datapath
+from ..message.chunks import Chunks
 from ..message.envelope import Envelope
 from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
@@ -98,6 +99,8 @@ class Session(Pump):
         # server's SIZE if smaller (ehlo.size_limit, at each EHLO reply).
         self.size_limit: int = config.MaxMessageSize
         self.transfer: Transfer | None = None
+        self.chunking = False   # the client's last EHLO reply offered CHUNKING (RFC 3030)
+        self.chunks: Chunks | None = None
         self.deferred: Coroutine[None, None, None] | None = None   # a command left to the task
         self.ended = False                    # relay_lines saw either side close
         self.messages = 0                     # DATA commands done: a retiring worker watches it
@@ -158,6 +161,8 @@ class Session(Pump):
                 self.deferred = None
             if self.transfer is not None:
                 self.transfer.close()
+            if self.chunks is not None:
+                self.chunks.close()
             self.client.close()
             self.server.close()
             if self.debug:
@@ -332,7 +337,7 @@ class Session(Pump):
         if status is not None:
             self.log_message(status)
         self.in_data = False
-        self.transfer = None
+        self.transfer = self.chunks = None
         self.messages += 1
         self.envelope.reset()
 
