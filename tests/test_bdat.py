@@ -13,7 +13,6 @@ import hashlib
 import re
 import socket
 import threading
-import time
 
 import pytest
 from harness import Proxy, RawServer, wait_until
