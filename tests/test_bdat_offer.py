@@ -376,3 +376,38 @@ def test_every_filter_type_takes_a_bdat_message_utf8_and_all(proxy, server, post
         assert at_node["sender"] == "jörg@bücher.test" and at_node["content"] == stored(message)
         by_data = "FILTER > DATA" in p.log()
         assert by_data == ("without" in filter_type)
+
+
+@pytest.mark.unit
+def test_requiretls_to_a_node_only_when_it_offers_it():
+    """RFC 8689: REQUIRETLS goes to a filter node that offers it, and the
+    other parameters with it, as the client wrote them."""
+    from proxsmtp.filters.node import MAIL_PARAMS, node_params
+    mail = b"MAIL FROM:<a@x> REQUIRETLS BODY=BINARYMIME SMTPUTF8 RET=FULL\r\n"
+    offered = {"REQUIRETLS", "8BITMIME", "BINARYMIME", "SMTPUTF8", "DSN"}
+    assert node_params(mail, MAIL_PARAMS, offered) == \
+        " REQUIRETLS BODY=BINARYMIME SMTPUTF8 RET=FULL"
+    assert node_params(mail, MAIL_PARAMS, offered - {"REQUIRETLS"}) == \
+        " BODY=BINARYMIME SMTPUTF8 RET=FULL"
+
+
+@pytest.mark.e2e
+def test_extension_parameters_reach_the_server_untouched(proxy, make_upstream):
+    """SMTPUTF8, DSN's, BODY and REQUIRETLS: MAIL and RCPT reach the server
+    byte for byte (the server says what it takes, not the proxy)."""
+    upstream = make_upstream(extensions=("PIPELINING", "8BITMIME", "SMTPUTF8", "DSN",
+                                         "REQUIRETLS", "CHUNKING", "BINARYMIME"))
+    mail = "MAIL FROM:<jörg@bücher.test> SMTPUTF8 BODY=8BITMIME REQUIRETLS RET=HDRS ENVID=a+2Bb"
+    rcpt = "RCPT TO:<zoë@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;zo\\x{EB}@y.test"
+    p = proxy({"OutAddress": upstream.address})
+    from harness import send_mail
+    with p.connect() as client:
+        ehlo = client.cmd("EHLO client.example")
+        assert {"250-SMTPUTF8", "250-DSN", "250-REQUIRETLS", "250-8BITMIME"} <= set(ehlo)
+        assert client.cmd(mail.encode())[-1][:3] == "250"
+        assert client.cmd(rcpt.encode())[-1][:3] == "250"
+        assert client.cmd("RSET")[-1][:3] == "250"
+        reply = send_mail(client, "a@x.test", ["b@y.test"], b"Subject: x\r\n\r\nx\r\n")
+        assert reply[-1][:3] == "250"
+    commands = upstream.commands()
+    assert mail in commands and rcpt in commands
