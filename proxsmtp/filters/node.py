@@ -196,7 +196,7 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
         await spool.send_bdat(node.channel, message.reader(), None, message.size,
                               max(message.size, 1), node.timeout)
     else:
-        await spool.send(node.channel, message.reader(), None, node.timeout)
+        await spool.send(node.channel, message.reader(), None, node.timeout, envelope.chunked)
     code, text = code_text(await node.read_reply())
     if code // 100 == 2:
         envelope.filter_reply = text.splitlines()[-1]

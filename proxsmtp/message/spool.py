@@ -246,6 +246,36 @@ def outgoing(message: BinaryIO, header: bytes | None) -> Iterator[bytes]:
     yield guard.finish() + b".\r\n"
 
 
+def dot_stuffed(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """A message that came by BDAT (bytes as they are), dot-stuffed for DATA
+    (RFC 5321 4.5.2): every line that begins with a dot gets another, a line
+    begun after a bare LF too, as a server that takes a bare LF for a line
+    end (Postfix's) takes the dot off again."""
+    at_start = True                         # the next byte begins a line
+    for piece in pieces:
+        if not piece:
+            continue
+        if at_start and piece[:1] == b".":
+            piece = b"." + piece
+        if _DOT_LINE.search(piece):
+            piece = piece.replace(b"\n.", b"\n..")
+        at_start = piece[-1:] == b"\n"
+        yield piece
+
+
+def data_pieces(message: BinaryIO, header: bytes | None, chunked: bool) -> Iterator[bytes]:
+    """The message as a server gets it after DATA's 354: outgoing() for a
+    message that came by DATA (its dot-stuffing is the client's, kept in
+    the spool); one that came by BDAT (`chunked`) is dot-stuffed first."""
+    if not chunked:
+        yield from outgoing(message, header)
+        return
+    guard = DotGuard()
+    for piece in dot_stuffed(with_header(message, header)):
+        yield guard.feed(piece)
+    yield guard.finish() + b".\r\n"
+
+
 def framed(message: bytes) -> bytes:
     """A whole message held in memory, with no header to insert, as the
     server gets it: what outgoing() makes of it, in one piece, without a
@@ -326,9 +356,10 @@ def bdat_framed(pieces: Iterator[bytes], total: int, chunk: int) -> Iterator[byt
         raise ValueError("the message shrank while it was sent")
 
 
-async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
-    """Stream a spooled message to `channel` by DATA (see outgoing())."""
-    await send_pieces(channel, outgoing(message, header), timeout)
+async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float,
+               chunked: bool = False) -> None:
+    """Stream a spooled message to `channel` by DATA (see data_pieces())."""
+    await send_pieces(channel, data_pieces(message, header, chunked), timeout)
 
 
 async def send_bdat(channel: Channel, message: BinaryIO, header: bytes | None, total: int,

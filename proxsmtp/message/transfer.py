@@ -194,6 +194,9 @@ class Transfer:
         header = self._header()
         data = message.memory if header is None else b"".join(
             spool.with_header(message.reader(), header))
+        if self.debug:
+            log.debug("%s: the message to the server by BDAT: %d bytes in 1 chunk(s)",
+                      self.tag, len(data))
         self.server.write(b"BDAT %d LAST\r\n" % len(data) + data, False)
         self._await_final()
 
@@ -205,7 +208,11 @@ class Transfer:
         header = self._header()
         total = spool.with_header_size(open(path, "rb"), os.path.getsize(path), header)
         chunk = spool.BDAT_CHUNK if "PIPELINING" in self.server.offers else max(total, 1)
-        for _ in range(spool.bdat_chunks(total, chunk) - 1):
+        chunks = spool.bdat_chunks(total, chunk)
+        if self.debug:
+            log.debug("%s: the message to the server by BDAT: %d bytes in %d chunk(s)",
+                      self.tag, total, chunks)
+        for _ in range(chunks - 1):
             self.replies.expect_own(self._on_chunk)
         await spool.send_bdat(self.server.channel, open(path, "rb"), header, total, chunk,
                               self.timeout)
@@ -250,11 +257,12 @@ class Transfer:
         elif self.source is not None or message.memory is None:   # sent by the task
             self.streaming = True
         else:
-            if not self.config.Header:
+            chunked = self.envelope.chunked     # by DATA to a server without CHUNKING
+            if not self.config.Header and not chunked:
                 self.server.write(spool.framed(message.memory), False)
             else:
-                self.server.write(b"".join(spool.outgoing(message.reader(), self._header())),
-                                  False)
+                self.server.write(b"".join(spool.data_pieces(message.reader(), self._header(),
+                                                             chunked)), False)
             self._await_final()
 
     async def stream(self) -> None:
@@ -268,7 +276,8 @@ class Transfer:
             await self._stream_bdat()
         else:
             source = open(self.source, "rb") if self.source else self.message.reader()
-            await spool.send(self.server.channel, source, self._header(), self.timeout)
+            await spool.send(self.server.channel, source, self._header(), self.timeout,
+                             self.envelope.chunked)
         self._await_final()
 
     def _await_final(self) -> None:
