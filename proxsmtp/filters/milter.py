@@ -15,7 +15,7 @@ TCP_QUICKACK, set again after every read (Linux clears it when it sees a
 request/response pattern): most milters write their answers in several
 small packets (edits, then the verdict) without TCP_NODELAY, so the second
 one waits for our ACK, which a delayed ACK holds back for up to 40 ms
-(docs/BEHAVIOUR.md, "Milters", has the measurement).
+(bench/milterack.py; the figures are in docs/BEHAVIOUR.md, "Milters").
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ PROTOCOL = (codec.P_NOCONNECT | codec.P_NOHELO | codec.P_NOMAIL | codec.P_NORCPT
             | codec.P_NR_HELO | codec.P_NR_MAIL | codec.P_NR_RCPT | codec.P_NR_DATA
             | codec.P_NR_UNKN | codec.P_NR_EOH | codec.P_NR_BODY | codec.P_HDR_LEADSPC)
 
-QUICKACK = True                 # bench/milter_quickack.py turns it off to measure it
+NODELAY = QUICKACK = True       # bench/milterack.py turns them off to measure them
 
 
 class MilterError(Exception):
@@ -78,7 +78,8 @@ class _Link(asyncio.Protocol):
         self.transport = transport
         self.sock = transport.get_extra_info("socket")
         if self.sock is not None and self.sock.family != socket.AF_UNIX:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if NODELAY:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.quickack()
         else:
             self.sock = None
