@@ -16,13 +16,14 @@ import re
 import urllib.request
 
 import pytest
+import test_tls
+from harness import Client, free_port, send_mail, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Client, free_port, send_mail, wait_until
 from proxsmtp.net.proxyproto import build
-from test_tls import client_context, pki, tls_settings  # noqa: F401 (pki: a fixture)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pki = test_tls.pki              # the test CA and certificates, a fixture
 
 BODY = b"From: a@x.test\r\nSubject: milters\r\n\r\nbody line\r\n"
 OK = "250 2.0.0 Ok: queued as TEST"
@@ -363,10 +364,10 @@ def test_a_refusal_at_data_answers_data_and_the_server_forgets_the_transaction(
 
 def test_the_helo_stage_gets_the_tls_macros_after_starttls(proxy, upstream, test_milter, pki):
     milter = test_milter()
-    px = start(proxy, upstream, milter, **tls_settings(pki))
+    px = start(proxy, upstream, milter, **test_tls.tls_settings(pki))
     with px.smtp() as smtp:
         smtp.ehlo("client.example")
-        assert smtp.starttls(context=client_context(pki))[0] == 220
+        assert smtp.starttls(context=test_tls.client_context(pki))[0] == 220
         smtp.ehlo("client.example")
         version, cipher = smtp.sock.version(), smtp.sock.cipher()[0]
         smtp.sendmail("a@x.test", ["b@y.test"], message())
