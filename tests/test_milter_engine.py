@@ -393,3 +393,41 @@ def test_skip_ends_the_body(tmp_path):
     codes = [code for code, _ in scripted.seen]
     assert codes.count(codec.BODY) == 1 and codec.BODYEOB in codes
     assert data.endswith(body)
+
+
+def test_no_reply_and_skip_flags_are_honoured(tmp_path):
+    """A milter that never answers before the end of the message and asked
+    for that (SMFIP_NR_*), and skips HELO and the body (SMFIP_NOHELO,
+    NOBODY): the awaited stages do not wait (a wait would time out into
+    MilterDefaultAction's 451), HELO and the body are not sent, HELO's
+    macros are."""
+    quiet = [codec.CONNECT, codec.HELO, codec.MAIL, codec.RCPT, codec.DATA, codec.HEADER,
+             codec.EOH, codec.BODY]
+    protocol = (codec.P_NR_CONN | codec.P_NOHELO | codec.P_NR_MAIL | codec.P_NR_RCPT
+                | codec.P_NR_DATA | codec.P_NR_HDR | codec.P_NR_EOH | codec.P_NOBODY)
+    scripted = Scripted(protocol, {code: [] for code in quiet})
+
+    async def go():
+        server = await asyncio.start_server(scripted.serve, "127.0.0.1", 0)
+        chain = chain_of("inet:127.0.0.1:%d" % server.sockets[0].getsockname()[1],
+                         timeout=0.5)
+        try:
+            answers = [await chain.connect({}, "c", "inet", 1, "192.0.2.1"),
+                       await chain.helo("c", {"j": "proxy"}),
+                       await chain.mail(["<a@b>"], {}), await chain.rcpt(["<c@d>"], {}),
+                       await chain.data({})]
+            wanted = [chain.wants_reply(stage) for stage in ("helo", "mail", "rcpt", "data")]
+            outcome = await chain.message(spool(tmp_path, []), {}, "<a@b>", ["<c@d>"],
+                                          str(tmp_path))
+            outcome.message.remove()
+            return answers, wanted, outcome
+        finally:
+            await chain.close()
+            server.close()
+    answers, wanted, outcome = asyncio.run(go())
+    assert [answer.action for answer in answers] == ["continue"] * 5
+    assert wanted == [False] * 4 and outcome.answer.action == "continue"
+    codes = [code for code, _ in scripted.seen]
+    assert codec.HELO not in codes and codec.BODY not in codes
+    assert codec.MAIL in codes and codec.HEADER in codes and codec.BODYEOB in codes
+    assert (codec.MACRO, codec.HELO + b"j\0proxy\0") in scripted.seen

@@ -261,6 +261,10 @@ class MilterChain:
                       recipients: list[str], directory: str) -> Outcome:
         """Headers, body and end of message through the chain; the changes
         applied.  A message that is refused is returned as it came."""
+        if not any(slot.sticky is not None or slot.takes("eob") for slot in self.slots):
+            outcome = Outcome(CONTINUE, message, actions=self.fallbacks)
+            self._transaction_over()
+            return outcome
         draft = Draft(message)
         envelope = EnvelopeEdits(recipients)
         actions: list[tuple[str, str]] = []
