@@ -141,6 +141,7 @@ class Config:
     connecting_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     filter_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
+    milter_hostname: str = ""              # the milters' `j` macro: this host's name
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
     lines: dict[str, int] = field(default_factory=dict)   # ...and their line numbers
@@ -397,6 +398,8 @@ def _finish(config: Config) -> None:
         config.FilterCommand = None
     if config.Milters is None:
         config.Milters = ()
+    if config.Milters:      # looked up once per load, not in a worker's event loop
+        config.milter_hostname = socket.getfqdn()
     if config.OutAddress is None and config.TransparentProxy == "off":
         raise ConfigError(located(config.source, None, "no OutAddress specified: it is required "
                                   "unless TransparentProxy is on (expected %s)" % ADDRESS_FORMS))
