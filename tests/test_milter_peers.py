@@ -290,3 +290,106 @@ def test_postfix_clamav_rejects_the_signature(postfix, clamav_milter):
     outcome = through_postfix(server, Case("clean"))
     assert outcome.final[0] == 250
     assert ("X-Virus-Status", " Clean") in outcome.headers
+
+
+# --- side by side: the same milters, the same messages, through proxsmtpd ---------------------
+
+def through_proxy(proxy, upstream, case: Case) -> Outcome:
+    """Run a Case through a running proxsmtpd (OutAddress: `upstream`, a
+    RecordingServer); what it answered and what the server got."""
+    before = len(upstream.messages)
+    outcome = Outcome(transact(proxy.host, proxy.port, case))
+    delivered = upstream.messages[before:]
+    if delivered:
+        [message] = delivered
+        outcome.sender = message.sender
+        outcome.recipients = sorted(message.recipients)
+        # the server's copy ends at the CRLF before the final dot, which it drops
+        outcome.headers, outcome.body = parse(message.body + b"\r\n")
+    return outcome
+
+
+def milter_proxy(proxy, upstream, *milters) -> object:
+    return proxy({"OutAddress": upstream.address,
+                  "Milters": ", ".join(milter.spec for milter in milters)})
+
+
+def verdicts(outcome: Outcome) -> dict[str, tuple[int, list[str] | None]]:
+    """Each stage's reply code, with the text of a refusal (an acceptance's
+    text is each MTA's own: Postfix's 250 names its queue id)."""
+    return {stage: (code, text if code >= 400 else None)
+            for stage, (code, text) in outcome.replies.items()}
+
+
+def same_as_postfix(ours: Outcome, postfix: Outcome) -> None:
+    """The same verdict at each stage, and what was passed on: envelope,
+    headers (names, values, order), body."""
+    assert verdicts(ours) == verdicts(postfix)
+    assert (ours.sender, ours.recipients) == (postfix.sender, postfix.recipients)
+    assert ours.headers == postfix.headers
+    assert ours.body == postfix.body
+
+
+@pytest.mark.parametrize("case,expected", CASES, ids=[case.id for case, _ in CASES])
+def test_proxy_as_postfix_with_the_test_milter(postfix_test_milter, proxy, upstream, case,
+                                               expected):
+    server, milter = postfix_test_milter
+    reference = through_postfix(server, case)
+    ours = through_proxy(milter_proxy(proxy, upstream, milter), upstream, case)
+    if expected.get("held"):
+        # Postfix holds a quarantined message in its queue; a proxy has none,
+        # so it answers 451 (proxsmtpd.conf(5), Milters) and passes nothing on
+        assert reference.final[0] == 250 and reference.held
+        assert list(ours.final) == TEMPFAILED and ours.headers is None
+        return
+    same_as_postfix(ours, reference)
+
+
+def test_proxy_as_postfix_with_a_chain_of_two(postfix, test_milter, proxy, upstream):
+    first, second = test_milter(name="first"), test_milter(name="second", noreply=True)
+    server = postfix(milters=[first.spec, second.spec])
+    ours = milter_proxy(proxy, upstream, first, second)
+    for case in (Case("chain", ("first: addheader X-From-First yes",
+                                "second: chgheader X-From-First 1 changed by second")),
+                 Case("chain-reject", ("first: reject", "second: addheader X-Never no")),
+                 Case("chain-second", ("second: replycode 550 5.7.1 second says no",))):
+        same_as_postfix(through_proxy(ours, upstream, case), through_postfix(server, case))
+
+
+def test_proxy_as_postfix_with_rspamd(postfix, rspamd_milter, proxy, upstream):
+    server = postfix(milters=[rspamd_milter.spec])
+    ours = milter_proxy(proxy, upstream, rspamd_milter)
+    gtube = Case("gtube", body=rspamd_milter.gtube + "\r\n")
+    assert verdicts(through_proxy(ours, upstream, gtube)) == \
+        verdicts(through_postfix(server, gtube))
+    reference, outcome = through_postfix(server, Case("clean")), through_proxy(ours, upstream,
+                                                                                Case("clean"))
+    assert outcome.final[0] == reference.final[0] == 250
+    # the same headers; their values name the queue id and the symbols that
+    # hit, which differ (Postfix's queue id, its Received header)
+    assert [n for n, _ in added(outcome, Case("clean"))] == \
+        [n for n, _ in added(reference, Case("clean"))]
+    for name in ("X-Rspamd-Action", "X-Spam-Status", "X-Rspamd-Server"):
+        assert dict(outcome.headers)[name] == dict(reference.headers)[name]
+
+
+def test_proxy_as_postfix_with_opendkim(postfix, opendkim_milter, proxy, upstream):
+    server = postfix(milters=[opendkim_milter.spec])
+    ours = milter_proxy(proxy, upstream, opendkim_milter)
+    case = Case("dkim", headers=("X-Folded: one\r\n\ttwo", "X-Leading:   three spaces"))
+    reference, outcome = through_postfix(server, case), through_proxy(ours, upstream, case)
+    assert [n for n, _ in added(outcome, case)] == [n for n, _ in added(reference, case)] \
+        == ["DKIM-Signature"]
+    delivered = "".join("%s:%s\n" % header for header in outcome.headers).encode()
+    assert opendkim_milter.verify(delivered + b"\n" + outcome.body)
+
+
+def test_proxy_as_postfix_with_clamav(postfix, clamav_milter, proxy, upstream):
+    server = postfix(milters=[clamav_milter.spec])
+    ours = milter_proxy(proxy, upstream, clamav_milter)
+    virus = Case("virus", body=clamav_milter.signature + "\r\n")
+    assert verdicts(through_proxy(ours, upstream, virus)) == \
+        verdicts(through_postfix(server, virus))
+    reference, outcome = through_postfix(server, Case("clean")), through_proxy(ours, upstream,
+                                                                                Case("clean"))
+    assert added(outcome, Case("clean")) == added(reference, Case("clean"))
