@@ -431,3 +431,32 @@ def test_no_reply_and_skip_flags_are_honoured(tmp_path):
     assert codec.HELO not in codes and codec.BODY not in codes
     assert codec.MAIL in codes and codec.HEADER in codes and codec.BODYEOB in codes
     assert (codec.MACRO, codec.HELO + b"j\0proxy\0") in scripted.seen
+
+
+@pytest.mark.parametrize("default, action", [("accept", "continue"), ("tempfail", "tempfail")])
+def test_a_malformed_verdict_is_a_protocol_error(tmp_path, caplog, default, action):
+    """A replycode that is no 4xx/5xx reply: MilterDefaultAction, and the
+    changes that milter asked for before it are not made."""
+    eom = [codec.packet(codec.ADDHEADER, b"X-Broken\0yes\0"),
+           codec.packet(codec.REPLYCODE, b"250 all fine\0")]
+    scripted = Scripted(0, {codec.BODYEOB: eom})
+
+    async def go():
+        server = await asyncio.start_server(scripted.serve, "127.0.0.1", 0)
+        spec = "inet:127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+        chain = chain_of(spec, default=default, timeout=0.5)
+        try:
+            await envelope(chain)
+            outcome = await chain.message(spool(tmp_path, []), {}, "<a@b>", ["<c@d>"],
+                                          str(tmp_path))
+            with outcome.message.reader() as reader:
+                data = reader.read()
+            outcome.message.remove()
+            return spec, outcome, data
+        finally:
+            await chain.close()
+            server.close()
+    spec, outcome, data = asyncio.run(go())
+    assert outcome.answer.action == action and b"X-Broken" not in data
+    assert outcome.actions == [(spec, "default:" + default)]
+    assert "malformed reply: 250 all fine" in caplog.text

@@ -308,11 +308,15 @@ class MilterChain:
             if code == codec.BODYEOB:
                 code, data, body = await _requests(slot.milter, edits, self.timeout,
                                                    draft.message.directory)
-        except MilterError as exc:
+        except MilterError as exc:           # (its default action is among the fallbacks)
             if body is not None:
                 body.remove()
             return self.failed(slot, str(exc)) or CONTINUE
         answer = self.verdict(slot, "eob", code, data)
+        if slot.gone:                           # a malformed verdict: failed() had it
+            if body is not None:
+                body.remove()
+            return answer
         if answer.action in ("continue", "accept"):
             quarantine = apply(slot, edits, body, draft, envelope, actions)
             if quarantine is not None:
