@@ -22,9 +22,6 @@ from proxsmtp.net.addresses import parse_milter
 from proxsmtp.process.config import Config
 
 pytestmark = pytest.mark.session
-# libmilter takes about 5 s to stop (tests/milterpeers.py stops it by pid at
-# teardown): every test with a libmilter milter is a slow one.
-slow = pytest.mark.slow
 
 MESSAGE = (b"Subject: hello\r\nFrom: <a@example.org>\r\nX-Folded: one\r\n\ttwo\r\n"
            b"%s\r\nbody line\r\n..a stuffed dot\r\n")
@@ -93,7 +90,6 @@ def run_message(tmp_path, specs, directives, **options):
     ("quarantine held for review", "quarantine",
      b"451 4.7.1 Service unavailable - try again later\r\n"),
 ])
-@slow
 def test_each_verdict_at_the_end_of_the_message(tmp_path, test_milter, directive, action,
                                                  reply):
     milter = test_milter()
@@ -107,7 +103,6 @@ def test_each_verdict_at_the_end_of_the_message(tmp_path, test_milter, directive
     assert not list(tmp_path.iterdir())
 
 
-@slow
 def test_the_message_the_milter_sees(tmp_path, test_milter):
     """Header fields one by one (the first space eaten: no SMFIP_HDR_LEADSPC),
     folded with CRLF; the body without dot-stuffing; the macros of each stage."""
@@ -127,7 +122,6 @@ def test_the_message_the_milter_sees(tmp_path, test_milter):
     assert data.endswith(b"X-Test-Milter-Seen: test\r\n\r\nbody line\r\n..a stuffed dot\r\n")
 
 
-@slow
 def test_each_change_is_applied(tmp_path, test_milter):
     milter = test_milter()
     outcome, data = run_message(tmp_path, [milter.spec], [
@@ -150,7 +144,6 @@ def test_each_change_is_applied(tmp_path, test_milter):
                      "chgfrom", "addrcpt", "delrcpt", "continue"]
 
 
-@slow
 def test_replace_body_keeps_dot_stuffing(tmp_path, test_milter):
     milter = test_milter()
     outcome, data = run_message(tmp_path, [milter.spec], ["replbody .new body"])
@@ -168,7 +161,6 @@ def test_an_unchanged_message_is_the_same_spool(tmp_path):
     asyncio.run(go())
 
 
-@slow
 def test_early_refusals_answer_their_stage(tmp_path, test_milter):
     milter = test_milter()
     outcome, _ = run_message(tmp_path, [milter.spec], [])
@@ -189,7 +181,6 @@ def reject_word(rcpt: str) -> str:
     return "replycode" if rcpt.startswith("<replycode") else "reject"
 
 
-@slow
 def test_a_refusal_at_connect_answers_every_later_stage(test_milter):
     milter = test_milter(connect="reject")
 
@@ -203,7 +194,6 @@ def test_a_refusal_at_connect_answers_every_later_stage(test_milter):
     assert {(a.action, a.reply) for a in answers} == {("reject", b"550 5.7.1 Command rejected\r\n")}
 
 
-@slow
 def test_accept_at_connect_drops_the_milter_for_the_session(tmp_path, test_milter):
     milter = test_milter(connect="accept")
     outcome, data = run_message(tmp_path, [milter.spec], ["reject"])
@@ -212,7 +202,6 @@ def test_accept_at_connect_drops_the_milter_for_the_session(tmp_path, test_milte
     assert events == ["negotiate", "connect"]
 
 
-@slow
 def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
     """A milter that asks for no replies (rspamd's way) is sent every stage
     before the end of the message without a wait: wants_reply is False, and
@@ -240,7 +229,6 @@ def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
         assert stage in events
 
 
-@slow
 def test_a_chain_of_two_each_sees_what_the_first_left(tmp_path, test_milter):
     one, two = test_milter(name="one"), test_milter(name="two")
     outcome, data = run_message(tmp_path, [one.spec, two.spec],
@@ -251,7 +239,6 @@ def test_a_chain_of_two_each_sees_what_the_first_left(tmp_path, test_milter):
     assert ("X-Test-Milter-Seen", "one") in seen and ("X-From-One", "yes") in seen
 
 
-@slow
 def test_the_first_refusal_ends_the_chain(tmp_path, test_milter):
     one, two = test_milter(name="one"), test_milter(name="two")
     outcome, _ = run_message(tmp_path, [one.spec, two.spec], ["one: reject"])
@@ -259,14 +246,12 @@ def test_the_first_refusal_ends_the_chain(tmp_path, test_milter):
     assert "eom" not in [e["event"] for e in two.events()]
 
 
-@slow
 def test_a_unix_socket_milter(tmp_path, test_milter):
     milter = test_milter(unix=True)
     outcome, data = run_message(tmp_path, [milter.spec], ["addheader X-Unix yes"])
     assert b"X-Unix: yes" in data
 
 
-@slow
 def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
     milter = test_milter()
     body = b"".join(b"%05d %s\r\n" % (n, b"x" * 90) for n in range(2000))
@@ -291,7 +276,6 @@ def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
 @pytest.mark.parametrize("mode, stage", [("down", "optneg"), ("garbage", "optneg"),
                                          ("slow", "mail"), ("close", "rcpt"),
                                          ("garbage", "eom")])
-@slow
 def test_a_broken_milter_gets_the_default_action(tmp_path, bad_milter, test_milter, caplog,
                                                  default, action, reply, mode, stage):
     bad = bad_milter(mode, stage=stage, delay=30)

@@ -370,48 +370,43 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     """Header fields, end of headers, body chunks and end of body to one
     milter; a reply that ends the message early (anything but continue, or
     SMFIR_SKIP in the body), or (BODYEOB, b"") when the end of body was sent
-    and its answers are to be read."""
-    out: list[bytes] = []
+    and its answers are to be read.  What expects no reply is held back and
+    goes in as few writes as its size allows."""
     if macros:                      # (libmilter takes macros for EOH, not for HEADER)
-        out.append(codec.macro(codec.EOH, macros))
+        milter.queue(codec.macro(codec.EOH, macros))
     if milter.sends("header"):
         due = milter.replies("header")
         for name, value in draft.header_values(milter.leadspace):
-            out.append(codec.header(name, value))
+            milter.queue(codec.header(name, value))
             if due:
-                milter.write(b"".join(out))
-                out.clear()
                 code, data = await milter.answer(timeout)
                 if code != codec.CONTINUE:
                     return code, data
     if milter.sends("eoh"):
-        out.append(codec.simple(codec.EOH))
+        milter.queue(codec.simple(codec.EOH))
         if milter.replies("eoh"):
-            milter.write(b"".join(out))
-            out.clear()
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
-    if out:
-        milter.write(b"".join(out))
     if milter.sends("body"):
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
-    eob = codec.simple(codec.BODYEOB)
-    milter.write(codec.macro(codec.BODYEOB, macros) + eob if macros else eob)
+    if macros:
+        milter.queue(codec.macro(codec.BODYEOB, macros))
+    milter.write(codec.simple(codec.BODYEOB))
     return codec.BODYEOB, b""
 
 
 async def _body(milter: Milter, draft: Draft, timeout: float) -> tuple[bytes, bytes]:
     due = milter.replies("body")
     for chunk in draft.body_chunks():
-        milter.write(codec.body(chunk))
+        milter.queue(codec.body(chunk))
         if due:
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
-        else:
+        elif not milter.held:
             await milter.drain(timeout)
     return codec.CONTINUE, b""
 
