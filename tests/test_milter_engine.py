@@ -444,3 +444,11 @@ def test_a_malformed_verdict_is_a_protocol_error(tmp_path, caplog, default, acti
     assert outcome.answer.action == action and b"X-Broken" not in data
     assert outcome.actions == [(spec, "default:" + default)]
     assert "malformed reply: 250 all fine" in caplog.text
+
+
+def test_skip_in_the_headers_goes_on_with_the_end_of_headers(tmp_path):
+    scripted = Scripted(codec.P_SKIP, {codec.HEADER: [codec.packet(codec.SKIP)]})
+    outcome, _ = run_scripted(tmp_path, scripted, [])
+    codes = [code for code, _ in scripted.seen]
+    assert codes.count(codec.HEADER) == 1 and codec.EOH in codes and codec.BODYEOB in codes
+    assert outcome.answer.action == "continue"

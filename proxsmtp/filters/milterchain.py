@@ -380,6 +380,8 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
             milter.queue(codec.header(name, value))
             if due:
                 code, data = await milter.answer(timeout)
+                if code == codec.SKIP:          # the rest of the header fields
+                    break
                 if code != codec.CONTINUE:
                     return code, data
     if milter.sends("eoh"):
