@@ -16,12 +16,14 @@ import re
 import urllib.request
 
 import pytest
+import test_tls
+from harness import Client, free_port, send_mail, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Client, free_port, send_mail, wait_until
 from proxsmtp.net.proxyproto import build
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pki = test_tls.pki              # the test CA and certificates, a fixture
 
 BODY = b"From: a@x.test\r\nSubject: milters\r\n\r\nbody line\r\n"
 OK = "250 2.0.0 Ok: queued as TEST"
@@ -344,3 +346,33 @@ def test_a_milter_that_wants_no_replies_costs_no_wait_before_the_message(
                if name == "proxsmtpd_milter_duration_seconds_count" and number}
     assert awaited == {"connect": 2, "message": 1}, awaited      # the harness's probe connects too
     assert [e["args"][0] for e in events(milter, "rcpt")] == ["<b@y.test>", "<reject@y.test>"]
+
+
+def test_a_refusal_at_data_answers_data_and_the_server_forgets_the_transaction(
+        proxy, upstream, bad_milter):
+    milter = bad_milter("close", stage="data")
+    px = start(proxy, upstream, milter, MilterDefaultAction="reject")
+    with px.connect() as client:
+        transaction(client, "a@x.test", ["b@y.test"])
+        assert client.cmd("DATA") == [REJECT]
+        assert client.cmd("NOOP")[0].startswith("250")
+    upstream.wait_command("RSET")
+    assert "DATA" not in upstream.verbs()
+    line = px.wait_log(r"^proxsmtpd: \w+: client=.*status=REJECTED$").group(0)
+    assert 'reply="%s", milter=%s' % (REJECT, milter.spec) in line
+
+
+def test_the_helo_stage_gets_the_tls_macros_after_starttls(proxy, upstream, test_milter, pki):
+    milter = test_milter()
+    px = start(proxy, upstream, milter, **test_tls.tls_settings(pki))
+    with px.smtp() as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.starttls(context=test_tls.client_context(pki))[0] == 220
+        smtp.ehlo("client.example")
+        version, cipher = smtp.sock.version(), smtp.sock.cipher()[0]
+        smtp.sendmail("a@x.test", ["b@y.test"], message())
+        smtp.quit()
+    upstream.wait_messages(1)
+    first, second = events(milter, "helo")
+    assert "{tls_version}" not in first["macros"]
+    assert second["macros"]["{tls_version}"] == version and second["macros"]["{cipher}"] == cipher
