@@ -216,6 +216,11 @@ class PostfixServer:
                 entries.setdefault(entry["queue_id"], entry)
         return list(entries.values())
 
+    def clear(self) -> None:
+        """Delete every queued message (held ones too): `postsuper -d ALL`."""
+        subprocess.run(["postsuper", "-c", str(self.config), "-d", "ALL"],
+                       capture_output=True, timeout=30, check=True)
+
     def content(self, queue_id: str) -> bytes:
         """The queued message's headers and body as Postfix stored them (LF line ends)."""
         result = subprocess.run(["postcat", "-c", str(self.config), "-h", "-b", "-q", queue_id],

@@ -22,9 +22,6 @@ from proxsmtp.net.addresses import parse_milter
 from proxsmtp.process.config import Config
 
 pytestmark = pytest.mark.session
-# libmilter takes about 5 s to stop (tests/milterpeers.py stops it by pid at
-# teardown): every test with a libmilter milter is a slow one.
-slow = pytest.mark.slow
 
 MESSAGE = (b"Subject: hello\r\nFrom: <a@example.org>\r\nX-Folded: one\r\n\ttwo\r\n"
            b"%s\r\nbody line\r\n..a stuffed dot\r\n")
@@ -93,7 +90,6 @@ def run_message(tmp_path, specs, directives, **options):
     ("quarantine held for review", "quarantine",
      b"451 4.7.1 Service unavailable - try again later\r\n"),
 ])
-@slow
 def test_each_verdict_at_the_end_of_the_message(tmp_path, test_milter, directive, action,
                                                  reply):
     milter = test_milter()
@@ -107,7 +103,6 @@ def test_each_verdict_at_the_end_of_the_message(tmp_path, test_milter, directive
     assert not list(tmp_path.iterdir())
 
 
-@slow
 def test_the_message_the_milter_sees(tmp_path, test_milter):
     """Header fields one by one (the first space eaten: no SMFIP_HDR_LEADSPC),
     folded with CRLF; the body without dot-stuffing; the macros of each stage."""
@@ -127,7 +122,6 @@ def test_the_message_the_milter_sees(tmp_path, test_milter):
     assert data.endswith(b"X-Test-Milter-Seen: test\r\n\r\nbody line\r\n..a stuffed dot\r\n")
 
 
-@slow
 def test_each_change_is_applied(tmp_path, test_milter):
     milter = test_milter()
     outcome, data = run_message(tmp_path, [milter.spec], [
@@ -150,7 +144,6 @@ def test_each_change_is_applied(tmp_path, test_milter):
                      "chgfrom", "addrcpt", "delrcpt", "continue"]
 
 
-@slow
 def test_replace_body_keeps_dot_stuffing(tmp_path, test_milter):
     milter = test_milter()
     outcome, data = run_message(tmp_path, [milter.spec], ["replbody .new body"])
@@ -168,7 +161,6 @@ def test_an_unchanged_message_is_the_same_spool(tmp_path):
     asyncio.run(go())
 
 
-@slow
 def test_early_refusals_answer_their_stage(tmp_path, test_milter):
     milter = test_milter()
     outcome, _ = run_message(tmp_path, [milter.spec], [])
@@ -189,7 +181,6 @@ def reject_word(rcpt: str) -> str:
     return "replycode" if rcpt.startswith("<replycode") else "reject"
 
 
-@slow
 def test_a_refusal_at_connect_answers_every_later_stage(test_milter):
     milter = test_milter(connect="reject")
 
@@ -203,7 +194,6 @@ def test_a_refusal_at_connect_answers_every_later_stage(test_milter):
     assert {(a.action, a.reply) for a in answers} == {("reject", b"550 5.7.1 Command rejected\r\n")}
 
 
-@slow
 def test_accept_at_connect_drops_the_milter_for_the_session(tmp_path, test_milter):
     milter = test_milter(connect="accept")
     outcome, data = run_message(tmp_path, [milter.spec], ["reject"])
@@ -212,7 +202,6 @@ def test_accept_at_connect_drops_the_milter_for_the_session(tmp_path, test_milte
     assert events == ["negotiate", "connect"]
 
 
-@slow
 def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
     """A milter that asks for no replies (rspamd's way) is sent every stage
     before the end of the message without a wait: wants_reply is False, and
@@ -240,7 +229,6 @@ def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
         assert stage in events
 
 
-@slow
 def test_a_chain_of_two_each_sees_what_the_first_left(tmp_path, test_milter):
     one, two = test_milter(name="one"), test_milter(name="two")
     outcome, data = run_message(tmp_path, [one.spec, two.spec],
@@ -251,7 +239,6 @@ def test_a_chain_of_two_each_sees_what_the_first_left(tmp_path, test_milter):
     assert ("X-Test-Milter-Seen", "one") in seen and ("X-From-One", "yes") in seen
 
 
-@slow
 def test_the_first_refusal_ends_the_chain(tmp_path, test_milter):
     one, two = test_milter(name="one"), test_milter(name="two")
     outcome, _ = run_message(tmp_path, [one.spec, two.spec], ["one: reject"])
@@ -259,14 +246,12 @@ def test_the_first_refusal_ends_the_chain(tmp_path, test_milter):
     assert "eom" not in [e["event"] for e in two.events()]
 
 
-@slow
 def test_a_unix_socket_milter(tmp_path, test_milter):
     milter = test_milter(unix=True)
     outcome, data = run_message(tmp_path, [milter.spec], ["addheader X-Unix yes"])
     assert b"X-Unix: yes" in data
 
 
-@slow
 def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
     milter = test_milter()
     body = b"".join(b"%05d %s\r\n" % (n, b"x" * 90) for n in range(2000))
@@ -291,7 +276,6 @@ def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
 @pytest.mark.parametrize("mode, stage", [("down", "optneg"), ("garbage", "optneg"),
                                          ("slow", "mail"), ("close", "rcpt"),
                                          ("garbage", "eom")])
-@slow
 def test_a_broken_milter_gets_the_default_action(tmp_path, bad_milter, test_milter, caplog,
                                                  default, action, reply, mode, stage):
     bad = bad_milter(mode, stage=stage, delay=30)
@@ -393,3 +377,78 @@ def test_skip_ends_the_body(tmp_path):
     codes = [code for code, _ in scripted.seen]
     assert codes.count(codec.BODY) == 1 and codec.BODYEOB in codes
     assert data.endswith(body)
+
+
+def test_no_reply_and_skip_flags_are_honoured(tmp_path):
+    """A milter that never answers before the end of the message and asked
+    for that (SMFIP_NR_*), and skips HELO and the body (SMFIP_NOHELO,
+    NOBODY): the awaited stages do not wait (a wait would time out into
+    MilterDefaultAction's 451), HELO and the body are not sent, HELO's
+    macros are."""
+    quiet = [codec.CONNECT, codec.HELO, codec.MAIL, codec.RCPT, codec.DATA, codec.HEADER,
+             codec.EOH, codec.BODY]
+    protocol = (codec.P_NR_CONN | codec.P_NOHELO | codec.P_NR_MAIL | codec.P_NR_RCPT
+                | codec.P_NR_DATA | codec.P_NR_HDR | codec.P_NR_EOH | codec.P_NOBODY)
+    scripted = Scripted(protocol, {code: [] for code in quiet})
+
+    async def go():
+        server = await asyncio.start_server(scripted.serve, "127.0.0.1", 0)
+        chain = chain_of("inet:127.0.0.1:%d" % server.sockets[0].getsockname()[1],
+                         timeout=0.5)
+        try:
+            answers = [await chain.connect({}, "c", "inet", 1, "192.0.2.1"),
+                       await chain.helo("c", {"j": "proxy"}),
+                       await chain.mail(["<a@b>"], {}), await chain.rcpt(["<c@d>"], {}),
+                       await chain.data({})]
+            wanted = [chain.wants_reply(stage) for stage in ("helo", "mail", "rcpt", "data")]
+            outcome = await chain.message(spool(tmp_path, []), {}, "<a@b>", ["<c@d>"],
+                                          str(tmp_path))
+            outcome.message.remove()
+            return answers, wanted, outcome
+        finally:
+            await chain.close()
+            server.close()
+    answers, wanted, outcome = asyncio.run(go())
+    assert [answer.action for answer in answers] == ["continue"] * 5
+    assert wanted == [False] * 4 and outcome.answer.action == "continue"
+    codes = [code for code, _ in scripted.seen]
+    assert codec.HELO not in codes and codec.BODY not in codes
+    assert codec.MAIL in codes and codec.HEADER in codes and codec.BODYEOB in codes
+    assert (codec.MACRO, codec.HELO + b"j\0proxy\0") in scripted.seen
+
+
+@pytest.mark.parametrize("default, action", [("accept", "continue"), ("tempfail", "tempfail")])
+def test_a_malformed_verdict_is_a_protocol_error(tmp_path, caplog, default, action):
+    """A replycode that is no 4xx/5xx reply: MilterDefaultAction, and the
+    changes that milter asked for before it are not made."""
+    eom = [codec.packet(codec.ADDHEADER, b"X-Broken\0yes\0"),
+           codec.packet(codec.REPLYCODE, b"250 all fine\0")]
+    scripted = Scripted(0, {codec.BODYEOB: eom})
+
+    async def go():
+        server = await asyncio.start_server(scripted.serve, "127.0.0.1", 0)
+        spec = "inet:127.0.0.1:%d" % server.sockets[0].getsockname()[1]
+        chain = chain_of(spec, default=default, timeout=0.5)
+        try:
+            await envelope(chain)
+            outcome = await chain.message(spool(tmp_path, []), {}, "<a@b>", ["<c@d>"],
+                                          str(tmp_path))
+            with outcome.message.reader() as reader:
+                data = reader.read()
+            outcome.message.remove()
+            return spec, outcome, data
+        finally:
+            await chain.close()
+            server.close()
+    spec, outcome, data = asyncio.run(go())
+    assert outcome.answer.action == action and b"X-Broken" not in data
+    assert outcome.actions == [(spec, "default:" + default)]
+    assert "malformed reply: 250 all fine" in caplog.text
+
+
+def test_skip_in_the_headers_goes_on_with_the_end_of_headers(tmp_path):
+    scripted = Scripted(codec.P_SKIP, {codec.HEADER: [codec.packet(codec.SKIP)]})
+    outcome, _ = run_scripted(tmp_path, scripted, [])
+    codes = [code for code, _ in scripted.seen]
+    assert codes.count(codec.HEADER) == 1 and codec.EOH in codes and codec.BODYEOB in codes
+    assert outcome.answer.action == "continue"
