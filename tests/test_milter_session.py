@@ -376,3 +376,20 @@ def test_the_helo_stage_gets_the_tls_macros_after_starttls(proxy, upstream, test
     first, second = events(milter, "helo")
     assert "{tls_version}" not in first["macros"]
     assert second["macros"]["{tls_version}"] == version and second["macros"]["{cipher}"] == cipher
+
+
+def test_a_mail_the_server_refuses_aborts_the_milters_transaction(proxy, make_upstream,
+                                                                  bad_milter):
+    """The milters saw MAIL before the server refused it: ABORT, so the next
+    MAIL starts a transaction of its own (the packets as the milter got them)."""
+    upstream = make_upstream(replies={"MAIL": lambda line, conn: "451 4.3.0 try later"
+                                      if "first" in line else "250 2.1.0 Ok"})
+    milter = bad_milter("slow", stage="eom")        # answers every stage before the message
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<first@x.test>") == ["451 4.3.0 try later"]
+        assert client.cmd("MAIL FROM:<second@x.test>") == ["250 2.1.0 Ok"]
+        wait_until(lambda: len(events(milter, "mail")) == 2, 10, what="the second MAIL")
+        seen = [e["event"] for e in milter.events() if e["event"] in ("mail", "abort")]
+    assert seen == ["mail", "abort", "mail"], seen
