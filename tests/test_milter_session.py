@@ -393,3 +393,18 @@ def test_a_mail_the_server_refuses_aborts_the_milters_transaction(proxy, make_up
         wait_until(lambda: len(events(milter, "mail")) == 2, 10, what="the second MAIL")
         seen = [e["event"] for e in milter.events() if e["event"] in ("mail", "abort")]
     assert seen == ["mail", "abort", "mail"], seen
+
+
+def test_rset_and_a_new_ehlo_abort_the_milters_transaction(proxy, upstream, bad_milter):
+    milter = bad_milter("slow", stage="eom")        # answers every stage before the message
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+        assert client.cmd("RSET")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<b@x.test>")[-1].startswith("250")
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<c@x.test>")[-1].startswith("250")
+        wait_until(lambda: len(events(milter, "mail")) == 3, 10, what="the third MAIL")
+        seen = [e["event"] for e in milter.events() if e["event"] in ("helo", "mail", "abort")]
+    assert seen == ["helo", "mail", "abort", "mail", "abort", "helo", "mail"], seen
