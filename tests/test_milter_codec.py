@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxsmtp.filters import miltercodec as codec
+from proxsmtp.filters.milterchain import reply_text
 from proxsmtp.filters.milteredit import fold, stuff, unstuff
 
 pytestmark = pytest.mark.unit
@@ -156,3 +157,14 @@ def test_stuffing_round_trips(block, at_start):
 ])
 def test_header_values_from_milters_are_folded_with_crlf(value, space, folded):
     assert fold(value, space) == folded
+
+
+@pytest.mark.parametrize("data, reply", [
+    (b"554 5.7.1 no\0", b"554 5.7.1 no\r\n"),
+    (b"451-4.7.1 one\r\n451 4.7.1 two\0", b"451-4.7.1 one\r\n451 4.7.1 two\r\n"),
+    (b"550 5.7.1 100%% sure\0", b"550 5.7.1 100% sure\r\n"),
+    (b"250 fine\0", None), (b"550 4.7.1 mixed\0", None), (b"550-one\r\n450 two\0", None),
+    (b"55", None), (b"550 a\0b\0", None),
+])
+def test_replycode_is_checked_as_postfix_does(data, reply):
+    assert reply_text(data) == reply

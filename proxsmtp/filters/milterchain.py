@@ -97,7 +97,10 @@ def reply_text(data: bytes) -> bytes | None:
     """SMFIR_REPLYCODE's text as the client gets it, or None if it is no
     4xx/5xx reply (Postfix's test, applied to every line; `%%` is Sendmail's
     format-string escape)."""
-    text = codec.parse_text(data).replace(b"%%", b"%")
+    try:
+        text = codec.parse_text(data).replace(b"%%", b"%")
+    except codec.CodecError:
+        return None
     lines = text.rstrip(b"\r\n").split(b"\r\n")
     for number, line in enumerate(lines):
         if (len(line) < 4 or line[:1] not in b"45" or line[:1] != lines[0][:1]
