@@ -15,7 +15,7 @@ TCP_QUICKACK, set again after every read (Linux clears it when it sees a
 request/response pattern): most milters write their answers in several
 small packets (edits, then the verdict) without TCP_NODELAY, so the second
 one waits for our ACK, which a delayed ACK holds back for up to 40 ms
-(docs/BEHAVIOUR.md, "Milters", has the measurement).
+(bench/milterack.py; the figures are in docs/BEHAVIOUR.md, "Milters").
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ PROTOCOL = (codec.P_NOCONNECT | codec.P_NOHELO | codec.P_NOMAIL | codec.P_NORCPT
             | codec.P_NR_HELO | codec.P_NR_MAIL | codec.P_NR_RCPT | codec.P_NR_DATA
             | codec.P_NR_UNKN | codec.P_NR_EOH | codec.P_NR_BODY | codec.P_HDR_LEADSPC)
 
-QUICKACK = True                 # bench/milter_quickack.py turns it off to measure it
+NODELAY = QUICKACK = True       # bench/milterack.py turns them off to measure them
+HELD = 64 * 1024                # bytes of packets without reply held back at most
 
 
 class MilterError(Exception):
@@ -78,7 +79,8 @@ class _Link(asyncio.Protocol):
         self.transport = transport
         self.sock = transport.get_extra_info("socket")
         if self.sock is not None and self.sock.family != socket.AF_UNIX:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if NODELAY:
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.quickack()
         else:
             self.sock = None
@@ -136,6 +138,11 @@ class Milter:
         self.version = 0
         self.actions = 0
         self.protocol = 0
+        # Packets that expect no reply wait here for the next write (a step
+        # that waits, or HELD bytes): a milter that answers only at the end
+        # of the message costs one send per message, not one per command.
+        self.held: list[bytes] = []
+        self.held_size = 0
 
     @property
     def name(self) -> str:
@@ -195,26 +202,48 @@ class Milter:
     def alive(self) -> bool:
         return self.link is not None and not self.link.error
 
-    def write(self, data: bytes) -> None:
+    def _link(self) -> _Link:
         link = self.link
         if link is None or link.error:
             raise MilterError(link.error if link else "not connected")
-        link.transport.write(data)
+        return link
+
+    def queue(self, data: bytes) -> None:
+        """A packet that expects no reply: held back (see `held`)."""
+        self._link()
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size >= HELD:
+            self.write(b"")
+
+    def write(self, data: bytes) -> None:
+        """`data` now, after what was held back."""
+        link = self._link()
+        if self.held:
+            self.held.append(data)
+            data = b"".join(self.held)
+            self.held.clear()
+            self.held_size = 0
+        if data:
+            link.transport.write(data)
 
     def send(self, stage: str, command: bytes | None, macros: dict[str, str] | None) -> bool:
-        """The stage's macros and its packet (when the milter takes it), in one
-        write; whether a reply is due.  `command`: the packet, made by the caller."""
-        out = []
+        """The stage's macros and its packet (when the milter takes it); whether
+        a reply is due (then they are written at once, else held back).
+        `command`: the packet, made by the caller."""
+        due = command is not None and self.replies(stage)
         if macros:
-            out.append(codec.macro(STAGES[stage][0], macros))
+            self.queue(codec.macro(STAGES[stage][0], macros))
         if command is not None and self.sends(stage):
-            out.append(command)
-        if out:
-            self.write(b"".join(out) if len(out) > 1 else out[0])
-        return command is not None and self.replies(stage)
+            self.queue(command)
+        if due:
+            self.write(b"")
+        return due
 
     async def answer(self, timeout: float) -> tuple[bytes, bytes]:
         """The milter's next packet but SMFIR_PROGRESS, which restarts the wait."""
+        if self.held:
+            self.write(b"")
         link = self.link
         loop = asyncio.get_running_loop()
         while True:
@@ -257,7 +286,7 @@ class Milter:
     def abort(self) -> None:
         """SMFIC_ABORT: the transaction is over; no reply."""
         if self.alive:
-            self.write(codec.simple(codec.ABORT))
+            self.queue(codec.simple(codec.ABORT))
 
     def close(self) -> None:
         """SMFIC_QUIT and the connection closed (the milter answers nothing)."""
@@ -265,7 +294,7 @@ class Milter:
         if link is None or link.transport is None:
             return
         if not link.error:
-            link.transport.write(codec.simple(codec.QUIT))
+            link.transport.write(b"".join(self.held) + codec.simple(codec.QUIT))
             link.error = "closed"
             link.transport.close()
         self.link = None

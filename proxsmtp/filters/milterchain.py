@@ -261,6 +261,10 @@ class MilterChain:
                       recipients: list[str], directory: str) -> Outcome:
         """Headers, body and end of message through the chain; the changes
         applied.  A message that is refused is returned as it came."""
+        if not any(slot.sticky is not None or slot.takes("eob") for slot in self.slots):
+            outcome = Outcome(CONTINUE, message, actions=self.fallbacks)
+            self._transaction_over()
+            return outcome
         draft = Draft(message)
         envelope = EnvelopeEdits(recipients)
         actions: list[tuple[str, str]] = []
@@ -304,11 +308,15 @@ class MilterChain:
             if code == codec.BODYEOB:
                 code, data, body = await _requests(slot.milter, edits, self.timeout,
                                                    draft.message.directory)
-        except MilterError as exc:
+        except MilterError as exc:           # (its default action is among the fallbacks)
             if body is not None:
                 body.remove()
             return self.failed(slot, str(exc)) or CONTINUE
         answer = self.verdict(slot, "eob", code, data)
+        if slot.gone:                           # a malformed verdict: failed() had it
+            if body is not None:
+                body.remove()
+            return answer
         if answer.action in ("continue", "accept"):
             quarantine = apply(slot, edits, body, draft, envelope, actions)
             if quarantine is not None:
@@ -362,48 +370,45 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     """Header fields, end of headers, body chunks and end of body to one
     milter; a reply that ends the message early (anything but continue, or
     SMFIR_SKIP in the body), or (BODYEOB, b"") when the end of body was sent
-    and its answers are to be read."""
-    out: list[bytes] = []
+    and its answers are to be read.  What expects no reply is held back and
+    goes in as few writes as its size allows."""
     if macros:                      # (libmilter takes macros for EOH, not for HEADER)
-        out.append(codec.macro(codec.EOH, macros))
+        milter.queue(codec.macro(codec.EOH, macros))
     if milter.sends("header"):
         due = milter.replies("header")
         for name, value in draft.header_values(milter.leadspace):
-            out.append(codec.header(name, value))
+            milter.queue(codec.header(name, value))
             if due:
-                milter.write(b"".join(out))
-                out.clear()
                 code, data = await milter.answer(timeout)
+                if code == codec.SKIP:          # the rest of the header fields
+                    break
                 if code != codec.CONTINUE:
                     return code, data
     if milter.sends("eoh"):
-        out.append(codec.simple(codec.EOH))
+        milter.queue(codec.simple(codec.EOH))
         if milter.replies("eoh"):
-            milter.write(b"".join(out))
-            out.clear()
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
-    if out:
-        milter.write(b"".join(out))
     if milter.sends("body"):
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
-    eob = codec.simple(codec.BODYEOB)
-    milter.write(codec.macro(codec.BODYEOB, macros) + eob if macros else eob)
+    if macros:
+        milter.queue(codec.macro(codec.BODYEOB, macros))
+    milter.write(codec.simple(codec.BODYEOB))
     return codec.BODYEOB, b""
 
 
 async def _body(milter: Milter, draft: Draft, timeout: float) -> tuple[bytes, bytes]:
     due = milter.replies("body")
     for chunk in draft.body_chunks():
-        milter.write(codec.body(chunk))
+        milter.queue(codec.body(chunk))
         if due:
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
-        else:
+        elif not milter.held:
             await milter.drain(timeout)
     return codec.CONTINUE, b""
 

@@ -51,7 +51,8 @@ _OPTNEG = struct.Struct("!III")
 
 
 class CodecError(ValueError):
-    """Bytes that are no milter packet, or a packet whose data is malformed."""
+    """Bytes that are no milter packet, or a packet whose data is malformed
+    (only decoding raises it)."""
 
 
 def packet(code: bytes, data: bytes = b"") -> bytes:
@@ -64,12 +65,10 @@ def _strings(values: Iterable[str | bytes]) -> bytes:
 
 
 def _bytes(value: str | bytes) -> bytes:
-    """Text from SMTP is bytes already or ASCII/UTF-8; a NUL would end the
-    string early on the milter's side, so none may pass."""
+    """Text from SMTP is bytes already or ASCII/UTF-8.  A NUL would end the
+    string early on the milter's side: NULs are dropped."""
     data = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-    if b"\0" in data:
-        raise CodecError("a NUL byte in a milter string")
-    return data
+    return data.replace(b"\0", b"") if b"\0" in data else data
 
 
 def optneg(version: int, actions: int, protocol: int) -> bytes:
@@ -104,7 +103,11 @@ def rcpt(args: Iterable[str]) -> bytes:
 
 
 def header(name: bytes, value: bytes) -> bytes:
-    return packet(HEADER, _strings([name, value]))
+    """One header field (the most packets of a message: made without _strings)."""
+    data = b"%s\0%s\0" % (name, value)
+    if data.count(b"\0") != 2:
+        data = _strings([name, value])
+    return _LENGTH.pack(len(data) + 1) + HEADER + data
 
 
 def body(chunk: bytes) -> bytes:

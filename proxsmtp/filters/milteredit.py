@@ -30,6 +30,7 @@ from ..message.spool import Spool
 from . import miltercodec as codec
 
 _LINE_END = re.compile(rb"\r?\n")
+LINE_LIMIT = 64 * 1024         # a longer "header line" (no LF in sight) is read as body
 
 
 def unstuff(block: bytes, at_line_start: bool) -> bytes:
@@ -60,7 +61,9 @@ def _read_headers(reader: BinaryIO) -> tuple[list[list[bytes]], int]:
     """The header fields ([name, value]) and where the body begins."""
     headers: list[list[bytes]] = []
     offset = 0
-    for line in reader:
+    while line := reader.readline(LINE_LIMIT):
+        if line[-1:] != b"\n" and len(line) == LINE_LIMIT:
+            return headers, offset         # no header line is that long: the body
         text = line.rstrip(b"\r\n")
         if not text:
             return headers, offset + len(line)

@@ -303,6 +303,8 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     """State changes for a whole server reply; what the client gets of it.
     (Session.on_reply: the reply queue calls it for each reply it places.)"""
     if lines[-1][:1] != b"2":
+        if place.verb == b"MAIL" and session.milters is not None:   # no transaction after all
+            session.milters.end_transaction()
         return lines
     verb, envelope = place.verb, session.envelope
     if verb in (b"EHLO", b"HELO"):

@@ -178,7 +178,8 @@ class MilterStages:
             self.end_transaction()
         return reply
 
-    def hello(self, session: Session, line: bytes, then: Then) -> Coroutine[None, None, None] | None:
+    def hello(self, session: Session, line: bytes,
+              then: Then) -> Coroutine[None, None, None] | None:
         """A new EHLO/HELO ends any transaction (RFC 5321 4.1.4): ABORT, then
         the HELO stage."""
         if self.in_transaction:
