@@ -188,7 +188,9 @@ class PostfixServer:
                     sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 25\r\n")
                 greeting = sock.recv(512)
                 sock.sendall(b"QUIT\r\n")
-                return greeting.startswith(b"220")
+                # a milter's refusal at connect (milter_default_action with
+                # a milter down) makes the greeting a 4xx or 5xx
+                return greeting[:3].isdigit()
         except OSError:
             return False
 

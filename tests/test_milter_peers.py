@@ -87,15 +87,20 @@ def added(outcome: Outcome, case: Case) -> list[tuple[str, str]]:
 
 
 def transact(host: str, port: int, case: Case) -> dict[str, tuple[int, list[str]]]:
-    """Send a Case, stopping at the first refusal that ends it; each stage's reply."""
+    """Send a Case, stopping at the first refusal that ends it; each stage's
+    reply (`closed`: the connection was closed instead)."""
     replies: dict[str, tuple[int, list[str]]] = {}
 
     def note(stage: str, reply: tuple[int, bytes]) -> int:
         replies[stage] = (reply[0], reply[1].decode("utf-8", "replace").split("\n"))
         return reply[0]
 
-    with smtplib.SMTP(host, port, timeout=60) as client:
-        client.ehlo("client.example")
+    client = smtplib.SMTP(timeout=60)
+    try:
+        if note("connect", client.connect(host, port)) != 220:
+            return replies
+        if note("ehlo", client.ehlo("client.example")) != 250:
+            return replies
         if note("mail", client.mail(case.sender)) != 250:
             return replies
         taken = [r for r in case.recipients if note("rcpt " + r, client.rcpt(r)) == 250]
@@ -103,6 +108,10 @@ def transact(host: str, port: int, case: Case) -> dict[str, tuple[int, list[str]
             if note("data", client.docmd("DATA")) == 354:
                 note("message", data_end(client, case.message()))
         client.rset()
+    except smtplib.SMTPServerDisconnected:
+        replies["closed"] = (0, [])
+    finally:
+        client.close()
     return replies
 
 
@@ -393,3 +402,35 @@ def test_proxy_as_postfix_with_clamav(postfix, clamav_milter, proxy, upstream):
     reference, outcome = through_postfix(server, Case("clean")), through_proxy(ours, upstream,
                                                                                 Case("clean"))
     assert added(outcome, Case("clean")) == added(reference, Case("clean"))
+
+
+BROKEN = [("down", "optneg"), ("garbage", "optneg"), ("close", "mail"), ("slow", "mail")]
+
+
+@pytest.mark.parametrize("action", ["tempfail", "accept", "reject"])
+@pytest.mark.parametrize("mode,stage", BROKEN, ids=["%s-%s" % item for item in BROKEN])
+def test_proxy_as_postfix_with_a_broken_milter(postfix, bad_milter, proxy, upstream, mode,
+                                               stage, action):
+    """A milter down, speaking garbage, closing, or too slow: Postfix's
+    milter_default_action and our MilterDefaultAction decide alike (the
+    same timeouts: 2 s a step, 10 x that for the message, as ours)."""
+    milter = bad_milter(mode, stage=stage, delay=4.0)
+    server = postfix(milters=[milter.spec], milter_default_action=action,
+                     milter_connect_timeout="2s", milter_command_timeout="2s",
+                     milter_content_timeout="20s")
+    ours = proxy({"OutAddress": upstream.address, "Milters": milter.spec,
+                  "MilterDefaultAction": action, "MilterTimeout": 2})
+    reference, outcome = through_postfix(server, Case(mode)), through_proxy(ours, upstream,
+                                                                           Case(mode))
+    codes = {stage: code for stage, (code, _) in reference.replies.items()}
+    if action == "tempfail" and stage == "optneg":
+        # Postfix greets and refuses at MAIL (smtpd_delay_reject); the proxy
+        # refuses at once, before it connects the server (proxsmtpd(8))
+        assert codes == {"connect": 220, "ehlo": 250, "mail": 451}
+        assert list(outcome.replies) == ["connect"]
+        assert outcome.replies["connect"] == (421, reference.replies["mail"][1])
+        return
+    assert {stage: code for stage, (code, _) in outcome.replies.items()} == codes
+    if action == "tempfail":
+        assert outcome.final == reference.final
+    assert upstream.messages == [] or action == "accept"
