@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from . import tlssessions
+
 CLIENT_POLICIES = ("off", "may", "encrypt")
 SERVER_POLICIES = ("off", "may", "encrypt", "verify")
 
@@ -57,10 +59,11 @@ def connecting_context(policy: str, cafile: str | None) -> ssl.SSLContext | None
     if policy == "off":
         return None
     try:
+        # a ClientContext: it resumes sessions (tlssessions)
         if policy == "verify":
-            context = ssl.create_default_context(cafile=cafile)
+            context = tlssessions.client_context(cafile)
         else:
-            context = ssl.create_default_context()
+            context = tlssessions.client_context(None)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             if cafile:      # a broken file is an error whatever the policy
