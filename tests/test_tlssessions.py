@@ -33,11 +33,12 @@ def cache(monkeypatch):
     return fresh
 
 
-def fake(version: str = "TLSv1.3", ticket: bool = True, lifetime: float = 7200):
+def fake(version: str = "TLSv1.3", ticket: bool = True, lifetime: float = 7200,
+         reused: bool = False, age: float = 0):
     """An established connection's ssl_object, as keep() reads it."""
-    session = types.SimpleNamespace(has_ticket=ticket, id=b"\x01" * 32, time=int(time.time()),
-                                    timeout=lifetime)
-    return types.SimpleNamespace(session=session, version=lambda: version)
+    session = types.SimpleNamespace(has_ticket=ticket, id=b"\x01" * 32,
+                                    time=int(time.time() - age), timeout=lifetime)
+    return types.SimpleNamespace(session=session, version=lambda: version, session_reused=reused)
 
 
 @pytest.mark.unit
@@ -84,6 +85,53 @@ def test_sessions_that_cannot_resume_are_not_kept(cache):
     assert not cache
     tlssessions.keep(None, fake())          # a context that cannot resume
     assert not cache
+
+
+class Unread:
+    """A resumed connection's ssl_object whose session must not be read
+    (reading copies it: tlssessions' docstring)."""
+
+    session_reused = True
+
+    @property
+    def session(self):
+        raise AssertionError("the session was read")
+
+    def version(self) -> str:
+        return "TLSv1.3"
+
+
+@pytest.mark.unit
+def test_a_resumed_handshake_leaves_the_kept_session_unread_until_half_its_life(cache):
+    first = fake()
+    tlssessions.keep("k", first)
+    tlssessions.keep("k", Unread())
+    assert tlssessions.lookup("k") is first.session
+    aged = fake(lifetime=100, age=60)
+    tlssessions.keep("k", aged)
+    later = fake(reused=True)           # resumed, but the kept session is past half its life
+    tlssessions.keep("k", later)
+    assert tlssessions.lookup("k") is later.session
+    full = fake()                       # not resumed (another connection's): its own is kept
+    tlssessions.keep("k", full)
+    assert tlssessions.lookup("k") is full.session
+
+
+@pytest.mark.unit
+def test_a_peer_that_takes_a_session_once_gets_each_new_one(cache):
+    tlssessions.keep("k", fake())
+    tlssessions.keep("k", Unread())             # taken once
+    tlssessions.refused("k")                    # and refused the next time
+    assert tlssessions.lookup("k") is None
+    fresh = fake()
+    tlssessions.keep("k", fresh)                # the full handshake's session
+    assert tlssessions.lookup("k") is fresh.session
+    again = fake(reused=True)
+    tlssessions.keep("k", again)                # resumed: its new ticket is kept
+    assert tlssessions.lookup("k") is again.session
+    tlssessions.keep("n", fake())
+    tlssessions.refused("n")                    # a session never taken: just forgotten
+    assert "n" not in cache
 
 
 # --- whole sessions in this process ------------------------------------------------------------

@@ -131,7 +131,7 @@ async def upgrade(channel: Channel, plain: asyncio.Transport | None, context: ss
         layer.channel = None
         raise _closed_in_handshake(channel)
     if offer is not None and not transport.get_extra_info("ssl_object").session_reused:
-        tlssessions.drop(layer.resume_key)      # the peer wants a new one: kept when it came
+        tlssessions.refused(layer.resume_key)      # a new one is kept when it comes
     return transport, layer
 
 

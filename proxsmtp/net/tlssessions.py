@@ -17,6 +17,16 @@ the one `offering` holds for the duration of that synchronous call
 The cache holds ssl.SSLSession objects only (each holds its context, never
 a channel or an SMTP session); the key has id(context), which cannot be
 reused while a session of that context is kept.
+
+A connection's session is read only when the cache needs it: reading
+`SSLObject.session` makes a copy (CPython serializes and parses the
+session again, the peer's certificate with it: an OpenSSL 1.1.0 bug's
+workaround), and that copy per connection, made and freed among the
+connections being held, left about 4 KB more resident per held TLS
+session.  So a handshake that resumed the kept session leaves it kept
+until half its lifetime is gone, unless the peer has shown that it takes a
+session once only (RFC 8446 8.1 single-use tickets): then each connection's
+fresh session is kept.
 """
 
 from __future__ import annotations
@@ -34,7 +44,19 @@ MAX_SESSIONS = 256
 
 Key = Hashable
 
-_cache: OrderedDict[Key, ssl.SSLSession] = OrderedDict()
+
+class Kept:
+    """A peer's session, and what its handshakes showed of the peer."""
+
+    __slots__ = ("session", "taken", "single_use")
+
+    def __init__(self, session: ssl.SSLSession | None, single_use: bool) -> None:
+        self.session = session          # None: a single-use peer's, taken, none new yet
+        self.taken = False              # a handshake resumed it
+        self.single_use = single_use    # the peer refused a session it had taken once
+
+
+_cache: OrderedDict[Key, Kept] = OrderedDict()
 _offered: ssl.SSLSession | None = None
 
 
@@ -77,9 +99,10 @@ def lookup(cache_key: Key | None) -> ssl.SSLSession | None:
     """The session to offer this peer, if a live one is kept."""
     if cache_key is None:
         return None
-    session = _cache.get(cache_key)
-    if session is None:
+    kept = _cache.get(cache_key)
+    if kept is None or kept.session is None:
         return None
+    session = kept.session
     if session.time + session.timeout <= time.time():
         del _cache[cache_key]
         return None
@@ -106,19 +129,38 @@ def keep(cache_key: Key | None, ssl_object: ssl.SSLObject | None) -> None:
     (or a TLS 1.2 session id) can be resumed."""
     if cache_key is None or ssl_object is None:
         return
+    kept = _cache.get(cache_key)
+    if kept is not None and ssl_object.session_reused:
+        kept.taken = True
+        if not kept.single_use and _young(kept.session):
+            return      # the kept session serves again: no copy read (module docstring)
     session = ssl_object.session
     if session is None:
         return
     if not session.has_ticket and (ssl_object.version() == "TLSv1.3" or not session.id):
         drop(cache_key)
         return
-    _cache[cache_key] = session
+    _cache[cache_key] = Kept(session, kept is not None and kept.single_use)
     _cache.move_to_end(cache_key)
     while len(_cache) > MAX_SESSIONS:
         _cache.popitem(last=False)
 
 
+def _young(session: ssl.SSLSession | None) -> bool:
+    """Less than half the session's lifetime gone."""
+    return session is not None and session.time + session.timeout / 2 > time.time()
+
+
+def refused(cache_key: Key | None) -> None:
+    """The peer did not resume the session offered.  Forgotten; and if a
+    handshake had resumed that session before, the peer takes a session
+    once only: from now on each connection's new session is kept."""
+    kept = _cache.pop(cache_key, None) if cache_key is not None else None
+    if kept is not None and (kept.taken or kept.single_use):
+        _cache[cache_key] = Kept(None, True)
+
+
 def drop(cache_key: Key | None) -> None:
-    """Forget a peer's session: its handshake failed, or it was not resumed."""
+    """Forget a peer's session: its handshake failed."""
     if cache_key is not None:
         _cache.pop(cache_key, None)
