@@ -883,14 +883,20 @@ def test_server_leg_resumes_the_tls_session_with_postfix(proxy, postfix, pki):
     """ServerTLS may to a real Postfix: the first session's handshake is a full
     one, the next ones resume the session (the TLS 1.3 ticket Postfix sent
     after the handshake, kept once the EHLO reply came inside TLS)."""
+    from test_metrics import scrape, value
     server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
-    p = proxy({"OutAddress": server.address, "Workers": 1})
+    p = proxy({"OutAddress": server.address, "Workers": 1,
+               "StatsListen": "127.0.0.1:%d" % free_port()})
+    p.stats = p.settings["StatsListen"]
     for _ in range(3):
         send_one(p)
     handshakes = wait_until(lambda: (lambda h: h if len(h) == 3 else None)(server_handshakes(p)),
                             what="three server handshakes in the log")
     assert not handshakes[0].endswith("resumed"), handshakes
     assert all(h.endswith(" resumed") for h in handshakes[1:]), handshakes
+    samples = scrape(p)         # counted in /metrics, by peer
+    assert value(samples, "proxsmtpd_tls_resumed_total", peer="server") == 2
+    assert value(samples, "proxsmtpd_tls_resumed_total", peer="filter") == 0
 
 
 def test_resumed_session_only_offered_to_the_name_it_was_verified_for(proxy, postfix, pki,
@@ -948,11 +954,15 @@ def test_filter_node_leg_resumes_the_tls_session_with_postfix(proxy, postfix, ma
     a kept one, FilterConnections, needs no second handshake at all.)"""
     node = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
     upstream = make_upstream()
+    from test_metrics import scrape, value
     p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
-               "FilterCommand": node.address, "Workers": 1, "FilterConnections": 0})
+               "FilterCommand": node.address, "Workers": 1, "FilterConnections": 0,
+               "StatsListen": "127.0.0.1:%d" % free_port()})
+    p.stats = p.settings["StatsListen"]
     for _ in range(3):
         send_one(p)
     upstream.wait_messages(3)
     handshakes = re.findall(r"FILTER TLS: (TLSv1\S* \S+(?: resumed)?)$", p.log(), re.M)
     assert len(handshakes) == 3 and not handshakes[0].endswith("resumed"), handshakes
     assert all(h.endswith(" resumed") for h in handshakes[1:]), handshakes
+    assert value(scrape(p), "proxsmtpd_tls_resumed_total", peer="filter") == 2

@@ -94,6 +94,12 @@ def connecting_context(policy: str, cafile: str | None) -> ssl.SSLContext | None
     return context
 
 
+def resumed(transport: asyncio.BaseTransport | None) -> bool:
+    """The TLS of `transport` resumed a session (an abbreviated handshake)."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_object is not None and ssl_object.session_reused
+
+
 def describe(transport: asyncio.BaseTransport | None) -> str:
     """`TLSv1.3 TLS_AES_256_GCM_SHA384` for a TLS transport, '' for plaintext."""
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None

@@ -35,6 +35,7 @@ SERVER_ERRORS = ("connect", "closed", "timeout")
 PROXY_RESULTS = ("proxied", "local", "closed", "invalid", "refused")
 CLIENT_TLS_RESULTS = ("established", "failed")
 SERVER_TLS_RESULTS = ("established", "failed", "refused", "not_offered")
+TLS_RESUMED_PEERS = ("server", "filter")
 FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
 
@@ -51,6 +52,7 @@ class _Layout:
         self.proxy_headers = dict(zip(PROXY_RESULTS, self._take(len(PROXY_RESULTS))))
         self.client_tls = dict(zip(CLIENT_TLS_RESULTS, self._take(len(CLIENT_TLS_RESULTS))))
         self.server_tls = dict(zip(SERVER_TLS_RESULTS, self._take(len(SERVER_TLS_RESULTS))))
+        self.tls_resumed = dict(zip(TLS_RESUMED_PEERS, self._take(len(TLS_RESUMED_PEERS))))
         # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
         self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
         self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
@@ -125,6 +127,13 @@ def server_tls(result: str) -> None:
     plaintext injected behind its 220), STARTTLS `refused`, or `not_offered`."""
     if _cells is not None:
         _cells[_base + LAYOUT.server_tls[result]] += 1
+
+
+def tls_resumed(peer: str) -> None:
+    """A TLS handshake as the client, with the `server` or the `filter` node,
+    that resumed a kept session (net/tlssessions.py)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.tls_resumed[peer]] += 1
 
 
 def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:
