@@ -927,6 +927,33 @@ def test_resumed_session_only_offered_to_the_name_it_was_verified_for(proxy, pos
     assert not handshakes[0].endswith("resumed"), handshakes
 
 
+def test_resumed_session_only_offered_under_the_context_it_was_verified_with(proxy, postfix,
+                                                                             pki, tmp_path):
+    """A session is kept per context too (its policy and CA file): one
+    Postfix, certified by the test CA for `localhost`, is both the server
+    (ServerTLS verify, TLSCAFile that CA) and the filter node at the same
+    address and name (FilterTLS verify, FilterTLSCAFile another CA).  The
+    server leg resumes from the second session on; the node's handshake is
+    never offered that session, and fails its check every time."""
+    stranger_ca = tmp_path / "stranger-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger_ca))
+    server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    address = "localhost:%d" % server.port
+    p = proxy({"OutAddress": address, "FilterType": "smtp", "FilterCommand": address,
+               "ServerTLS": "verify", "TLSCAFile": pki.ca_file, "FilterTLS": "verify",
+               "FilterTLSCAFile": str(stranger_ca), "Workers": 1})
+    for _ in range(2):
+        with p.connect() as client:
+            client.cmd("EHLO client.example")
+            assert send_after_ehlo(client) == ["451 Local Error"]
+    wait_until(lambda: len(re.findall("TLS handshake with the filter node failed", p.log())) == 2,
+               what="the node's check failing twice")
+    assert "unable to get local issuer certificate" in p.log(), p.log()
+    handshakes = server_handshakes(p)
+    assert len(handshakes) == 2 and handshakes[1].endswith(" resumed"), handshakes
+    assert not handshakes[0].endswith("resumed"), handshakes
+
+
 def test_server_refusing_the_session_gets_a_full_handshake(proxy, postfix, pki):
     """A Postfix restarted in between has new ticket keys and does not take
     the session: the handshake is a full one, mail flows, and the session it
