@@ -70,6 +70,9 @@ class Collector:
                        "established, failed (handshake, or plaintext behind its 220), refused "
                        "(STARTTLS answered with an error), not_offered.", "result",
                        LAYOUT.server_tls, cells)
+        yield _counter("proxsmtpd_tls_resumed", "TLS handshakes as the client that resumed "
+                       "a kept session: with the server, with the filter node.", "peer",
+                       LAYOUT.tls_resumed, cells)
         yield _histogram("proxsmtpd_filter_duration_seconds", "Time the filter took per message.",
                          stats.FILTER_BUCKETS, LAYOUT.filter, cells)
         yield _histogram("proxsmtpd_message_size_bytes", "Size of the messages received, in bytes.",

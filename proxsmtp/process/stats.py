@@ -36,6 +36,7 @@ SERVER_ERRORS = ("connect", "closed", "timeout")
 PROXY_RESULTS = ("proxied", "local", "closed", "invalid", "refused")
 CLIENT_TLS_RESULTS = ("established", "failed")
 SERVER_TLS_RESULTS = ("established", "failed", "refused", "not_offered")
+TLS_RESUMED_PEERS = ("server", "filter")
 FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
 # Milters: what each one did (its spec is the label), and how long the
@@ -64,6 +65,7 @@ class _Layout:
         self.proxy_headers = dict(zip(PROXY_RESULTS, self._take(len(PROXY_RESULTS))))
         self.client_tls = dict(zip(CLIENT_TLS_RESULTS, self._take(len(CLIENT_TLS_RESULTS))))
         self.server_tls = dict(zip(SERVER_TLS_RESULTS, self._take(len(SERVER_TLS_RESULTS))))
+        self.tls_resumed = dict(zip(TLS_RESUMED_PEERS, self._take(len(TLS_RESUMED_PEERS))))
         # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
         self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
         self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
@@ -161,6 +163,13 @@ def milter_step(stage: str, seconds: float) -> None:
     """A milter step the session waited for (MILTER_STAGES), and how long."""
     if _cells is not None:
         _observe(LAYOUT.milter_steps[stage], MILTER_BUCKETS, seconds)
+
+
+def tls_resumed(peer: str) -> None:
+    """A TLS handshake as the client, with the `server` or the `filter` node,
+    that resumed a kept session (net/tlssessions.py)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.tls_resumed[peer]] += 1
 
 
 def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:
