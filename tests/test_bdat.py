@@ -498,6 +498,61 @@ def test_chunks_behind_a_message_awaiting_its_verdict_are_held_back(proxy, serve
     assert server.messages[0] == ("BDAT", b"first") and server.messages[1] == ("BDAT", big)
 
 
+# --- milters ------------------------------------------------------------------------------
+
+MILTER_BODY = b"X-Test-Milter: %s\r\nSubject: m\r\n\r\n.\r\n..two\r\nbare\nend\r\n"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_chunked_message_goes_through_the_milters_as_it_came(client, server, test_milter):
+    """The milter gets the body as sent (BDAT has no dot-stuffing to take
+    off) and adds its header: the server gets the message with it, every
+    other byte as the client sent it, by BDAT."""
+    milter = test_milter()
+    raw, p = client(Milters=milter.spec)
+    raw.transaction()
+    message = MILTER_BODY % b"addheader X-Added yes"
+    raw.send(bdat(message[:30]) + bdat(message[30:], last=True))
+    assert raw.replies(2) == [b"250 2.0.0 30 octets received", b"250 2.0.0 Ok: queued as B1"]
+    [(how, data)] = server.messages
+    assert how == "BDAT"
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert body == b".\r\n..two\r\nbare\nend\r\n"
+    assert b"X-Test-Milter-Seen: test" in head and b"X-Added: yes" in head
+    seen = b"".join(event["data"].encode() for event in milter.events()
+                    if event["event"] == "body")
+    assert seen == b".\r\n..two\r\nbare\nend\r\n"
+    p.wait_log(r"status=FILTERED")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_milters_verdict_is_the_last_chunks_answer(client, server, test_milter):
+    milter = test_milter()
+    raw, p = client(Milters=milter.spec)
+    raw.transaction()
+    message = MILTER_BODY % b"reject"
+    raw.send(bdat(message[:10]) + bdat(message[10:], last=True) + b"NOOP\r\n")
+    assert raw.replies(3) == [b"250 2.0.0 10 octets received",
+                              b"550 5.7.1 Command rejected", b"250 2.1.0 Ok"]
+    assert server.messages == [] and b"RSET" in server.verbs()
+    p.wait_log(r"milter=%s, status=REJECTED" % re.escape(milter.spec))
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_refusal_at_the_milters_data_stage_answers_the_first_chunk(client, server,
+                                                                      bad_milter):
+    milter = bad_milter("close", stage="data")
+    raw, _ = client(Milters=milter.spec, MilterDefaultAction="reject")
+    raw.transaction()
+    raw.send(bdat(b"NOOP\r\n" * 3) + bdat(b"more", last=True) + b"NOOP\r\n")
+    assert raw.replies(3) == [b"550 5.7.1 Command rejected",
+                              b"503 5.5.1 Error: need MAIL command", b"250 2.1.0 Ok"]
+    assert server.messages == [] and server.verbs().count(b"NOOP") == 1
+
+
 # --- random messages in random chunks (hypothesis) ------------------------------------------
 
 MESSAGE_BITS = st.sampled_from([b"Subject: r\r\n", b"\r\n", b".\r\n", b"..\r\n", b"\n", b".",

@@ -216,6 +216,14 @@ async def bdat(session: Session, line: bytes) -> None:
             session.replies.answer(refusal)
             return
         chunks = new_chunks(session)
+        if session.milters is not None:     # their DATA stage, as at DATA
+            refusal = await session.milters.data_stage(session, chunks.transfer.path)
+            if refusal is not None:
+                await discard_chunk(session.client, size, session.timeout)
+                session.transfer, session.chunks = chunks.transfer, None
+                chunks.transfer.refuse(refusal.decode("utf-8", "surrogateescape").rstrip("\r\n"),
+                                       Status.REJECTED)
+                return
     await chunks.take(size)
     if last or chunks.failed:
         session.transfer = chunks.transfer
@@ -248,7 +256,7 @@ def new_chunks(session: Session) -> Chunks:
     session.chunks = Chunks(Transfer(
         config, envelope, session.client, session.server_leg, session.replies,
         session.data_done, datapath.choose(config, envelope, session.skipping),
-        session.size_limit, session.info, session.debug))
+        session.size_limit, session.info, session.debug, session.milters))
     return session.chunks
 
 

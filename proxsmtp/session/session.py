@@ -91,8 +91,7 @@ class Session(Pump):
         # Some commands wait for TLS (commands.tls_first), with these settings only.
         self.tls_gate = config.ClientTLS == "encrypt" or config.ServerTLS in ("encrypt", "verify")
         self.replies = ReplyQueue(self.client)
-        self.authenticated = False
-        self.auth_started = False
+        self.authenticated = self.auth_started = False
         self.xclient_due = False              # XClient: XCLIENT before the next command
         self.xclient_sent = False
         self.hello_line = b""                 # the client's last EHLO/HELO, as it sent it
@@ -165,8 +164,7 @@ class Session(Pump):
                 self.deferred = None
             if self.transfer is not None:
                 self.transfer.close()
-            if self.chunks is not None:
-                self.chunks.close()
+            commands.drop_chunks(self)      # a BDAT transaction cut short: its spool goes
             if self.milters is not None:
                 self.milters.close()
             self.client.close()
@@ -338,8 +336,7 @@ class Session(Pump):
         self.new_transfer(datapath.RELAYED).start()
 
     def data_done(self, status: Status | None) -> None:
-        """The Transfer is over: its message is logged (unless none was
-        taken) and the session takes commands again."""
+        """The Transfer is over: its message logged (unless none was taken); commands again."""
         if status is not None:
             self.log_message(status)
         self.in_data = False
