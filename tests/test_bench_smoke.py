@@ -24,10 +24,21 @@ pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.skipif(
     reason="needs Postfix's smtp-sink and smtp-source")]
 
 
+def proxsmtpd_of_this_tree(tmp_path: Path) -> str:
+    """A proxsmtpd that runs this tree's code, as the harness's proxies do
+    (the venv's entry point runs the installed one)."""
+    program = tmp_path / "proxsmtpd"
+    program.write_text('#!/bin/sh\nPYTHONPATH=%s exec %s -m proxsmtp.cli "$@"\n'
+                       % (REPO, sys.executable))
+    program.chmod(0o755)
+    return str(program)
+
+
 def test_bench_quick_run_produces_every_figure(tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--rounds", "1",
+         "--proxsmtpd", proxsmtpd_of_this_tree(tmp_path),
          "--messages", "40", "--latency-messages", "10", "--hold", "60", "--large-mb", "1",
          "--data-hold", "20", "--data-kb", "100", "--tls-messages", "20", "--tls-hold", "30",
          "--json", str(out)],
@@ -65,6 +76,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0
 
+    for path in ("direct", "direct, BDAT", "none", "none, BDAT"):   # by DATA and by BDAT
+        row = results["bdat"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["median"] > 0
+    assert results["bdat"]["none, BDAT"]["cpu_us"] > 0 and "cpu_us" not in results["bdat"]["direct"]
+
     held = results["concurrency"]
     assert held["greeted"] == 60 and held["all_greeted"]
     assert held["fresh_accepted"]
@@ -91,11 +108,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert tls["hold"]["held_pss_mb"] > tls["hold"]["idle_pss_mb"] > 0
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 19 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 20 and all(isinstance(item["pass"], bool) for item in data["targets"])
     # The filter-path targets are computed and printed; whether they pass is
     # what `make bench` says (they fail until the filter node is pooled).
     for name in ("CPU per message, smtp <= 1.25 x none",
-                 "CPU per message, smtp, node offers STARTTLS <= 1.50 x none"):
+                 "CPU per message, smtp, node offers STARTTLS <= 1.50 x none",
+                 "CPU per message, none by BDAT <= 1.25 x by DATA"):
         item = next(item for item in data["targets"] if item["target"] == name)
         assert item["value"] > 0
         assert name in done.stdout
