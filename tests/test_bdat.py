@@ -13,6 +13,7 @@ import hashlib
 import re
 import socket
 import threading
+import time
 
 import pytest
 from harness import Proxy, RawServer, wait_until
@@ -99,6 +100,7 @@ class BdatServer(RawServer):
         self.messages: list[tuple[str, bytes]] = []     # (how it came, its bytes)
         self.digests: list[tuple[int, str]] = []        # (size, sha256) of every message
         self.keep = True
+        self.final_delay = 0.0          # seconds before the first message's verdict
         self.cond = threading.Condition()
         super().__init__()
 
@@ -119,6 +121,8 @@ class BdatServer(RawServer):
                 data = reader.read(int(match.group(1)))
                 chunks.append(data)
                 if match.group(2):
+                    if self.final_delay and not self.digests:
+                        time.sleep(self.final_delay)
                     self.record("BDAT", b"".join(chunks))
                     chunks = []
                     conn.sendall(b"250 2.0.0 Ok: queued as B%d\r\n" % len(self.digests))
@@ -139,6 +143,8 @@ class BdatServer(RawServer):
                 return
             elif verb in (b"MAIL", b"RCPT", b"NOOP"):
                 conn.sendall(b"250 2.1.0 Ok\r\n")
+            elif verb == b"AUTH":
+                conn.sendall(b"235 2.7.0 Authentication successful\r\n")
             else:
                 conn.sendall(b"502 5.5.2 Error: command not recognized\r\n")
 
@@ -410,6 +416,52 @@ def test_a_huge_count_is_read_and_dropped_without_memory(client, server):
     raw.sock.shutdown(socket.SHUT_WR)
     assert raw.reader.readline() == b""
     assert server.messages == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_skip_relays_a_chunked_message_unfiltered(client, server):
+    raw, p = client(Skip="authenticated", FilterCommand="false")
+    raw.send(b"AUTH PLAIN AGFAAGI=\r\n")
+    assert raw.replies(1)[0].startswith(b"235")
+    raw.transaction()
+    raw.send(bdat(b"Subject: s\r\n") + bdat(b"\r\nskipped\r\n", last=True))
+    assert raw.replies(2)[1].startswith(b"250 2.0.0 Ok: queued")
+    assert server.messages == [("BDAT", b"Subject: s\r\n\r\nskipped\r\n")]
+    p.wait_log(r"status=SKIPPED")
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_chunks_behind_a_message_awaiting_its_verdict_are_held_back(proxy, server):
+    """The server takes 4 s over its verdict; the client goes on with the
+    next transaction and an 8 MB chunk meanwhile: the proxy stops reading it
+    (its buffer's high-water mark) instead of holding it all, and then takes
+    it in turn."""
+    server.final_delay = 4.0
+    p = proxy({"OutAddress": server.address, "Workers": 1, "TimeOut": 30})
+    [worker] = [pid for pid, title in p.children().items() if "worker" in title]
+    raw = Raw(p.address, timeout=60)
+    try:
+        raw.hello()
+        raw.transaction()
+        raw.send(bdat(b"first", last=True))
+        time.sleep(0.5)
+        before = rss_kib(worker)
+        big = b"y" * (8 * 1024 * 1024)
+        sender = threading.Thread(target=raw.send, args=(
+            b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\n" + bdat(big, last=True),))
+        sender.start()
+        time.sleep(2.5)
+        assert server.digests == []             # the first verdict is still due
+        grown = rss_kib(worker) - before
+        assert grown < 4 * 1024, "worker grew %d KiB while holding back" % grown
+        assert raw.replies(4) == [b"250 2.0.0 Ok: queued as B1", b"250 2.1.0 Ok",
+                                  b"250 2.1.0 Ok", b"250 2.0.0 Ok: queued as B2"]
+        sender.join(10)
+    finally:
+        raw.close()
+    assert server.messages[0] == ("BDAT", b"first") and server.messages[1] == ("BDAT", big)
 
 
 # --- random messages in random chunks (hypothesis) ------------------------------------------
