@@ -19,6 +19,7 @@ import pytest
 from harness import Proxy, RawServer, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_session_freed import Sink, freed_after, logged, reply
 
 from proxsmtp.net.channel import Channel
 from proxsmtp.smtp.syntax import bdat_args
@@ -386,13 +387,46 @@ def test_a_refusing_filter_is_the_last_chunks_answer(client, server, tmp_path):
 def test_a_client_that_sends_less_than_it_said(client, server):
     """Its commands after the short chunk are message bytes, as the count
     says: nothing is run, nothing delivered; the session ends at its close."""
-    raw, p = client(TimeOut=5)
+    raw, p = client(TimeOut=5, FilterCommand="cat")       # its spool a temp file
     raw.transaction()
-    raw.send(b"BDAT 100 LAST\r\nshort\r\nQUIT\r\n")
+    raw.send(bdat(b"first chunk\r\n") + b"BDAT 100 LAST\r\nshort\r\nQUIT\r\n")
+    assert raw.replies(1) == [b"250 2.0.0 13 octets received"]
     raw.sock.shutdown(socket.SHUT_WR)
     assert raw.reader.readline() == b""
     p.wait_log(r"unexpected end of data from client")
     assert server.messages == [] and b"QUIT" not in server.verbs()
+    wait_until(lambda: not p.spool_files(), 10, what="the temp file removed")
+
+
+class ChunkingSink(Sink):
+    """test_session_freed's Sink, offering CHUNKING."""
+
+    async def serve(self, reader, writer) -> None:
+        real = writer.write
+
+        def write(data: bytes) -> None:
+            real(data.replace(b"250 PIPELINING", b"250-PIPELINING\r\n250 CHUNKING"))
+        writer.write = write
+        await super().serve(reader, writer)
+
+
+@pytest.mark.session
+def test_a_session_ended_mid_chunks_is_freed_with_its_spool(tmp_path):
+    """The client leaves in the middle of its second chunk: the session,
+    its Chunks and Transfer are freed by reference counting, the temp file
+    removed (freed_after checks both)."""
+    async def script(reader, writer, task, sink):
+        assert await reply(reader) == b"220"
+        for command in (b"EHLO me\r\n", b"MAIL FROM:<a@x.test>\r\n", b"RCPT TO:<b@y.test>\r\n",
+                        bdat(b"Subject: t\r\n\r\n")):
+            writer.write(command)
+            assert await reply(reader) == b"250"
+        writer.write(b"BDAT 100 LAST\r\nhalf")
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+    lines = freed_after(script, tmp_path, ChunkingSink(), settings="FilterCommand: cat\n")
+    assert logged(lines, "unexpected end of data from client")
 
 
 @pytest.mark.e2e

@@ -191,8 +191,8 @@ class Reader:
         else:
             data = _cut(buf, limit)
         self._scan = 0
-        if not buf or buf.endswith(b"\n"):      # the chunk's own bytes are no begun line
-            self.line_started = None
+        # The chunk's own bytes are no begun line; what follows it is one at most since now.
+        self.line_started = None if not buf or buf.endswith(b"\n") else monotonic()
         self._consumed()
         return data
 
