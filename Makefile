@@ -19,7 +19,8 @@ PY = $(VENV)/bin/python
 # the other python3-* packages are what an installed proxsmtpd runs on (see
 # `install` below).
 TEST_DEBS = libcap-dev postfix libsasl2-modules swaks haproxy iproute2 iptables procps kmod openssl valgrind \
-	python3-trustme groff-base man-db systemd util-linux $(RUNTIME_DEBS)
+	python3-trustme groff-base man-db systemd util-linux \
+	rspamd opendkim opendkim-tools clamav-daemon clamav-milter python3-milter python3-dkim $(RUNTIME_DEBS)
 
 .PHONY: all venv deps test run clean install install-deps uninstall
 

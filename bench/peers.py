@@ -240,6 +240,27 @@ def filter_node(name: str, python: str, port: int, workdir: str,
     return Peer(name, argv, workdir).start(port)
 
 
+def milter(name: str, python: str, port: int, workdir: str, timeout: float = 15.0) -> Peer:
+    """bench/milter.py on `port`: a milter that accepts at once.  A peer of its
+    own, so its CPU is not counted as the proxy's.  A milter says nothing
+    until the MTA does: it is up when it accepts a connection."""
+    argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "milter.py"),
+            "%s:%d" % (HOST, port)]
+    peer = Peer(name, argv, workdir)
+    with open(peer.log_path, "ab") as log:
+        peer.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, preexec_fn=raise_nofile)
+    deadline = time.monotonic() + timeout
+    while peer.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection((HOST, port), timeout=2.0).close()
+            return peer
+        except OSError:
+            time.sleep(0.05)
+    peer.stop()
+    raise PeerError("%s did not listen on port %d: %s" % (name, port, peer.log_tail()))
+
+
 def spawn_floor(python: str, count: int, size: int, timeout: float = 300.0) -> dict:
     """bench/spawn.py: CPU per spawn of `/bin/sh -c cat` (and of `cat`) from a
     worker-sized Python process, as JSON."""

@@ -19,7 +19,10 @@ STARTTLS client through the proxy with the same client straight to a TLS
 server (a proxsmtpd that ends TLS in front of smtp-sink).  The bdat section
 sets a BDAT message (RFC 3030, bench/pipeline.py --bdat) against a DATA one,
 straight to a sink that takes BDAT (bench/node.py --chunking: smtp-sink 3.7
-offers no CHUNKING) and through the proxy without a filter.  See
+offers no CHUNKING) and through the proxy without a filter.  The milter
+section sets a proxy with `Milters:` (bench/milter.py, which accepts at once
+and asks for no reply before the end of the message, as rspamd does) beside
+one with no filter, and holds sessions through a chain of two.  See
 bench/README.md.
 """
 
@@ -62,6 +65,9 @@ FILTERS = {
 # default ServerTLS (may) costs against a node that offers it, as Halon's and
 # Postfix's do.
 NODES = {"smtp": "filter-node", "smtp, node offers STARTTLS": "filter-node-tls"}
+# The milter configurations (no FilterCommand): the bench/milter.py peers each
+# one's `Milters:` names, in order.
+MILTERS = {"milter": ("milter-1",), "milter chain": ("milter-1", "milter-2")}
 
 # The baselines measured beside the proxy: the TCP-relay ceiling (haproxy),
 # Python's floor (an empty byte relay) and the contract floor (SMTP, no more).
@@ -80,7 +86,8 @@ MIDDATA_PATHS = ("none", "pipe", "smtp")
 TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
                middata_kb=192.0, tls_pss_kb=64.0,
                relay_throughput_ratio=0.75, relay_cpu_ratio=2.0, relay_latency_ratio=1.6,
-               smtp_cpu_ratio=1.25, smtp_tls_cpu_ratio=1.5, bdat_cpu_ratio=1.25)
+               smtp_cpu_ratio=1.25, smtp_tls_cpu_ratio=1.5, bdat_cpu_ratio=1.25,
+               milter_cpu_ratio=1.5, milter_pss_kb=64.0)
 # The bdat section's rows: (the port it goes to, by BDAT?); the proxy's is
 # `none` in front of the BDAT-taking sink.
 BDAT_ROWS = {"direct": ("bdat-sink", False), "direct, BDAT": ("bdat-sink", True),
@@ -107,7 +114,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-hold", type=int, help="TLS: sessions to hold")
     parser.add_argument("--only",
                         default="throughput,latency,pipelining,bdat,concurrency,middata,large,"
-                        "tls",
+                        "tls,milter",
                         help="comma-separated sections to run")
     parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
     parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
@@ -160,7 +167,11 @@ class Bench:
     # -- peers ---------------------------------------------------------------
 
     def settings(self, name: str) -> dict[str, str]:
-        settings = dict(FILTERS[name])
+        if name in MILTERS:
+            settings = {"Milters": ", ".join("inet:%s:%d" % (peers.HOST, self.ports[milter])
+                                             for milter in MILTERS[name])}
+        else:
+            settings = dict(FILTERS[name])
         if name in NODES:
             settings["FilterCommand"] = "%s:%d" % (peers.HOST, self.ports[NODES[name]])
         if self.args.workers is not None:
@@ -208,6 +219,11 @@ class Bench:
             self.ports[name] = peers.free_port()
             self.peers.append(peers.filter_node(name, self.python, self.ports[name],
                                                 self.workdir, tls, self.args.workers))
+        if "milter" in self.args.only:
+            for name in MILTERS["milter chain"]:
+                self.ports[name] = peers.free_port()
+                self.peers.append(peers.milter(name, self.python, self.ports[name],
+                                               self.workdir))
 
     def start_relays(self) -> None:
         """haproxy (if installed), the empty uvloop relay and the contract floor,
@@ -392,11 +408,11 @@ class Bench:
             run.get("greeted") == a.hold for run in runs)
         self.results["concurrency"] = result
 
-    def hold_once(self) -> dict:
+    def hold_once(self, filter_name: str = "none") -> dict:
         """A fresh proxy: warm it up, take the idle PSS, hold the sessions, take
         the PSS again, and check that a new client still gets a greeting."""
         a = self.args
-        proxy = self.start_proxy("hold", "none")
+        proxy = self.start_proxy("hold", filter_name)
         try:
             port = self.ports["hold"]
             peers.source(port, 5, 10, 1024)
@@ -425,6 +441,41 @@ class Bench:
         finally:
             self.stop(proxy)
 
+
+    def milter(self) -> None:
+        """A proxy with one milter (bench/milter.py) against one with no filter,
+        alternated in the same run, a message per session (each session
+        connects the milter and negotiates) and many over the same sessions;
+        CPU per message of each proxy's own processes (the milter is a peer
+        of its own).  Then sessions held through a chain of two milters."""
+        a = self.args
+        print("milter: %d sessions, %d messages of %d bytes, none and one milter; %d sessions"
+              " held through two" % (a.parallel, a.messages, a.size, a.hold),
+              file=sys.stderr, flush=True)
+        paths = {"none": "milter-none", "milter": "milter"}     # row -> its proxy
+        started = [self.start_proxy(proxy, row) for row, proxy in paths.items()]
+        variants = [(row + (REUSED if same else ""), proxy, same)
+                    for same in (False, True) for row, proxy in paths.items()]
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+        try:
+            for round_no in range(a.rounds):
+                for label, path, same in rotated(variants, round_no):
+                    attempt(runs[label], label, lambda: self.counted(
+                        path, a.messages, lambda: peers.source(
+                            self.ports[path], a.parallel, a.messages, a.size,
+                            same_session=same)))
+        finally:
+            for proxy in started:
+                self.stop(proxy)
+        table = self.table(runs, "per_second", ["none", "milter"])
+        table.update(self.table(runs, "per_second", ["none" + REUSED, "milter" + REUSED]))
+        holds: list[dict] = []
+        for _ in range(a.rounds):
+            attempt(holds, "hold, milter chain", lambda: self.hold_once("milter chain"))
+        hold: dict = {"runs": holds, "sessions": a.hold}
+        for key in ("greeted", "idle_pss_mb", "held_pss_mb", "pss_kb_per_session"):
+            hold[key] = summary(holds, key)
+        self.results["milter"] = {"throughput": table, "hold": hold}
 
     def middata(self) -> None:
         a = self.args
@@ -599,6 +650,17 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
         target("CPU per message, none by BDAT <= %.2f x by DATA" % limit, ratio,
                ratio is not None and ratio <= limit,
                "%s x (%s us, DATA %s us)" % (fmt(ratio, ".2f"), fmt(bdat, ".0f"), fmt(data, ".0f")))
+    if "milter" in results:
+        table = results["milter"]["throughput"]
+        cpu, none = table["milter"].get("cpu_us"), table["none"].get("cpu_us")
+        ratio = cpu / none if cpu is not None and none else None
+        limit = TARGETS["milter_cpu_ratio"]
+        target("CPU per message, milter <= %.1f x none" % limit, ratio,
+               ratio is not None and ratio <= limit,
+               "%s x (%s us, none %s us)" % (fmt(ratio, ".2f"), fmt(cpu, ".0f"), fmt(none, ".0f")))
+        per = results["milter"]["hold"]["pss_kb_per_session"]
+        target("PSS per held session, milter chain <= %.0f KB" % TARGETS["milter_pss_kb"], per,
+               per is not None and per <= TARGETS["milter_pss_kb"], fmt(per, ".1f") + " KB")
     if "concurrency" in results:
         held = results["concurrency"]
         target("%d sessions held, all greeted" % args.hold, held["greeted"],
@@ -760,6 +822,19 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                                            fmt(held["idle_pss_mb"], ".1f"),
                                            fmt(held["held_pss_mb"], ".1f"),
                                            fmt(held["pss_kb_per_session"], ".1f")))
+    if "milter" in results:
+        out.append("")
+        out.append("milter (bench/milter.py: accepts at once, no reply asked before the end of"
+                   " the message): %d parallel sessions, %d messages of %d bytes"
+                   % (args.parallel, args.messages, args.size))
+        out.extend(rows(results["milter"]["throughput"], "msg/s", ".1f", ".3f"))
+        held = results["milter"]["hold"]
+        out.append("  (x direct: against none; CPU: the proxy's processes, not the milter's)")
+        out.append("  milter chain (two): %s/%d sessions held; PSS idle %s MB, held %s MB,"
+                   " per session %s KB" % (fmt(held["greeted"], ".0f"), args.hold,
+                                           fmt(held["idle_pss_mb"], ".1f"),
+                                           fmt(held["held_pss_mb"], ".1f"),
+                                           fmt(held["pss_kb_per_session"], ".1f")))
     out.append("")
     out.append("targets:")
     for item in targets:
@@ -805,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bench.start()
         for section in ("throughput", "latency", "pipelining", "bdat", "concurrency", "middata",
-                        "large", "tls"):
+                        "large", "tls", "milter"):
             if section in args.only:
                 getattr(bench, section)()
     except peers.PeerError as exc:

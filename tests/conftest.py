@@ -18,7 +18,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import milterpeers  # noqa: E402
 from harness import Proxy, RecordingServer, SmtpSink  # noqa: E402
+
+# The milter peers' fixtures (tests/milterpeers.py), for every test module.
+test_milter = milterpeers.test_milter
+bad_milter = milterpeers.bad_milter
+rspamd_milter = milterpeers.rspamd_milter
+opendkim_milter = milterpeers.opendkim_milter
+clamav_milter = milterpeers.clamav_milter
 
 
 @pytest.fixture

@@ -18,6 +18,10 @@ main.cf parameter):
   and content with `postqueue -j` and `postcat`;
 - `smtpd_upstream_proxy_protocol="haproxy"` makes it expect a PROXY header
   on every connection, as behind a balancer;
+- `milters=[spec, ...]` runs them as `smtpd_milters` (Postfix's milter
+  client, MILTER_README), protocol 6, `milter_default_action = tempfail`
+  unless a keyword says otherwise: the reference a milter test compares the
+  proxy with;
 - STARTTLS offered with `tls=(cert_file, key_file)`; AUTH offered with
   `sasl=True` (after STARTTLS only, as `smtpd_tls_auth_only` says; no
   credentials are accepted, and each attempt is logged as failed).
@@ -80,6 +84,7 @@ class PostfixServer:
 
     def __init__(self, tls: tuple[str, str] | None = None,
                  sasl: bool = False, start: bool = True,
+                 milters: tuple[str, ...] | list[str] = (),
                  **main_cf: object) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="proxsmtpd-postfix-"))
         os.chmod(self.dir, 0o755)
@@ -133,6 +138,9 @@ class PostfixServer:
             # fails and is logged ("SASL ... authentication failed"), which
             # is how a test sees that credentials reached the server.
             settings.update(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="cyrus")
+        if milters:
+            settings.update(smtpd_milters=", ".join(milters), milter_protocol=6,
+                            milter_default_action="tempfail")
         settings.update(main_cf)
         self.proxy_protocol = settings.get("smtpd_upstream_proxy_protocol") == "haproxy"
         (self.config / "main.cf").write_text(
@@ -180,7 +188,9 @@ class PostfixServer:
                     sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 25\r\n")
                 greeting = sock.recv(512)
                 sock.sendall(b"QUIT\r\n")
-                return greeting.startswith(b"220")
+                # a milter's refusal at connect (milter_default_action with
+                # a milter down) makes the greeting a 4xx or 5xx
+                return greeting[:3].isdigit()
         except OSError:
             return False
 
@@ -207,6 +217,11 @@ class PostfixServer:
                 entry = json.loads(line)
                 entries.setdefault(entry["queue_id"], entry)
         return list(entries.values())
+
+    def clear(self) -> None:
+        """Delete every queued message (held ones too): `postsuper -d ALL`."""
+        subprocess.run(["postsuper", "-c", str(self.config), "-d", "ALL"],
+                       capture_output=True, timeout=30, check=True)
 
     def content(self, queue_id: str) -> bytes:
         """The queued message's headers and body as Postfix stored them (LF line ends)."""

@@ -10,6 +10,7 @@ sampler saw the proxy).
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -24,25 +25,25 @@ pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.skipif(
     reason="needs Postfix's smtp-sink and smtp-source")]
 
 
-def proxsmtpd_of_this_tree(tmp_path: Path) -> str:
-    """A proxsmtpd that runs this tree's code, as the harness's proxies do
-    (the venv's entry point runs the installed one)."""
-    program = tmp_path / "proxsmtpd"
-    program.write_text('#!/bin/sh\nPYTHONPATH=%s exec %s -m proxsmtp.cli "$@"\n'
-                       % (REPO, sys.executable))
-    program.chmod(0o755)
-    return str(program)
+def this_checkout(directory: Path) -> Path:
+    """A proxsmtpd that runs this checkout's code: the venv's entry point runs
+    the checkout the venv was made from, which may be another one."""
+    script = directory / "proxsmtpd"
+    script.write_text('#!/bin/sh\ncd %s && exec %s -m proxsmtp.cli "$@"\n'
+                      % (shlex.quote(str(REPO)), shlex.quote(sys.executable)))
+    script.chmod(0o755)
+    return script
 
 
 def test_bench_quick_run_produces_every_figure(tmp_path):
     out = tmp_path / "result.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--rounds", "1",
-         "--proxsmtpd", proxsmtpd_of_this_tree(tmp_path),
+         "--proxsmtpd", str(this_checkout(tmp_path)),
          "--messages", "40", "--latency-messages", "10", "--hold", "60", "--large-mb", "1",
          "--data-hold", "20", "--data-kb", "100", "--tls-messages", "20", "--tls-hold", "30",
          "--json", str(out)],
-        capture_output=True, text=True, timeout=120)
+        capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert "targets:" in done.stdout
     data = json.loads(out.read_text())
@@ -107,8 +108,18 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert tls["hold"]["held"] == 30 and tls["hold"]["all_held"]
     assert tls["hold"]["held_pss_mb"] > tls["hold"]["idle_pss_mb"] > 0
 
+    milter = results["milter"]           # bench/milter.py beside none, then a chain held
+    for path in ("none", "milter", "none, reused", "milter, reused"):
+        row = milter["throughput"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["median"] > 0 and row["cpu_us"] > 0
+    assert milter["hold"]["greeted"] == 60 and milter["hold"]["pss_kb_per_session"] is not None
+    for name in ("CPU per message, milter <= 1.5 x none",
+                 "PSS per held session, milter chain <= 64 KB"):
+        assert name in done.stdout
+
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 20 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 22 and all(isinstance(item["pass"], bool) for item in data["targets"])
     # The filter-path targets are computed and printed; whether they pass is
     # what `make bench` says (they fail until the filter node is pooled).
     for name in ("CPU per message, smtp <= 1.25 x none",

@@ -51,6 +51,9 @@ def start_fails(tmp_path, text: str) -> str:
     ("Skip: unauthenticated", ["Skip"]),
     ("Listen: 127.0.0.1:70000", ["Listen"]),
     ("TempDirectory:", ["TempDirectory"]),
+    ("Milters: inet:127.0.0.1", ["Milters", "inet:host:port"]),
+    ("MilterDefaultAction: bounce", ["MilterDefaultAction", "tempfail, accept, reject"]),
+    ("MilterTimeout: 0", ["MilterTimeout", "an integer from 1 to 86400"]),
 ])
 def test_invalid_values(tmp_path, line, words):
     stderr = start_fails(tmp_path, "# test\nOutAddress: 10026\n\n%s\n" % line)
@@ -306,6 +309,9 @@ def test_a_byte_order_mark_before_the_first_setting_is_ignored(tmp_path):
     ("FilterComand: cat", 2, 'unknown setting "FilterComand" (did you mean FilterCommand?)'),
     ("FilterType: milter", 2, 'FilterType: expected one of pipe, file, smtp, reject, not "milter"'),
     ("MaxConnections: 1", 2, 'MaxConnections: expected an integer from 2 to 1048576, not "1"'),
+    ("Milters: unix:milter.sock", 2, "Milters: unix: needs an absolute path: unix:milter.sock "
+     "(expected milters in Postfix's syntax, inet:host:port, inet:[IPv6]:port or unix:/path, "
+     "separated by commas)"),
     ("Listen: 127.0.0.1:99999", 2, "Listen: invalid port in address: 127.0.0.1:99999 (expected "
      "address:port, address, port, [IPv6]:port or /path/to/socket)"),
     ("OutAddress: host name", 1, "OutAddress: invalid host in address: host name (expected "

@@ -211,6 +211,25 @@ def test_filter_connections_0_is_a_connection_per_message(proxy, upstream):
         node.stop()
 
 
+def test_a_burst_keeps_its_connections_then_they_close(proxy, upstream, slow_nodes):
+    """FilterConnections 1, three sessions at once at a node that takes half a
+    second: three connections.  All three are kept when the burst ends, and
+    the next burst right after it uses them again (no new connection, no
+    handshake); a second later, with none needed, two are closed (QUIT)."""
+    node = slow_nodes[0]
+    p = proxy(node_filter(upstream, node, FilterConnections=1))
+    for burst in range(2):
+        replies = concurrently(p, [3 * burst + n for n in range(3)])
+        assert all(reply[-1].startswith("250") for reply in replies), (replies, p.log())
+    upstream.wait_messages(6)
+    assert len(node.connections) == 3, p.log()
+    node.wait_for(lambda: sum(c.closed for c in node.connections) == 2, 10,
+                  "two of the three connections closed")
+    assert [node.verbs(n)[-1] for n in range(3) if node.connections[n].closed] == ["QUIT"] * 2
+    assert one_message(p, 6)[-1].startswith("250")
+    assert len(node.connections) == 3
+
+
 def test_the_worker_stop_says_quit_on_kept_connections(proxy, upstream):
     node = RecordingServer(name="node.test", extensions=("XCLIENT ADDR HELO NAME",))
     try:

@@ -316,3 +316,20 @@ def test_server_gone_mid_data_in_the_task(tmp_path):
         writer.write(b"the end\r\n.\r\n")
         assert await reply(reader) == b"451"
     freed_after(script, tmp_path, Sink(verdict=False), settings="KeepAlives: 5\n")
+
+
+@pytest.mark.parametrize("noreply", [False, True])
+def test_message_through_milters_then_quit(tmp_path, test_milter, noreply):
+    """With Milters: the chain, its stages' coroutines and the end of the
+    message let go of the session too."""
+    milter = test_milter(noreply=noreply)
+
+    async def script(reader, writer, task, sink):
+        await into_data(reader, writer)
+        writer.write(b"the end\r\n.\r\n")
+        assert await reply(reader) == b"250"
+        writer.write(b"RSET\r\nQUIT\r\n")
+        assert await reply(reader) == b"250"
+        assert await reply(reader) == b"221"
+    lines = freed_after(script, tmp_path, settings="Milters: %s\n" % milter.spec)
+    assert any("status=FILTERED" in line for line in lines), lines

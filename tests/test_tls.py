@@ -863,3 +863,133 @@ def test_tls_handshakes_counted_in_metrics(proxy, make_upstream, pki):
     assert value(samples, "proxsmtpd_server_tls_total", result="established") == 2
     assert value(scrape(refusing_px), "proxsmtpd_server_tls_total", result="refused") == 1
     assert value(scrape(plain_px), "proxsmtpd_server_tls_total", result="not_offered") == 1
+
+
+# --- session resumption where the proxy is the TLS client --------------------------------------
+
+def send_one(p, pki=None) -> None:
+    """One message through the proxy, in a session of its own."""
+    with p.smtp() as smtp:
+        smtp.sendmail("a@x.test", ["b@y.test"], BODY)
+
+
+def server_handshakes(p) -> list[str]:
+    """The server leg's handshakes in the log: the TLS each described, with
+    `resumed` when the cached session was taken."""
+    return re.findall(r"TLS: (TLSv1\S* \S+(?: resumed)?)$", p.log(), re.M)
+
+
+def test_server_leg_resumes_the_tls_session_with_postfix(proxy, postfix, pki):
+    """ServerTLS may to a real Postfix: the first session's handshake is a full
+    one, the next ones resume the session (the TLS 1.3 ticket Postfix sent
+    after the handshake, kept once the EHLO reply came inside TLS)."""
+    from test_metrics import scrape, value
+    server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    p = proxy({"OutAddress": server.address, "Workers": 1,
+               "StatsListen": "127.0.0.1:%d" % free_port()})
+    p.stats = p.settings["StatsListen"]
+    for _ in range(3):
+        send_one(p)
+    handshakes = wait_until(lambda: (lambda h: h if len(h) == 3 else None)(server_handshakes(p)),
+                            what="three server handshakes in the log")
+    assert not handshakes[0].endswith("resumed"), handshakes
+    assert all(h.endswith(" resumed") for h in handshakes[1:]), handshakes
+    samples = scrape(p)         # counted in /metrics, by peer
+    assert value(samples, "proxsmtpd_tls_resumed_total", peer="server") == 2
+    assert value(samples, "proxsmtpd_tls_resumed_total", peer="filter") == 0
+
+
+def test_resumed_session_only_offered_to_the_name_it_was_verified_for(proxy, postfix, pki,
+                                                                      tmp_path):
+    """ServerTLS verify: a resumed handshake checks no certificate (the session
+    carries the result of the full one), so a session is only offered to the
+    name it was verified for.  One Postfix, certified for `localhost` only, is
+    both the server (OutAddress localhost) and the filter node (127.0.0.1):
+    the server leg resumes from the second session on, the node's handshake
+    at the same address under the other name is never resumed with that
+    session and fails its check every time."""
+    identity = Identity(pki.ca, tmp_path, "localhost-only", "localhost")
+    server = postfix(tls=(str(identity.chain), str(identity.key)))
+    p = proxy({"OutAddress": "localhost:%d" % server.port, "FilterType": "smtp",
+               "FilterCommand": server.address, "ServerTLS": "verify",
+               "TLSCAFile": pki.ca_file, "Workers": 1})
+    for _ in range(2):
+        with p.connect() as client:
+            client.cmd("EHLO client.example")
+            assert send_after_ehlo(client) == ["451 Local Error"]
+    wait_until(lambda: len(re.findall("IP address mismatch", p.log())) == 2,
+               what="the node's check failing twice")
+    log = p.log()
+    assert re.search(r"TLS handshake with the filter node failed: .*IP address mismatch, "
+                     r"certificate is not valid for '127.0.0.1'", log), log
+    handshakes = server_handshakes(p)
+    assert len(handshakes) == 2 and handshakes[1].endswith(" resumed"), handshakes
+    assert not handshakes[0].endswith("resumed"), handshakes
+
+
+def test_resumed_session_only_offered_under_the_context_it_was_verified_with(proxy, postfix,
+                                                                             pki, tmp_path):
+    """A session is kept per context too (its policy and CA file): one
+    Postfix, certified by the test CA for `localhost`, is both the server
+    (ServerTLS verify, TLSCAFile that CA) and the filter node at the same
+    address and name (FilterTLS verify, FilterTLSCAFile another CA).  The
+    server leg resumes from the second session on; the node's handshake is
+    never offered that session, and fails its check every time."""
+    stranger_ca = tmp_path / "stranger-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(stranger_ca))
+    server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    address = "localhost:%d" % server.port
+    p = proxy({"OutAddress": address, "FilterType": "smtp", "FilterCommand": address,
+               "ServerTLS": "verify", "TLSCAFile": pki.ca_file, "FilterTLS": "verify",
+               "FilterTLSCAFile": str(stranger_ca), "Workers": 1})
+    for _ in range(2):
+        with p.connect() as client:
+            client.cmd("EHLO client.example")
+            assert send_after_ehlo(client) == ["451 Local Error"]
+    wait_until(lambda: len(re.findall("TLS handshake with the filter node failed", p.log())) == 2,
+               what="the node's check failing twice")
+    assert "unable to get local issuer certificate" in p.log(), p.log()
+    handshakes = server_handshakes(p)
+    assert len(handshakes) == 2 and handshakes[1].endswith(" resumed"), handshakes
+    assert not handshakes[0].endswith("resumed"), handshakes
+
+
+def test_server_refusing_the_session_gets_a_full_handshake(proxy, postfix, pki):
+    """A Postfix restarted in between has new ticket keys and does not take
+    the session: the handshake is a full one, mail flows, and the session it
+    gives is the one resumed next."""
+    server = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    p = proxy({"OutAddress": server.address, "Workers": 1})
+    send_one(p)
+    master = server.master_pid
+    server.postfix("stop")
+    wait_until(lambda: not os.path.exists("/proc/%d" % master), what="Postfix stopped")
+    server.start()
+    for _ in range(2):
+        send_one(p)
+    handshakes = wait_until(lambda: (lambda h: h if len(h) == 3 else None)(server_handshakes(p)),
+                            what="three server handshakes in the log")
+    assert [h.endswith(" resumed") for h in handshakes] == [False, False, True], handshakes
+    assert len(server.messages(3)) == 3
+
+
+def test_filter_node_leg_resumes_the_tls_session_with_postfix(proxy, postfix, make_upstream,
+                                                              pki):
+    """The filter node's leg is a TLS client as the server leg is: a real
+    Postfix as the node (XCLIENT from loopback), one message per session; the
+    node's handshakes after the first resume.  (A connection per message:
+    a kept one, FilterConnections, needs no second handshake at all.)"""
+    node = postfix(tls=(str(pki.upstream.chain), str(pki.upstream.key)))
+    upstream = make_upstream()
+    from test_metrics import scrape, value
+    p = proxy({"OutAddress": upstream.address, "FilterType": "smtp",
+               "FilterCommand": node.address, "Workers": 1, "FilterConnections": 0,
+               "StatsListen": "127.0.0.1:%d" % free_port()})
+    p.stats = p.settings["StatsListen"]
+    for _ in range(3):
+        send_one(p)
+    upstream.wait_messages(3)
+    handshakes = re.findall(r"FILTER TLS: (TLSv1\S* \S+(?: resumed)?)$", p.log(), re.M)
+    assert len(handshakes) == 3 and not handshakes[0].endswith("resumed"), handshakes
+    assert all(h.endswith(" resumed") for h in handshakes[1:]), handshakes
+    assert value(scrape(p), "proxsmtpd_tls_resumed_total", peer="filter") == 2

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from ..message import spool
 from ..message.envelope import Envelope
-from ..net import destination
+from ..net import destination, tls
 from ..net.channel import Channel, ChannelClosed
+from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
 from ..smtp.peer import Peer, ReplyTooLong
@@ -131,6 +132,8 @@ async def _node_hello(config: Config, node: Peer, plaintext: bool) -> bool:
         failure = await node.starttls(config.filter_tls, config.FilterAddress.host,
                                       node.timeout)
     if failure is None:
+        if tls.resumed(channel.transport):
+            stats.tls_resumed("filter")
         code, text = code_text(await node.ehlo(config.FilterHelo))
         if code != 250:
             raise FilterError("filter node refused EHLO after STARTTLS: %s" % clean(text))

@@ -12,9 +12,15 @@ node offers PIPELINING (RFC 2920: XCLIENT, which changes the session, last).
 
 - One pool per worker (one event loop), keyed by what makes a connection
   fit for a message: the node's address and the TLS policy and context.
-- At most FilterConnections idle connections are kept; one more is closed
-  (QUIT).  Idle ones are taken oldest first, so that the messages go round
-  all of them, and round the nodes a balancer connected them to.
+- FilterConnections idle connections are kept.  A message that finds
+  none idle opens one more; given back, it is kept too while the burst
+  that needed it lasts: a second (SURPLUS_WINDOW) in which some idle
+  connections beyond FilterConnections were never all needed (the fewest
+  idle over that second) closes that many (QUIT), oldest first.  Closing
+  it at once instead cost a connection, EHLO and a TLS handshake for each
+  message that found every kept one busy.  Idle ones are taken oldest
+  first, so that the messages go round all of them, and round the nodes a
+  balancer connected them to.
 - An idle connection is closed after FilterIdleTime seconds (one timer for
   the pool, set for the oldest), and at once when the node says anything
   or closes it while it is idle; all are closed (QUIT) when the worker stops.
@@ -46,6 +52,10 @@ from .verdict import FilterError
 CLOSE_WAIT = 1.0
 # The pool's timer may fire this much early (the loop's clock granularity).
 _SLACK = 0.01
+# Seconds over which idle connections beyond FilterConnections that were
+# never all needed are closed: a loaded worker's next message comes within
+# milliseconds, so a second that left some unused means the burst is over.
+SURPLUS_WINDOW = 1.0
 
 
 class Stale(FilterError):
@@ -172,7 +182,16 @@ class NodePool:
         self.idle: dict[Hashable, list[NodePeer]] = {}    # oldest first
         self.count = 0
         self.idle_time = 30.0
+        self.cap = 0                # FilterConnections, as last given back
+        self.fewest = 0             # the fewest idle since the surplus was last trimmed
         self._sweep: asyncio.TimerHandle | None = None
+        self._trim: asyncio.TimerHandle | None = None
+
+    def _out(self) -> None:
+        """An idle connection left the pool (taken or closed)."""
+        self.count -= 1
+        if self.count < self.fewest:
+            self.fewest = self.count
 
     def take(self, key: Hashable, tag: str) -> NodePeer | None:
         """The oldest idle connection for `key`, made ready for a message of
@@ -180,7 +199,7 @@ class NodePool:
         idle = self.idle.get(key)
         while idle:
             node = idle.pop(0)
-            self.count -= 1
+            self._out()
             channel = node.channel
             channel.on_ready = None
             if channel.closed or channel.eof or channel.pending:
@@ -198,21 +217,35 @@ class NodePool:
         return None
 
     def give_back(self, node: NodePeer, cap: int, idle_time: float) -> None:
-        """After the verdict: kept when it is fit and there is room, else closed."""
+        """After the verdict: kept when it is fit, else closed.  Beyond `cap`
+        idle, the surplus timer decides how long (_trim_surplus)."""
         if not node.reusable:
             retire(node, "said %s" % node.last.decode("ascii", "replace") if node.last
                    else "not in step")
             return
-        if self.count >= cap:
-            retire(node, "FilterConnections %d idle already" % cap)
-            return
-        self.idle_time = idle_time
+        self.idle_time, self.cap = idle_time, cap
         node.idle_since = self.loop.time()
         node.channel.on_ready = functools.partial(self._news, node)
         self.idle.setdefault(node.key, []).append(node)
         self.count += 1
         if self._sweep is None:
             self._sweep = self.loop.call_at(node.idle_since + idle_time, self._expire)
+        if self.count > cap and self._trim is None:
+            self.fewest = self.count
+            self._trim = self.loop.call_later(SURPLUS_WINDOW, self._trim_surplus)
+
+    def _trim_surplus(self) -> None:
+        """The timer, each SURPLUS_WINDOW while more than FilterConnections are
+        idle: close those beyond it that stayed idle all along, oldest first."""
+        self._trim = None
+        for _ in range(min(self.fewest, self.count - self.cap)):
+            idle = min((idle for idle in self.idle.values() if idle),
+                       key=lambda idle: idle[0].idle_since)
+            self.count -= 1
+            retire(idle.pop(0), "FilterConnections %d idle already" % self.cap)
+        if self.count > self.cap:
+            self.fewest = self.count
+            self._trim = self.loop.call_later(SURPLUS_WINDOW, self._trim_surplus)
 
     def _news(self, node: NodePeer) -> None:
         """Bytes or EOF on an idle connection: the node is closing it (a
@@ -221,7 +254,7 @@ class NodePool:
         if not (channel.eof or channel.pending or channel.closed):
             return
         self.idle[node.key].remove(node)
-        self.count -= 1
+        self._out()
         said = channel.rest().split(b"\n", 1)[0].strip()
         retire(node, "the node %s while idle" % ("said %s" % clean(said) if said else "closed it"))
 
@@ -233,7 +266,7 @@ class NodePool:
         oldest = None
         for idle in self.idle.values():
             while idle and idle[0].idle_since + self.idle_time <= now + _SLACK:
-                self.count -= 1
+                self._out()
                 retire(idle.pop(0), "idle for FilterIdleTime")
             if idle and (oldest is None or idle[0].idle_since < oldest):
                 oldest = idle[0].idle_since
@@ -242,9 +275,10 @@ class NodePool:
 
     async def close_all(self) -> None:
         """The worker stops: every idle connection says QUIT and is closed."""
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
+        for timer in (self._sweep, self._trim):
+            if timer is not None:
+                timer.cancel()
+        self._sweep = self._trim = None
         nodes = [node for idle in self.idle.values() for node in idle]
         self.idle.clear()
         self.count = 0

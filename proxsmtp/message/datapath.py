@@ -22,7 +22,8 @@ class Path(enum.Enum):
     REJECTED = "rejected"          # FilterType reject: refused without taking the message
     NO_RECIPIENT = "no-recipient"  # no RCPT accepted: the server says why (RFC 5321 3.3)
     RELAYED = "relayed"            # no filter: taken in, then offered as it came
-    FILTERED = "filtered"          # taken in, filtered, then offered or refused
+    FILTERED = "filtered"          # taken in, filtered (milters, then FilterCommand), then
+                                   # offered or refused
 
 
 # Module names, not Path.X: read once per message.
@@ -39,7 +40,7 @@ def choose(config: Config, envelope: Envelope, skip: bool) -> Path:
         return REJECTED
     if not envelope.recipients:
         return NO_RECIPIENT
-    if not config.FilterCommand:
+    if not config.FilterCommand and not config.Milters:
         return RELAYED
     return FILTERED
 

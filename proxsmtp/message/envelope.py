@@ -46,6 +46,7 @@ class Envelope:
     filter_seconds: float | None = None
     filter_reply: str | None = None          # a filter node's reply accepting the message
     reply: str | None = None                 # its last reply: the server's, or the refusal
+    milter: str | None = None                # the milter that decided (its Milters spec)
 
     def reset(self) -> None:
         """Forget sender, recipients, XFORWARD data and the outcome (RSET, EHLO, after DATA)."""
@@ -56,7 +57,7 @@ class Envelope:
         self.xforward_addr = self.xforward_helo = None
         self.chunked = False
         self.size = self.msgid = self.delay = self.filter_seconds = self.filter_reply = None
-        self.reply = None
+        self.reply = self.milter = None
 
     @property
     def in_transaction(self) -> bool:
@@ -82,6 +83,8 @@ class Envelope:
             parts.append('filter_reply="%s"' % clean(self.filter_reply, 256).replace('"', "'"))
         if self.reply is not None:
             parts.append('reply="%s"' % clean(self.reply, 256).replace('"', "'"))
+        if self.milter is not None:
+            parts.append("milter=" + clean(self.milter, 256))
         if self.client_tls or self.server_tls:     # both plaintext: the line as upstream's
             parts.append("client_tls=" + _tls(self.client_tls))
             parts.append("server_tls=" + _tls(self.server_tls))

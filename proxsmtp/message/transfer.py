@@ -32,7 +32,7 @@ from ..process.log import clean, log
 from ..smtp.ends import SessionEnd
 from ..smtp.peer import ServerLeg
 from ..smtp.replies import FAILED, R_DATAINTERMED, Status
-from . import datapath, spool
+from . import datapath, milterstep, spool
 from .envelope import Envelope
 from .header import render as render_header
 from .intake import Intake
@@ -56,7 +56,8 @@ class Transfer:
 
     def __init__(self, config: Config, envelope: Envelope, client: Channel, server: ServerLeg,
                  replies: Replies, done: Done, path: datapath.Path, size_limit: int = 0,
-                 info: bool | None = None, debug: bool | None = None) -> None:
+                 info: bool | None = None, debug: bool | None = None,
+                 milters: milterstep.Milters | None = None) -> None:
         self.config = config
         self.envelope = envelope
         self.client = client
@@ -72,6 +73,8 @@ class Transfer:
         self.intake = Intake(envelope, client, server, size_limit, info, self.debug)
         self.message: spool.Spool | None = None
         self.source: str | None = None    # the filter's new version of the message (pipe)
+        self.milters = milters            # the session's milters, if any (Milters)
+        self.replay = False               # they changed the envelope: the server hears it again
         self.receiving = False            # the client's message is coming in, in the callbacks
         self.streaming = False            # the task is to send the message (stream())
         self.awaiting_final = False       # the server has the message; its verdict is due
@@ -157,13 +160,20 @@ class Transfer:
                 self.refuse(verdict.reply, REJECTED)
                 return
             self.source = verdict.path
+            if self.replay and not await milterstep.replay(self):
+                return
         self.offer()
 
     async def run_filter(self, message: spool.Spool) -> filters.Verdict | None:
-        """The filter's verdict, timed for the log; None (the message
-        refused with 451) when the filter failed."""
+        """The milters' and the filter's verdict, timed for the log; None
+        when the message was refused (with 451 when the filter failed) or
+        discarded.  The filter sees the message as the milters left it."""
         started = time.monotonic()
         try:
+            if self.milters is not None:
+                message = await milterstep.run(self, self.milters)
+                if message is None:
+                    return None
             return await filters.check(self.config, self.envelope, message, self.server.keepalive)
         except filters.FilterError as exc:
             log.error("%s: %s", self.tag, exc)
@@ -296,6 +306,8 @@ class Transfer:
 
     def _end(self, status: Status | None) -> None:
         done = self.done
+        if self.milters is not None:        # the milters' transaction is over too
+            self.milters.end_transaction()
         self.close()
         done(status)
 

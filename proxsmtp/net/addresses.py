@@ -11,6 +11,7 @@ import re
 import socket
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 # RFC 5321 4.1.2 sub-domain: Let-dig [Ldh-str]
@@ -107,6 +108,50 @@ def parse(text: str, default_port: int) -> Address:
             raise AddressError("invalid IPv6 address: %s" % text) from None
     host, sep, port = text.partition(":")
     return Address(_host(host, text), _port(port, text) if sep else default_port)
+
+
+class MilterAddress(NamedTuple):
+    """One milter of the Milters chain, in Postfix's syntax (MILTER_README)."""
+
+    spec: str           # as written: the milter's name in logs and metrics
+    family: str         # "inet" or "unix"
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+
+def parse_milter(text: str) -> MilterAddress:
+    """`inet:host:port`, `inet:[IPv6]:port` or `unix:/path` (Postfix's
+    smtpd_milters; `local:` is Postfix's other name for `unix:`)."""
+    spec = text.strip()
+    family, colon, rest = spec.partition(":")
+    family = family.lower()
+    if not colon or family not in ("inet", "unix", "local"):
+        raise AddressError("a milter needs inet: or unix: first: %s" % spec)
+    if family != "inet":
+        if not rest.startswith("/") or any(c.isspace() or c == "," for c in rest):
+            raise AddressError("unix: needs an absolute path: %s" % spec)
+        return MilterAddress(spec, "unix", path=rest)
+    if rest.startswith("["):
+        end = rest.find("]")
+        if end < 0 or rest[end + 1:end + 2] != ":":
+            raise AddressError("inet:[IPv6]:port expected: %s" % spec)
+        try:
+            host = str(ipaddress.IPv6Address(rest[1:end]))
+        except ValueError:
+            raise AddressError("invalid IPv6 address: %s" % spec) from None
+        return MilterAddress(spec, "inet", host, _port(rest[end + 2:], spec))
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or ":" in host:
+        raise AddressError("inet:host:port expected (an IPv6 address in brackets): %s" % spec)
+    if host == "*" or host.startswith("/"):
+        raise AddressError("invalid host in address: %s" % spec)
+    return MilterAddress(spec, "inet", _host(host, spec), _port(port, spec))
+
+
+def parse_milters(text: str) -> tuple[MilterAddress, ...]:
+    """The Milters chain: milters separated by commas or white space, in order."""
+    return tuple(parse_milter(item) for item in re.split(r"[\s,]+", text.strip()) if item)
 
 
 def is_ip(host: str) -> bool:

@@ -13,8 +13,28 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from . import tlssessions
+
 CLIENT_POLICIES = ("off", "may", "encrypt")
 SERVER_POLICIES = ("off", "may", "encrypt", "verify")
+
+
+# The most plaintext one TLS record carries (RFC 8446 5.1, RFC 5246 6.2.1).
+RECORD_MAX = 16384
+
+
+class RecordReads(ssl.SSLObject):
+    """The loop's TLS protocol asks for up to 256 KiB at each read (uvloop's
+    and asyncio's SSL_READ_MAX_SIZE): the ssl module allocates that much for
+    every call, above the workers' mmap threshold (process/worker.py), so
+    each read of a few bytes cost an mmap, a page fault and a munmap.  One
+    read never returns more than one record, so asking for a record's worth
+    loses nothing: the protocol reads again while data is pending."""
+
+    def read(self, len: int = 1024, buffer: memoryview | bytearray | None = None):
+        if buffer is None and len > RECORD_MAX:
+            len = RECORD_MAX
+        return super().read(len, buffer)
 
 
 class TLSSetupError(Exception):
@@ -41,6 +61,7 @@ def listening_context(certificate: str, key: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_RENEGOTIATION
+    context.sslobject_class = RecordReads
     try:
         context.load_cert_chain(certificate, key)
     except (OSError, ValueError) as exc:
@@ -57,10 +78,11 @@ def connecting_context(policy: str, cafile: str | None) -> ssl.SSLContext | None
     if policy == "off":
         return None
     try:
+        # a ClientContext: it resumes sessions (tlssessions)
         if policy == "verify":
-            context = ssl.create_default_context(cafile=cafile)
+            context = tlssessions.client_context(cafile)
         else:
-            context = ssl.create_default_context()
+            context = tlssessions.client_context(None)
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
             if cafile:      # a broken file is an error whatever the policy
@@ -68,7 +90,14 @@ def connecting_context(policy: str, cafile: str | None) -> ssl.SSLContext | None
     except (OSError, ValueError) as exc:
         raise TLSSetupError("can't load CA file %s: %s" % (cafile, reason(exc))) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslobject_class = RecordReads
     return context
+
+
+def resumed(transport: asyncio.BaseTransport | None) -> bool:
+    """The TLS of `transport` resumed a session (an abbreviated handshake)."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return ssl_object is not None and ssl_object.session_reused
 
 
 def describe(transport: asyncio.BaseTransport | None) -> str:

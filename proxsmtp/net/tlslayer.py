@@ -5,7 +5,8 @@ Under uvloop (the worker's loop) the TLS is uvloop's own protocol with one
 change (TLSLayer: a peer's EOF does not end the connection), put in the
 place uvloop's start_tls and connect_accepted_socket would put theirs.
 Without uvloop it is the loop's TLS as it is (only the tests and tools run
-so).
+so).  As the client, under uvloop, the handshake offers the session kept
+for that peer (tlssessions).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import socket
 import ssl
 from typing import TYPE_CHECKING
+
+from . import tlssessions
 
 if TYPE_CHECKING:
     from .channel import Channel
@@ -50,7 +53,7 @@ class TLSLayer(_TLSBase):      # type: ignore[misc,valid-type]
     pending writes", RFC 5246 §7.2.1); a client that sends it has given up
     on the replies still due."""
 
-    __slots__ = ("channel", "peer_eof")
+    __slots__ = ("channel", "peer_eof", "resume_key")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel, context: ssl.SSLContext,
                  waiter: asyncio.Future, server_side: bool, server_hostname: str | None,
@@ -61,6 +64,8 @@ class TLSLayer(_TLSBase):      # type: ignore[misc,valid-type]
                          ssl_handshake_timeout=ssl_handshake_timeout)
         self.channel: Channel | None = channel
         self.peer_eof = False
+        # the session cache's key for this peer (tlssessions), as the client
+        self.resume_key: tlssessions.Key | None = None
 
     def eof_received(self) -> bool | None:
         channel = self.channel
@@ -102,23 +107,39 @@ async def upgrade(channel: Channel, plain: asyncio.Transport | None, context: ss
     waiter = loop.create_future()
     layer = TLSLayer(loop, channel, context, waiter, server_side, server_hostname,
                      call_connection_made=False, ssl_handshake_timeout=timeout)
+    offer = None
+    if not server_side:
+        layer.resume_key = tlssessions.key(context, plain.get_extra_info("peername"),
+                                           server_hostname)
+        offer = tlssessions.lookup(layer.resume_key)
     transport = layer._get_app_transport()
     plain.pause_reading()
     plain.set_protocol(layer)
-    made = loop.call_soon(layer.connection_made, plain)
+    made = loop.call_soon(_made, layer, plain, offer)
     resume = loop.call_soon(plain.resume_reading)
     try:
         await waiter
     except BaseException:
+        tlssessions.drop(layer.resume_key)
         transport.close()
         made.cancel()
         resume.cancel()
         layer.channel = None
         raise
     if plain.is_closing():      # the handshake ended with the connection
+        tlssessions.drop(layer.resume_key)
         layer.channel = None
         raise _closed_in_handshake(channel)
+    if offer is not None and not transport.get_extra_info("ssl_object").session_reused:
+        tlssessions.refused(layer.resume_key)      # a new one is kept when it comes
     return transport, layer
+
+
+def _made(layer: TLSLayer, plain: asyncio.Transport, offer: ssl.SSLSession | None) -> None:
+    """The handshake starts (uvloop makes its SSLObject here, through the
+    context's wrap_bio), offering the cached session to resume."""
+    with tlssessions.offering(offer):
+        layer.connection_made(plain)
 
 
 async def accept(channel: Channel, sock: socket.socket, context: ssl.SSLContext,

@@ -24,7 +24,7 @@ from validate import ValidateError, Validator, VdtValueError
 
 from ..message import header
 from ..net import addresses, proxyproto, tls
-from ..net.addresses import Address, AddressError
+from ..net.addresses import Address, AddressError, MilterAddress
 from ..net.proxyproto import Networks
 
 # Every setting: configobj check with its default.  The order is the order of
@@ -54,6 +54,9 @@ SPEC = {
     "FilterIdleTime": "integer(min=1, max=86400, default=30)",
     "FilterReject": "string(min=1, default='530 Email Rejected')",
     "FilterHelo": "hello_name(default=None)",
+    "Milters": "milters(default=None)",
+    "MilterDefaultAction": "milter_action(default='tempfail')",
+    "MilterTimeout": "integer(min=1, max=86400, default=30)",
     "Header": "string(default=None)",
     "StatsListen": "stats_address(default=None)",
 
@@ -73,6 +76,7 @@ FLAGS = {"on": True, "yes": True, "true": True, "t": True, "1": True,
          "off": False, "no": False, "false": False, "f": False, "0": False}
 
 FILTER_TYPES = ("pipe", "file", "smtp", "reject")
+MILTER_ACTIONS = ("tempfail", "accept", "reject")
 
 ADDRESS_FORMS = "host:port, host, port, [IPv6]:port or /path/to/socket"
 ADD_USER = "adduser --system --no-create-home --group proxsmtpd"
@@ -116,6 +120,10 @@ class Config:
     FilterIdleTime: int = 30               # seconds one is kept idle
     FilterReject: str = "530 Email Rejected"
     FilterHelo: str | None = None          # None until _finish: the host name (FilterType smtp)
+    # the milter chain in order; empty: no milters
+    Milters: tuple[MilterAddress, ...] = ()
+    MilterDefaultAction: str = "tempfail"  # a milter down, timed out or broken
+    MilterTimeout: int = 30                # seconds per step (10x for the message's)
     Header: str | None = None
     StatsListen: Address | None = None     # the /metrics endpoint; None: off
 
@@ -133,6 +141,7 @@ class Config:
     connecting_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     filter_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
+    milter_hostname: str = ""              # the milters' `j` macro: this host's name
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
     lines: dict[str, int] = field(default_factory=dict)   # ...and their line numbers
@@ -141,6 +150,10 @@ class Config:
     @property
     def skip_authenticated(self) -> bool:
         return self.Skip == "authenticated"
+
+    @property
+    def milters(self) -> tuple[MilterAddress, ...]:
+        return self.Milters
 
     @property
     def workers(self) -> int:
@@ -213,6 +226,25 @@ def _out_proxy(value: str | None) -> str:
 def _filter_type(value: str | None) -> str:
     word = str(value).strip().lower()
     if word not in FILTER_TYPES:
+        raise VdtValueError(value)
+    return word
+
+
+@_check("milters", "milters in Postfix's syntax, inet:host:port, inet:[IPv6]:port or "
+        "unix:/path, separated by commas")
+def _milters(value: str | None) -> tuple[MilterAddress, ...]:
+    if value is None or value == "None":
+        return ()
+    try:
+        return addresses.parse_milters(str(value))
+    except AddressError as exc:
+        raise _Detailed(str(exc)) from None
+
+
+@_check("milter_action", "one of " + ", ".join(MILTER_ACTIONS))
+def _milter_action(value: str | None) -> str:
+    word = str(value).strip().lower()
+    if word not in MILTER_ACTIONS:
         raise VdtValueError(value)
     return word
 
@@ -364,6 +396,10 @@ def _finish(config: Config) -> None:
         config.Header = None
     if config.FilterCommand == "":
         config.FilterCommand = None
+    if config.Milters is None:
+        config.Milters = ()
+    if config.Milters:      # looked up once per load, not in a worker's event loop
+        config.milter_hostname = socket.getfqdn()
     if config.OutAddress is None and config.TransparentProxy == "off":
         raise ConfigError(located(config.source, None, "no OutAddress specified: it is required "
                                   "unless TransparentProxy is on (expected %s)" % ADDRESS_FORMS))
@@ -545,6 +581,6 @@ def load(path: str, required: bool = False) -> Config:
     except OSError as exc:
         raise ConfigError("couldn't open config file: %s: %s" % (path, exc.strerror)) from None
     config = parse(text, path)
-    from .hostcheck import check_system     # it checks a Config: imported once one exists
+    from .hostcheck import check_system  # it checks a Config: imported once one exists
     check_system(config)
     return config

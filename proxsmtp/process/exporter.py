@@ -70,10 +70,34 @@ class Collector:
                        "established, failed (handshake, or plaintext behind its 220), refused "
                        "(STARTTLS answered with an error), not_offered.", "result",
                        LAYOUT.server_tls, cells)
+        yield _counter("proxsmtpd_tls_resumed", "TLS handshakes as the client that resumed "
+                       "a kept session: with the server, with the filter node.", "peer",
+                       LAYOUT.tls_resumed, cells)
         yield _histogram("proxsmtpd_filter_duration_seconds", "Time the filter took per message.",
                          stats.FILTER_BUCKETS, LAYOUT.filter, cells)
         yield _histogram("proxsmtpd_message_size_bytes", "Size of the messages received, in bytes.",
                          stats.SIZE_BUCKETS, LAYOUT.size, cells)
+        yield self._milter_actions(cells)
+        steps = HistogramMetricFamily("proxsmtpd_milter_duration_seconds", "Time the session "
+                                      "waited for each milter step, by stage.", labels=["stage"])
+        for stage, start in LAYOUT.milter_steps.items():
+            buckets, total = _buckets(stats.MILTER_BUCKETS, start, cells)
+            steps.add_metric([stage], buckets, sum_value=total)
+        yield steps
+
+    def _milter_actions(self, cells: list[float]) -> CounterMetricFamily:
+        family = CounterMetricFamily("proxsmtpd_milter_actions", "What each milter answered or "
+                                     "did to messages (accept, reject, discard, addheader, ...; "
+                                     "default:<action> when MilterDefaultAction applied).",
+                                     labels=["milter", "action"])
+        width = len(stats.MILTER_ACTIONS)
+        names = list(self.book.milters)
+        names += [stats.OTHER_MILTER] if len(names) == stats.MAX_MILTERS - 1 else []
+        for row, milter in enumerate(names):
+            start = LAYOUT.milter_actions + row * width
+            for number, action in enumerate(stats.MILTER_ACTIONS):
+                family.add_metric([milter, action], cells[start + number])
+        return family
 
 
 def _counter(name: str, documentation: str, label: str, where: dict[str, int],
@@ -86,12 +110,18 @@ def _counter(name: str, documentation: str, label: str, where: dict[str, int],
 
 def _histogram(name: str, documentation: str, bounds: tuple[float, ...], start: int,
                cells: list[float]) -> HistogramMetricFamily:
+    buckets, total = _buckets(bounds, start, cells)
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
+
+
+def _buckets(bounds: tuple[float, ...], start: int,
+             cells: list[float]) -> tuple[list[tuple[str, float]], float]:
+    """A histogram's cumulative buckets from its cells, and its sum."""
     buckets, total = [], 0.0
     for number, bound in enumerate((*bounds, float("inf"))):
         total += cells[start + number]
         buckets.append(("+Inf" if bound == float("inf") else _number(bound), total))
-    return HistogramMetricFamily(name, documentation, buckets=buckets,
-                                 sum_value=cells[start + len(bounds) + 1])
+    return buckets, cells[start + len(bounds) + 1]
 
 
 def _number(value: float) -> str:

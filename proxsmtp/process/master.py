@@ -72,6 +72,7 @@ class Master:
         if self.exporter is not None:
             book = stats.Book()
             book.max_connections = self.config.MaxConnections
+            book.name_milters(milter.spec for milter in self.config.milters)
         self.pool = WorkerPool(self.config, self.sock, book, self._leave_master)
         _preload()
         try:

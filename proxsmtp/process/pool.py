@@ -78,6 +78,7 @@ class WorkerPool:
         self.slots.resize(config.MaxConnections)
         if self.book is not None:
             self.book.max_connections = config.MaxConnections
+            self.book.name_milters(milter.spec for milter in config.milters)
         self.config = config
         self.generation += 1
         self.backoff_until = 0.0

@@ -26,17 +26,31 @@ from __future__ import annotations
 import bisect
 import multiprocessing
 import threading
+from typing import Iterable
 
 from .slots import MAX_WORKER_SLOTS
 
 CONNECTION_RESULTS = ("accepted", "busy", "refused")
-MESSAGE_STATUSES = ("FILTERED", "REJECTED", "SKIPPED", "FILTER-ERROR")
+MESSAGE_STATUSES = ("FILTERED", "REJECTED", "SKIPPED", "FILTER-ERROR", "DISCARDED")
 SERVER_ERRORS = ("connect", "closed", "timeout")
 PROXY_RESULTS = ("proxied", "local", "closed", "invalid", "refused")
 CLIENT_TLS_RESULTS = ("established", "failed")
 SERVER_TLS_RESULTS = ("established", "failed", "refused", "not_offered")
+TLS_RESUMED_PEERS = ("server", "filter")
 FILTER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 SIZE_BUCKETS = tuple(float(1024 * 4 ** n) for n in range(10))      # 1 KiB .. 256 MiB
+# Milters: what each one did (its spec is the label), and how long the
+# session waited for each step, by stage.  The specs get their rows in the
+# master (Book.name_milters) before workers fork; a spec beyond the first
+# MAX_MILTERS - 1 named since the start is counted as OTHER_MILTER.
+MILTER_ACTIONS = ("accept", "continue", "reject", "tempfail", "replycode", "discard",
+                  "quarantine", "addheader", "insheader", "chgheader", "replbody", "chgfrom",
+                  "addrcpt", "delrcpt", "default:tempfail", "default:accept", "default:reject")
+MILTER_STAGES = ("connect", "helo", "mail", "rcpt", "data", "message")
+MILTER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0,
+                  300.0)
+MAX_MILTERS = 8
+OTHER_MILTER = "other"
 
 
 class _Layout:
@@ -51,9 +65,14 @@ class _Layout:
         self.proxy_headers = dict(zip(PROXY_RESULTS, self._take(len(PROXY_RESULTS))))
         self.client_tls = dict(zip(CLIENT_TLS_RESULTS, self._take(len(CLIENT_TLS_RESULTS))))
         self.server_tls = dict(zip(SERVER_TLS_RESULTS, self._take(len(SERVER_TLS_RESULTS))))
+        self.tls_resumed = dict(zip(TLS_RESUMED_PEERS, self._take(len(TLS_RESUMED_PEERS))))
         # a histogram: one cell per bucket (not cumulative), one for +Inf, one for the sum
         self.filter = self._take(len(FILTER_BUCKETS) + 2)[0]
         self.size = self._take(len(SIZE_BUCKETS) + 2)[0]
+        # MAX_MILTERS rows of MILTER_ACTIONS cells; a histogram per stage
+        self.milter_actions = self._take(MAX_MILTERS * len(MILTER_ACTIONS))[0]
+        self.milter_steps = {stage: self._take(len(MILTER_BUCKETS) + 2)[0]
+                             for stage in MILTER_STAGES}
         self.counters = range(self.sessions[0] + 1, self.width)
 
     def _take(self, count: int) -> list[int]:
@@ -67,6 +86,8 @@ WIDTH = LAYOUT.width
 
 _cells = None        # the shared array, in a worker bound to a Book
 _base = 0            # this worker's row offset in it
+_milter_rows: dict[str, int] = {}     # a milter's spec -> its row of MILTER_ACTIONS
+_MILTER_ACTION_CELLS = {action: cell for cell, action in enumerate(MILTER_ACTIONS)}
 
 
 # --- in a worker: the recording API ---------------------------------------------
@@ -127,6 +148,30 @@ def server_tls(result: str) -> None:
         _cells[_base + LAYOUT.server_tls[result]] += 1
 
 
+def milter_action(milter: str, action: str) -> None:
+    """What a milter (its Milters spec) answered or did to a message
+    (MILTER_ACTIONS; `default:<action>`: MilterDefaultAction applied)."""
+    if _cells is None:
+        return
+    cell = _MILTER_ACTION_CELLS.get(action)
+    if cell is not None:
+        row = _milter_rows.get(milter, MAX_MILTERS - 1)
+        _cells[_base + LAYOUT.milter_actions + row * len(MILTER_ACTIONS) + cell] += 1
+
+
+def milter_step(stage: str, seconds: float) -> None:
+    """A milter step the session waited for (MILTER_STAGES), and how long."""
+    if _cells is not None:
+        _observe(LAYOUT.milter_steps[stage], MILTER_BUCKETS, seconds)
+
+
+def tls_resumed(peer: str) -> None:
+    """A TLS handshake as the client, with the `server` or the `filter` node,
+    that resumed a kept session (net/tlssessions.py)."""
+    if _cells is not None:
+        _cells[_base + LAYOUT.tls_resumed[peer]] += 1
+
+
 def _observe(start: int, bounds: tuple[float, ...], value: float) -> None:
     row = _base + start
     _cells[row + bisect.bisect_left(bounds, value)] += 1
@@ -145,6 +190,15 @@ class Book:
         self._lock = threading.Lock()
         self.workers = {"serving": 0, "retiring": 0}
         self.max_connections = 0
+        self.milters: list[str] = []        # the specs counted, by row (the last: OTHER_MILTER)
+
+    def name_milters(self, specs: Iterable[str]) -> None:
+        """Before forking workers of a configuration: give its milters their
+        rows.  A row stays its milter's across reloads, so a counter never
+        changes hands; the last row counts whatever comes after the others."""
+        for spec in specs:
+            if spec not in self.milters and len(self.milters) < MAX_MILTERS - 1:
+                self.milters.append(spec)
 
     def attach(self, index: int) -> None:
         """Before forking the worker that will own row `index`: start it at zero."""
@@ -154,8 +208,9 @@ class Book:
 
     def bind(self, index: int) -> None:
         """In the new worker: from now on the recording functions count in its row."""
-        global _cells, _base
+        global _cells, _base, _milter_rows
         _cells, _base = self._cells, index * WIDTH
+        _milter_rows = {spec: row for row, spec in enumerate(self.milters)}
 
     def retire(self, index: int) -> None:
         """The worker of row `index` has exited: keep its counters, drop its gauge."""

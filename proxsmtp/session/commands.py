@@ -32,6 +32,7 @@ from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_DATAAFTERBDAT, 
                             R_TOOLONG, Status, chunk_received)
 from ..smtp.syntax import bdat_args, ehlo_keywords, ehlo_offers, envelope_address, parse_xforward
 from .ehlo import client_view
+from .milters import arguments
 from .replyqueue import ServerAnswers
 from .starttls import StartTLS, refusal_before_tls
 
@@ -59,6 +60,13 @@ def smtp_EHLO(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
     plaintext."""
     note_hello(session, verb, line)
     drop_chunks(session)
+    if session.milters is not None:
+        return session.milters.hello(session, line, lambda: hello(session, line, verb))
+    return hello(session, line, verb)
+
+
+def hello(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
+    """EHLO/HELO past the milters: to the server (with STARTTLS first, as said above)."""
     if not session.server_tls_tried and (verb == b"EHLO" or session.config.ServerTLS != "may"):
         return StartTLS(session).hello(verb, line)
     session.server.write(line)
@@ -69,7 +77,7 @@ def smtp_EHLO(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
 smtp_HELO = smtp_EHLO
 
 
-def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> None:
+def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
     """MAIL FROM (RFC 5321 4.1.1.2): refused outright with FilterType
     reject, or with a SIZE= over the limit (RFC 1870); else relayed, its
     address kept for on_reply.  `MAIL TO:` and the like are relayed as
@@ -88,11 +96,14 @@ def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> None:
     if too_big(session, line):
         session.replies.answer(R_SIZE)
         return
+    if session.milters is not None:       # the milters first: the server sees what they let by
+        return session.milters.stage(session, "mail", arguments(line, address[1]), address[1],
+                                     lambda: relay_envelope(session, line, verb, address[1]))
     session.server.write(line)
     session.replies.expect(ServerAnswers(verb, line, address[1]))
 
 
-def smtp_RCPT(session: Session, line: bytes, verb: bytes) -> None:
+def smtp_RCPT(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
     """RCPT TO (RFC 5321 4.1.1.3): refused outright with FilterType reject;
     else relayed, its address kept for on_reply.  Not between BDAT chunks
     (RFC 3030 2: the recipients are settled by the first chunk)."""
@@ -107,17 +118,29 @@ def smtp_RCPT(session: Session, line: bytes, verb: bytes) -> None:
     if session.config.FilterType == "reject" and not session.skipping:
         reject_envelope(session, verb, address[1])
         return
+    if session.milters is not None:
+        return session.milters.stage(session, "rcpt", arguments(line, address[1]), address[1],
+                                     lambda: relay_envelope(session, line, verb, address[1]))
     session.server.write(line)
     session.replies.expect(ServerAnswers(verb, line, address[1]))
 
 
+def relay_envelope(session: Session, line: bytes, verb: bytes, address: str) -> None:
+    """MAIL or RCPT the milters let by, to the server."""
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line, address))
+
+
 def smtp_DATA(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
     """DATA: taken in the relay's callbacks when it needs nothing the task
-    waits on (Session.relayed_data), else by the task (Session.data).
-    Not after BDAT in one transaction (RFC 3030 2: 503)."""
+    waits on (Session.relayed_data), else by the task (Session.data; with
+    milters, their DATA stage first).  Not after BDAT in one transaction
+    (RFC 3030 2: 503)."""
     if session.chunks is not None:
         session.replies.answer(R_DATAAFTERBDAT)
         return None
+    if session.milters is not None:
+        return session.milters.data(session)
     if session.relayed_data:
         session.start_data()
         return None
@@ -367,6 +390,8 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     """State changes for a whole server reply; what the client gets of it.
     (Session.on_reply: the reply queue calls it for each reply it places.)"""
     if lines[-1][:1] != b"2":
+        if place.verb == b"MAIL" and session.milters is not None:   # no transaction after all
+            session.milters.end_transaction()
         return lines
     verb, envelope = place.verb, session.envelope
     if verb in (b"EHLO", b"HELO"):
@@ -393,6 +418,8 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
         envelope.xforward_helo = attrs.get("HELO", envelope.xforward_helo)
     elif verb == b"RSET":
         envelope.reset()
+        if session.milters is not None and session.milters.in_transaction:
+            session.milters.end_transaction()
     elif lines[-1][:3] == b"235":
         if session.auth_started:
             log.debug("%s: client authenticated successfully", session.tag)

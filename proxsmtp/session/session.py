@@ -30,6 +30,7 @@ from ..smtp.ends import SessionEnd, channel_closed
 from ..smtp.peer import ServerLeg
 from ..smtp.replies import R_CANTCONNECT, R_FAILED, R_SHUTDOWN, R_SYNC, Status
 from . import commands
+from .milters import MilterStages
 from .pump import Pump
 from .replyqueue import GREETING, ReplyQueue
 
@@ -80,6 +81,7 @@ class Session(Pump):
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.info = log.isEnabledFor(logging.INFO)
         self.envelope = Envelope(self.tag)
+        self.milters = MilterStages(config, self.envelope, self.tag) if config.Milters else None
         self.proxy_header: proxyproto.ProxyHeader | None = None
         self.client = Channel("CLIENT", self.tag, keep_open_on_eof=True, loop=loop,
                               trace=self.debug)
@@ -143,6 +145,8 @@ class Session(Pump):
         try:
             if self.info:
                 log.info("%s: accepted connection from: %s", self.tag, envelope.client_ip)
+            if self.milters is not None:    # the real client, before the server hears of it
+                await self.milters.connect(self)
             await self.connect()
             await self.passthru()
         except SessionEnd as end:
@@ -163,6 +167,8 @@ class Session(Pump):
                 self.transfer.close()
             if self.chunks is not None:
                 self.chunks.close()
+            if self.milters is not None:
+                self.milters.close()
             self.client.close()
             self.server.close()
             if self.debug:
@@ -350,5 +356,5 @@ class Session(Pump):
         self.in_data = True
         transfer = self.transfer = Transfer(
             self.config, self.envelope, self.client, self.server_leg, self.replies,
-            self.data_done, path, self.size_limit, self.info, self.debug)
+            self.data_done, path, self.size_limit, self.info, self.debug, self.milters)
         return transfer

@@ -163,6 +163,8 @@ class StartTLS:
             return failure
         session.envelope.server_tls = tls.describe(leg.channel.transport)
         stats.server_tls("established")
+        if tls.resumed(leg.channel.transport):
+            stats.tls_resumed("server")
         return None
 
     def server_name(self) -> str | None:

@@ -15,7 +15,7 @@ import ssl
 import time
 from typing import Awaitable, Callable
 
-from ..net import tls
+from ..net import tls, tlssessions
 from ..net.channel import CRLF, Channel, ChannelClosed
 from ..process.log import clean, log
 from .ends import SERVER_GONE, SERVER_TIMEOUT, SessionEnd
@@ -57,6 +57,8 @@ class Peer:
         self.timeout = timeout      # seconds to wait for news of a reply
         self.who = who              # "the server", "the filter node": for the log
         self.failure = failure
+        # the TLS session to keep for resumption once a reply came inside TLS
+        self.unkept: tlssessions.Key | None = None
 
     async def read_reply(self, timeout: float | None = None) -> list[bytes]:
         """One whole (multi-line) reply.  An overlong line is cut short; an
@@ -86,6 +88,8 @@ class Peer:
                 if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
                     raise too_long_reply(channel.name)
                 if not is_continued(line):
+                    if self.unkept is not None:
+                        self.keep_session()
                     return lines
         except (ChannelClosed, asyncio.TimeoutError) as exc:
             raise self.failure(exc) from None
@@ -138,8 +142,20 @@ class Peer:
         except (OSError, asyncio.TimeoutError) as exc:
             channel.close()
             return "TLS handshake with %s failed: %s" % (self.who, tls.reason(exc))
-        log.debug("%s: %s TLS: %s", channel.tag, channel.name, tls.describe(channel.transport))
+        ssl_object = channel.transport.get_extra_info("ssl_object")
+        if channel.tls is not None:
+            self.unkept = channel.tls.resume_key
+        log.debug("%s: %s TLS: %s%s", channel.tag, channel.name, tls.describe(channel.transport),
+                  " resumed" if ssl_object.session_reused else "")
         return None
+
+    def keep_session(self) -> None:
+        """The TLS session, for the next connection to resume (tlssessions):
+        read once a reply came inside TLS, as a TLS 1.3 ticket comes after
+        the handshake."""
+        key, self.unkept = self.unkept, None
+        if not self.channel.closed and self.channel.transport is not None:
+            tlssessions.keep(key, self.channel.transport.get_extra_info("ssl_object"))
 
 
 def server_failure(exc: Exception) -> SessionEnd:

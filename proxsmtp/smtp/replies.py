@@ -81,6 +81,9 @@ REJECT_PREFIX = "550 Content Rejected"
 # (Sent anyway, Postfix answers `501 5.1.7 Bad sender address syntax`, which
 # reads as a broken protocol: 451, again and again, and never a bounce.)
 NOT_UTF8 = "553 5.6.7 Non-ASCII addresses not permitted by the filter node"
+# A milter's discard (SMFIR_DISCARD): the message is accepted and dropped,
+# silently to the sender, as Postfix does (MILTER_README)
+DISCARDED = "250 2.0.0 Ok"
 
 
 class Status(enum.StrEnum):
@@ -91,3 +94,4 @@ class Status(enum.StrEnum):
     REJECTED = "REJECTED"          # refused: by the filter, FilterType reject, or the size limit
     SKIPPED = "SKIPPED"            # relayed unfiltered (Skip: authenticated)
     FILTER_ERROR = "FILTER-ERROR"  # no verdict: the filter or the spool failed (451)
+    DISCARDED = "DISCARDED"        # a milter discarded it: the client heard 250, nothing delivered

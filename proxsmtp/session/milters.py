@@ -1,0 +1,244 @@
+"""The session's milters (proxsmtpd(8) MILTERS): each stage of the client's
+session goes to the chain (filters/milterchain.py) as it happens, before
+the server sees the command, as Postfix's smtpd_milters do.
+
+- connect, with the real client (after PROXY or transparency), before the
+  server is connected: a refusal ends the session before the server hears
+  of the client;
+- HELO/EHLO, MAIL with its ESMTP arguments, each RCPT, DATA: a refusal
+  answers that command, and the server never sees it;
+- ABORT on RSET, a new EHLO and each transaction's end; QUIT at the end.
+
+A stage no milter answers (rspamd asks for no reply before the end of the
+message) is written and not waited for: its handler stays on the relay's
+path.  Only a stage that some milter answers makes the handler return a
+coroutine, which the session's task awaits.  The end of the message is
+the Transfer's (message/milterstep.py), handed this object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, Coroutine
+
+from ..filters.milterchain import Answer, MilterChain, Outcome
+from ..message import datapath
+from ..message.envelope import Envelope
+from ..message.spool import Spool
+from ..process import stats
+from ..process.config import Config
+from ..process.log import clean, log
+from ..smtp.ends import SessionEnd
+from ..smtp.replies import Status
+from ..smtp.syntax import esmtp_params
+
+if TYPE_CHECKING:
+    from .session import Session
+
+Then = Callable[[], Coroutine[None, None, None] | None]
+
+DAEMON_NAME = "proxsmtpd"
+REFUSALS = ("reject", "tempfail", "replycode", "quarantine")
+# Closing the milters of a session cut short (a shutdown): the tasks are
+# kept here until done, as asyncio holds only weak references to tasks.
+_closing: set[asyncio.Task] = set()
+
+
+def arguments(line: bytes, address: str) -> list[str]:
+    """MAIL's or RCPT's arguments as Postfix gives them to a milter:
+    `<address>` then each ESMTP parameter, `KEYWORD=value`."""
+    return ["<%s>" % address] + [key if value is None else "%s=%s" % (key, value)
+                                 for key, value in esmtp_params(line)]
+
+
+class MilterStages:
+    """One session's milter chain and what the stages have decided."""
+
+    def __init__(self, config: Config, envelope: Envelope, tag: str) -> None:
+        self.chain = MilterChain(config, tag)
+        self.envelope = envelope
+        self.tag = tag
+        self.hostname = config.milter_hostname
+        self.discard: Answer | None = None     # a discard before the end of the message
+        self.in_transaction = False            # the milters have seen MAIL
+        self.defaults_counted = 0              # chain.fallbacks already in /metrics
+
+    # --- counting -------------------------------------------------------------
+
+    async def timed(self, stage: str, step: Coroutine[None, None, Answer]) -> Answer:
+        """A step the session waits for, timed and counted for /metrics."""
+        started = time.monotonic()
+        answer = await step
+        stats.milter_step(stage, time.monotonic() - started)
+        if answer.milter is not None and answer.action != "continue" and not answer.why:
+            stats.milter_action(answer.milter, answer.action)    # the milter's own answer
+        self.count_defaults()
+        return answer
+
+    def count_defaults(self) -> None:
+        """MilterDefaultAction applied since the last count."""
+        fallbacks = self.chain.fallbacks
+        for milter, action in fallbacks[self.defaults_counted:]:
+            stats.milter_action(milter, action)
+        self.defaults_counted = len(fallbacks)
+
+    def count_outcome(self, outcome: Outcome) -> None:
+        """The end of the message's actions; the fallbacks among them that
+        were counted at an earlier stage are not counted again."""
+        already = self.defaults_counted
+        for milter, action in outcome.actions:
+            if action.startswith("default:") and already:
+                already -= 1
+                continue
+            stats.milter_action(milter, action)
+        self.defaults_counted = 0
+
+    # --- the stages -------------------------------------------------------------
+
+    def macros(self, stage: str, value: str = "") -> dict[str, str]:
+        """The macros Postfix sends at each stage (milter_*_macros), of
+        those an operator's rules use."""
+        if stage == "connect":
+            ip = self.envelope.client_ip
+            return {"j": self.hostname, "{daemon_name}": DAEMON_NAME, "{client_addr}": ip,
+                    "{client_name}": "[%s]" % ip}
+        if stage == "helo":
+            version, _, cipher = self.envelope.client_tls.partition(" ")
+            return {"{tls_version}": version, "{cipher}": cipher} if version else {}
+        if stage == "mail":
+            return {"i": self.tag, "{mail_addr}": value}
+        if stage == "rcpt":
+            return {"{rcpt_addr}": value}
+        return {"i": self.tag}
+
+    async def connect(self, session: Session) -> None:
+        """The connect stage, before the server is connected: the milters
+        see the real client.  A refusal ends the session (554 or 421, the
+        only codes a greeting may have: RFC 5321 4.3.2), and the server never
+        hears of the client."""
+        envelope = self.envelope
+        ip = envelope.client_ip
+        family = "unknown" if ip == "UNKNOWN" else "inet6" if ":" in ip else "inet"
+        header = session.proxy_header
+        source = header.source if header is not None and header.source is not None \
+            else session.peer
+        port = source[1] if isinstance(source, tuple) and len(source) > 1 else 0
+        answer = await self.timed("connect", self.chain.connect(
+            self.macros("connect"), "[%s]" % ip, family, int(port), ip))
+        if answer.action in REFUSALS:
+            reply = answer.reply or b"451 4.7.1 Service unavailable - try again later\r\n"
+            code = b"554" if reply[:1] == b"5" else b"421"
+            stats.connection("refused")
+            raise SessionEnd("milter %s refused the connection from %s: %s"
+                             % (answer.milter, ip, _last_line(reply)),
+                             b"".join(code + line[3:] for line in reply.splitlines(True)),
+                             logging.INFO)
+
+    def stage(self, session: Session, stage: str, args: list[str], value: str,
+              then: Then) -> Coroutine[None, None, None] | None:
+        """HELO (args: the name), MAIL or RCPT through the chain, then the
+        command's own handling (`then`).  A stage no milter answers is sent
+        and `then` runs now; otherwise the session's task awaits the answer."""
+        chain = self.chain
+        if stage == "mail":
+            self.in_transaction = True
+        if not chain.active:
+            return then()
+        macros = self.macros(stage, value)
+        call = (args[0] if stage == "helo" else args, macros)
+        if not chain.wants_reply(stage):
+            chain.send_only(stage, *call)
+            return then()
+        return self._awaited(session, stage, call, then)
+
+    async def _awaited(self, session: Session, stage: str, call: tuple, then: Then) -> None:
+        answer = await self.timed(stage, getattr(self.chain, stage)(*call))
+        reply = self.refusal(stage, answer)
+        if reply is not None:
+            session.replies.answer(reply)
+            return
+        command = then()
+        if command is not None:
+            await command
+
+    def refusal(self, stage: str, answer: Answer) -> bytes | None:
+        """What the client hears instead of the server for a refused stage
+        (None: the command goes on); a discard is kept for the message."""
+        if answer.action == "discard":
+            self.discard = answer
+            return None
+        if answer.action not in REFUSALS:
+            return None
+        reply = answer.reply or b"451 4.7.1 Service unavailable - try again later\r\n"
+        log.info("%s: milter %s refused %s%s: %s", self.tag, answer.milter, stage.upper(),
+                 " (%s)" % clean(answer.why) if answer.why else "", _last_line(reply))
+        if stage == "mail":         # no transaction: the milters forget this one
+            self.end_transaction()
+        return reply
+
+    def hello(self, session: Session, line: bytes,
+              then: Then) -> Coroutine[None, None, None] | None:
+        """A new EHLO/HELO ends any transaction (RFC 5321 4.1.4): ABORT, then
+        the HELO stage."""
+        if self.in_transaction:
+            self.end_transaction()
+        words = line.split()
+        name = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
+        return self.stage(session, "helo", [name], name, then)
+
+    async def data(self, session: Session) -> None:
+        """DATA with milters (datapath says FILTERED): once earlier replies
+        are relayed (recipients known), the DATA stage; a refusal answers
+        DATA and the server forgets the transaction (RSET), logged REJECTED.
+        Then the Transfer, which runs the end of the message."""
+        session.in_data = True
+        if session.replies.waiting_for_server:
+            await session.drain_replies()
+        path = datapath.choose(session.config, session.envelope, session.skipping)
+        chain = self.chain
+        if path is datapath.FILTERED and chain.active and self.discard is None:
+            macros = self.macros("data")
+            if chain.wants_reply("data"):
+                answer = await self.timed("data", chain.data(macros))
+                reply = self.refusal("data", answer)
+                if reply is not None:
+                    session.envelope.milter = answer.milter
+                    transfer = session.new_transfer(path)
+                    transfer.refuse(reply.decode("utf-8", "surrogateescape").rstrip("\r\n"),
+                                    Status.REJECTED)
+                    return
+            else:
+                chain.send_only("data", macros)
+        await session.new_transfer(path).run()
+
+    # --- the message and after --------------------------------------------------
+
+    async def message(self, message: Spool, envelope: Envelope, directory: str) -> Outcome:
+        """The end of the message through the chain (message/milterstep.py)."""
+        started = time.monotonic()
+        outcome = await self.chain.message(message, self.macros("message"), envelope.sender or "",
+                                           list(envelope.recipients), directory)
+        stats.milter_step("message", time.monotonic() - started)
+        self.count_outcome(outcome)
+        return outcome
+
+    def end_transaction(self) -> None:
+        """RSET, a new EHLO, a refused MAIL, the message's end: ABORT."""
+        self.count_defaults()
+        self.chain.abort()
+        self.discard = None
+        self.in_transaction = False
+        self.defaults_counted = 0
+
+    def close(self) -> None:
+        """The session is over: QUIT to each milter (not awaited: the
+        session's end waits for nothing)."""
+        task = asyncio.ensure_future(self.chain.close())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+
+def _last_line(reply: bytes) -> str:
+    return clean(reply.rstrip(b"\r\n").rsplit(b"\n", 1)[-1])

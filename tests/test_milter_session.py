@@ -1,0 +1,410 @@
+"""Milters in the session (proxsmtpd(8) MILTERS), end to end: a real
+proxsmtpd between a raw client and a recording server, with the libmilter
+test milter (tests/milters/testmilter.py) and broken milters
+(tests/milters/badmilter.py) from tests/milterpeers.py.
+
+Each verdict at each stage the test milter can give it, a refusal before
+the server sees the command, the envelope the milters change reaching the
+server, discard, quarantine, a chain of two feeding a FilterType pipe
+filter, the log line and /metrics, a milter down, slow or broken under
+each MilterDefaultAction, and a milter that asks for no replies costing
+the session no wait before the end of the message."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest
+import test_tls
+from harness import Client, free_port, send_mail, wait_until
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxsmtp.net.proxyproto import build
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pki = test_tls.pki              # the test CA and certificates, a fixture
+
+BODY = b"From: a@x.test\r\nSubject: milters\r\n\r\nbody line\r\n"
+OK = "250 2.0.0 Ok: queued as TEST"
+TEMPFAIL = "451 4.7.1 Service unavailable - try again later"
+REJECT = "550 5.7.1 Command rejected"
+
+
+def start(proxy, upstream, *milters, **settings):
+    conf = {"OutAddress": upstream.address, "Workers": 1,
+            "Milters": ", ".join(milter.spec for milter in milters)}
+    conf.update(settings)
+    return proxy(conf)
+
+
+def message(*directives: str, body: bytes = BODY) -> bytes:
+    return b"".join(b"X-Test-Milter: %s\r\n" % d.encode() for d in directives) + body
+
+
+def transaction(client: Client, sender: str, recipients: list[str]) -> None:
+    assert client.cmd("EHLO client.example")[-1].startswith("250")
+    assert client.cmd("MAIL FROM:<%s>" % sender)[-1].startswith("250")
+    for rcpt in recipients:
+        assert client.cmd("RCPT TO:<%s>" % rcpt)[-1].startswith("250")
+
+
+def events(milter, kind: str) -> list[dict]:
+    return [event for event in milter.events() if event["event"] == kind]
+
+
+def scrape(address: str) -> dict:
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=10) as answer:
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+# --- before the message: refusals answer the command; the server never sees it --------------
+
+@pytest.mark.parametrize("kind, reply", [
+    ("reject", REJECT), ("tempfail", TEMPFAIL),
+    ("replycode", "550 5.1.1 replycode@y.test: no such user here")])
+def test_a_refused_rcpt_is_answered_by_the_milter_and_never_reaches_the_server(
+        proxy, upstream, test_milter, kind, reply):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        transaction(client, "a@x.test", ["ok@y.test"])
+        assert client.cmd("RCPT TO:<%s@y.test>" % kind) == [reply.replace("replycode", kind)]
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(message() + b".\r\n")
+        assert client.reply() == [OK]
+    [delivered] = upstream.wait_messages(1)
+    assert delivered.recipients == ["ok@y.test"]
+    assert not any("%s@y.test" % kind in line for _, line in upstream.lines)
+    px.wait_log(r"milter %s refused RCPT: %s" % (re.escape(milter.spec), re.escape(reply)))
+
+
+@pytest.mark.parametrize("kind, reply", [("reject", REJECT), ("tempfail", TEMPFAIL)])
+def test_a_refused_mail_or_helo_never_reaches_the_server(proxy, upstream, test_milter, kind,
+                                                         reply):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.cmd("EHLO %s" % kind) == [reply]
+        # as Postfix (MILTER8_STAT_REJECT_CON): a refused HELO answers the session's later stages
+        assert client.cmd("EHLO client.example") == [reply]
+        assert client.cmd("MAIL FROM:<a@x.test>") == [reply]
+    with px.connect() as client:
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<%s@x.test>" % kind) == [reply]
+        assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+        assert client.cmd("RSET")[0].startswith("250")
+    seen = [line for _, line in upstream.lines]
+    assert "EHLO %s" % kind not in seen and "MAIL FROM:<%s@x.test>" % kind not in seen
+    assert seen.count("EHLO client.example") == 1 and seen.count("MAIL FROM:<a@x.test>") == 1
+    px.wait_log(r"milter %s refused MAIL: %s" % (re.escape(milter.spec), reply))
+    # ABORT after the refused MAIL, and on RSET
+    wait_until(lambda: events(milter, "abort"), 10, what="ABORT")
+
+
+def test_a_connect_refusal_ends_the_session_before_the_server_hears_of_it(
+        proxy, upstream, test_milter):
+    milter = test_milter(connect="reject")
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.greeting == ["554 5.7.1 Command rejected"]
+        assert client.closed_by_peer()
+    assert upstream.connections == []
+    px.wait_log(r"milter %s refused the connection from 127\.0\.0\.1: 550 5\.7\.1"
+                % re.escape(milter.spec))
+
+
+def test_the_milter_sees_the_real_client_and_the_macros(proxy, upstream, test_milter):
+    """Behind a balancer (ProxyProtocol) the connect stage names the client
+    of the PROXY header; the macros Postfix sends are there, per stage."""
+    milter = test_milter()
+    px = start(proxy, upstream, milter, ProxyProtocol="on")
+    header = build(1, ("192.0.2.7", 40001), ("198.51.100.1", 25))
+    with Client(px.host, px.port, hello=header) as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+        assert client.cmd("MAIL FROM:<c@x.test>")[-1].startswith("250")
+        assert client.cmd("RSET")[-1].startswith("250")
+    tag = px.wait_log(r"^proxsmtpd: (\w+): client=192\.0\.2\.7,.*status=FILTERED").group(1)
+    connect = [e for e in events(milter, "connect") if "192.0.2.7" in str(e["hostaddr"])]
+    assert connect and connect[0]["hostname"] == "[192.0.2.7]"
+    macros = connect[0]["macros"]
+    assert macros["{client_addr}"] == "192.0.2.7" and macros["{client_name}"] == "[192.0.2.7]"
+    assert macros["{daemon_name}"] == "proxsmtpd" and macros["j"]
+    mail = events(milter, "mail")[0]
+    assert mail["args"][0] == "<a@x.test>" and mail["macros"]["{mail_addr}"] == "a@x.test"
+    assert mail["macros"]["i"] == tag
+    [rcpt] = events(milter, "rcpt")
+    assert rcpt["macros"]["{rcpt_addr}"] == "b@y.test"
+    # RSET: ABORT (libmilter calls xxfi_abort only inside a transaction)
+    wait_until(lambda: events(milter, "abort"), 10, what="ABORT")
+
+
+# --- the end of the message ------------------------------------------------------------------
+
+@pytest.mark.parametrize("directive, reply, status, delivered", [
+    ("accept", OK, "FILTERED", True),
+    ("reject", REJECT, "REJECTED", False),
+    ("tempfail", TEMPFAIL, "REJECTED", False),
+    ("replycode 554 5.7.0 first line|second line", "554-5.7.0 first line\n554 5.7.0 second line",
+     "REJECTED", False),
+    ("discard", "250 2.0.0 Ok", "DISCARDED", False),
+    ("quarantine held for review", TEMPFAIL, "REJECTED", False),
+])
+def test_each_verdict_at_the_end_of_the_message(proxy, upstream, test_milter, directive, reply,
+                                                status, delivered):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        transaction(client, "a@x.test", ["b@y.test"])
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(message(directive) + b".\r\n")
+        assert client.reply() == reply.split("\n")
+        assert client.cmd("NOOP")[0].startswith("250")
+    px.wait_log(r'status=%s' % status)
+    line = px.wait_log(r"^proxsmtpd: \w+: client=.*status=%s$" % status).group(0)
+    assert 'reply="%s"' % reply.split("\n")[-1] in line, line
+    if directive != "accept":
+        assert "milter=%s" % milter.spec in line, line
+    if delivered:
+        upstream.wait_messages(1)
+    else:
+        upstream.wait_command("RSET")
+        assert upstream.messages == []
+    if directive.startswith("quarantine"):
+        px.wait_log(r"milter %s quarantined the message \(quarantine: held for review\); a proxy "
+                    r"has no queue" % re.escape(milter.spec))
+
+
+def test_header_and_body_changes_reach_the_server(proxy, upstream, test_milter):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        body = message("addheader X-Added first", "insheader 0 X-Inserted top",
+                       "chgheader Subject 1 changed", "replbody new body")
+        assert send_mail(client, "a@x.test", ["b@y.test"], body) == [OK]
+    [delivered] = upstream.wait_messages(1)
+    lines = delivered.body.split(b"\r\n")
+    assert lines[0] == b"X-Inserted: top"
+    assert b"Subject: changed" in lines and b"X-Added: first" in lines
+    assert b"X-Test-Milter-Seen: test" in lines
+    assert delivered.body.endswith(b"\r\n\r\nnew body")
+    assert px.spool_files() == []
+
+
+def test_envelope_changes_reach_the_server_by_replaying_the_transaction(
+        proxy, upstream, test_milter):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        body = message("chgfrom <new@x.test>", "addrcpt <added@y.test>", "delrcpt <b@y.test>")
+        assert send_mail(client, "a@x.test", ["b@y.test", "c@y.test"], body) == [OK]
+    [delivered] = upstream.wait_messages(1)
+    assert delivered.sender == "new@x.test"
+    assert delivered.recipients == ["c@y.test", "added@y.test"]
+    commands = [line for _, line in upstream.lines]
+    replayed = commands[commands.index("RSET"):]
+    assert replayed[:4] == ["RSET", "MAIL FROM:<new@x.test>", "RCPT TO:<c@y.test>",
+                            "RCPT TO:<added@y.test>"]
+    px.wait_log(r"client=127\.0\.0\.1, from=new@x\.test, to=c@y\.test, to=added@y\.test, .*"
+                r"status=FILTERED")
+
+
+def test_a_replayed_recipient_the_server_refuses_refuses_the_message(
+        proxy, make_upstream, test_milter):
+    """Nothing lost: the client heard 250 for its RCPTs, so a recipient the
+    milters added that the server refuses makes the whole message fail."""
+    upstream = make_upstream(refuse=("added@y.test",))
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        reply = send_mail(client, "a@x.test", ["b@y.test"], message("addrcpt <added@y.test>"))
+    assert reply == ["550 5.1.1 <added@y.test>: Recipient address rejected"]
+    assert upstream.messages == []
+    px.wait_log(r"the server refused RCPT TO:<added@y\.test> of the milters' envelope")
+    px.wait_log(r"status=REJECTED")
+
+
+def test_a_chain_of_two_feeds_the_pipe_filter(proxy, upstream, test_milter, tmp_path):
+    """Each milter sees what the previous left (as Postfix); FilterType's
+    filter then sees the message and the envelope as the chain left them."""
+    first, second = test_milter(name="one"), test_milter(name="two", unix=True)
+    seen, sender = tmp_path / "seen", tmp_path / "sender"
+    px = start(proxy, upstream, first, second,
+               FilterCommand='echo "$SENDER" > %s; tee %s' % (sender, seen))
+    with px.connect() as client:
+        body = message("one: addheader X-From-One yes", "two: chgfrom <two@x.test>")
+        assert send_mail(client, "a@x.test", ["b@y.test"], body) == [OK]
+    [delivered] = upstream.wait_messages(1)
+    headers = [h for h in delivered.body.split(b"\r\n") if h.startswith(b"X-")]
+    assert headers[-3:] == [b"X-Test-Milter-Seen: one", b"X-From-One: yes",
+                            b"X-Test-Milter-Seen: two"]
+    # the second milter saw the first one's headers
+    assert any(e["name"] == "X-From-One" for e in events(second, "header"))
+    assert b"X-Test-Milter-Seen: two" in seen.read_bytes()
+    assert sender.read_text().strip() == "two@x.test" == delivered.sender
+
+
+def test_without_filter_command_the_milters_alone_decide(proxy, upstream, test_milter):
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+        assert send_mail(client, "a@x.test", ["b@y.test"], message("reject"),
+                         helo="RSET") == [REJECT]
+    upstream.wait_messages(1)
+    # one connection to the milter per session (the harness's probe is the other),
+    # reused for both messages
+    assert len(events(milter, "connect")) == 2 and len(events(milter, "eom")) == 2
+    px.wait_log(r"status=REJECTED")
+
+
+# --- broken milters and MilterDefaultAction -----------------------------------------------------
+
+@pytest.mark.parametrize("action, greeting", [("tempfail", "421 4.7.1 Service unavailable - try "
+                                                "again later"),
+                                               ("reject", "554 5.7.1 Command rejected"),
+                                               ("accept", None)])
+def test_a_milter_down_under_each_default_action(proxy, upstream, bad_milter, action, greeting):
+    milter = bad_milter("down")
+    px = start(proxy, upstream, milter, MilterDefaultAction=action)
+    with px.connect() as client:
+        if greeting is not None:
+            assert client.greeting == [greeting]
+        else:
+            assert send_mail(client, "a@x.test", ["b@y.test"], BODY) == [OK]
+    if greeting is None:
+        upstream.wait_messages(1)
+    else:
+        assert upstream.connections == []
+    px.wait_log(r"milter %s: .*; MilterDefaultAction %s" % (re.escape(milter.spec), action))
+
+
+@pytest.mark.parametrize("mode, action, reply", [
+    ("slow", "tempfail", TEMPFAIL), ("garbage", "reject", REJECT), ("close", "accept", OK)])
+def test_a_milter_broken_at_the_end_of_the_message(proxy, upstream, bad_milter, mode, action,
+                                                   reply):
+    milter = bad_milter(mode, stage="eom", delay=30)
+    px = start(proxy, upstream, milter, MilterDefaultAction=action, MilterTimeout=1)
+    with px.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], BODY) == [reply]
+    if reply == OK:
+        upstream.wait_messages(1)
+    else:
+        upstream.wait_command("RSET")
+        assert upstream.messages == []
+    px.wait_log(r"milter %s: .*; MilterDefaultAction %s" % (re.escape(milter.spec), action))
+
+
+# --- what operators see: metrics, and no wait for a milter that wants no replies ---------------
+
+def test_metrics_count_actions_and_awaited_steps(proxy, upstream, test_milter):
+    milter = test_milter()
+    quiet = test_milter(name="quiet", noreply=True)
+    stats = "127.0.0.1:%d" % free_port()
+    px = start(proxy, upstream, milter, quiet, StatsListen=stats)
+    with px.connect() as client:
+        transaction(client, "a@x.test", ["b@y.test"])
+        assert client.cmd("RCPT TO:<reject@y.test>") == [REJECT]
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(message("addheader X-A b") + b".\r\n")
+        assert client.reply() == [OK]
+    upstream.wait_messages(1)
+    px.wait_log(r"status=FILTERED")
+    samples = scrape(stats)
+
+    def count(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    actions = "proxsmtpd_milter_actions_total"
+    assert count(actions, milter=milter.spec, action="reject") == 1
+    assert count(actions, milter=milter.spec, action="addheader") == 2    # and its Seen
+    assert count(actions, milter=milter.spec, action="continue") == 1
+    assert count(actions, milter=quiet.spec, action="continue") == 1
+    steps = "proxsmtpd_milter_duration_seconds_count"
+    assert count(steps, stage="message") == 1 and count(steps, stage="rcpt") == 2
+
+
+def test_a_milter_that_wants_no_replies_costs_no_wait_before_the_message(
+        proxy, upstream, test_milter):
+    """rspamd's way (SMFIP_NR_* for every stage but the end of the message):
+    the stages are written as they happen and never awaited, so MAIL and
+    RCPT stay on the relay's path; only the end of the message waits."""
+    milter = test_milter(noreply=True)
+    stats = "127.0.0.1:%d" % free_port()
+    px = start(proxy, upstream, milter, StatsListen=stats)
+    with px.connect() as client:
+        body = message("reject")
+        transaction(client, "a@x.test", ["b@y.test", "reject@y.test"])     # no reply: no refusal
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(body + b".\r\n")
+        assert client.reply() == [REJECT]
+    px.wait_log(r"status=REJECTED")
+    samples = scrape(stats)
+    awaited = {dict(labels)["stage"]: number for (name, labels), number in samples.items()
+               if name == "proxsmtpd_milter_duration_seconds_count" and number}
+    assert awaited == {"connect": 2, "message": 1}, awaited      # the harness's probe connects too
+    assert [e["args"][0] for e in events(milter, "rcpt")] == ["<b@y.test>", "<reject@y.test>"]
+
+
+def test_a_refusal_at_data_answers_data_and_the_server_forgets_the_transaction(
+        proxy, upstream, bad_milter):
+    milter = bad_milter("close", stage="data")
+    px = start(proxy, upstream, milter, MilterDefaultAction="reject")
+    with px.connect() as client:
+        transaction(client, "a@x.test", ["b@y.test"])
+        assert client.cmd("DATA") == [REJECT]
+        assert client.cmd("NOOP")[0].startswith("250")
+    upstream.wait_command("RSET")
+    assert "DATA" not in upstream.verbs()
+    line = px.wait_log(r"^proxsmtpd: \w+: client=.*status=REJECTED$").group(0)
+    assert 'reply="%s", milter=%s' % (REJECT, milter.spec) in line
+
+
+def test_the_helo_stage_gets_the_tls_macros_after_starttls(proxy, upstream, test_milter, pki):
+    milter = test_milter()
+    px = start(proxy, upstream, milter, **test_tls.tls_settings(pki))
+    with px.smtp() as smtp:
+        smtp.ehlo("client.example")
+        assert smtp.starttls(context=test_tls.client_context(pki))[0] == 220
+        smtp.ehlo("client.example")
+        version, cipher = smtp.sock.version(), smtp.sock.cipher()[0]
+        smtp.sendmail("a@x.test", ["b@y.test"], message())
+        smtp.quit()
+    upstream.wait_messages(1)
+    first, second = events(milter, "helo")
+    assert "{tls_version}" not in first["macros"]
+    assert second["macros"]["{tls_version}"] == version and second["macros"]["{cipher}"] == cipher
+
+
+def test_a_mail_the_server_refuses_aborts_the_milters_transaction(proxy, make_upstream,
+                                                                  bad_milter):
+    """The milters saw MAIL before the server refused it: ABORT, so the next
+    MAIL starts a transaction of its own (the packets as the milter got them)."""
+    upstream = make_upstream(replies={"MAIL": lambda line, conn: "451 4.3.0 try later"
+                                      if "first" in line else "250 2.1.0 Ok"})
+    milter = bad_milter("slow", stage="eom")        # answers every stage before the message
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<first@x.test>") == ["451 4.3.0 try later"]
+        assert client.cmd("MAIL FROM:<second@x.test>") == ["250 2.1.0 Ok"]
+        wait_until(lambda: len(events(milter, "mail")) == 2, 10, what="the second MAIL")
+        seen = [e["event"] for e in milter.events() if e["event"] in ("mail", "abort")]
+    assert seen == ["mail", "abort", "mail"], seen
+
+
+def test_rset_and_a_new_ehlo_abort_the_milters_transaction(proxy, upstream, bad_milter):
+    milter = bad_milter("slow", stage="eom")        # answers every stage before the message
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+        assert client.cmd("RSET")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<b@x.test>")[-1].startswith("250")
+        assert client.cmd("EHLO client.example")[-1].startswith("250")
+        assert client.cmd("MAIL FROM:<c@x.test>")[-1].startswith("250")
+        wait_until(lambda: len(events(milter, "mail")) == 3, 10, what="the third MAIL")
+        seen = [e["event"] for e in milter.events() if e["event"] in ("helo", "mail", "abort")]
+    assert seen == ["helo", "mail", "abort", "mail", "abort", "helo", "mail"], seen
