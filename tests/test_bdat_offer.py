@@ -13,6 +13,7 @@ import socket
 import subprocess
 
 import pytest
+from harness import Client, send_mail
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -272,7 +273,6 @@ def server(postfix):
     it adds no header but its Received: line (local_header_rewrite_clients
     empty: no Message-Id or Date of its own for a client on loopback)."""
     instance = postfix(local_header_rewrite_clients="")
-    from harness import Client
     with Client(instance.host, instance.port) as client:
         assert [line for line in client.cmd("EHLO check.test") if line[4:] == "CHUNKING"]
         client.cmd("QUIT")
@@ -310,7 +310,6 @@ def test_the_header_line_and_a_message_on_disk_by_bdat(proxy, server):
 
 @pytest.mark.e2e
 def test_a_data_message_still_goes_to_postfix_by_data(proxy, server):
-    from harness import send_mail
     p = proxy({"OutAddress": server.address}, debug=4)
     with p.connect() as client:
         reply = send_mail(client, "a@x.test", ["b@y.test"], b"Subject: d\r\n\r\n..\r\n")
@@ -400,7 +399,6 @@ def test_extension_parameters_reach_the_server_untouched(proxy, make_upstream):
     mail = "MAIL FROM:<jörg@bücher.test> SMTPUTF8 BODY=8BITMIME REQUIRETLS RET=HDRS ENVID=a+2Bb"
     rcpt = "RCPT TO:<zoë@y.test> NOTIFY=SUCCESS,FAILURE ORCPT=utf-8;zo\\x{EB}@y.test"
     p = proxy({"OutAddress": upstream.address})
-    from harness import send_mail
     with p.connect() as client:
         ehlo = client.cmd("EHLO client.example")
         assert {"250-SMTPUTF8", "250-DSN", "250-REQUIRETLS", "250-8BITMIME"} <= set(ehlo)
