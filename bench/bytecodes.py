@@ -245,8 +245,9 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter, node: bool = F
     """Serve sessions until `messages` are delivered (after a warm-up); how many were."""
     sys.path.insert(0, tree)
     import uvloop
-    from proxsmtp.process import config as config_module
+
     from proxsmtp.net import channel, destination
+    from proxsmtp.process import config as config_module
     from proxsmtp.session.session import Session
 
     channel.SETS_NODELAY = True            # as the worker says under uvloop

@@ -184,7 +184,11 @@ async def _offer(node: nodepool.NodePeer, envelope: Envelope,
         if code != b"354" if at == last else code[:1] != b"2" or not code.isdigit():
             number, text = code_text(reply)
             return as_rejection(number, text, steps[at].split(":", 1)[0])
-    await spool.send(node.channel, message.reader(), None, node.timeout)
+    if message.memory is not None:      # one write, framed once for the server too
+        node.write(message.as_sent(), False)
+        await node.channel.drain(node.timeout)
+    else:
+        await spool.send(node.channel, message.reader(), None, node.timeout)
     code, text = code_text(await node.read_reply())
     if code // 100 == 2:
         envelope.filter_reply = text.splitlines()[-1]
