@@ -201,15 +201,16 @@ async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
     """XCLIENT with the client's attributes, then EHLO as `name`: the node's
     session is then the client's (FilterError if the node refuses either)."""
     node.client = None
-    code, text = code_text(await node.xclient(*client))
-    if code // 100 != 2:
-        raise FilterError("filter node refused XCLIENT: %s" % clean(text))
+    reply = await node.xclient(*client)
+    if reply[0][:1] != b"2" or not reply[0][:3].isdigit():     # code_text's code // 100 != 2
+        raise FilterError("filter node refused XCLIENT: %s" % clean(code_text(reply)[1]))
     # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
     # again, with the client's name, and its reply read before MAIL; a node
     # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
-    code, text = code_text(await node.ehlo(name))
-    if code != 250:
-        raise FilterError("filter node refused EHLO after XCLIENT: %s" % clean(text))
+    reply = await node.ehlo(name)
+    if reply[0][:3] != b"250":
+        raise FilterError("filter node refused EHLO after XCLIENT: %s"
+                          % clean(code_text(reply)[1]))
     node.client = client
 
 

@@ -76,6 +76,7 @@ class NodePeer(Peer):
         self.due = 1                # replies owed (the greeting, then for what was sent)
         self.pipelining = False     # the node's last EHLO offered PIPELINING
         self.offered: set[str] = set()      # the keywords of the node's last EHLO
+        self._ehlo: list[bytes] = []        # that EHLO reply
         # The XCLIENT attributes the session speaks for since its EHLO after
         # XCLIENT; None before, or while they change.
         self.client: tuple | None = None
@@ -101,8 +102,10 @@ class NodePeer(Peer):
 
     async def ehlo(self, name: str) -> list[bytes]:
         reply = await self.command(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
-        self.pipelining = ehlo_offers(reply, b"PIPELINING")
-        self.offered = ehlo_keywords(reply)
+        if reply != self._ehlo:     # (a node says the same every time: read once)
+            self._ehlo = reply
+            self.pipelining = ehlo_offers(reply, b"PIPELINING")
+            self.offered = ehlo_keywords(reply)
         return reply
 
     async def read_reply(self, timeout: float | None = None) -> list[bytes]:

@@ -65,8 +65,11 @@ def esmtp_params(line: bytes) -> list[tuple[str, str | None]]:
     params: list[tuple[str, str | None]] = []
     if not colon:
         return params
+    rest = _after_path(arg.lstrip(" \t"))
+    if not rest.strip(" \t"):      # the path alone: the common case
+        return params
     seen = set()
-    for word in re.split(r"[ \t]+", _after_path(arg.lstrip(" \t"))):
+    for word in re.split(r"[ \t]+", rest):
         keyword, eq, value = word.partition("=")
         if not _ESMTP_KEYWORD.match(keyword) or eq and not _ESMTP_VALUE.match(value):
             continue
