@@ -204,7 +204,7 @@ class Transfer:
             self.streaming = True
         else:
             if not self.config.Header:
-                self.server.write(spool.framed(message.memory), False)
+                self.server.write(message.as_sent(), False)
             else:
                 self.server.write(b"".join(spool.outgoing(message.reader(), self._header())),
                                   False)
