@@ -16,6 +16,11 @@ and every round's CPU figure, so the spread shows.
 
 `NAME=TREE@PYTHON` runs that tree on another interpreter (a venv's python
 with proxsmtpd's dependencies), to compare interpreter builds.
+`--tree-setting "smtp/FilterType: smtp"` gives one tree (here the one
+labelled smtp) a setting of its own, so that a filter path and none of one
+tree are measured side by side; `--clients N` runs N smtp-source processes
+at once, each with its own HELO name (a different client from one session
+to the next).
 `--setting "FilterType: pipe" --setting "FilterCommand: cat"` gives every
 tree the same extra settings: the filter paths, which bench/instructions.py
 cannot count for pipe (valgrind 3.19 lacks pidfd_open).  A filter
@@ -52,6 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=1500)
     parser.add_argument("--setting", action="append", default=[], metavar="NAME:VALUE",
                         help="an extra proxsmtpd setting for every tree (repeatable)")
+    parser.add_argument("--tree-setting", action="append", default=[],
+                        metavar="NAME/SETTING:VALUE",
+                        help="an extra proxsmtpd setting for tree NAME only (repeatable)")
+    parser.add_argument("--clients", type=int, default=1, metavar="N",
+                        help="N smtp-source processes, each with its own HELO name")
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--serial", action="store_true", help="1 session, 1 KB messages")
     load.add_argument("--pipelining", action="store_true", help="bench/pipeline.py, 20 sessions")
@@ -59,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for setting in args.setting:
         if ":" not in setting:
             parser.error("--setting %s: expected NAME:VALUE" % setting)
+    for setting in args.tree_setting:
+        if "/" not in setting or ":" not in setting:
+            parser.error("--tree-setting %s: expected NAME/SETTING:VALUE" % setting)
     for item in args.trees:
         name, tree, python = split_tree(item)
         if not name or not os.path.isdir(os.path.join(tree, "proxsmtp")):
@@ -80,7 +93,7 @@ def run_load(args: argparse.Namespace, port: int) -> float:
         return peers.pipeline(port, 20, args.messages, 10240, sys.executable)
     if args.serial:
         return peers.source(port, 1, args.messages, 1024)
-    return peers.source(port, 20, args.messages, 10240)
+    return peers.source(port, 20, args.messages, 10240, clients=args.clients)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             os.chmod(launcher, 0o755)
             ports[name] = peers.free_port()
             settings = dict(item.split(":", 1) for item in args.setting)
+            settings.update(item.split("/", 1)[1].split(":", 1) for item in args.tree_setting
+                            if item.split("/", 1)[0] == name)
             settings = {key.strip(): value.strip() for key, value in settings.items()}
             paths[name] = peers.proxy(name, launcher, ports[name], sink_port, workdir, settings,
                                       4000)

@@ -7,7 +7,9 @@ which functions they come from.  It serves sessions in this process, on
 uvloop, against fake peers: the client side speaks like smtp-source (EHLO,
 MAIL, RCPT, DATA with a 10 KB message in two segments, QUIT; `--reuse K`:
 K messages per session), the server side like smtp-sink (PIPELINING,
-8BITMIME, no STARTTLS).  Every proxsmtp function is traced with
+8BITMIME, no STARTTLS); with `--node`, FilterType smtp offers every
+message to bench/node.py's node session first, served in this process
+without a socket (its own calls are not counted).  Every proxsmtp function is traced with
 `sys.settrace` (`f_trace_opcodes`): the figures are exact and repeat from
 run to run.  A call into CPython or uvloop costs more than a bytecode, so
 the calls column matters as much (a real run costs roughly 60-80
@@ -15,8 +17,8 @@ instructions per bytecode and several hundred per call).  The fakes'
 own work is not counted; Python functions outside proxsmtp that the relay
 calls (logging, dataclass __init__) are listed by calls.
 
-    .venv/bin/python bench/bytecodes.py [--tree DIR] [--messages N] [--reuse K]
-                                        [--top N] [--lines Pump.relay_lines,...]
+    .venv/bin/python bench/bytecodes.py [--tree DIR] [--messages N] [--reuse K] [--node]
+                                        [--helos N] [--top N] [--lines Pump.relay_lines,...]
 
 `--lines` adds the bytecodes per message of each source line of the named
 functions (qualified names, as printed).  Needs Python 3.11 and uvloop.
@@ -34,6 +36,8 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The fakes' own files: their calls are not the proxy's.
+SKIPPED = (os.path.abspath(__file__), os.path.join(HERE, "node.py"))
 
 BODY_SIZE = 10240
 CLIENT_NAME = b"EHLO client.example\r\n"
@@ -122,6 +126,7 @@ class SourceSide(FakeTransport):
     """The client: sends like smtp-source, `messages` per session."""
 
     body = message_body()
+    hello = CLIENT_NAME
 
     def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol,
                  messages: int, counter: list[int]) -> None:
@@ -135,7 +140,7 @@ class SourceSide(FakeTransport):
             state = self.state
             if state == "greeting":
                 self.state = "ehlo"
-                self.send(CLIENT_NAME)
+                self.send(self.hello)
             elif state in ("ehlo", "sent"):
                 if state == "sent":
                     self.counter[0] += 1
@@ -162,6 +167,37 @@ class SourceSide(FakeTransport):
                 self.close()
 
 
+class NodeSide(FakeTransport):
+    """The filter node: bench/node.py's NodeSession, fed what the proxy
+    writes at once; its replies reach the proxy in a later loop turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, protocol: asyncio.Protocol) -> None:
+        super().__init__(loop, protocol)
+        import node
+        self.node = node.NodeSession(None)
+        self.node.connection_made(NodeEnd(self))
+
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            self.node.data_received(data)
+
+
+class NodeEnd:
+    """The node session's transport: its replies go to the proxy."""
+
+    def __init__(self, side: NodeSide) -> None:
+        self.side = side
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def write(self, data: bytes) -> None:
+        self.side.send(data)
+
+    def close(self) -> None:
+        self.side.close()
+
+
 class Counter:
     """sys.settrace hook: bytecodes and calls of every function under `root`,
     calls only of other Python functions."""
@@ -180,7 +216,7 @@ class Counter:
         code = frame.f_code
         key = "%s:%s" % (os.path.basename(code.co_filename), code.co_qualname)
         if not code.co_filename.startswith(self.root):
-            if code.co_filename != __file__:
+            if code.co_filename not in SKIPPED:
                 self.other[key] += 1
             return None
         self.calls[key] += 1
@@ -193,7 +229,7 @@ class Counter:
             def each_line(frame, event, arg):
                 if event == "opcode":
                     bytecodes[key] += 1
-                    by_line[(code.co_filename, frame.f_lineno)] += 1
+                    by_line[(code.co_filename, frame.f_lineno or 0)] += 1
                 return each_line
             return each_line
 
@@ -204,12 +240,14 @@ class Counter:
         return each
 
 
-def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
+def serve(tree: str, messages: int, reuse: int, counter: Counter, node: bool = False,
+          helos: int = 1) -> int:
     """Serve sessions until `messages` are delivered (after a warm-up); how many were."""
     sys.path.insert(0, tree)
     import uvloop
+
+    from proxsmtp.net import channel, destination
     from proxsmtp.process import config as config_module
-    from proxsmtp.net import channel
     from proxsmtp.session.session import Session
 
     channel.SETS_NODELAY = True            # as the worker says under uvloop
@@ -218,14 +256,28 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
     with open(path, "w") as handle:
         handle.write("Listen: 127.0.0.1:2525\nOutAddress: 127.0.0.1:2526\nTempDirectory: %s\n"
                      % workdir)
+        if node:
+            handle.write("FilterType: smtp\nFilterCommand: 127.0.0.1:2527\n")
     config = config_module.load(path)
     delivered = [0]
+    sessions_made = [0]
+
+    async def dial(dest, timeout, source, tag, what=""):
+        """The filter node's connection, without a socket to connect."""
+        return socket.socket(), None
+
+    destination.dial = dial
 
     class Loop(uvloop.Loop):
         """The loop hands the sessions fake peers instead of sockets."""
 
-        async def create_connection(self, factory, host=None, port=None, **kwargs):
+        async def create_connection(self, factory, host=None, port=None, sock=None, **kwargs):
             protocol = factory()
+            if getattr(protocol, "name", None) == "FILTER":
+                sock.close()
+                transport = NodeSide(self, protocol)
+                protocol.connection_made(transport)
+                return transport, protocol
             transport = SinkSide(self, protocol)
             protocol.connection_made(transport)
             transport.send(b"220 sink.example ESMTP\r\n")
@@ -234,6 +286,9 @@ def serve(tree: str, messages: int, reuse: int, counter: Counter) -> int:
         async def connect_accepted_socket(self, factory, sock, **kwargs):
             protocol = factory()
             transport = SourceSide(self, protocol, reuse, delivered)
+            sessions_made[0] += 1
+            if helos > 1:       # a different client (HELO name) per session, in turn
+                transport.hello = b"EHLO client%d.example\r\n" % (sessions_made[0] % helos)
             protocol.connection_made(transport)
             return transport, protocol
 
@@ -285,13 +340,18 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--reuse", type=int, default=1, metavar="K",
                         help="messages per session (default 1: a new session per message)")
+    parser.add_argument("--node", action="store_true",
+                        help="FilterType smtp: every message to bench/node.py's node first")
+    parser.add_argument("--helos", type=int, default=1, metavar="N",
+                        help="N different client HELO names, one per session in turn")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--lines", default="", help="functions to count by source line")
     args = parser.parse_args()
     tree = os.path.abspath(args.tree)
     counter = Counter(os.path.join(tree, "proxsmtp") + os.sep,
                       {name for name in args.lines.split(",") if name})
-    delivered = serve(tree, args.messages, max(1, args.reuse), counter)
+    delivered = serve(tree, args.messages, max(1, args.reuse), counter, args.node,
+                      max(1, args.helos))
     report(counter, delivered, args.top)
     expected = max(1, args.messages // max(1, args.reuse)) * max(1, args.reuse)
     if delivered != expected:

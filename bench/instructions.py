@@ -58,6 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="a label and the source tree (with proxsmtp/) it runs")
     parser.add_argument("--floor", action="store_true", help="also bench/floor.py, the contract floor")
     parser.add_argument("--messages", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=1, metavar="N",
+                        help="N smtp-source processes, each with its own HELO name")
     parser.add_argument("--setting", action="append", default=[], metavar="NAME:VALUE",
                         help="an extra proxsmtpd setting (repeatable)")
     args = parser.parse_args(argv)
@@ -93,7 +95,7 @@ def floor_argv(port: int, sink_port: int) -> list[str]:
 
 
 def measure(name: str, argv: list[str], port: int, sink_port: int, workdir: str,
-            messages: int) -> dict[str, float]:
+            messages: int, clients: int = 1) -> dict[str, float]:
     """Instructions per message of the busiest process of `argv` under callgrind."""
     out = os.path.join(workdir, "callgrind-%s.%%p" % name)
     # --trace-children: without it the forked worker ignores callgrind_control.
@@ -102,11 +104,11 @@ def measure(name: str, argv: list[str], port: int, sink_port: int, workdir: str,
                       workdir)
     peer.start(port, timeout=180)
     try:
-        peers.source(port, 20, WARM_UP, 10240)
+        peers.source(port, 20, WARM_UP, 10240, clients=clients)
         # Every callgrind process on the machine (with a pid, callgrind_control
         # misses a forked worker): one proxy is measured at a time.
         subprocess.run(["callgrind_control", "--zero"], capture_output=True, check=False)
-        peers.source(port, 20, messages, 10240)
+        peers.source(port, 20, messages, 10240, clients=clients)
         subprocess.run(["callgrind_control", "--dump"], capture_output=True, check=False)
         time.sleep(2)       # the dump is written when the process next runs
     finally:
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             port = peers.free_port()
             argv = (floor_argv(port, sink_port) if tree is None else
                     proxy_argv(name, tree, port, sink_port, workdir, args.setting))
-            results[name] = measure(name, argv, port, sink_port, workdir, args.messages)
+            results[name] = measure(name, argv, port, sink_port, workdir, args.messages,
+                                    args.clients)
         for name, figures in results.items():
             ratio = ("%8.2f" % (figures["total"] / results["floor"]["total"])
                      if args.floor else "")

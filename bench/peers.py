@@ -141,14 +141,15 @@ def proxy(name: str, program: str, port: int, out_port: int, workdir: str,
 
 
 def source(port: int, sessions: int, messages: int, size: int, same_session: bool = False,
-           timeout: float = 900.0) -> float:
+           timeout: float = 900.0, clients: int = 1) -> float:
     """Run smtp-source; the wall-clock seconds it took.  Raises PeerError when
-    it fails (it exits non-zero on any unexpected reply)."""
-    argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
-            "-f", "bench@example.com", "-t", "sink@example.com", "-M", "bench.example"]
-    if same_session:
-        argv.append("-d")
-    argv.append("%s:%d" % (HOST, port))
+    it fails (it exits non-zero on any unexpected reply).  `clients` > 1:
+    that many smtp-source processes at once, each with its own HELO name
+    (client1.example, ...) and its share of the sessions and messages, so
+    that the proxy sees a different client from one session to the next."""
+    if clients > 1:
+        return _sources(port, sessions, messages, size, same_session, timeout, clients)
+    argv = source_argv(port, sessions, messages, size, same_session, "bench.example")
     started = time.perf_counter()
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -159,6 +160,47 @@ def source(port: int, sessions: int, messages: int, size: int, same_session: boo
     if done.returncode != 0:
         text = (done.stderr or done.stdout).decode("utf-8", "replace").strip()
         raise PeerError("smtp-source exited %d: %s" % (done.returncode, text[-300:]))
+    return elapsed
+
+
+def source_argv(port: int, sessions: int, messages: int, size: int, same_session: bool,
+                helo: str) -> list[str]:
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-f", "bench@example.com", "-t", "sink@example.com", "-M", helo]
+    if same_session:
+        argv.append("-d")
+    argv.append("%s:%d" % (HOST, port))
+    return argv
+
+
+def _sources(port: int, sessions: int, messages: int, size: int, same_session: bool,
+             timeout: float, clients: int) -> float:
+    """smtp-source as `clients` processes, messages and sessions shared out."""
+    started = time.perf_counter()
+    running = []
+    for number in range(clients):
+        share = messages // clients + (number < messages % clients)
+        if share == 0:
+            continue
+        argv = source_argv(port, max(1, sessions // clients), share, size, same_session,
+                           "client%d.example" % (number + 1))
+        running.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, preexec_fn=raise_nofile))
+    failed = []
+    for process in running:
+        try:
+            out, _ = process.communicate(timeout=max(1.0, started + timeout - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            failed.append("smtp-source timed out after %.0f s" % timeout)
+            continue
+        if process.returncode != 0:
+            failed.append("smtp-source exited %d: %s" % (
+                process.returncode, out.decode("utf-8", "replace").strip()[-300:]))
+    elapsed = time.perf_counter() - started
+    if failed:
+        raise PeerError(failed[0])
     return elapsed
 
 

@@ -50,6 +50,12 @@ from hold import Holder  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
 REUSED = ", reused"         # label suffix: many messages per session (smtp-source -d)
+# The smtp row's general case: one smtp-source process per session, each
+# with its own HELO name, so that a kept node connection's next message is
+# mostly another client's (XCLIENT and EHLO again); the plain smtp row's
+# sessions are all one client (one HELO name), whose kept node session goes
+# on with MAIL at once (proxsmtpd(8) FILTERS).
+CLIENTS = "smtp, %d clients"
 
 # The proxy configurations compared (the smtp filter's address is added at run time:
 # NODES says which filter node each one talks to).
@@ -276,10 +282,11 @@ class Bench:
         print("throughput: %d sessions, %d messages of %d bytes"
               % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
 
-        def measure(path: str, same: bool) -> dict:
+        def measure(path: str, same: bool, clients: int = 1) -> dict:
             return self.counted(path, a.messages, lambda: peers.source(
-                self.ports[path], a.parallel, a.messages, a.size, same_session=same))
-        self.results["throughput"] = self.alternate(measure, "per_second")
+                self.ports[path], a.parallel, a.messages, a.size, same_session=same,
+                clients=clients))
+        self.results["throughput"] = self.alternate(measure, "per_second", clients=a.parallel)
         count = min(a.messages, 1000)
         print("spawn floor: %d spawns of /bin/sh -c cat and of cat" % count,
               file=sys.stderr, flush=True)
@@ -332,18 +339,22 @@ class Bench:
                         bdat=bdat)))
         self.results["bdat"] = self.table(runs, "per_second", list(BDAT_ROWS))
 
-    def alternate(self, measure, key: str) -> dict:
+    def alternate(self, measure, key: str, clients: int = 1) -> dict:
         """Every path with one message per session, and direct and none with
         sessions reused (smtp-source -d), in rotating order each round; the
-        reused rows are compared with direct reused."""
-        variants = [(path, path, False) for path in self.paths()]
-        variants += [(path + REUSED, path, True) for path in ("direct", "none")]
-        runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+        reused rows are compared with direct reused.  `clients` > 1 adds the
+        smtp path with that many clients (CLIENTS)."""
+        variants = [(path, path, False, 1) for path in self.paths()]
+        if clients > 1 and "smtp" in self.ports:
+            variants.append((CLIENTS % clients, "smtp", False, clients))
+        variants += [(path + REUSED, path, True, 1) for path in ("direct", "none")]
+        runs: dict[str, list[dict]] = {label: [] for label, _, _, _ in variants}
         for round_no in range(self.args.rounds):
-            for label, path, same in rotated(variants, round_no):
-                attempt(runs[label], label, lambda: measure(path, same))
-        table = self.table(runs, key, [label for label, _, same in variants if not same])
-        table.update(self.table(runs, key, [label for label, _, same in variants if same]))
+            for label, path, same, many in rotated(variants, round_no):
+                attempt(runs[label], label,
+                        lambda: measure(path, same, many) if many > 1 else measure(path, same))
+        table = self.table(runs, key, [label for label, _, same, _ in variants if not same])
+        table.update(self.table(runs, key, [label for label, _, same, _ in variants if same]))
         return table
 
     def table(self, runs: dict[str, list[dict]], key: str, order: list[str]) -> dict:
@@ -636,7 +647,10 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
     if "throughput" in results:
         none = results["throughput"]["none"].get("cpu_us")
         for path, limit in (("smtp", TARGETS["smtp_cpu_ratio"]),
+                            (CLIENTS % args.parallel, TARGETS["smtp_cpu_ratio"]),
                             ("smtp, node offers STARTTLS", TARGETS["smtp_tls_cpu_ratio"])):
+            if path not in results["throughput"]:
+                continue
             cpu = results["throughput"][path].get("cpu_us")
             ratio = cpu / none if cpu is not None and none else None
             target("CPU per message, %s <= %.2f x none" % (path, limit), ratio,
@@ -740,8 +754,8 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                            " /bin/sh -c cat %.0f us, cat %.0f us; pipe - none is %.2f x the"
                            " /bin/sh -c cat floor" % (floor["shell_us"], floor["exec_us"],
                                                       spawn / floor["shell_us"]))
-        for path in NODES:
-            cpu = table[path].get("cpu_us")
+        for path in [*NODES, CLIENTS % args.parallel]:
+            cpu = table.get(path, {}).get("cpu_us")
             if cpu is not None and none:
                 out.append("  filter node (bench/node.py), %s: %.0f us per message, %.2f x none"
                            % (path, cpu, cpu / none))

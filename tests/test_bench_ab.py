@@ -27,3 +27,15 @@ def test_a_tree_without_proxsmtp_or_a_python_that_is_no_program_is_refused(capsy
         else:
             raise AssertionError("%s was accepted" % item)
     assert ab.parse_args(["x=%s" % ROOT]).trees == ["x=%s" % ROOT]
+
+
+def test_a_tree_setting_names_its_tree_and_is_checked():
+    args = ab.parse_args(["smtp=%s" % ROOT, "--tree-setting", "smtp/FilterType: smtp",
+                          "--clients", "20"])
+    assert args.tree_setting == ["smtp/FilterType: smtp"] and args.clients == 20
+    try:
+        ab.parse_args(["x=%s" % ROOT, "--tree-setting", "FilterType: smtp"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("a tree setting without its tree was accepted")

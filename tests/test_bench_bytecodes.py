@@ -42,3 +42,13 @@ def test_the_count_repeats_and_a_reused_session_costs_less_per_message():
     assert first == second
     reused = per_message(run("--messages", "40", "--reuse", "10"))
     assert reused[0] < first[0] and reused[1] < first[1]
+
+
+def test_the_node_leg_is_counted_and_another_client_costs_xclient_and_ehlo():
+    none = per_message(run("--messages", "40"))
+    output = run("--messages", "40", "--node")
+    assert output.startswith("40 messages delivered")
+    node = per_message(output)
+    assert "node.py:_offer" in output and "nodepool.py:NodePeer.read_reply" in output
+    clients = per_message(run("--messages", "40", "--node", "--helos", "5"))
+    assert none[0] < node[0] < clients[0] and none[1] < node[1] < clients[1]

@@ -63,6 +63,11 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     for path in (*relays, "none", "pipe", "smtp", "smtp, node offers STARTTLS"):
         assert results["throughput"][path]["cpu_us"] > 0
     assert "cpu_us" not in results["throughput"]["direct"]
+    # the smtp path's general case: 20 clients, each its own HELO name
+    clients = results["throughput"]["smtp, 20 clients"]
+    assert [run for run in clients["runs"] if "error" in run] == []
+    assert clients["cpu_us"] > 0
+    assert "CPU per message, smtp, 20 clients <= 1.25 x none" in done.stdout
     if "haproxy" in relays:
         assert results["throughput"]["haproxy"]["relay_ratio"] == 1.0
         assert results["throughput"]["none"]["relay_cpu_ratio"] > 0

@@ -84,6 +84,34 @@ def test_postfix_node_takes_messages_of_several_sessions_on_one_connection(proxy
 
 
 @pytest.mark.root
+def test_postfix_node_keeps_the_session_of_the_same_client(proxy, upstream, postfix):
+    """Two messages of one client, then another's, then the first's again:
+    Postfix (hardened: smtpd_helo_required, smtpd_forbid_unauth_pipelining)
+    takes the second one on the session XCLIENT set up for the first, MAIL
+    without XCLIENT or EHLO, and writes the right client into every
+    Received: line."""
+    node = postfix()
+    p = proxy(node_filter(upstream, node), debug=4)
+    clients = [("127.0.0.41", "same.example"), ("127.0.0.41", "same.example"),
+               ("127.0.0.42", "other.example"), ("127.0.0.41", "same.example")]
+    for number, (source, helo) in enumerate(clients):
+        reply = one_message(p, number, source, helo)
+        assert reply[-1].startswith("250"), (reply, p.log())
+    upstream.wait_messages(4)
+    queued = node.messages(4)
+    assert len(queued) == 4
+    for message in queued:
+        source, helo = clients[int(message["recipients"][0][4])]
+        assert received(message["content"]).startswith(
+            "Received: from %s (unknown [%s])" % (helo, source)), received(message["content"])
+    log = node.log()
+    assert "improper command pipelining" not in log and "503 5.5.1" not in log, log
+    assert established(node.port) == 1
+    assert p.log().count("opened a connection to the filter node") == 1, p.log()
+    assert p.log().count("XCLIENT ADDR=") == 3, p.log()
+
+
+@pytest.mark.root
 def test_postfix_node_with_starttls_keeps_its_tls_connection(proxy, upstream, postfix):
     """Under ServerTLS may a node that offers STARTTLS costs one handshake,
     not one per message."""
@@ -106,37 +134,80 @@ def test_postfix_node_with_starttls_keeps_its_tls_connection(proxy, upstream, po
         shutil.rmtree(files, ignore_errors=True)
 
 
-def test_a_kept_connection_the_node_dropped_gets_a_new_one(proxy, upstream):
-    """The node closes the kept connection at RSET (as one that timed it out
-    would): the message still gets its verdict, on a new connection."""
-    node = RecordingServer(name="node.test", replies={"RSET": None},
-                           extensions=("XCLIENT ADDR HELO NAME", "8BITMIME"))
+def carried_a_message(node: RecordingServer, conn) -> bool:
+    return any(message.conn == conn.number for message in node.messages)
+
+
+@pytest.mark.parametrize("verb, clients", [("MAIL", 1), ("XCLIENT", 3)])
+def test_a_kept_connection_the_node_dropped_gets_a_new_one(proxy, upstream, verb, clients):
+    """The node closes the kept connection at its first command (as one
+    that timed it out would): MAIL when the session speaks for the same
+    client already, XCLIENT for another client.  The message still gets its
+    verdict, on a new connection."""
+    node = RecordingServer(name="node.test", extensions=("XCLIENT ADDR HELO NAME", "8BITMIME"),
+                           replies={verb: lambda line, conn: None if carried_a_message(node, conn)
+                                    else "220 node.test" if verb == "XCLIENT" else "250 2.1.0 Ok"})
     try:
         p = proxy(node_filter(upstream, node))
         for number in range(3):
-            reply = one_message(p, number)
+            reply = one_message(p, number, helo="client%d.example" % (number % clients))
             assert reply[-1].startswith("250"), (reply, p.log())
         upstream.wait_messages(3)
         assert len(node.messages) == 3
         assert len(node.connections) == 3
         assert "FILTER-ERROR" not in p.log()
         assert p.log().count("trying a new connection") == 2, p.log()
+        assert "RSET" not in node.verbs()
     finally:
         node.stop()
 
 
-def test_a_kept_connection_that_says_421_gets_a_new_one(proxy, upstream):
+@pytest.mark.parametrize("verb, clients", [("MAIL", 1), ("XCLIENT", 2)])
+def test_a_kept_connection_that_says_421_gets_a_new_one(proxy, upstream, verb, clients):
     node = RecordingServer(name="node.test", replies={
-        "XCLIENT": lambda line, conn: "421 4.3.2 going away" if len(conn.xclient) > 1
-        else "220 node.test ESMTP"},
+        verb: lambda line, conn: "421 4.3.2 going away" if carried_a_message(node, conn)
+        else "220 node.test ESMTP" if verb == "XCLIENT" else "250 2.1.0 Ok"},
         extensions=("XCLIENT ADDR HELO NAME", "PIPELINING"))
     try:
         p = proxy(node_filter(upstream, node))
         for number in range(2):
-            assert one_message(p, number)[-1].startswith("250"), p.log()
+            reply = one_message(p, number, helo="client%d.example" % (number % clients))
+            assert reply[-1].startswith("250"), p.log()
         upstream.wait_messages(2)
         assert len(node.messages) == 2 and len(node.connections) == 2
         assert p.log().count("trying a new connection") == 1, p.log()
+    finally:
+        node.stop()
+
+
+def test_a_kept_session_for_the_same_client_skips_xclient_and_ehlo(proxy, upstream):
+    """The node's 2xx to the final dot ended the transaction: no RSET.  A
+    message of the client the kept session speaks for (same address, same
+    HELO) goes on with MAIL at once; another client's gets XCLIENT and EHLO
+    again, and so does the first client after it."""
+    node = RecordingServer(name="node.test",
+                           extensions=("XCLIENT ADDR HELO NAME", "PIPELINING", "8BITMIME"))
+    try:
+        p = proxy(node_filter(upstream, node), debug=4)
+        sessions = [("127.0.0.31", "one.example"), ("127.0.0.31", "one.example"),
+                    ("127.0.0.32", "one.example"), ("127.0.0.32", "two.example"),
+                    ("127.0.0.31", "one.example")]
+        for number, (source, helo) in enumerate(sessions):
+            reply = one_message(p, number, source, helo)
+            assert reply[-1].startswith("250"), (reply, p.log())
+        upstream.wait_messages(5)
+        assert len(node.connections) == 1 and len(node.messages) == 5
+        # the XCLIENT each message was offered under, the latest on the connection
+        said = [(len(m.xclient), m.xclient[-1]) for m in node.messages]
+        assert said == [(1, "XCLIENT ADDR=127.0.0.31 HELO=one.example"),
+                        (1, "XCLIENT ADDR=127.0.0.31 HELO=one.example"),
+                        (2, "XCLIENT ADDR=127.0.0.32 HELO=one.example"),
+                        (3, "XCLIENT ADDR=127.0.0.32 HELO=two.example"),
+                        (4, "XCLIENT ADDR=127.0.0.31 HELO=one.example")], said
+        verbs = node.verbs(0)
+        assert "RSET" not in verbs
+        # the greeting's EHLO, then one after each XCLIENT
+        assert verbs.count("EHLO") == 5 and verbs.count("XCLIENT") == 4, verbs
     finally:
         node.stop()
 

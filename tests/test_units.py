@@ -561,3 +561,25 @@ def test_data_taken_in_callbacks_only_when_nothing_waits():
     for path in datapath.Path:
         if path is not datapath.RELAYED:
             assert not may(path, plain, False, False), path
+
+
+def test_take_reply_takes_a_whole_reply_or_nothing():
+    """Channel.take_reply: a reply whose last line is here, in one call, the
+    next pipelined reply left for later; nothing when the reply is not all
+    here (then take_line reads what is), or runs past REPLY_FAST."""
+    from proxsmtp.net.channel import REPLY_FAST
+    channel = Channel("FILTER")
+    channel.data_received(b"250-node.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n354 go")
+    assert channel.take_reply() == [b"250-node.test\r\n", b"250-PIPELINING\r\n",
+                                    b"250 8BITMIME\r\n"]
+    assert channel.take_reply() is None and channel.pending == 6
+    channel.data_received(b" ahead\r\n250-x")
+    assert channel.take_reply() == [b"354 go ahead\r\n"]
+    assert channel.take_reply() is None
+    assert channel.take_line() is None          # no whole line either
+    channel.data_received(b"\r\n")
+    assert channel.take_line() == (b"250-x\r\n", False)
+    long = Channel("FILTER")
+    long.data_received(b"250-%s\r\n" % (b"x" * 100) * (REPLY_FAST // 100) + b"250 end\r\n")
+    assert long.take_reply() is None
+    assert long.take_line() == (b"250-%s\r\n" % (b"x" * 100), False)

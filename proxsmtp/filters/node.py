@@ -8,7 +8,8 @@ BDAT, byte for byte, when it came by BDAT and the node offers CHUNKING, RFC
 3030; else by DATA, dot-stuffed).  2xx after the final dot or chunk
 accepts; the node's refusal is the client's rejection (verdict.as_rejection).
 The connection is then kept for the worker's next message (nodepool.py,
-FilterConnections), which starts with RSET and XCLIENT on it.
+FilterConnections), which starts with XCLIENT on it, or with MAIL when its
+session already speaks for that message's client.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ..process.config import Config
 from ..process.log import clean, log
 from ..smtp.peer import Peer, ReplyTooLong
 from ..smtp.replies import NOT_UTF8
-from ..smtp.syntax import ehlo_keywords, ehlo_offers, esmtp_params
+from ..smtp.syntax import ehlo_offers, esmtp_params
 from . import nodepool
 from .verdict import FilterError, Verdict, as_rejection
 
@@ -84,12 +85,10 @@ async def smtp_verdict(config: Config, envelope: Envelope, message: spool.Spool)
 
 async def _verdict(config: Config, node: nodepool.NodePeer, envelope: Envelope,
                    message: spool.Spool, pool: nodepool.NodePool | None) -> Verdict:
-    """The offer on `node` (RSET first on a reused one); then the connection
-    goes back to the pool, or is closed."""
+    """The offer on `node`; then the connection goes back to the pool, or is
+    closed."""
     offered = False
     try:
-        if node.reused:
-            await node.begin()
         verdict = await _offer(node, envelope, message)
         offered = True
         return verdict
@@ -164,20 +163,14 @@ def hello_name(envelope: Envelope) -> str:
     return "[%s%s]" % ("IPv6:" if ":" in ip else "", ip)
 
 
-async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdict:
-    """XCLIENT, EHLO, the envelope and the message; the node's verdict."""
-    code, text = code_text(await node.xclient(envelope.client_ip, envelope.helo))
-    if code // 100 != 2:
-        raise FilterError("filter node refused XCLIENT: %s" % clean(text))
-    # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
-    # again, with the client's name, and its reply read before MAIL; a node
-    # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
-    ehlo = await node.ehlo(hello_name(envelope))
-    code, text = code_text(ehlo)
-    if code != 250:
-        raise FilterError("filter node refused EHLO after XCLIENT: %s" % clean(text))
-    pipelining = ehlo_offers(ehlo, b"PIPELINING")
-    offered = ehlo_keywords(ehlo)
+async def _offer(node: nodepool.NodePeer, envelope: Envelope,
+                 message: spool.Spool) -> Verdict:
+    """XCLIENT and EHLO (unless the session speaks for this client already),
+    the envelope and the message; the node's verdict."""
+    client = (envelope.client_ip, envelope.helo)
+    if node.client != client:
+        await _speak_for(node, client, hello_name(envelope))
+    offered = node.offered
     sender = "" if envelope.sender in (None, "<>") else envelope.sender
     if "SMTPUTF8" not in offered and not all(address.isascii() for address
                                              in [sender, *envelope.recipients]):
@@ -187,17 +180,24 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
     if chunked:         # RFC 3030: no DATA, no 354; the envelope's replies first
         steps.pop()
     lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
+    pipelining = node.pipelining
     if pipelining:      # RFC 2920: one group, the replies read in order
         node.send(*lines)
-    for step, line in zip(steps, lines):
+    last = len(steps) - 1
+    for at, line in enumerate(lines):
         if not pipelining:
             node.send(line)
-        code, text = code_text(await node.read_reply())
-        if step == "DATA" and code != 354 or step != "DATA" and code // 100 != 2:
-            return as_rejection(code, text, step.split(":", 1)[0])
+        reply = await node.read_reply()
+        code = reply[0][:3]     # as code_text reads it: the first line's
+        if code != b"354" if at == last and not chunked else code[:1] != b"2" or not code.isdigit():
+            number, text = code_text(reply)
+            return as_rejection(number, text, steps[at].split(":", 1)[0])
     if chunked:         # in one chunk: one reply, the verdict
         await spool.send_bdat(node.channel, message.reader(), None, message.size,
                               max(message.size, 1), node.timeout)
+    elif message.memory is not None and not envelope.chunked:   # framed once, for the server too
+        node.write(message.as_sent(), False)
+        await node.channel.drain(node.timeout)
     else:
         await spool.send(node.channel, message.reader(), None, node.timeout, envelope.chunked)
     code, text = code_text(await node.read_reply())
@@ -205,6 +205,24 @@ async def _offer(node: Peer, envelope: Envelope, message: spool.Spool) -> Verdic
         envelope.filter_reply = text.splitlines()[-1]
         return Verdict(True)
     return as_rejection(code, text, "the message")
+
+
+async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
+                     name: str) -> None:
+    """XCLIENT with the client's attributes, then EHLO as `name`: the node's
+    session is then the client's (FilterError if the node refuses either)."""
+    node.client = None
+    reply = await node.xclient(*client)
+    if reply[0][:1] != b"2" or not reply[0][:3].isdigit():     # code_text's code // 100 != 2
+        raise FilterError("filter node refused XCLIENT: %s" % clean(code_text(reply)[1]))
+    # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
+    # again, with the client's name, and its reply read before MAIL; a node
+    # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
+    reply = await node.ehlo(name)
+    if reply[0][:3] != b"250":
+        raise FilterError("filter node refused EHLO after XCLIENT: %s"
+                          % clean(code_text(reply)[1]))
+    node.client = client
 
 
 # The client's ESMTP parameters a node gets, each only when its EHLO offers

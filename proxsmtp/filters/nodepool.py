@@ -4,11 +4,14 @@ A worker offers every filtered message to the same node (FilterType smtp).
 A new connection for each costs a connect, the greeting, EHLO and, under
 ServerTLS, a TLS handshake: more than the message itself.  So a connection
 on which the node accepted a message goes back to the worker's pool, and
-the next message takes it: RSET, then XCLIENT with that message's client
-(Postfix's XCLIENT_README: XCLIENT may be sent between transactions; its 220
-starts the session over), EHLO, the envelope and the message, as on a new
-connection (filters/node.py).  RSET and XCLIENT go in one write when the
-node offers PIPELINING (RFC 2920: XCLIENT, which changes the session, last).
+the next message takes it (filters/node.py).  The node's 2xx to the final
+dot ended the transaction (RFC 5321 3.3, 4.1.1.4), so no RSET is owed:
+the next message starts with XCLIENT for its client (Postfix's
+XCLIENT_README: XCLIENT may be sent between transactions; its 220 starts
+the session over) and EHLO; or, when the connection's session already
+speaks for that same client (the XCLIENT attributes it would send are
+those it sent last), with MAIL at once, as the client's own next
+transaction in one session would.
 
 - One pool per worker (one event loop), keyed by what makes a connection
   fit for a message: the node's address and the TLS policy and context.
@@ -30,7 +33,7 @@ node offers PIPELINING (RFC 2920: XCLIENT, which changes the session, last).
   client's errors (Postfix's smtpd_soft_error_limit slows down a client that
   errs without delivering mail) never builds up across messages.
 - A reused connection that turns out dead before the message left (EOF, a
-  reset, a timeout or 421 in answer to RSET, XCLIENT, EHLO, MAIL, RCPT or
+  reset, a timeout or 421 in answer to XCLIENT, EHLO, MAIL, RCPT or
   DATA) raises Stale: the message gets one more try on a new connection.
   Once the node said 354 the message may be on its way: a reply lost then
   is FilterError (451) as on a new connection, never a second offer.
@@ -45,7 +48,7 @@ from typing import Hashable
 from ..net.channel import Channel, ChannelClosed
 from ..process.log import clean, log
 from ..smtp.peer import Failure, Peer, ReplyTooLong
-from ..smtp.syntax import ehlo_offers
+from ..smtp.syntax import ehlo_keywords, ehlo_offers
 from .verdict import FilterError
 
 # How long a stopping worker waits for its idle connections to close.
@@ -81,8 +84,12 @@ class NodePeer(Peer):
         self.reused = False         # taken from the pool for this message
         self.committed = False      # the node said 354: the message may be on its way
         self.due = 1                # replies owed (the greeting, then for what was sent)
-        self.rset_due = False       # RSET's reply comes before the next one asked for
         self.pipelining = False     # the node's last EHLO offered PIPELINING
+        self.offered: set[str] = set()      # the keywords of the node's last EHLO
+        self._ehlo: list[bytes] = []        # that EHLO reply
+        # The XCLIENT attributes the session speaks for since its EHLO after
+        # XCLIENT; None before, or while they change.
+        self.client: tuple | None = None
         self.last = b""             # the code of the last reply read
         self.uses = 1               # messages offered on it, this one included
         self.idle_since = 0.0       # loop time it went back to the pool
@@ -105,16 +112,16 @@ class NodePeer(Peer):
 
     async def ehlo(self, name: str) -> list[bytes]:
         reply = await self.command(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
-        self.pipelining = ehlo_offers(reply, b"PIPELINING")
+        if reply != self._ehlo:     # (a node says the same every time: read once)
+            self._ehlo = reply
+            self.pipelining = ehlo_offers(reply, b"PIPELINING")
+            self.offered = ehlo_keywords(reply)
         return reply
 
     async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """Peer.read_reply, keeping count: RSET's reply checked first when it
-        is due; 354 commits the message; on a reused connection 421 before
-        that, or a lost reply, is Stale."""
+        """Peer.read_reply, keeping count: 354 commits the message; on a
+        reused connection 421 before that, or a lost reply, is Stale."""
         try:
-            if self.rset_due:
-                await self._rset_reply(timeout)
             reply = await Peer.read_reply(self, timeout)
         except (ChannelClosed, asyncio.TimeoutError) as exc:
             raise self.stale(exc) or self.lost(exc) from None
@@ -128,27 +135,6 @@ class NodePeer(Peer):
                 raise Stale("reused connection to the filter node: %s"
                             % clean(reply[-1].strip()))
         return reply
-
-    async def begin(self) -> None:
-        """A reused connection's first step for a message: RSET, in one write
-        with XCLIENT when the node offers PIPELINING (its reply is read
-        before XCLIENT's), else read at once.  Stale if the node is gone."""
-        try:
-            if self.pipelining:
-                self.channel.cork()
-            self.send(b"RSET\r\n")
-            self.rset_due = True
-            if not self.pipelining:
-                await self._rset_reply(None)
-        except (ChannelClosed, asyncio.TimeoutError) as exc:
-            raise self.stale(exc) or self.lost(exc) from None
-
-    async def _rset_reply(self, timeout: float | None) -> None:
-        self.rset_due = False
-        reply = await Peer.read_reply(self, timeout)
-        self.due -= 1
-        if reply[-1][:1] != b"2":
-            raise Stale("the filter node refused RSET: %s" % clean(reply[-1].strip()))
 
     @property
     def reusable(self) -> bool:
@@ -195,7 +181,7 @@ class NodePool:
 
     def take(self, key: Hashable, tag: str) -> NodePeer | None:
         """The oldest idle connection for `key`, made ready for a message of
-        session `tag` (begin() sends RSET), or None."""
+        session `tag`, or None."""
         idle = self.idle.get(key)
         while idle:
             node = idle.pop(0)

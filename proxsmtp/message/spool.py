@@ -84,6 +84,7 @@ class Spool:
         self.file = None
         self.memory: bytearray | bytes | None = bytearray() if in_memory else None
         self.extra: list[str] = []          # more files to remove with this one
+        self._framed: bytes | None = None   # as_sent(), once made
         if not in_memory:
             self._to_file(b"")
 
@@ -128,6 +129,13 @@ class Spool:
         if self.memory is not None:
             self.memory = bytes(self.memory)
 
+    def as_sent(self) -> bytes:
+        """A finished message in memory as a peer gets it with no header
+        inserted (framed()): made once, for the filter node and the server."""
+        if self._framed is None:
+            self._framed = framed(self.memory)
+        return self._framed
+
     def reader(self) -> BinaryIO:
         """The message, to read from the start."""
         if self.memory is not None:
@@ -152,6 +160,7 @@ class Spool:
             except FileNotFoundError:
                 pass
         self.extra = []
+        self._framed = None
         self._forget_memory()
 
 

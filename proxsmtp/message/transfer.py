@@ -269,7 +269,7 @@ class Transfer:
         else:
             chunked = self.envelope.chunked     # by DATA to a server without CHUNKING
             if not self.config.Header and not chunked:
-                self.server.write(spool.framed(message.memory), False)
+                self.server.write(message.as_sent(), False)
             else:
                 self.server.write(b"".join(spool.data_pieces(message.reader(), self._header(),
                                                              chunked)), False)

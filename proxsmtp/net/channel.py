@@ -29,6 +29,10 @@ SETS_NODELAY = False
 
 # Longest line, CRLF included, that is relayed; longer client lines get 500.
 LINE_LIMIT = 4096
+# take_reply takes a reply whole within this many bytes (any real one); a
+# longer one is read line by line, under the reader's limits and the reply's
+# (smtp.peer: 1000 lines; a line here is 5 bytes at least, so 819 at most).
+REPLY_FAST = 4096
 CRLF = b"\r\n"
 DATA_END = b"\r\n.\r\n"
 
@@ -122,6 +126,38 @@ class Reader:
         if self._trace:
             self.trace("<", line)
         return line, False
+
+    def take_reply(self) -> list[bytes] | None:
+        """A whole SMTP reply, when all of it is here: its lines up to the
+        first that is no `NNN-` continuation (RFC 5321 4.2.1), in one call
+        instead of a take_line per line.  None when it is not all here within
+        REPLY_FAST bytes (so no line of it reaches LINE_LIMIT): then the
+        reader takes it line by line (take_line)."""
+        buf = self.buf
+        if not buf or self._discarding is not None:
+            return None
+        lines = []
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0 or end >= REPLY_FAST:
+                return None
+            line = bytes(buf[start:end + 1])
+            lines.append(line)
+            start = end + 1
+            if line[3:4] != b"-" or not line[:3].isdigit():
+                break
+        if start == len(buf):
+            buf.clear()
+        else:
+            del buf[:start]
+        self._scan = 0
+        if self._paused_reading:
+            self._consumed()
+        if self._trace:
+            for line in lines:
+                self.trace("<", line)
+        return lines
 
     def skip(self, count: int) -> None:
         """Drop the first `count` bytes (a PROXY header) before any line is

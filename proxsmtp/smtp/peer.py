@@ -72,6 +72,12 @@ class Peer:
         size = 0
         try:
             while True:
+                if not lines:       # all of it here at once: the common case
+                    whole = channel.take_reply()
+                    if whole is not None:
+                        if self.unkept is not None:
+                            self.keep_session()
+                        return whole
                 got = channel.take_line()
                 if got is None:
                     if channel.eof:

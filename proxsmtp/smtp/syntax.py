@@ -69,8 +69,11 @@ def esmtp_params(line: bytes) -> list[tuple[str, str | None]]:
     params: list[tuple[str, str | None]] = []
     if not colon:
         return params
+    rest = _after_path(arg.lstrip(" \t"))
+    if not rest.strip(" \t"):      # the path alone: the common case
+        return params
     seen = set()
-    for word in re.split(r"[ \t]+", _after_path(arg.lstrip(" \t"))):
+    for word in re.split(r"[ \t]+", rest):
         keyword, eq, value = word.partition("=")
         if not _ESMTP_KEYWORD.match(keyword) or eq and not _ESMTP_VALUE.match(value):
             continue
@@ -87,6 +90,9 @@ def _after_path(arg: str) -> str:
     if not arg.startswith("<"):
         parts = re.split(r"[ \t]+", arg, 1)
         return parts[1] if len(parts) > 1 else ""
+    if '"' not in arg:      # no quoted local part: the first `>` ends the path
+        end = arg.find(">")
+        return arg[end + 1:] if end >= 0 else ""
     quoted = escaped = False
     for at, char in enumerate(arg):
         if escaped:
@@ -151,5 +157,8 @@ def ehlo_keywords(reply: list[bytes]) -> set[str]:
 
 def xtext(value: str) -> str:
     """RFC 1891 xtext, as XCLIENT attribute values need."""
+    if value.isascii() and value.isprintable() and " " not in value and "+" not in value \
+            and "=" not in value:
+        return value        # every character stands for itself (33-126 but + and =)
     return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else "+%02X" % ord(c)
                    for c in value.encode("utf-8", "replace").decode("latin-1"))
