@@ -124,7 +124,7 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert name in done.stdout
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 22 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 23 and all(isinstance(item["pass"], bool) for item in data["targets"])
     # The filter-path targets are computed and printed; whether they pass is
     # what `make bench` says (they fail until the filter node is pooled).
     for name in ("CPU per message, smtp <= 1.25 x none",
