@@ -23,7 +23,11 @@ What it speaks (RFC 5321, RFC 2920, RFC 3207, Postfix's XCLIENT_README):
 - RSET, NOOP, MAIL, RCPT (ESMTP parameters accepted and ignored), DATA (354,
   the message read to its final dot and dropped, 250 with a queue id),
   QUIT; commands may be pipelined, the replies of one read go out in one
-  write.
+  write;
+- with --chunking, CHUNKING (RFC 3030): `BDAT n [LAST]`, the n bytes read
+  and dropped, 250 for each chunk (with a queue id for the LAST).  smtp-sink
+  (Postfix 3.7) offers no CHUNKING, so this node is the sink of
+  bench/run.py's bdat section.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ R_XCLIENT_SYNTAX = b"501 5.5.4 Bad XCLIENT attribute name\r\n"
 R_NO_TLS = b"502 5.5.1 Error: command not implemented\r\n"
 R_UNKNOWN = b"502 5.5.2 Error: command not recognized\r\n"
 R_TOO_LONG = b"500 5.5.0 Error: line too long\r\n"
+R_BDAT_SYNTAX = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
 
 
 class NodeSession(asyncio.Protocol):
@@ -71,8 +76,11 @@ class NodeSession(asyncio.Protocol):
 
     queued = 0      # messages taken by this process: the queue ids
 
-    def __init__(self, context: ssl.SSLContext | None) -> None:
+    def __init__(self, context: ssl.SSLContext | None, chunking: bool = False) -> None:
         self.context = context
+        self.chunking = chunking
+        self.chunk = 0              # BDAT: bytes of the chunk still to read
+        self.chunk_reply = b""      # and its reply, once they are read
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.greeted = False        # EHLO or HELO since the start, STARTTLS or XCLIENT
@@ -94,7 +102,17 @@ class NodeSession(asyncio.Protocol):
             return
         replies: list[bytes] = []
         data = self.buffer + data
-        while data:
+        while data or self.chunk_reply:
+            if self.chunk:
+                taken = min(self.chunk, len(data))
+                self.chunk -= taken
+                data = data[taken:]
+                if self.chunk:
+                    break
+            if self.chunk_reply:
+                replies.append(self.chunk_reply)
+                self.chunk_reply = b""
+                continue
             if self.body is not None:
                 data = self.take_body(data, replies)
                 continue
@@ -143,7 +161,7 @@ class NodeSession(asyncio.Protocol):
         verb = verb.upper()
         if verb == b"EHLO":
             self.greeted, self.sender, self.recipients = True, False, 0
-            offers = list(EXTENSIONS)
+            offers = list(EXTENSIONS) + ([b"CHUNKING"] if self.chunking else [])
             if self.context is not None and not self.tls:
                 offers.append(b"STARTTLS")
             return b"".join(b"250-%s\r\n" % item for item in [NAME] + offers[:-1]) \
@@ -168,6 +186,8 @@ class NodeSession(asyncio.Protocol):
                 return R_NEED_RCPT if self.sender else R_NEED_MAIL
             self.body = bytearray(b"\r\n")      # so that an empty message ends at once
             return R_DATA
+        if verb == b"BDAT" and self.chunking:
+            return self.bdat(arg)
         if verb == b"RSET":
             self.sender, self.recipients = False, 0
             return R_OK
@@ -182,6 +202,25 @@ class NodeSession(asyncio.Protocol):
         if verb == b"QUIT":
             return R_BYE
         return R_UNKNOWN
+
+    def bdat(self, arg: bytes) -> bytes:
+        """RFC 3030: the chunk's bytes are read before its reply, which is
+        held back until then (b"" now)."""
+        words = arg.split()
+        if not 1 <= len(words) <= 2 or not words[0].isdigit() or \
+                len(words) == 2 and words[1].upper() != b"LAST":
+            return R_BDAT_SYNTAX
+        self.chunk = int(words[0])
+        if not self.recipients:
+            self.chunk_reply = R_NEED_RCPT if self.sender else R_NEED_MAIL
+        elif len(words) == 2:
+            self.sender, self.recipients = False, 0
+            NodeSession.queued += 1
+            self.chunk_reply = b"250 2.0.0 Ok: queued as %05X%07X\r\n" % (os.getpid(),
+                                                                          self.queued)
+        else:
+            self.chunk_reply = b"250 2.0.0 %d octets received\r\n" % self.chunk
+        return b""
 
     def xclient(self, arg: bytes) -> bytes:
         """XCLIENT_README: between transactions only; attributes by name; the
@@ -216,30 +255,32 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-async def serve(sock: socket.socket, context: ssl.SSLContext | None) -> None:
+async def serve(sock: socket.socket, context: ssl.SSLContext | None, chunking: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
-    server = await loop.create_server(lambda: NodeSession(context), sock=sock, backlog=4096)
+    server = await loop.create_server(lambda: NodeSession(context, chunking), sock=sock,
+                                      backlog=4096)
     await stop
     server.close()
 
 
-def run(sock: socket.socket, context: ssl.SSLContext | None) -> None:
+def run(sock: socket.socket, context: ssl.SSLContext | None, chunking: bool) -> None:
     if uvloop is not None:
-        uvloop.run(serve(sock, context))
+        uvloop.run(serve(sock, context, chunking))
     else:
-        asyncio.run(serve(sock, context))
+        asyncio.run(serve(sock, context, chunking))
 
 
 def main() -> None:
-    """Parse `[--workers N] [--tls CERT KEY] LISTEN`, fork the processes and
+    """Parse `[--workers N] [--tls CERT KEY] [--chunking] LISTEN`, fork the processes and
     wait for them (SIGTERM stops them all)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("listen", help="host:port to listen on")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
                         help="offer STARTTLS with this certificate and key (PEM files)")
+    parser.add_argument("--chunking", action="store_true", help="offer CHUNKING (BDAT)")
     args = parser.parse_args()
     context = server_context(*args.tls) if args.tls else None
     host, port = args.listen.rsplit(":", 1)
@@ -253,7 +294,7 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            run(sock, context)
+            run(sock, context, args.chunking)
             os._exit(0)
         children.append(pid)
     signal.signal(signal.SIGTERM, lambda *_: [os.kill(pid, signal.SIGTERM) for pid in children])

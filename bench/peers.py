@@ -244,13 +244,16 @@ def bare_relay(name: str, python: str, port: int, out_port: int, workdir: str,
 
 
 def pipeline(port: int, sessions: int, messages: int, size: int, python: str,
-             new_session: bool = False, timeout: float = 900.0) -> float:
-    """Run bench/pipeline.py (the pipelining client); the seconds its sessions took."""
+             new_session: bool = False, timeout: float = 900.0, bdat: bool = False) -> float:
+    """Run bench/pipeline.py (the pipelining client; `bdat`: by BDAT, RFC 3030);
+    the seconds its sessions took."""
     argv = [python, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline.py"),
             "--sessions", str(sessions), "--messages", str(messages), "--size", str(size),
             "%s:%d" % (HOST, port)]
     if new_session:
         argv.append("--new-session")
+    if bdat:
+        argv.append("--bdat")
     try:
         done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=timeout, preexec_fn=raise_nofile)
@@ -263,7 +266,8 @@ def pipeline(port: int, sessions: int, messages: int, size: int, python: str,
 
 
 def filter_node(name: str, python: str, port: int, workdir: str,
-                tls: tuple[str, str] | None = None, workers: int | None = None) -> Peer:
+                tls: tuple[str, str] | None = None, workers: int | None = None,
+                chunking: bool = False) -> Peer:
     """bench/node.py, the filter node for FilterType smtp: XCLIENT as Postfix
     does it and, with `tls` (certificate, key), STARTTLS.  A peer of its own,
     never a child of the proxy, so its CPU is not counted as the proxy's."""
@@ -273,6 +277,8 @@ def filter_node(name: str, python: str, port: int, workdir: str,
         argv += ["--tls", *tls]
     if workers:
         argv += ["--workers", str(workers)]
+    if chunking:
+        argv.append("--chunking")
     return Peer(name, argv, workdir).start(port)
 
 

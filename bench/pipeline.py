@@ -7,7 +7,10 @@ in the answer), then per message writes MAIL, RCPT and DATA in one group,
 reads their three replies (250, 250, 354), writes the body with the final
 `.` and reads the verdict.  With `--new-session` every message has its own
 connection (EHLO, group, body, QUIT); otherwise each connection carries
-message after message.  Any unexpected reply fails the run (exit 1).
+message after message.  With `--bdat` (RFC 3030) the EHLO answer must offer
+CHUNKING too, and the group is MAIL, RCPT and `BDAT n LAST` with the
+message, with no dot-stuffing and no final dot: three replies, all 250.
+Any unexpected reply fails the run (exit 1).
 Prints one JSON line: messages, seconds, messages per second.
 """
 
@@ -44,7 +47,7 @@ def expect(line: bytes, code: bytes, what: str) -> None:
         raise Failed("%s: %r" % (what, line[:80]))
 
 
-async def session(host: str, port: int, messages: int, body: bytes) -> None:
+async def session(host: str, port: int, messages: int, body: bytes, bdat: bool = False) -> None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
         expect(await reply(reader), b"220", "greeting")
@@ -58,8 +61,19 @@ async def session(host: str, port: int, messages: int, body: bytes) -> None:
         expect(line, b"250", "EHLO")
         if b"PIPELINING" not in ehlo:
             raise Failed("no PIPELINING in the EHLO reply")
-        group = (b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\n"
-                 b"DATA\r\n")
+        group = b"MAIL FROM:<bench@example.com>\r\nRCPT TO:<sink@example.com>\r\n"
+        if bdat:
+            if b"CHUNKING" not in ehlo:
+                raise Failed("no CHUNKING in the EHLO reply")
+            message = body[:-3]     # no final dot
+            group += b"BDAT %d LAST\r\n" % len(message) + message
+            for _ in range(messages):
+                writer.write(group)
+                expect(await reply(reader), b"250", "MAIL")
+                expect(await reply(reader), b"250", "RCPT")
+                expect(await reply(reader), b"250", "BDAT LAST")
+            messages = 0
+        group += b"DATA\r\n"
         for _ in range(messages):
             writer.write(group)
             expect(await reply(reader), b"250", "MAIL")
@@ -82,19 +96,19 @@ def make_body(size: int) -> bytes:
 
 
 async def run(host: str, port: int, sessions: int, messages: int, size: int,
-              new_session: bool) -> None:
+              new_session: bool, bdat: bool = False) -> None:
     body = make_body(size)
     if not new_session:
         counts = [messages // sessions + (1 if i < messages % sessions else 0)
                   for i in range(sessions)]
-        await asyncio.gather(*(session(host, port, n, body) for n in counts if n))
+        await asyncio.gather(*(session(host, port, n, body, bdat) for n in counts if n))
         return
     left = [messages]
 
     async def one_at_a_time() -> None:
         while left[0] > 0:
             left[0] -= 1
-            await session(host, port, 1, body)
+            await session(host, port, 1, body, bdat)
 
     await asyncio.gather(*(one_at_a_time() for _ in range(sessions)))
 
@@ -106,10 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--size", type=int, default=10240)
     parser.add_argument("--new-session", action="store_true", help="one connection per message")
+    parser.add_argument("--bdat", action="store_true", help="send each message by BDAT (RFC 3030)")
     args = parser.parse_args(argv)
     host, port = args.target.rsplit(":", 1)
     started = time.perf_counter()
-    coro = run(host, int(port), args.sessions, args.messages, args.size, args.new_session)
+    coro = run(host, int(port), args.sessions, args.messages, args.size, args.new_session,
+               args.bdat)
     try:
         if uvloop is not None:
             uvloop.run(coro)

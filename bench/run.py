@@ -16,7 +16,10 @@ alternated round by round, so machine noise falls on all of them alike; the
 table shows medians over the rounds, ratios against direct and against
 haproxy, and CPU per message from /proc.  The TLS section compares a
 STARTTLS client through the proxy with the same client straight to a TLS
-server (a proxsmtpd that ends TLS in front of smtp-sink).  The milter
+server (a proxsmtpd that ends TLS in front of smtp-sink).  The bdat section
+sets a BDAT message (RFC 3030, bench/pipeline.py --bdat) against a DATA one,
+straight to a sink that takes BDAT (bench/node.py --chunking: smtp-sink 3.7
+offers no CHUNKING) and through the proxy without a filter.  The milter
 section sets a proxy with `Milters:` (bench/milter.py, which accepts at once
 and asks for no reply before the end of the message, as rspamd does) beside
 one with no filter, and holds sessions through a chain of two.  See
@@ -89,8 +92,12 @@ MIDDATA_PATHS = ("none", "pipe", "smtp")
 TARGETS = dict(throughput_ratio=0.30, latency_ratio=4.0, pss_kb=64.0, rss_growth_mb=20.0,
                middata_kb=192.0, tls_pss_kb=64.0,
                relay_throughput_ratio=0.75, relay_cpu_ratio=2.0, relay_latency_ratio=1.6,
-               smtp_cpu_ratio=1.25, smtp_tls_cpu_ratio=1.5, milter_cpu_ratio=1.5,
-               milter_pss_kb=64.0)
+               smtp_cpu_ratio=1.25, smtp_tls_cpu_ratio=1.5, bdat_cpu_ratio=1.25,
+               milter_cpu_ratio=1.5, milter_pss_kb=64.0)
+# The bdat section's rows: (the port it goes to, by BDAT?); the proxy's is
+# `none` in front of the BDAT-taking sink.
+BDAT_ROWS = {"direct": ("bdat-sink", False), "direct, BDAT": ("bdat-sink", True),
+             "none": ("bdat-none", False), "none, BDAT": ("bdat-none", True)}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -112,8 +119,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tls-messages", type=int, help="TLS: messages per throughput run")
     parser.add_argument("--tls-hold", type=int, help="TLS: sessions to hold")
     parser.add_argument("--only",
-                        default="throughput,latency,pipelining,concurrency,middata,large,tls,"
-                        "milter",
+                        default="throughput,latency,pipelining,bdat,concurrency,middata,large,"
+                        "tls,milter",
                         help="comma-separated sections to run")
     parser.add_argument("--workers", type=int, help="Workers setting (default: the proxy's)")
     parser.add_argument("--proxsmtpd", default=os.path.join(REPO, ".venv", "bin", "proxsmtpd"))
@@ -177,10 +184,10 @@ class Bench:
             settings["Workers"] = str(self.args.workers)
         return settings
 
-    def start_proxy(self, name: str, filter_name: str) -> peers.Peer:
+    def start_proxy(self, name: str, filter_name: str, out: str = "sink") -> peers.Peer:
         port = peers.free_port()
         slug = name.replace(", ", "-").replace(" ", "-")        # its log, config and spool
-        peer = peers.proxy(slug, self.args.proxsmtpd, port, self.ports["sink"], self.workdir,
+        peer = peers.proxy(slug, self.args.proxsmtpd, port, self.ports[out], self.workdir,
                            self.settings(filter_name),
                            max(4000, self.args.hold + 500, self.args.data_hold + 500),
                            self.spool_root)
@@ -203,6 +210,12 @@ class Bench:
                 self.start_proxy(name, name)
         if self.args.only & {"throughput", "latency", "pipelining"}:
             self.start_relays()
+        if "bdat" in self.args.only:
+            self.ports["bdat-sink"] = peers.free_port()
+            self.peers.append(peers.filter_node("bdat-sink", self.python, self.ports["bdat-sink"],
+                                                self.workdir, None, self.args.workers,
+                                                chunking=True))
+            self.start_proxy("bdat-none", "none", out="bdat-sink")
 
     def start_nodes(self) -> None:
         """The filter nodes (bench/node.py), peers of their own: their CPU is
@@ -308,6 +321,23 @@ class Bench:
                     path, a.messages, lambda: peers.pipeline(
                         self.ports[path], a.parallel, a.messages, a.size, self.python)))
         self.results["pipelining"] = self.table(runs, "per_second", paths)
+
+    def bdat(self) -> None:
+        """bench/pipeline.py by DATA and by BDAT (BDAT_ROWS), alternated
+        round by round: what a message by BDAT costs the proxy beside one
+        by DATA, in the same run."""
+        a = self.args
+        print("bdat: %d sessions, %d messages of %d bytes, by DATA and by BDAT"
+              % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {label: [] for label in BDAT_ROWS}
+        for round_no in range(a.rounds):
+            for label in rotated(list(BDAT_ROWS), round_no):
+                port, bdat = BDAT_ROWS[label]
+                attempt(runs[label], label, lambda port=port, bdat=bdat: self.counted(
+                    port, a.messages, lambda: peers.pipeline(
+                        self.ports[port], a.parallel, a.messages, a.size, self.python,
+                        bdat=bdat)))
+        self.results["bdat"] = self.table(runs, "per_second", list(BDAT_ROWS))
 
     def alternate(self, measure, key: str, clients: int = 1) -> dict:
         """Every path with one message per session, and direct and none with
@@ -627,6 +657,13 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
                    ratio is not None and ratio <= limit,
                    "%s x (%s us, none %s us)" % (fmt(ratio, ".2f"), fmt(cpu, ".0f"),
                                                  fmt(none, ".0f")))
+    if "bdat" in results:
+        data, bdat = (results["bdat"][path].get("cpu_us") for path in ("none", "none, BDAT"))
+        ratio = bdat / data if bdat is not None and data else None
+        limit = TARGETS["bdat_cpu_ratio"]
+        target("CPU per message, none by BDAT <= %.2f x by DATA" % limit, ratio,
+               ratio is not None and ratio <= limit,
+               "%s x (%s us, DATA %s us)" % (fmt(ratio, ".2f"), fmt(bdat, ".0f"), fmt(data, ".0f")))
     if "milter" in results:
         table = results["milter"]["throughput"]
         cpu, none = table["milter"].get("cpu_us"), table["none"].get("cpu_us")
@@ -744,6 +781,12 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         out.append("pipelining client (bench/pipeline.py): %d sessions, %d messages of %d bytes,"
                    " MAIL+RCPT+DATA in one write" % (args.parallel, args.messages, args.size))
         out.extend(rows(results["pipelining"], "msg/s", ".1f", ".3f"))
+    if "bdat" in results:
+        out.append("")
+        out.append("bdat (bench/pipeline.py, --bdat: MAIL+RCPT+BDAT LAST in one write): %d"
+                   " sessions, %d messages of %d bytes, to bench/node.py --chunking"
+                   % (args.parallel, args.messages, args.size))
+        out.extend(rows(results["bdat"], "msg/s", ".1f", ".3f"))
     if "concurrency" in results:
         held = results["concurrency"]
         out.append("")
@@ -850,8 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         bench.start()
-        for section in ("throughput", "latency", "pipelining", "concurrency", "middata", "large",
-                        "tls", "milter"):
+        for section in ("throughput", "latency", "pipelining", "bdat", "concurrency", "middata",
+                        "large", "tls", "milter"):
             if section in args.only:
                 getattr(bench, section)()
     except peers.PeerError as exc:

@@ -87,3 +87,30 @@ def test_pipelined_group_and_empty_message(node):
         assert reader.readline().startswith(b"250 2.0.0 Ok: queued as")
         assert reader.readline().startswith(b"221")
         assert reader.readline() == b""
+
+
+@pytest.mark.e2e
+def test_chunking_node_takes_bdat_chunks_pipelined():
+    """--chunking (the bench's bdat section's sink): a chunk's bytes are
+    never commands, each chunk is answered after its bytes, LAST queues."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "node.py"), "--workers", "1",
+                             "--chunking", "127.0.0.1:%d" % port])
+    try:
+        wait_until(lambda: answers("127.0.0.1", port), what="node.py to answer")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"220")
+            sock.sendall(b"EHLO p.test\r\n")
+            ehlo = [reader.readline()]
+            while ehlo[-1][3:4] == b"-":
+                ehlo.append(reader.readline())
+            assert b"250-CHUNKING\r\n" in ehlo or ehlo[-1] == b"250 CHUNKING\r\n"
+            sock.sendall(b"MAIL FROM:<>\r\nRCPT TO:<b@y.test>\r\nBDAT 6\r\nQUIT\r\nBDAT 3 LAST\r\n"
+                         b".\r\nBDAT 0 LAST\r\nQUIT\r\n")
+            assert [reader.readline()[:3] for _ in range(3)] == [b"250", b"250", b"250"]
+            assert reader.readline().startswith(b"250 2.0.0 Ok: queued as")
+            assert reader.readline().startswith(b"503")      # no transaction now
+            assert reader.readline().startswith(b"221")
+    finally:
+        stop_process(proc)

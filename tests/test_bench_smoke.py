@@ -82,6 +82,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0
 
+    for path in ("direct", "direct, BDAT", "none", "none, BDAT"):   # by DATA and by BDAT
+        row = results["bdat"][path]
+        assert [run for run in row["runs"] if "error" in run] == []
+        assert row["median"] > 0
+    assert results["bdat"]["none, BDAT"]["cpu_us"] > 0 and "cpu_us" not in results["bdat"]["direct"]
+
     held = results["concurrency"]
     assert held["greeted"] == 60 and held["all_greeted"]
     assert held["fresh_accepted"]
@@ -118,11 +124,12 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
         assert name in done.stdout
 
     names = [item["target"] for item in data["targets"]]
-    assert len(names) == 22 and all(isinstance(item["pass"], bool) for item in data["targets"])
+    assert len(names) == 23 and all(isinstance(item["pass"], bool) for item in data["targets"])
     # The filter-path targets are computed and printed; whether they pass is
     # what `make bench` says (they fail until the filter node is pooled).
     for name in ("CPU per message, smtp <= 1.25 x none",
-                 "CPU per message, smtp, node offers STARTTLS <= 1.50 x none"):
+                 "CPU per message, smtp, node offers STARTTLS <= 1.50 x none",
+                 "CPU per message, none by BDAT <= 1.25 x by DATA"):
         item = next(item for item in data["targets"] if item["target"] == name)
         assert item["value"] > 0
         assert name in done.stdout

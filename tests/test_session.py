@@ -8,7 +8,6 @@ import socket
 import time
 
 import pytest
-
 from harness import Client, free_port, send_mail
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +36,33 @@ def test_ehlo_features_filtered(proxy, make_upstream):
     with p.connect() as client:
         reply = client.cmd("EHLO client.example")
     assert reply == ["250-upstream.test", "250-SIZE 10240000", "250-PIPELINING",
-                     "250-AUTH PLAIN LOGIN", "250-8BITMIME", "250 DSN"]
+                     "250-AUTH PLAIN LOGIN", "250-CHUNKING", "250-BINARYMIME", "250-8BITMIME",
+                     "250 DSN"]
+
+
+@pytest.mark.parametrize("settings, offered", [
+    ({}, ["250-CHUNKING", "250-BINARYMIME"]),
+    ({"FilterType": "reject", "FilterCommand": "x"}, ["250-CHUNKING", "250-BINARYMIME"]),
+    ({"FilterCommand": "cat"}, ["250-CHUNKING"]),
+    ({"FilterType": "file", "FilterCommand": "true"}, ["250-CHUNKING"]),
+    ({"FilterType": "smtp", "FilterCommand": "127.0.0.1:9"}, ["250-CHUNKING"]),
+])
+def test_chunking_and_binarymime_offered(proxy, make_upstream, settings, offered):
+    """CHUNKING as the server offers it; BINARYMIME only when no filter
+    reads the message (RFC 3030 3; proxsmtpd(8) CHUNKING)."""
+    upstream = make_upstream(extensions=("CHUNKING", "BINARYMIME", "8BITMIME"))
+    p = proxy({"OutAddress": upstream.address, **settings})
+    with p.connect() as client:
+        reply = client.cmd("EHLO client.example")
+    assert reply == ["250-upstream.test"] + offered + ["250 8BITMIME"]
+
+
+def test_binarymime_hidden_without_chunking(proxy, make_upstream):
+    """BINARYMIME needs BDAT (RFC 3030 3): without CHUNKING it is not offered."""
+    upstream = make_upstream(extensions=("BINARYMIME", "8BITMIME"))
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert client.cmd("EHLO client.example") == ["250-upstream.test", "250 8BITMIME"]
 
 
 def test_ehlo_last_line_filtered_becomes_xfiltered(proxy, make_upstream):

@@ -261,14 +261,15 @@ class MilterChain:
                     self.failed(slot, str(exc))
 
     async def message(self, message: Spool, macros: dict[str, str], sender: str,
-                      recipients: list[str], directory: str) -> Outcome:
+                      recipients: list[str], directory: str, stuffed: bool = True) -> Outcome:
         """Headers, body and end of message through the chain; the changes
-        applied.  A message that is refused is returned as it came."""
+        applied.  A message that is refused is returned as it came.
+        `stuffed`: the spool is DATA's, dot-stuffed (not BDAT's)."""
         if not any(slot.sticky is not None or slot.takes("eob") for slot in self.slots):
             outcome = Outcome(CONTINUE, message, actions=self.fallbacks)
             self._transaction_over()
             return outcome
-        draft = Draft(message)
+        draft = Draft(message, stuffed)
         envelope = EnvelopeEdits(recipients)
         actions: list[tuple[str, str]] = []
         answer = CONTINUE

@@ -1,7 +1,8 @@
 """The message as the milters see it and change it, one milter after another.
 
-The spool holds the message as the client sent it, dot-stuffed (net/
-channel.py keeps the bytes).  Milters see it as an MTA stores it: the
+The spool holds the message as the client sent it: dot-stuffed after DATA
+(net/channel.py keeps the bytes), as it is after BDAT, which has no
+dot-stuffing (RFC 3030 2; `stuffed` False).  Milters see it as an MTA stores it: the
 header fields one by one, values as they follow the colon (the leading
 space kept; folded lines joined with CRLF), and the body without
 dot-stuffing, with its CRLF line ends.  Their end-of-message requests are
@@ -15,7 +16,8 @@ applied here, in the order they came (Postfix's cleanup_milter.c rules):
 - a value a milter folded with bare LF is written with CRLF, and a
   continuation line that does not begin with white space gets a space, so
   that a value can neither end the header block nor start another field;
-- replace body: the new body as given, dot-stuffed again when written.
+- replace body: the new body as given, dot-stuffed again when written
+  (unless the message came by BDAT).
 
 Without SMFIP_HDR_LEADSPC the milter gets values without their first
 space, and its new values get one, as Sendmail and Postfix do.
@@ -45,6 +47,11 @@ def stuff(block: bytes, at_line_start: bool) -> bytes:
     if b"\n." in block:
         block = block.replace(b"\n.", b"\n..")
     return b"." + block if at_line_start and block[:1] == b"." else block
+
+
+def _as_is(block: bytes, at_line_start: bool) -> bytes:
+    """A BDAT message's bytes: no dot-stuffing to put back."""
+    return block
 
 
 def fold(value: bytes, space: bool) -> bytes:
@@ -84,8 +91,9 @@ class Draft:
     """The message with the milters' changes so far: header fields in memory,
     the body still in the spool unless a milter replaced it."""
 
-    def __init__(self, message: Spool) -> None:
+    def __init__(self, message: Spool, stuffed: bool = True) -> None:
         self.message = message
+        self.stuffed = stuffed               # the spool's bytes are DATA's, not BDAT's
         with message.reader() as reader:
             self.headers, self.body_start = _read_headers(reader)
         self.body: Spool | None = None       # a replacement body, not dot-stuffed
@@ -102,7 +110,7 @@ class Draft:
         if self.body is not None:
             reader, at_start, stuffed = self.body.reader(), True, False
         else:
-            reader, at_start, stuffed = self.message.reader(), True, True
+            reader, at_start, stuffed = self.message.reader(), True, self.stuffed
             reader.seek(self.body_start)
         with reader:
             while block := reader.read(codec.BODY_CHUNK):
@@ -148,14 +156,16 @@ class Draft:
             self.body = None
 
     def write(self, directory: str) -> Spool:
-        """A new spool with the message as changed (dot-stuffed, as the client's is)."""
+        """A new spool with the message as changed (dot-stuffed, as the client's
+        is, unless it came by BDAT)."""
         out = Spool(directory, in_memory=self.message.memory is not None)
+        framed = stuff if self.stuffed else _as_is
         try:
-            out.write(b"".join(stuff(name + b":" + value + b"\r\n", True)
+            out.write(b"".join(framed(name + b":" + value + b"\r\n", True)
                                for name, value in self.headers) + b"\r\n")
             at_start = True
             for chunk in self.body_chunks():
-                out.write(stuff(chunk, at_start))
+                out.write(framed(chunk, at_start))
                 at_start = chunk[-1:] == b"\n"
             out.finish()
         except BaseException:

@@ -3,11 +3,13 @@
 The proxy speaks SMTP to FilterCommand host[:port] (e.g. Halon behind
 haproxy) as a client (smtp.peer): the greeting, EHLO and, under FilterTLS
 (by default ServerTLS), STARTTLS as the server leg does; then XCLIENT for
-the client, EHLO with the client's name, the envelope and the message.  2xx
-after the final dot accepts; the node's refusal is the client's rejection
-(verdict.as_rejection).  The connection is then kept for the worker's next
-message (nodepool.py, FilterConnections), which starts with XCLIENT on it,
-or with MAIL when its session already speaks for that message's client.
+the client, EHLO with the client's name, the envelope and the message (by
+BDAT, byte for byte, when it came by BDAT and the node offers CHUNKING, RFC
+3030; else by DATA, dot-stuffed).  2xx after the final dot or chunk
+accepts; the node's refusal is the client's rejection (verdict.as_rejection).
+The connection is then kept for the worker's next message (nodepool.py,
+FilterConnections), which starts with XCLIENT on it, or with MAIL when its
+session already speaks for that message's client.
 """
 
 from __future__ import annotations
@@ -173,7 +175,10 @@ async def _offer(node: nodepool.NodePeer, envelope: Envelope,
     if "SMTPUTF8" not in offered and not all(address.isascii() for address
                                              in [sender, *envelope.recipients]):
         return Verdict(False, reply=NOT_UTF8, status=NOT_UTF8)
+    chunked = envelope.chunked and "CHUNKING" in offered
     steps = envelope_steps(envelope, sender, offered, message.size)
+    if chunked:         # RFC 3030: no DATA, no 354; the envelope's replies first
+        steps.pop()
     lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
     pipelining = node.pipelining
     if pipelining:      # RFC 2920: one group, the replies read in order
@@ -184,14 +189,17 @@ async def _offer(node: nodepool.NodePeer, envelope: Envelope,
             node.send(line)
         reply = await node.read_reply()
         code = reply[0][:3]     # as code_text reads it: the first line's
-        if code != b"354" if at == last else code[:1] != b"2" or not code.isdigit():
+        if code != b"354" if at == last and not chunked else code[:1] != b"2" or not code.isdigit():
             number, text = code_text(reply)
             return as_rejection(number, text, steps[at].split(":", 1)[0])
-    if message.memory is not None:      # one write, framed once for the server too
+    if chunked:         # in one chunk: one reply, the verdict
+        await spool.send_bdat(node.channel, message.reader(), None, message.size,
+                              max(message.size, 1), node.timeout)
+    elif message.memory is not None and not envelope.chunked:   # framed once, for the server too
         node.write(message.as_sent(), False)
         await node.channel.drain(node.timeout)
     else:
-        await spool.send(node.channel, message.reader(), None, node.timeout)
+        await spool.send(node.channel, message.reader(), None, node.timeout, envelope.chunked)
     code, text = code_text(await node.read_reply())
     if code // 100 == 2:
         envelope.filter_reply = text.splitlines()[-1]
@@ -219,9 +227,10 @@ async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
 
 # The client's ESMTP parameters a node gets, each only when its EHLO offers
 # the extension named: SIZE (RFC 1870), BODY (RFC 6152; BINARYMIME also
-# needs that keyword, RFC 3030), SMTPUTF8 (RFC 6531), DSN's (RFC 3461).
+# needs that keyword, RFC 3030), SMTPUTF8 (RFC 6531), DSN's (RFC 3461),
+# REQUIRETLS (RFC 8689).
 MAIL_PARAMS = {"SIZE": "SIZE", "BODY": "8BITMIME", "SMTPUTF8": "SMTPUTF8",
-               "RET": "DSN", "ENVID": "DSN"}
+               "RET": "DSN", "ENVID": "DSN", "REQUIRETLS": "REQUIRETLS"}
 RCPT_PARAMS = {"NOTIFY": "DSN", "ORCPT": "DSN"}
 
 

@@ -36,6 +36,9 @@ class Envelope:
     rcpt_lines: list[bytes] = field(default_factory=list)     # in `recipients`' order
     xforward_addr: str | None = None
     xforward_helo: str | None = None
+    # the message came by BDAT (RFC 3030): its spool holds the bytes as the
+    # client sent them, with no dot-stuffing to take off or put back
+    chunked: bool = False
     # what became of the message, for the log line (proxsmtpd(8) LOGGING, `status=`)
     size: int | None = None
     msgid: str | None = None
@@ -52,6 +55,7 @@ class Envelope:
         self.rcpt_lines = []
         self.mail_line = b""
         self.xforward_addr = self.xforward_helo = None
+        self.chunked = False
         self.size = self.msgid = self.delay = self.filter_seconds = self.filter_reply = None
         self.reply = self.milter = None
 

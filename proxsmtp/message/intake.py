@@ -105,6 +105,33 @@ class Intake:
                 continue
             await self.wait(timeout, keepalives)
 
+    async def take_chunk(self, message: spool.Spool, size: int, timeout: float,
+                         keepalives: int) -> None:
+        """Read one BDAT chunk of `size` bytes into `message` (RFC 3030):
+        counted, as the client sent it (no dot-unstuffing, no end line);
+        past the limit or after a spool error it is read all the same, and
+        dropped.  The channel's high-water mark holds the client back
+        meanwhile, as for DATA."""
+        client = self.client
+        while size:
+            data = client.take_count(size)
+            if data:
+                size -= len(data)
+                self.seen(data)
+                if not self.error and not self.too_big:
+                    try:
+                        message.write(data)
+                    except OSError as exc:
+                        self.error = "couldn't write to cache file: %s" % exc.strerror
+                del data
+                continue
+            if client.eof:
+                raise SessionEnd(CLIENT_GONE, None)
+            if self.server.keepalive_due:
+                await self.server.keepalive()
+                continue
+            await self.wait(timeout, keepalives)
+
     async def relay(self, timeout: float) -> None:
         """Skip: the client's message straight on to the server, which is in
         its DATA (no keepalive can be said in the middle of it), dot-stuffed
@@ -143,3 +170,19 @@ class Intake:
             client_wait(self.client, timeout, READ_TIMEOUT)
             if keepalives:
                 await self.server.keepalive()
+
+
+async def discard_chunk(client: Channel, size: int, timeout: float) -> None:
+    """Read a refused BDAT chunk's `size` bytes and drop them: they are the
+    client's message, never to be read as its commands (RFC 3030 2: a
+    refused chunk is still sent, and must be consumed)."""
+    while size:
+        size -= len(client.take_count(size))
+        if not size:
+            return
+        if client.eof:
+            raise SessionEnd(CLIENT_GONE, None)
+        try:
+            await client.wait(client_wait(client, timeout, READ_TIMEOUT))
+        except asyncio.TimeoutError:
+            raise SessionEnd(READ_TIMEOUT, None) from None

@@ -2,9 +2,10 @@
 
 Every message is spooled to a file created with O_EXCL and mode 0600 in
 TempDirectory; `Spool.remove()` is called on every path out of DATA.
-Sending escapes any line that is a lone `.` (however many CRs end it, or
-a bare LF) so that neither a filter's output nor a smuggling trick can end
-the DATA early.
+Sending by DATA escapes any line that is a lone `.` (however many CRs end
+it, or a bare LF) so that neither a filter's output nor a smuggling trick
+can end the DATA early.  Sending by BDAT (RFC 3030) sends the bytes as they
+are, in chunks whose sizes are said first: no line ends anything there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from ..net.channel import Channel
 from . import header as headers
 
 CHUNK = 64 * 1024
+# The largest BDAT chunk of a message streamed from disk to a server that
+# takes pipelined commands (RFC 2920, RFC 3030 4.2); one reply each.
+BDAT_CHUNK = 1024 * 1024
 MEMORY_LIMIT = 512 * 1024     # largest message kept in memory (when allowed)
 MEMORY_BUDGET = 16 * 1024 * 1024    # all messages in memory in this process together
 
@@ -251,6 +255,36 @@ def outgoing(message: BinaryIO, header: bytes | None) -> Iterator[bytes]:
     yield guard.finish() + b".\r\n"
 
 
+def dot_stuffed(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """A message that came by BDAT (bytes as they are), dot-stuffed for DATA
+    (RFC 5321 4.5.2): every line that begins with a dot gets another, a line
+    begun after a bare LF too, as a server that takes a bare LF for a line
+    end (Postfix's) takes the dot off again."""
+    at_start = True                         # the next byte begins a line
+    for piece in pieces:
+        if not piece:
+            continue
+        if at_start and piece[:1] == b".":
+            piece = b"." + piece
+        if _DOT_LINE.search(piece):
+            piece = piece.replace(b"\n.", b"\n..")
+        at_start = piece[-1:] == b"\n"
+        yield piece
+
+
+def data_pieces(message: BinaryIO, header: bytes | None, chunked: bool) -> Iterator[bytes]:
+    """The message as a server gets it after DATA's 354: outgoing() for a
+    message that came by DATA (its dot-stuffing is the client's, kept in
+    the spool); one that came by BDAT (`chunked`) is dot-stuffed first."""
+    if not chunked:
+        yield from outgoing(message, header)
+        return
+    guard = DotGuard()
+    for piece in dot_stuffed(with_header(message, header)):
+        yield guard.feed(piece)
+    yield guard.finish() + b".\r\n"
+
+
 def framed(message: bytes) -> bytes:
     """A whole message held in memory, with no header to insert, as the
     server gets it: what outgoing() makes of it, in one piece, without a
@@ -259,13 +293,98 @@ def framed(message: bytes) -> bytes:
     return b"".join((guard.feed(message), guard.finish(), b".\r\n"))
 
 
-async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float) -> None:
-    """Stream a spooled message to `channel` (see outgoing()), waiting for
-    the peer to take each CHUNK: a message on disk is never all in memory.
-    A small message leaves in one send."""
+def with_header(message: BinaryIO, header: bytes | None) -> Iterator[bytes]:
+    """The message's bytes as they are (BDAT: no dot-stuffing, no line end
+    added, RFC 3030 2), with `header` where outgoing() puts it; a message
+    that is all headers and has no line end at its end gets CRLF before it."""
+    with message:
+        if header is not None:
+            header += b"\r\n"
+            if headers.is_received(header):
+                yield header
+            else:
+                line = b""
+                for line in message:
+                    if not line.strip():
+                        yield header + line
+                        header = None
+                        break
+                    yield line
+                if header is not None:
+                    yield (b"\r\n" if line and not line.endswith(b"\n") else b"") + header
+        while chunk := message.read(CHUNK):
+            yield chunk
+
+
+def with_header_size(message: BinaryIO, size: int, header: bytes | None) -> int:
+    """What with_header() makes of the `size` bytes of `message`, in bytes
+    (the BDAT count must be said before the bytes): only the headers are
+    read, and only for a header that is not a Received: line."""
+    with message:
+        if header is None:
+            return size
+        size += len(header) + 2
+        if headers.is_received(header):
+            return size
+        line = b""
+        for line in message:
+            if not line.strip():
+                return size
+        return size + (2 if line and not line.endswith(b"\n") else 0)
+
+
+def bdat_chunks(total: int, chunk: int) -> int:
+    """How many BDAT commands carry `total` bytes in chunks of `chunk`."""
+    return max(1, -(-total // chunk))
+
+
+def bdat_framed(pieces: Iterator[bytes], total: int, chunk: int) -> Iterator[bytes]:
+    """`pieces` (`total` bytes in all) as BDAT chunks of `chunk` bytes, the
+    last one `BDAT n LAST` (RFC 3030 2): each command line before its
+    bytes.  ValueError if the pieces do not come to `total`: the counts
+    already said would be wrong."""
+    sent = left = 0
+    if total == 0:
+        yield b"BDAT 0 LAST\r\n"
+    for piece in pieces:
+        while piece:
+            if left == 0:
+                if sent == total:
+                    raise ValueError("the message grew while it was sent")
+                left = min(chunk, total - sent)
+                yield b"BDAT %d%s\r\n" % (left, b" LAST" if sent + left == total else b"")
+            if len(piece) > left:
+                piece, rest = piece[:left], piece[left:]
+            else:
+                rest = b""
+            yield piece
+            left -= len(piece)
+            sent += len(piece)
+            piece = rest
+    if sent != total:
+        raise ValueError("the message shrank while it was sent")
+
+
+async def send(channel: Channel, message: BinaryIO, header: bytes | None, timeout: float,
+               chunked: bool = False) -> None:
+    """Stream a spooled message to `channel` by DATA (see data_pieces())."""
+    await send_pieces(channel, data_pieces(message, header, chunked), timeout)
+
+
+async def send_bdat(channel: Channel, message: BinaryIO, header: bytes | None, total: int,
+                    chunk: int, timeout: float) -> None:
+    """Stream a spooled message to `channel` by BDAT: with_header() in
+    bdat_framed() chunks; `total` is with_header_size()'s."""
+    await send_pieces(channel, bdat_framed(with_header(message, header), total, chunk), timeout)
+
+
+async def send_pieces(channel: Channel, pieces: Iterator[bytes], timeout: float) -> None:
+    """Write `pieces` to `channel`, waiting for the peer to take each CHUNK:
+    a message on disk is never all in memory.  A small message leaves in
+    one send."""
     out: list[bytes] = []
     size = 0
-    for piece in outgoing(message, header):
+    for piece in pieces:
         out.append(piece)
         size += len(piece)
         if size >= CHUNK:

@@ -21,6 +21,7 @@ the same offer steps.  The task also does what is sent under flow control
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, Protocol
 
@@ -77,6 +78,7 @@ class Transfer:
         self.receiving = False            # the client's message is coming in, in the callbacks
         self.streaming = False            # the task is to send the message (stream())
         self.awaiting_final = False       # the server has the message; its verdict is due
+        self.chunk_refusal: list[bytes] | None = None   # a BDAT chunk's refusal (_on_chunk)
         self.timeout = float(config.TimeOut)
         self.started = time.monotonic()
 
@@ -102,7 +104,7 @@ class Transfer:
         self.receiving = False
         refusal = self.intake.received(self.message)
         if refusal is None:
-            self._command(b"DATA\r\n", self._on_354)
+            self.offer()
         else:
             self.refuse(*refusal)
         return True
@@ -121,23 +123,36 @@ class Transfer:
             self._refused(filters.reject_reply(self.config.FilterReject))
             self._end(REJECTED)
             return
+        message = self.open_spool()
+        if message is None:
+            self.refuse(FAILED, FILTER_ERROR)
+            return
+        self.client.write(R_DATAINTERMED)
+        await self.intake.take(message, self.timeout, self.config.KeepAlives)
+        await self.taken(message)
+
+    def open_spool(self) -> spool.Spool | None:
+        """The message's spool: in memory while small when no program reads
+        it; None (logged) when no temp file can be made."""
         config = self.config
         try:
-            message = self.message = spool.Spool(
+            self.message = spool.Spool(
                 config.TempDirectory,
                 in_memory=not config.FilterCommand or config.FilterType == "smtp")
         except OSError as exc:
             log.error("%s: couldn't open cache file in %s: %s", self.tag,
                       config.TempDirectory, exc.strerror)
-            self.refuse(FAILED, FILTER_ERROR)
-            return
-        self.client.write(R_DATAINTERMED)
-        await self.intake.take(message, self.timeout, config.KeepAlives)
+            return None
+        return self.message
+
+    async def taken(self, message: spool.Spool) -> None:
+        """The whole message is in `message` (DATA's final dot, BDAT's LAST
+        chunk): refused, or filtered and offered to the server."""
         refusal = self.intake.received(message)
         if refusal is not None:
             self.refuse(*refusal)
             return
-        if path is datapath.FILTERED:
+        if self.path is datapath.FILTERED:
             verdict = await self.run_filter(message)
             if verdict is None:
                 return
@@ -147,7 +162,7 @@ class Transfer:
             self.source = verdict.path
             if self.replay and not await milterstep.replay(self):
                 return
-        self._command(b"DATA\r\n", self._on_354)
+        self.offer()
 
     async def run_filter(self, message: spool.Spool) -> filters.Verdict | None:
         """The milters' and the filter's verdict, timed for the log; None
@@ -168,6 +183,55 @@ class Transfer:
             self.envelope.filter_seconds = time.monotonic() - started
 
     # --- the offer, through the reply queue ---------------------------------------
+
+    @property
+    def by_bdat(self) -> bool:
+        """The message goes on by BDAT: it came by BDAT, and the server takes
+        it (RFC 3030); else by DATA, dot-stuffed."""
+        return self.envelope.chunked and "CHUNKING" in self.server.offers
+
+    def offer(self) -> None:
+        """The message to the server: by DATA, or by BDAT with no 354 to
+        wait for (the Header line counted in its size); a message on disk
+        or the filter's new version is sent by the task (stream())."""
+        if not self.by_bdat:
+            self._command(b"DATA\r\n", self._on_354)
+            return
+        message = self.message
+        if self.source is not None or message.memory is None:
+            self.streaming = True
+            return
+        header = self._header()
+        data = message.memory if header is None else b"".join(
+            spool.with_header(message.reader(), header))
+        if self.debug:
+            log.debug("%s: the message to the server by BDAT: %d bytes in 1 chunk(s)",
+                      self.tag, len(data))
+        self.server.write(b"BDAT %d LAST\r\n" % len(data) + data, False)
+        self._await_final()
+
+    async def _stream_bdat(self) -> None:
+        """A message on disk by BDAT, under flow control: in chunks of
+        BDAT_CHUNK to a server that takes pipelined commands (each chunk's
+        reply in its place in the queue), else in one chunk."""
+        path = self.source or self.message.path
+        header = self._header()
+        total = spool.with_header_size(open(path, "rb"), os.path.getsize(path), header)
+        chunk = spool.BDAT_CHUNK if "PIPELINING" in self.server.offers else max(total, 1)
+        chunks = spool.bdat_chunks(total, chunk)
+        if self.debug:
+            log.debug("%s: the message to the server by BDAT: %d bytes in %d chunk(s)",
+                      self.tag, total, chunks)
+        for _ in range(chunks - 1):
+            self.replies.expect_own(self._on_chunk)
+        await spool.send_bdat(self.server.channel, open(path, "rb"), header, total, chunk,
+                              self.timeout)
+
+    def _on_chunk(self, reply: list[bytes]) -> None:
+        """A BDAT chunk's reply before the last: the first refusal is the
+        verdict's reason (RFC 3030 2: the transaction has failed)."""
+        if reply[-1][:1] != b"2" and self.chunk_refusal is None:
+            self.chunk_refusal = reply
 
     def _command(self, line: bytes, on_reply: OnReply) -> None:
         self.server.write(line)
@@ -203,11 +267,12 @@ class Transfer:
         elif self.source is not None or message.memory is None:   # sent by the task
             self.streaming = True
         else:
-            if not self.config.Header:
+            chunked = self.envelope.chunked     # by DATA to a server without CHUNKING
+            if not self.config.Header and not chunked:
                 self.server.write(message.as_sent(), False)
             else:
-                self.server.write(b"".join(spool.outgoing(message.reader(), self._header())),
-                                  False)
+                self.server.write(b"".join(spool.data_pieces(message.reader(), self._header(),
+                                                             chunked)), False)
             self._await_final()
 
     async def stream(self) -> None:
@@ -217,9 +282,12 @@ class Transfer:
         self.streaming = False
         if self.message is None:
             await self.intake.relay(self.timeout)
+        elif self.by_bdat:
+            await self._stream_bdat()
         else:
             source = open(self.source, "rb") if self.source else self.message.reader()
-            await spool.send(self.server.channel, source, self._header(), self.timeout)
+            await spool.send(self.server.channel, source, self._header(), self.timeout,
+                             self.envelope.chunked)
         self._await_final()
 
     def _await_final(self) -> None:
@@ -231,6 +299,8 @@ class Transfer:
 
     def _on_final(self, reply: list[bytes]) -> None:
         self.awaiting_final = False
+        if reply[-1][:1] != b"2" and self.chunk_refusal is not None:
+            reply = self.chunk_refusal      # why the last chunk was refused too
         self._final(reply)
         self._end(self.status)
 

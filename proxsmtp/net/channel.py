@@ -216,6 +216,22 @@ class Reader:
         self._consumed()
         return data, False
 
+    def take_count(self, limit: int) -> bytes:
+        """Up to `limit` of the bytes that came, as they came: a BDAT chunk
+        (RFC 3030), counted and not framed, so a dot line or a command line
+        in it is data.  What follows the chunk stays for take_line."""
+        buf = self.buf
+        if len(buf) <= limit:
+            data = bytes(buf)
+            buf.clear()
+        else:
+            data = _cut(buf, limit)
+        self._scan = 0
+        # The chunk's own bytes are no begun line; what follows it is one at most since now.
+        self.line_started = None if not buf or buf.endswith(b"\n") else monotonic()
+        self._consumed()
+        return data
+
     @property
     def pending(self) -> int:
         """Bytes received and not yet taken (or a long line being discarded)."""

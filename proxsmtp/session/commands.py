@@ -20,11 +20,17 @@ import re
 from typing import TYPE_CHECKING, Callable, Coroutine
 
 from .. import filters
+from ..message import datapath
+from ..message.chunks import Chunks
 from ..message.envelope import Envelope
+from ..message.intake import discard_chunk
+from ..message.transfer import Transfer
 from ..net.channel import CRLF
 from ..process.log import clean, log
-from ..smtp.replies import R_AUTHTLS, R_BARECR, R_NOTAUTH, R_NOTSUPP, R_SIZE, R_TOOLONG, Status
-from ..smtp.syntax import envelope_address, parse_xforward
+from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_DATAAFTERBDAT, R_MAILAFTERBDAT,
+                            R_NEEDMAIL, R_NEEDRCPT, R_NOTAUTH, R_NOTSUPP, R_RCPTAFTERBDAT, R_SIZE,
+                            R_TOOLONG, Status, chunk_received)
+from ..smtp.syntax import bdat_args, ehlo_keywords, ehlo_offers, envelope_address, parse_xforward
 from .ehlo import client_view
 from .milters import arguments
 from .replyqueue import ServerAnswers
@@ -53,6 +59,7 @@ def smtp_EHLO(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
     reply (starttls.StartTLS.hello); under `may` only an EHLO, a HELO client gets
     plaintext."""
     note_hello(session, verb, line)
+    drop_chunks(session)
     if session.milters is not None:
         return session.milters.hello(session, line, lambda: hello(session, line, verb))
     return hello(session, line, verb)
@@ -75,6 +82,9 @@ def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
     reject, or with a SIZE= over the limit (RFC 1870); else relayed, its
     address kept for on_reply.  `MAIL TO:` and the like are relayed as
     they are: no envelope command."""
+    if session.chunks is not None:      # the server knows nothing of the chunks so far
+        session.replies.answer(R_MAILAFTERBDAT)
+        return
     address = envelope_address(line)
     if address is None:
         session.server.write(line)
@@ -95,7 +105,11 @@ def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
 
 def smtp_RCPT(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
     """RCPT TO (RFC 5321 4.1.1.3): refused outright with FilterType reject;
-    else relayed, its address kept for on_reply."""
+    else relayed, its address kept for on_reply.  Not between BDAT chunks
+    (RFC 3030 2: the recipients are settled by the first chunk)."""
+    if session.chunks is not None:
+        session.replies.answer(R_RCPTAFTERBDAT)
+        return
     address = envelope_address(line)
     if address is None:
         session.server.write(line)
@@ -120,7 +134,11 @@ def relay_envelope(session: Session, line: bytes, verb: bytes, address: str) -> 
 def smtp_DATA(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
     """DATA: taken in the relay's callbacks when it needs nothing the task
     waits on (Session.relayed_data), else by the task (Session.data; with
-    milters, their DATA stage first)."""
+    milters, their DATA stage first).  Not after BDAT in one transaction
+    (RFC 3030 2: 503)."""
+    if session.chunks is not None:
+        session.replies.answer(R_DATAAFTERBDAT)
+        return None
     if session.milters is not None:
         return session.milters.data(session)
     if session.relayed_data:
@@ -154,10 +172,65 @@ def smtp_XCLIENT(session: Session, line: bytes, verb: bytes) -> None:
     session.replies.answer(R_NOTAUTH)
 
 
-def smtp_BDAT(session: Session, line: bytes, verb: bytes) -> None:
-    """CHUNKING is not offered (RFC 3030), so BDAT is not implemented."""
-    log.debug("%s: ESMTP feature not supported", session.tag)
-    session.replies.answer(R_NOTSUPP)
+def smtp_BDAT(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
+    """BDAT (RFC 3030): by the task (bdat), once CHUNKING was offered.
+    Without the offer it is not implemented: 502 at once, the line's bytes
+    after it read as commands, as the server (which never sees it) and
+    Postfix's smtpd read them."""
+    if not session.chunking:
+        log.debug("%s: ESMTP feature not supported", session.tag)
+        session.replies.answer(R_NOTSUPP)
+        return None
+    return bdat(session, line)
+
+
+def smtp_RSET(session: Session, line: bytes, verb: bytes) -> None:
+    """RSET (RFC 5321 4.1.1.5) is relayed; mid-chunks the BDAT
+    transaction's spool goes with it (RFC 3030 2)."""
+    drop_chunks(session)
+    session.server.write(line)
+    session.replies.expect(ServerAnswers(verb, line))
+
+
+async def bdat(session: Session, line: bytes) -> None:
+    """One `BDAT n [LAST]` and its chunk, in the task: after every earlier
+    reply (the envelope then is the server's), the chunk's n bytes are
+    read whatever the answer (RFC 3030 2: never as commands), then answered:
+    501 for a bad count (no bytes known to read), 503 without MAIL or RCPT,
+    250 for a chunk that is not the LAST; the LAST's reply is the verdict
+    (the filter's, then the server's), through the Transfer (Chunks.finish)."""
+    if session.replies.waiting_for_server:
+        await session.drain_replies()
+    args = bdat_args(line)
+    if args is None:
+        session.replies.answer(R_BDATSYNTAX)
+        return
+    size, last = args
+    chunks = session.chunks
+    if chunks is None:
+        envelope = session.envelope
+        refusal = (R_NEEDMAIL if envelope.sender is None
+                   else R_NEEDRCPT if not envelope.recipients else None)
+        if refusal is not None:
+            await discard_chunk(session.client, size, session.timeout)
+            session.replies.answer(refusal)
+            return
+        chunks = new_chunks(session)
+        if session.milters is not None:     # their DATA stage, as at DATA
+            refusal = await session.milters.data_stage(session, chunks.transfer.path)
+            if refusal is not None:
+                await discard_chunk(session.client, size, session.timeout)
+                session.transfer, session.chunks = chunks.transfer, None
+                chunks.transfer.refuse(refusal.decode("utf-8", "surrogateescape").rstrip("\r\n"),
+                                       Status.REJECTED)
+                return
+    await chunks.take(size)
+    if last or chunks.failed:
+        session.transfer = chunks.transfer
+        session.chunks = None
+        await chunks.finish()
+        return
+    session.replies.answer(chunk_received(size))
 
 
 HANDLERS: dict[bytes, Handler] = {
@@ -170,7 +243,29 @@ HANDLERS: dict[bytes, Handler] = {
     b"AUTH": smtp_AUTH,
     b"XCLIENT": smtp_XCLIENT,
     b"BDAT": smtp_BDAT,
+    b"RSET": smtp_RSET,
 }
+
+
+def new_chunks(session: Session) -> Chunks:
+    """The first BDAT chunk of a transaction: its Transfer, which takes the
+    message on at the LAST chunk.  Unlike DATA, commands may follow a chunk
+    in the same write (RFC 3030 4: BDAT with PIPELINING)."""
+    config, envelope = session.config, session.envelope
+    session.in_data = True
+    session.chunks = Chunks(Transfer(
+        config, envelope, session.client, session.server_leg, session.replies,
+        session.data_done, datapath.choose(config, envelope, session.skipping),
+        session.size_limit, session.info, session.debug, session.milters))
+    return session.chunks
+
+
+def drop_chunks(session: Session) -> None:
+    """RSET or a new EHLO/HELO mid-chunks: the transaction's spool goes."""
+    if session.chunks is not None:
+        session.chunks.close()
+        session.chunks = None
+        session.in_data = False
 
 
 # --- the screens: a line the table never sees (Pump.relay_lines chooses) -------
@@ -309,12 +404,16 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     verb, envelope = place.verb, session.envelope
     if verb in (b"EHLO", b"HELO"):
         envelope.reset()
+        session.server_leg.offers = ehlo_keywords(lines)
         if verb == b"EHLO":
             hide_auth = auth_needs_client_tls(envelope) if envelope.server_tls else False
             lines, session.size_limit, xclient = client_view(
                 lines, session.config, bool(envelope.client_tls), hide_auth, session.tag)
+            session.chunking = ehlo_offers(lines, b"CHUNKING")
             if xclient:
                 xclient_offered(session)
+        else:
+            session.chunking = False
     elif verb == b"MAIL" and place.address is not None:
         envelope.sender = place.address
         envelope.mail_line = place.line

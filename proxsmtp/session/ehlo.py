@@ -3,7 +3,9 @@
 The proxy passes what it can pass through and hides what it cannot: the
 keywords of FILTERED_FEATURES, the server's STARTTLS (the client's TLS is
 the proxy's own offer, ClientTLS), AUTH while only the server leg is
-encrypted (RFC 4954 4).  SIZE (RFC 1870) is noted, since the proxy enforces
+encrypted (RFC 4954 4).  CHUNKING passes (RFC 3030): a BDAT message goes
+on by BDAT, byte for byte.  BINARYMIME passes only with CHUNKING and only
+when no filter reads the message (`binary_ok`).  SIZE (RFC 1870) is noted, since the proxy enforces
 the server's limit too, and with MaxMessageSize it says the smaller one.
 PIPELINING passes (RFC 2920): the reply queue keeps every reply in order.
 """
@@ -13,9 +15,20 @@ from __future__ import annotations
 from ..process.config import Config
 from ..process.log import clean, log
 from ..smtp.replies import R_FEATURE, R_STARTTLS
+from ..smtp.syntax import ehlo_offers
 
-FILTERED_FEATURES = {b"STARTTLS", b"CHUNKING", b"BINARYMIME",
-                     b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+FILTERED_FEATURES = {b"STARTTLS", b"CHECKPOINT", b"XCLIENT", b"XEXCH50"}
+
+
+def binary_ok(config: Config) -> bool:
+    """Can every configured filter take a binary message (RFC 3030 3)?
+    Without a filter (or with FilterType reject, which reads nothing) the
+    server alone decides.  Not FilterType pipe or file: their commands are
+    mail filters that read and rewrite text lines.  Not FilterType smtp:
+    the node's extensions are learnt per message, after the client's EHLO,
+    and a node without BINARYMIME could only be given the message by DATA,
+    which a binary body cannot take (RFC 3030 3)."""
+    return not config.FilterCommand or config.FilterType == "reject"
 
 
 def size_limit(mine: int, server: int) -> int:
@@ -36,6 +49,7 @@ def client_view(lines: list[bytes], config: Config, client_tls: bool, hide_auth:
     becomes two when STARTTLS is offered.  `client_tls`: the client leg is
     encrypted already; `hide_auth`: AUTH and the old `AUTH=` go."""
     kept = lines[:1]
+    binary = binary_ok(config) and ehlo_offers(lines, b"CHUNKING")
     server_size = 0
     size_at = None
     xclient = False
@@ -45,7 +59,7 @@ def client_view(lines: list[bytes], config: Config, client_tls: bool, hide_auth:
         if keyword == b"XCLIENT":
             log.debug("%s: XCLIENT supported", tag)
             xclient = True
-        if keyword in FILTERED_FEATURES or (
+        if keyword in FILTERED_FEATURES or (keyword == b"BINARYMIME" and not binary) or (
                 hide_auth and (keyword == b"AUTH" or keyword.startswith(b"AUTH="))):
             log.debug("%s: filtered ESMTP feature: %s", tag, clean(line.strip()))
             if line is lines[-1]:

@@ -197,6 +197,17 @@ class MilterStages:
         if session.replies.waiting_for_server:
             await session.drain_replies()
         path = datapath.choose(session.config, session.envelope, session.skipping)
+        reply = await self.data_stage(session, path)
+        if reply is not None:
+            transfer = session.new_transfer(path)
+            transfer.refuse(reply.decode("utf-8", "surrogateescape").rstrip("\r\n"),
+                            Status.REJECTED)
+            return
+        await session.new_transfer(path).run()
+
+    async def data_stage(self, session: Session, path: datapath.Path) -> bytes | None:
+        """The DATA stage, at DATA or at a transaction's first BDAT chunk
+        (RFC 3030): a milter's refusal (noted in the envelope), or None."""
         chain = self.chain
         if path is datapath.FILTERED and chain.active and self.discard is None:
             macros = self.macros("data")
@@ -205,13 +216,10 @@ class MilterStages:
                 reply = self.refusal("data", answer)
                 if reply is not None:
                     session.envelope.milter = answer.milter
-                    transfer = session.new_transfer(path)
-                    transfer.refuse(reply.decode("utf-8", "surrogateescape").rstrip("\r\n"),
-                                    Status.REJECTED)
-                    return
+                    return reply
             else:
                 chain.send_only("data", macros)
-        await session.new_transfer(path).run()
+        return None
 
     # --- the message and after --------------------------------------------------
 
@@ -219,7 +227,8 @@ class MilterStages:
         """The end of the message through the chain (message/milterstep.py)."""
         started = time.monotonic()
         outcome = await self.chain.message(message, self.macros("message"), envelope.sender or "",
-                                           list(envelope.recipients), directory)
+                                           list(envelope.recipients), directory,
+                                           not envelope.chunked)
         stats.milter_step("message", time.monotonic() - started)
         self.count_outcome(outcome)
         return outcome

@@ -18,6 +18,7 @@ import socket
 from typing import Coroutine
 
 from ..message import datapath
+from ..message.chunks import Chunks
 from ..message.envelope import Envelope
 from ..message.transfer import Transfer
 from ..net import addresses, destination, proxyproto, tls
@@ -90,8 +91,7 @@ class Session(Pump):
         # Some commands wait for TLS (commands.tls_first), with these settings only.
         self.tls_gate = config.ClientTLS == "encrypt" or config.ServerTLS in ("encrypt", "verify")
         self.replies = ReplyQueue(self.client)
-        self.authenticated = False
-        self.auth_started = False
+        self.authenticated = self.auth_started = False
         self.xclient_due = False              # XClient: XCLIENT before the next command
         self.xclient_sent = False
         self.hello_line = b""                 # the client's last EHLO/HELO, as it sent it
@@ -100,6 +100,8 @@ class Session(Pump):
         # server's SIZE if smaller (ehlo.size_limit, at each EHLO reply).
         self.size_limit: int = config.MaxMessageSize
         self.transfer: Transfer | None = None
+        self.chunking = False   # the client's last EHLO reply offered CHUNKING (RFC 3030)
+        self.chunks: Chunks | None = None
         self.deferred: Coroutine[None, None, None] | None = None   # a command left to the task
         self.ended = False                    # relay_lines saw either side close
         self.messages = 0                     # DATA commands done: a retiring worker watches it
@@ -162,6 +164,7 @@ class Session(Pump):
                 self.deferred = None
             if self.transfer is not None:
                 self.transfer.close()
+            commands.drop_chunks(self)      # a BDAT transaction cut short: its spool goes
             if self.milters is not None:
                 self.milters.close()
             self.client.close()
@@ -333,12 +336,11 @@ class Session(Pump):
         self.new_transfer(datapath.RELAYED).start()
 
     def data_done(self, status: Status | None) -> None:
-        """The Transfer is over: its message is logged (unless none was
-        taken) and the session takes commands again."""
+        """The Transfer is over: its message logged (unless none was taken); commands again."""
         if status is not None:
             self.log_message(status)
         self.in_data = False
-        self.transfer = None
+        self.transfer = self.chunks = None
         self.messages += 1
         self.envelope.reset()
 

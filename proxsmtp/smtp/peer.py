@@ -180,6 +180,9 @@ class ServerLeg(Peer):
     def __init__(self, channel: Channel, timeout: float, keepalives: int) -> None:
         super().__init__(channel, timeout, "the server", server_failure)
         self.keepalives = keepalives
+        # The keywords of the server's last EHLO reply (syntax.ehlo_keywords):
+        # how a message goes on (BDAT needs CHUNKING, its chunks PIPELINING).
+        self.offers: set[str] = set()
 
     @property
     def keepalive_due(self) -> bool:

@@ -31,6 +31,22 @@ R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 # RFC 4954 4: the mechanism needs an encrypted leg to the client
 R_AUTHTLS = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
 
+# --- BDAT (RFC 3030), in Postfix's smtpd's words -----------------------------
+
+R_BDATSYNTAX = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
+R_NEEDMAIL = b"503 5.5.1 Error: need MAIL command\r\n"
+R_NEEDRCPT = b"503 5.5.1 Error: need RCPT command\r\n"
+R_DATAAFTERBDAT = b"503 5.5.1 Error: DATA after BDAT\r\n"
+R_MAILAFTERBDAT = b"503 5.5.1 Error: MAIL after BDAT\r\n"
+R_RCPTAFTERBDAT = b"503 5.5.1 Error: RCPT after BDAT\r\n"
+
+
+def chunk_received(size: int) -> bytes:
+    """The proxy's reply to a chunk that is not the LAST: the message is
+    not complete, so there is no verdict yet to wait for."""
+    return b"250 2.0.0 %d octets received\r\n" % size
+
+
 # --- EHLO (what the proxy changes in the server's reply) ---------------------
 
 R_FEATURE = b"250 XFILTERED\r\n"          # the last line, when the server's last was dropped

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import re
 
+# RFC 3030 2: bdat-cmd = "BDAT" SP chunk-size [ SP end-marker ] CR LF, chunk-size = 1*DIGIT,
+# end-marker = "LAST" (case-insensitive, as every SMTP keyword).  Twenty digits bound the
+# number a client may make the proxy parse; no message comes near it.
+_BDAT = re.compile(rb"BDAT[ \t]+(\d{1,20})(?:[ \t]+(LAST))?", re.I)
 MAIL = re.compile(rb"^\s*MAIL\s+FROM\s*:(.*)$", re.I | re.S)
 RCPT = re.compile(rb"^\s*RCPT\s+TO\s*:(.*)$", re.I | re.S)
 
@@ -114,6 +118,15 @@ def parse_xforward(line: bytes) -> dict[str, str]:
             value = value[1:-1]
         attrs[name.upper()] = value
     return attrs
+
+
+def bdat_args(line: bytes) -> tuple[int, bool] | None:
+    """(chunk size, whether it is the LAST) of a BDAT command line, or None
+    for a line that is no `BDAT n [LAST]` (RFC 3030 2; 501 for the client)."""
+    match = _BDAT.fullmatch(line.strip(b" \t\r\n"))
+    if match is None:
+        return None
+    return int(match.group(1)), match.group(2) is not None
 
 
 def is_continued(line: bytes) -> bool:
