@@ -13,6 +13,7 @@ the session no wait before the end of the message."""
 from __future__ import annotations
 
 import re
+import time
 import urllib.request
 
 import pytest
@@ -408,3 +409,51 @@ def test_rset_and_a_new_ehlo_abort_the_milters_transaction(proxy, upstream, bad_
         wait_until(lambda: len(events(milter, "mail")) == 3, 10, what="the third MAIL")
         seen = [e["event"] for e in milter.events() if e["event"] in ("helo", "mail", "abort")]
     assert seen == ["helo", "mail", "abort", "mail", "abort", "helo", "mail"], seen
+
+
+# --- connections kept across client sessions (MilterReuse) -----------------------------------
+
+def one_message(px, client_ip: str, sender: str) -> list[str]:
+    """One client session from `client_ip` (a PROXY header), one message; its final reply."""
+    header = build(1, (client_ip, 40001), ("198.51.100.1", 25))
+    with Client(px.host, px.port, hello=header) as client:
+        return send_mail(client, sender, ["b@y.test"], message())
+
+
+def test_a_kept_milter_connection_serves_the_next_client_session(proxy, upstream, bad_milter):
+    """MilterReuse: the second client session starts with SMFIC_CONNECT on
+    the connection the first one ended with SMFIC_QUIT_NC, with its own
+    client and macros; one OPTNEG for both."""
+    milter = bad_milter("good", stage="eom", quit_nc="keep")
+    px = start(proxy, upstream, milter, MilterReuse=milter.spec, ProxyProtocol="on")
+    assert one_message(px, "192.0.2.7", "a@x.test") == [OK]
+    assert one_message(px, "192.0.2.9", "b@x.test") == [OK]
+    upstream.wait_messages(2)
+    # (the harness's start-up probe is a session too, on the same connection)
+    wait_until(lambda: len(events(milter, "quit_nc")) == len(events(milter, "connect")) >= 2,
+               10, what="a QUIT_NC per session")
+    assert len(events(milter, "optneg")) == 1 and not events(milter, "quit")
+    assert len({e["conn"] for e in milter.events()}) == 1
+    assert [e["strings"][0] for e in events(milter, "connect")][-2:] \
+        == ["[192.0.2.7]", "[192.0.2.9]"]
+    macros = [e["strings"] for e in events(milter, "macro") if e["strings"][0].startswith("C")]
+    assert [m[m.index("{client_addr}") + 1] for m in macros][-2:] == ["192.0.2.7", "192.0.2.9"]
+    order = [e["event"] for e in milter.events() if e["event"] in ("connect", "eom", "quit_nc")]
+    assert order[-6:] == ["connect", "eom", "quit_nc"] * 2
+
+
+def test_a_kept_connection_the_milter_closed_is_not_used(proxy, upstream, bad_milter):
+    """A milter that closes the connection at SMFIC_QUIT_NC (or while it is
+    idle): the next session opens a new one instead of failing on it."""
+    milter = bad_milter("good", stage="eom")        # closes the connection at QUIT_NC
+    px = start(proxy, upstream, milter, MilterReuse=milter.spec)
+    with px.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+    wait_until(lambda: events(milter, "quit_nc"), 10, what="QUIT_NC")
+    time.sleep(0.2)                                 # the worker sees the milter's FIN
+    with px.connect() as client:
+        assert send_mail(client, "c@x.test", ["b@y.test"], message()) == [OK]
+    upstream.wait_messages(2)
+    optnegs = [e["conn"] for e in events(milter, "optneg")]
+    assert len(optnegs) >= 2 and len(set(optnegs)) == len(optnegs)
+    assert "milter %s: MilterDefaultAction" % milter.spec not in px.log()

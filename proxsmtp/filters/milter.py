@@ -143,6 +143,8 @@ class Milter:
         # of the message costs one send per message, not one per command.
         self.held: list[bytes] = []
         self.held_size = 0
+        self.reused = False             # taken from the worker's pool (milterpool.py)
+        self.expires = 0.0           # in the pool: loop time it is to be closed
 
     @property
     def name(self) -> str:
@@ -287,6 +289,11 @@ class Milter:
         """SMFIC_ABORT: the transaction is over; no reply."""
         if self.alive:
             self.queue(codec.simple(codec.ABORT))
+
+    def quit_nc(self) -> None:
+        """SMFIC_QUIT_NC: the client session's conversation is over, the
+        connection stays for another (milterpool.py); no reply."""
+        self.write(codec.simple(codec.QUIT_NC))
 
     def close(self) -> None:
         """SMFIC_QUIT and the connection closed (the milter answers nothing)."""
