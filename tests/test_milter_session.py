@@ -457,3 +457,26 @@ def test_a_kept_connection_the_milter_closed_is_not_used(proxy, upstream, bad_mi
     optnegs = [e["conn"] for e in events(milter, "optneg")]
     assert len(optnegs) >= 2 and len(set(optnegs)) == len(optnegs)
     assert "milter %s: MilterDefaultAction" % milter.spec not in px.log()
+
+
+def test_rspamd_takes_a_kept_connection_session_after_session(proxy, upstream, rspamd_milter):
+    """rspamd's milter resets its session at SMFIC_QUIT_NC: on one kept
+    connection a clean message gets its headers, GTUBE its own refusal, and
+    a clean one after it its headers again."""
+    px = start(proxy, upstream, rspamd_milter, MilterReuse=rspamd_milter.spec)
+    gtube = b"From: a@x.test\r\nSubject: gtube\r\n\r\n%s\r\n" % rspamd_milter.gtube.encode()
+    finals = []
+    for body in (BODY, gtube, BODY):
+        with px.connect() as client:
+            assert client.cmd("EHLO client.example")[-1].startswith("250")
+            assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+            assert client.cmd("RCPT TO:<b@y.test>")[-1].startswith("250")
+            assert client.cmd("DATA")[-1].startswith("354")
+            client.send(body + b".\r\n")
+            finals.append(client.reply()[-1])
+    assert finals[0] == finals[2] == OK and finals[1].startswith("554 5.7.1 Gtube pattern"), \
+        finals
+    for delivered in upstream.wait_messages(2):
+        assert b"X-Rspamd-Action: no action" in delivered.raw
+    assert len(re.findall(r"milter %s: a kept connection" % re.escape(rspamd_milter.spec),
+                          px.log())) >= 2
