@@ -148,6 +148,7 @@ class MilterChain:
         (accept: the chain goes on without it)."""
         if slot.milter is not None and slot.milter.reused:
             reason += " (on a connection kept from an earlier session)"
+            milterpool.worker_pool().refuse(slot.spec)
         log.warning("%s: milter %s: %s; MilterDefaultAction %s", self.tag, slot.spec,
                     reason, self.default)
         if slot.milter is not None:

@@ -20,7 +20,9 @@ would be judged as the old one.  rspamd's milter resets its session on it
   One the milter closed or wrote to while idle is closed (QUIT), as are all
   of them when the worker stops.
 - A kept connection that fails once reused gets MilterDefaultAction, as a
-  new one would (logged with "reused" in the reason).
+  new one would (the log line says it was kept), and the worker keeps no
+  more connections to that milter: one that closes at QUIT_NC (named in
+  MilterReuse by mistake) costs one session, not every other one.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class MilterPool:
         self.loop = loop
         self.idle: dict[str, list[Milter]] = {}        # given back last, last
         self._sweep: asyncio.TimerHandle | None = None
+        self.refused: set[str] = set()      # milters a kept connection failed with
 
     def take(self, spec: str) -> Milter | None:
         """An idle connection to the milter `spec` that is still sound, or None."""
@@ -67,6 +70,9 @@ class MilterPool:
 
     def give_back(self, milter: Milter) -> None:
         """A connection whose client session ended cleanly: QUIT_NC, and kept."""
+        if milter.name in self.refused:
+            milter.close()
+            return
         try:
             milter.quit_nc()
         except Exception as exc:        # (MilterError: the link failed just now)
@@ -83,6 +89,15 @@ class MilterPool:
             if self._sweep is not None:
                 self._sweep.cancel()
             self._sweep = self.loop.call_at(expires, self._expire)
+
+    def refuse(self, spec: str) -> None:
+        """A kept connection to `spec` failed: keep no more for this worker."""
+        if spec not in self.refused:
+            self.refused.add(spec)
+            log.warning("milter %s: a kept connection failed: its connections are no longer "
+                        "kept (MilterReuse)", spec)
+        for milter in self.idle.pop(spec, []):
+            milter.close()
 
     def _expire(self) -> None:
         """Close what stayed idle its time; come back for the rest."""

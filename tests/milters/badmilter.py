@@ -2,7 +2,7 @@
 """A milter that misbehaves on purpose, written by hand on asyncio.
 
     badmilter.py --mode slow|garbage|close|good [--stage STAGE] [--delay SECONDS]
-                 [--quit-nc close|keep] [--log FILE] SOCKET
+                 [--quit-nc close|keep] [--idle SECONDS] [--log FILE] SOCKET
 
 SOCKET is `inet:127.0.0.1:PORT` or `unix:/path` (Postfix's syntax).  It
 speaks the milter protocol (Sendmail's libmilter/mfdef.h, version 6, no
@@ -19,7 +19,8 @@ STAGE (`optneg`, `connect`, `helo`, `mail`, `rcpt`, `data`, `header`,
 
 SMFIC_QUIT_NC closes the connection, as a milter that closes an idle one
 does; with `--quit-nc keep` the next SMTP session follows on it (SMFIC_CONNECT
-again, no OPTNEG).
+again, no OPTNEG).  `--idle SECONDS`: a connection that long without a
+packet is closed (a milter's own idle timeout).
 
 A milter that is down needs no process: a free port with no listener.
 `--log FILE` appends one JSON line per packet received: its stage, size,
@@ -64,7 +65,11 @@ class BadMilter:
         conn = self.connections
         try:
             while True:
-                head = await reader.readexactly(4)
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(4), self.options.idle)
+                except asyncio.TimeoutError:
+                    self.record(event="idle_close", size=0, conn=conn)
+                    break
                 (length,) = struct.unpack("!I", head)
                 body = await reader.readexactly(length)
                 code, payload = body[:1], body[1:]
@@ -130,6 +135,7 @@ def main(argv: list[str]) -> None:
                         choices=sorted(set(STAGES.values()) | {"all"}))
     parser.add_argument("--delay", type=float, default=60.0)
     parser.add_argument("--quit-nc", choices=("close", "keep"), default="close")
+    parser.add_argument("--idle", type=float, default=None)
     parser.add_argument("--log")
     parser.add_argument("socket")
     try:
