@@ -176,6 +176,9 @@ class Bench:
         if name in MILTERS:
             settings = {"Milters": ", ".join("inet:%s:%d" % (peers.HOST, self.ports[milter])
                                              for milter in MILTERS[name])}
+            # bench/milter.py takes SMFIC_QUIT_NC as rspamd does: its connections
+            # are kept across client sessions (proxsmtpd(8) MILTERS)
+            settings["MilterReuse"] = settings["Milters"]
         else:
             settings = dict(FILTERS[name])
         if name in NODES:

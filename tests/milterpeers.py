@@ -12,8 +12,10 @@ Fixtures (registered in tests/conftest.py):
 - `test_milter(name="test", unix=False, noreply=False, connect=None)`: a
   factory of tests/milters/testmilter.py processes (/usr/bin/python3 with
   python3-milter); `.events()` is what each saw, callback by callback.
-- `bad_milter(mode, stage="optneg", delay=60.0, unix=False)`: a factory;
-  mode `down` (a free port, no process), `slow`, `garbage` or `close`
+- `bad_milter(mode, stage="optneg", delay=60.0, unix=False, quit_nc="close",
+  idle=None)`: a factory; mode `down` (a free port, no process), `slow`,
+  `garbage`, `close` or `good`; quit_nc `keep`: SMFIC_QUIT_NC keeps the
+  connection; idle: seconds after which an idle connection is closed
   (tests/milters/badmilter.py).
 - `rspamd_milter`: rspamd's proxy worker in milter mode scanning by itself
   (`self_scan`), from a config of its own: DNS pointed at a loopback port
@@ -175,13 +177,15 @@ def start_test_milter(milters: MilterSet, name: str = "test", unix: bool = False
 
 
 def start_bad_milter(milters: MilterSet, mode: str, stage: str = "optneg",
-                     delay: float = 60.0, unix: bool = False) -> MilterProcess:
+                     delay: float = 60.0, unix: bool = False,
+                     quit_nc: str = "close", idle: float | None = None) -> MilterProcess:
     milter = milters.add(MilterProcess("bad-" + mode, milters.directory("pxm-bad-"), unix))
     if mode == "down":
         return milter
-    return milter.start([PYTHON, str(HERE / "milters" / "badmilter.py"), "--mode", mode,
-                         "--stage", stage, "--delay", str(delay), "--log", str(milter.log),
-                         milter.spec])
+    extra = ["--idle", str(idle)] if idle is not None else []
+    return milter.start([PYTHON, str(HERE / "milters" / "badmilter.py"), "--mode", mode, *extra,
+                         "--stage", stage, "--delay", str(delay), "--quit-nc", quit_nc,
+                         "--log", str(milter.log), milter.spec])
 
 
 @pytest.fixture

@@ -112,3 +112,14 @@ def test_bad_values_name_the_setting(line, message):
     with pytest.raises(config.ConfigError) as refused:
         parse(line)
     assert str(refused.value) == "milter.conf, " + message
+
+
+def test_milter_reuse_names_milters_of_the_chain():
+    chain = parse("Milters: inet:127.0.0.1:11332, unix:/run/m.sock\n"
+                  "MilterReuse: inet:127.0.0.1:11332")
+    assert chain.milter_reuse == frozenset({"inet:127.0.0.1:11332"})
+    other = parse("Milters: unix:/run/m.sock\nMilterReuse: inet:127.0.0.1:1")
+    assert other.milter_reuse == frozenset()
+    assert any("MilterReuse" in warning for warning in other.warnings)
+    with pytest.raises(config.ConfigError, match="MilterReuse"):
+        parse("Milters: unix:/run/m.sock\nMilterReuse: tcp:nowhere")

@@ -408,3 +408,96 @@ def test_rset_and_a_new_ehlo_abort_the_milters_transaction(proxy, upstream, bad_
         wait_until(lambda: len(events(milter, "mail")) == 3, 10, what="the third MAIL")
         seen = [e["event"] for e in milter.events() if e["event"] in ("helo", "mail", "abort")]
     assert seen == ["helo", "mail", "abort", "mail", "abort", "helo", "mail"], seen
+
+
+# --- connections kept across client sessions (MilterReuse) -----------------------------------
+
+def one_message(px, client_ip: str, sender: str) -> list[str]:
+    """One client session from `client_ip` (a PROXY header), one message; its final reply."""
+    header = build(1, (client_ip, 40001), ("198.51.100.1", 25))
+    with Client(px.host, px.port, hello=header) as client:
+        return send_mail(client, sender, ["b@y.test"], message())
+
+
+def test_a_kept_milter_connection_serves_the_next_client_session(proxy, upstream, bad_milter):
+    """MilterReuse: the second client session starts with SMFIC_CONNECT on
+    the connection the first one ended with SMFIC_QUIT_NC, with its own
+    client and macros; one OPTNEG for both."""
+    milter = bad_milter("good", stage="eom", quit_nc="keep")
+    px = start(proxy, upstream, milter, MilterReuse=milter.spec, ProxyProtocol="on")
+    assert one_message(px, "192.0.2.7", "a@x.test") == [OK]
+    assert one_message(px, "192.0.2.9", "b@x.test") == [OK]
+    upstream.wait_messages(2)
+    # (the harness's start-up probe is a session too, on the same connection;
+    # the last session's QUIT_NC waits for the next session's packets)
+    wait_until(lambda: len(events(milter, "eom")) == 2, 10, what="the second message")
+    assert len(events(milter, "optneg")) == 1 and not events(milter, "quit")
+    assert len({e["conn"] for e in milter.events()}) == 1
+    assert len(events(milter, "quit_nc")) == len(events(milter, "connect")) - 1
+    assert [e["strings"][0] for e in events(milter, "connect")][-2:] \
+        == ["[192.0.2.7]", "[192.0.2.9]"]
+    macros = [e["strings"] for e in events(milter, "macro") if e["strings"][0].startswith("C")]
+    assert [m[m.index("{client_addr}") + 1] for m in macros][-2:] == ["192.0.2.7", "192.0.2.9"]
+    order = [e["event"] for e in milter.events() if e["event"] in ("connect", "eom", "quit_nc")]
+    assert order[-5:] == ["connect", "eom", "quit_nc", "connect", "eom"]
+
+
+def test_a_kept_connection_the_milter_closed_while_idle_is_not_used(proxy, upstream,
+                                                                     bad_milter):
+    """A milter that closes an idle connection (its own idle timeout): the
+    next session opens a new one instead of failing on it."""
+    milter = bad_milter("good", stage="eom", quit_nc="keep", idle=0.3)
+    px = start(proxy, upstream, milter, MilterReuse=milter.spec)
+    with px.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+    wait_until(lambda: events(milter, "idle_close"), 10, what="the idle close")
+    with px.connect() as client:
+        assert send_mail(client, "c@x.test", ["b@y.test"], message()) == [OK]
+    upstream.wait_messages(2)
+    assert len(events(milter, "optneg")) >= 2
+    assert "MilterDefaultAction" not in px.log()
+
+
+def test_a_milter_that_closes_at_quit_nc_costs_one_session_its_default_action(
+        proxy, upstream, bad_milter):
+    """Named in MilterReuse, a milter that does not take SMFIC_QUIT_NC (it
+    closes the connection) fails the next session on it as a milter that
+    fails does, MilterDefaultAction, and the log says the connection was a
+    kept one; the session after opens a new connection."""
+    milter = bad_milter("good", stage="eom")        # closes the connection at QUIT_NC
+    px = start(proxy, upstream, milter, MilterReuse=milter.spec)
+    greetings = []
+    for _ in range(5):
+        with px.connect() as client:
+            greetings.append(client.greeting[0][:3])
+            if client.greeting[0].startswith("220"):
+                assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+    # (the harness's start-up probe may have been the first session on it)
+    assert greetings.count("421") == 1 and greetings[-3:] == ["220"] * 3, greetings
+    px.wait_log(r"milter %s: .* \(on a connection kept from an earlier session\); "
+                r"MilterDefaultAction tempfail" % re.escape(milter.spec))
+    px.wait_log(r"milter %s: a kept connection failed: its connections are no longer kept"
+                % re.escape(milter.spec))
+
+
+def test_rspamd_takes_a_kept_connection_session_after_session(proxy, upstream, rspamd_milter):
+    """rspamd's milter resets its session at SMFIC_QUIT_NC: on one kept
+    connection a clean message gets its headers, GTUBE its own refusal, and
+    a clean one after it its headers again."""
+    px = start(proxy, upstream, rspamd_milter, MilterReuse=rspamd_milter.spec)
+    gtube = b"From: a@x.test\r\nSubject: gtube\r\n\r\n%s\r\n" % rspamd_milter.gtube.encode()
+    finals = []
+    for body in (BODY, gtube, BODY):
+        with px.connect() as client:
+            assert client.cmd("EHLO client.example")[-1].startswith("250")
+            assert client.cmd("MAIL FROM:<a@x.test>")[-1].startswith("250")
+            assert client.cmd("RCPT TO:<b@y.test>")[-1].startswith("250")
+            assert client.cmd("DATA")[-1].startswith("354")
+            client.send(body + b".\r\n")
+            finals.append(client.reply()[-1])
+    assert finals[0] == finals[2] == OK and finals[1].startswith("554 5.7.1 Gtube pattern"), \
+        finals
+    for delivered in upstream.wait_messages(2):
+        assert b"X-Rspamd-Action: no action" in delivered.raw
+    assert len(re.findall(r"milter %s: a kept connection" % re.escape(rspamd_milter.spec),
+                          px.log())) >= 2

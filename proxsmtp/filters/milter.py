@@ -54,6 +54,7 @@ PROTOCOL = (codec.P_NOCONNECT | codec.P_NOHELO | codec.P_NOMAIL | codec.P_NORCPT
             | codec.P_NR_HELO | codec.P_NR_MAIL | codec.P_NR_RCPT | codec.P_NR_DATA
             | codec.P_NR_UNKN | codec.P_NR_EOH | codec.P_NR_BODY | codec.P_HDR_LEADSPC)
 
+QUIT_NC = codec.simple(codec.QUIT_NC)
 NODELAY = QUICKACK = True       # bench/milterack.py turns them off to measure them
 HELD = 64 * 1024                # bytes of packets without reply held back at most
 
@@ -143,6 +144,8 @@ class Milter:
         # of the message costs one send per message, not one per command.
         self.held: list[bytes] = []
         self.held_size = 0
+        self.reused = False             # taken from the worker's pool (milterpool.py)
+        self.expires = 0.0           # in the pool: loop time it is to be closed
 
     @property
     def name(self) -> str:
@@ -288,12 +291,22 @@ class Milter:
         if self.alive:
             self.queue(codec.simple(codec.ABORT))
 
+    def quit_nc(self) -> None:
+        """SMFIC_QUIT_NC: the client session's conversation is over, the
+        connection stays for another (milterpool.py); no reply.  Held back
+        like any packet without reply: it goes with the next session's first
+        packets, a write less per session (or gives way to QUIT if the
+        connection is closed idle)."""
+        self.queue(QUIT_NC)
+
     def close(self) -> None:
         """SMFIC_QUIT and the connection closed (the milter answers nothing)."""
         link = self.link
         if link is None or link.transport is None:
             return
         if not link.error:
+            if self.held and self.held[-1] is QUIT_NC:
+                self.held.pop()
             link.transport.write(b"".join(self.held) + codec.simple(codec.QUIT))
             link.error = "closed"
             link.transport.close()

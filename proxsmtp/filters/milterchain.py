@@ -25,6 +25,7 @@ from ..message.spool import Spool
 from ..process.config import Config
 from ..process.log import clean, log
 from . import miltercodec as codec
+from . import milterpool
 from .milter import Milter, MilterError
 from .milteredit import Draft, EnvelopeEdits
 
@@ -122,6 +123,9 @@ class MilterChain:
         self.timeout = float(config.MilterTimeout)
         self.tag = tag
         self.fallbacks: list[tuple[str, str]] = []      # default actions this transaction
+        self.reuse = config.milter_reuse    # specs whose connections outlive the session
+        self.in_mail = False                # MAIL went and no ABORT since
+        self.cut = False                    # a step was cut short: nothing is kept
 
     @property
     def active(self) -> bool:
@@ -142,6 +146,9 @@ class MilterChain:
     def failed(self, slot: _Slot, reason: str) -> Answer | None:
         """MilterDefaultAction for a milter that failed: its answer, or None
         (accept: the chain goes on without it)."""
+        if slot.milter is not None and slot.milter.reused:
+            reason += " (on a connection kept from an earlier session)"
+            milterpool.worker_pool().refuse(slot.spec)
         log.warning("%s: milter %s: %s; MilterDefaultAction %s", self.tag, slot.spec,
                     reason, self.default)
         if slot.milter is not None:
@@ -155,6 +162,13 @@ class MilterChain:
         return slot.sticky
 
     async def _open(self, slot: _Slot) -> None:
+        if slot.spec in self.reuse:
+            milter = milterpool.worker_pool().take(slot.spec)
+            if milter is not None:
+                milter.reused = True
+                slot.milter = milter
+                log.debug("%s: milter %s: a kept connection", self.tag, slot.spec)
+                return
         milter = Milter(slot.address, self.timeout)
         try:
             await milter.open()
@@ -202,6 +216,8 @@ class MilterChain:
     async def _stage(self, stage: str, command: bytes, macros: dict[str, str]) -> Answer:
         """One stage through the chain, in order, until a milter refuses."""
         accepted = None
+        if stage == "mail":
+            self.in_mail = True
         for slot in self.slots:
             if slot.sticky is not None:
                 return slot.sticky
@@ -216,6 +232,9 @@ class MilterChain:
                 if answer is not None:
                     return answer
                 continue
+            except BaseException:       # cancelled mid-step: a reply may still come
+                self.cut = True
+                raise
             answer = self.verdict(slot, stage, code, data)
             if answer.action == "accept":
                 accepted = answer
@@ -253,6 +272,8 @@ class MilterChain:
             macros, command = args[0], _command(stage, *args[1:])
         else:
             macros, command = args[-1], _command(stage, *args[:-1])
+            if stage == "mail":
+                self.in_mail = True
         for slot in self.slots:
             if slot.takes(stage):
                 try:
@@ -286,6 +307,7 @@ class MilterChain:
             else:
                 answer = CONTINUE if answer.action == "accept" else answer
         except BaseException:
+            self.cut = True
             draft.discard()
             raise
         finally:
@@ -344,13 +366,25 @@ class MilterChain:
                     slot.milter.abort()
                 except MilterError as exc:
                     self.failed(slot, str(exc))
+        self.in_mail = False
         self._transaction_over()
 
     async def close(self) -> None:
-        """SMFIC_QUIT to each milter, and its connection closed."""
+        """SMFIC_QUIT to each milter, and its connection closed; or, for a
+        milter in MilterReuse whose conversation ended cleanly (no step cut
+        short, nothing owed or unread), SMFIC_QUIT_NC and the connection
+        kept for the worker's next client session (milterpool.py)."""
         for slot in self.slots:
-            if slot.milter is not None:
-                slot.milter.close()
+            milter = slot.milter
+            if milter is not None:
+                link = milter.link
+                if (slot.spec in self.reuse and not self.cut and milter.alive
+                        and link.waiter is None and not link.packets):
+                    if self.in_mail:
+                        milter.abort()
+                    milterpool.worker_pool().give_back(milter)
+                else:
+                    milter.close()
                 slot.milter = None
             slot.gone = True
 

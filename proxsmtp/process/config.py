@@ -57,6 +57,7 @@ SPEC = {
     "Milters": "milters(default=None)",
     "MilterDefaultAction": "milter_action(default='tempfail')",
     "MilterTimeout": "integer(min=1, max=86400, default=30)",
+    "MilterReuse": "milters(default=None)",
     "Header": "string(default=None)",
     "StatsListen": "stats_address(default=None)",
 
@@ -124,6 +125,8 @@ class Config:
     Milters: tuple[MilterAddress, ...] = ()
     MilterDefaultAction: str = "tempfail"  # a milter down, timed out or broken
     MilterTimeout: int = 30                # seconds per step (10x for the message's)
+    # milters among Milters whose connections are kept across client sessions
+    MilterReuse: tuple[MilterAddress, ...] = ()
     Header: str | None = None
     StatsListen: Address | None = None     # the /metrics endpoint; None: off
 
@@ -142,6 +145,7 @@ class Config:
     filter_tls: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
     FilterAddress: Address | None = None   # FilterCommand parsed, for FilterType smtp
     milter_hostname: str = ""              # the milters' `j` macro: this host's name
+    milter_reuse: frozenset[str] = frozenset()  # MilterReuse, as the specs in Milters
     source: str = ""                       # the file it came from, if any
     named: set[str] = field(default_factory=set)   # settings present in the file
     lines: dict[str, int] = field(default_factory=dict)   # ...and their line numbers
@@ -388,6 +392,20 @@ def parse(text: str, source: str = "") -> Config:
     return config
 
 
+def _milter_reuse(config: Config) -> frozenset[str]:
+    """MilterReuse's milters, each one of Milters (named by its spec there)."""
+    specs = {(m.family, m.host, m.port, m.path): m.spec for m in config.Milters}
+    reuse = set()
+    for milter in config.MilterReuse or ():
+        spec = specs.get((milter.family, milter.host, milter.port, milter.path))
+        if spec is None:        # (as ProxyProtocolFrom without ProxyProtocol)
+            config.warnings.append(config.at("MilterReuse", "%s ignored, as it is not one of "
+                                             "Milters" % milter.spec))
+        else:
+            reuse.add(spec)
+    return frozenset(reuse)
+
+
 def _finish(config: Config) -> None:
     """Cross-setting rules and the few values that need more than one check."""
     if config.PidFile == "":
@@ -400,6 +418,7 @@ def _finish(config: Config) -> None:
         config.Milters = ()
     if config.Milters:      # looked up once per load, not in a worker's event loop
         config.milter_hostname = socket.getfqdn()
+    config.milter_reuse = _milter_reuse(config)
     if config.OutAddress is None and config.TransparentProxy == "off":
         raise ConfigError(located(config.source, None, "no OutAddress specified: it is required "
                                   "unless TransparentProxy is on (expected %s)" % ADDRESS_FORMS))

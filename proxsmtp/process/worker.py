@@ -33,7 +33,7 @@ try:
 except ImportError:
     uvloop = None
 
-from ..filters import nodepool
+from ..filters import milterpool, nodepool
 from ..message import spool
 from ..net import channel
 from ..session.session import Session
@@ -108,6 +108,7 @@ class Worker:
         self.sock.close()
         await self.finish_sessions()
         await nodepool.close_idle()
+        milterpool.close_idle()
         trimmer.cancel()
 
     def retire(self) -> None:

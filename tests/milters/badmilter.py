@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A milter that misbehaves on purpose, written by hand on asyncio.
 
-    badmilter.py --mode slow|garbage|close [--stage STAGE] [--delay SECONDS]
-                 [--log FILE] SOCKET
+    badmilter.py --mode slow|garbage|close|good [--stage STAGE] [--delay SECONDS]
+                 [--quit-nc close|keep] [--idle SECONDS] [--log FILE] SOCKET
 
 SOCKET is `inet:127.0.0.1:PORT` or `unix:/path` (Postfix's syntax).  It
 speaks the milter protocol (Sendmail's libmilter/mfdef.h, version 6, no
@@ -13,10 +13,19 @@ STAGE (`optneg`, `connect`, `helo`, `mail`, `rcpt`, `data`, `header`,
 - slow: the answer comes after `--delay` seconds (default 60);
 - garbage: instead of the answer, an HTTP error page (what a milter address
   pointing at a web server gives back): a 4-byte length field of 1.2 GB;
-- close: the connection is closed without an answer.
+- close: the connection is closed without an answer;
+- good: never misbehaves (with `--quit-nc keep`, a milter that keeps its
+  connections across SMTP sessions).
+
+SMFIC_QUIT_NC closes the connection, as a milter that closes an idle one
+does; with `--quit-nc keep` the next SMTP session follows on it (SMFIC_CONNECT
+again, no OPTNEG).  `--idle SECONDS`: a connection that long without a
+packet is closed (a milter's own idle timeout).
 
 A milter that is down needs no process: a free port with no listener.
-`--log FILE` appends one JSON line per packet received.
+`--log FILE` appends one JSON line per packet received: its stage, size,
+the connection it came on (`conn`, counted from 1) and, for the connect
+packet and macros, its strings (`strings`).
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ def packet(code: bytes, payload: bytes = b"") -> bytes:
 class BadMilter:
     def __init__(self, options: argparse.Namespace) -> None:
         self.options = options
+        self.connections = 0
 
     def record(self, **fields: object) -> None:
         if self.options.log:
@@ -51,14 +61,25 @@ class BadMilter:
                 handle.write(json.dumps(dict(fields, pid=os.getpid())) + "\n")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
         try:
             while True:
-                head = await reader.readexactly(4)
+                try:
+                    head = await asyncio.wait_for(reader.readexactly(4), self.options.idle)
+                except asyncio.TimeoutError:
+                    self.record(event="idle_close", size=0, conn=conn)
+                    break
                 (length,) = struct.unpack("!I", head)
                 body = await reader.readexactly(length)
                 code, payload = body[:1], body[1:]
                 stage = STAGES.get(code) or SILENT.get(code) or "unknown:%r" % code
-                self.record(event=stage, size=len(payload))
+                fields = {}
+                if code in (b"C", b"D"):
+                    fields["strings"] = payload.decode("latin-1").split("\0")
+                self.record(event=stage, size=len(payload), conn=conn, **fields)
+                if code == b"K" and self.options.quit_nc == "keep":
+                    continue
                 if code in (b"Q", b"K"):
                     break
                 if code not in STAGES:
@@ -109,10 +130,12 @@ async def run(options: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=("slow", "garbage", "close"), required=True)
+    parser.add_argument("--mode", choices=("slow", "garbage", "close", "good"), required=True)
     parser.add_argument("--stage", default="optneg",
                         choices=sorted(set(STAGES.values()) | {"all"}))
     parser.add_argument("--delay", type=float, default=60.0)
+    parser.add_argument("--quit-nc", choices=("close", "keep"), default="close")
+    parser.add_argument("--idle", type=float, default=None)
     parser.add_argument("--log")
     parser.add_argument("socket")
     try:
