@@ -270,7 +270,7 @@ def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
 
 @pytest.mark.parametrize("default, action, reply", [
     ("tempfail", "tempfail", b"451 4.7.1 Service unavailable - try again later\r\n"),
-    ("reject", "reject", b"550 5.7.1 Command rejected\r\n"),
+    ("reject", "reject", b"550 5.5.0 Service unavailable\r\n"),
     ("accept", "continue", None),
 ])
 @pytest.mark.parametrize("mode, stage", [("down", "optneg"), ("garbage", "optneg"),

@@ -431,6 +431,10 @@ def test_proxy_as_postfix_with_a_broken_milter(postfix, bad_milter, proxy, upstr
         assert outcome.replies["connect"] == (421, reference.replies["mail"][1])
         return
     assert {stage: code for stage, (code, _) in outcome.replies.items()} == codes
+    # Postfix's words, but at connect, where it refuses with its greeting's
+    refusals = {stage: reply for stage, reply in reference.replies.items()
+                if reply[0] >= 400 and stage != "connect"}
+    assert {stage: outcome.replies[stage] for stage in refusals} == refusals
     if action == "tempfail":
         assert outcome.final == reference.final
     assert upstream.messages == [] or action == "accept"

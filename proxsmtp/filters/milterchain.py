@@ -32,6 +32,9 @@ from .milteredit import Draft, EnvelopeEdits
 REJECTED = b"550 5.7.1 Command rejected\r\n"
 TEMPFAILED = b"451 4.7.1 Service unavailable - try again later\r\n"
 SHUTDOWN = b"421 4.7.0 Server closing connection\r\n"
+# MilterDefaultAction reject: Postfix's words for a milter that failed
+# (milter8.c), not those of a milter's own reject.
+UNAVAILABLE = b"550 5.5.0 Service unavailable\r\n"
 CONTENT_FACTOR = 10            # body and end of message: Postfix's 300 s against 30 s
 
 FAMILIES = {"inet": codec.FAMILY_INET, "inet6": codec.FAMILY_INET6,
@@ -157,7 +160,7 @@ class MilterChain:
         self.fallbacks.append((slot.spec, "default:" + self.default))
         if self.default == "accept":
             return None
-        slot.sticky = Answer(self.default, REJECTED if self.default == "reject" else TEMPFAILED,
+        slot.sticky = Answer(self.default, UNAVAILABLE if self.default == "reject" else TEMPFAILED,
                              slot.spec, reason)
         return slot.sticky
 
