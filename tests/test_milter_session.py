@@ -265,7 +265,7 @@ def test_without_filter_command_the_milters_alone_decide(proxy, upstream, test_m
 
 @pytest.mark.parametrize("action, greeting", [("tempfail", "421 4.7.1 Service unavailable - try "
                                                 "again later"),
-                                               ("reject", "554 5.7.1 Command rejected"),
+                                               ("reject", "554 5.5.0 Service unavailable"),
                                                ("accept", None)])
 def test_a_milter_down_under_each_default_action(proxy, upstream, bad_milter, action, greeting):
     milter = bad_milter("down")
