@@ -364,8 +364,44 @@ def test_a_filter_sees_a_chunked_message_and_passes_it(client, server, settings)
     message = b"Subject: filtered\r\n\r\n.\r\n..two\r\nbare\nend"
     raw.send(bdat(message[:20]) + bdat(message[20:], last=True))
     assert raw.replies(2)[1].startswith(b"250 2.0.0 Ok: queued")
-    assert server.messages == [("BDAT", message)]
+    # as the server would store the filter's output sent by DATA: ended by CRLF
+    assert server.messages == [("BDAT", message + b"\r\n")]
     p.wait_log(r"filter=.*status=FILTERED")
+
+
+REWRITE = "sed -e 's/^\\.\\./&S/'%s\nprintf '.\\r\\n..z\\r\\n.w\\n'%s\n"
+
+
+@pytest.mark.parametrize("filter_type, script", [
+    ("pipe", "cat"), ("pipe", REWRITE % ("", "")), ("file", "true"),
+    ("file", REWRITE % (' -i "$EMAIL"', ' >>"$EMAIL"'))])
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_pipe_or_file_filter_makes_of_a_bdat_message_what_it_makes_by_data(
+        client, server, tmp_path, filter_type, script):
+    """The filter gets a BDAT message dot-stuffed as by DATA (sed sees `..`
+    where a DATA client sent it), and its output reaches the server by BDAT
+    byte-equal to what the same message by DATA reaches it with."""
+    path = tmp_path / "filter.sh"
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    raw, p = client(FilterType=filter_type, FilterCommand=str(path))
+    message = b"Subject: dots\r\n\r\n.x\r\n..y\r\n.\r\nbare\n.after\r\n.\nend\r\n"
+    raw.transaction()
+    raw.send(bdat(message[:23]) + bdat(message[23:], last=True))
+    assert raw.replies(2)[1].startswith(b"250 2.0.0 Ok: queued as B1")
+    raw.transaction()
+    raw.send(b"DATA\r\n")
+    assert raw.replies(1)[0].startswith(b"354")
+    raw.send(re.sub(rb"(^|\n)\.", rb"\1..", message) + b".\r\n")
+    assert raw.replies(1)[0].startswith(b"250 2.0.0 Ok: queued as D2")
+    (how_b, by_bdat), (how_d, by_data) = server.messages
+    assert (how_b, how_d) == ("BDAT", "DATA") and by_bdat == by_data
+    if script == "cat" or script == "true":
+        assert by_bdat == message
+    else:
+        assert by_bdat.startswith(b"Subject: dots\r\n\r\n.Sx\r\n.S.y\r\n.S\r\n")
+        assert by_bdat.endswith(b"end\r\n.\r\n.z\r\nw\n\r\n")
 
 
 @pytest.mark.e2e

@@ -77,6 +77,40 @@ def test_a_bdat_message_by_data_is_dot_stuffed_whole(message, data):
     assert all(line.rstrip(b"\r") != b"." for line in framed[:-3].split(b"\n"))
 
 
+def server_unstuff(stream: bytes) -> bytes:
+    """What a server stores of `stream` sent after DATA's 354: each line
+    (a bare LF ends one too, as for Postfix) with its first dot taken off,
+    up to `.` CRLF, which must be the last line; no line before it may be
+    read as the end, by a strict server or one that drops CRs (RFC 5321 4.5.2)."""
+    lines = io.BytesIO(stream).readlines()
+    stored = []
+    for at, line in enumerate(lines):
+        if line.rstrip(b"\r\n") == b".":
+            assert at == len(lines) - 1 and line == b".\r\n", lines
+            return b"".join(stored)
+        stored.append(line[1:] if line.startswith(b".") else line)
+    raise AssertionError("no end of DATA in %r" % stream)
+
+
+OUTPUTS = st.lists(st.sampled_from([b"Subject: x\r\n", b"\r\n", b"\n", b".\r\n", b"..\r\n",
+                                    b".", b"..", b"x", b"\r", b".\r\r\n", b".x\n", b"\xff"]),
+                   max_size=30).map(b"".join)
+
+
+@given(OUTPUTS, st.data())
+@pytest.mark.unit
+def test_a_filters_output_goes_by_bdat_as_the_server_stores_it_by_data(output, data):
+    """Any output of a pipe or file filter, however it is read in pieces,
+    becomes by BDAT exactly what the server stores of it sent by DATA."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(output)), max_size=6)))
+    pieces = [output[a:b] for a, b in zip([0] + cuts, cuts + [len(output)])]
+    by_bdat = b"".join(spool.stored_by_data(iter(pieces)))
+    assert by_bdat == server_unstuff(b"".join(spool.outgoing(io.BytesIO(output), None)))
+    assert by_bdat == b"".join(spool.stored_by_data(iter([output])))
+    if output.endswith(b"\r\n") or not output:   # a BDAT message through `cat` is kept
+        assert b"".join(spool.stored_by_data(spool.dot_stuffed(iter([output])))) == output
+
+
 @pytest.mark.unit
 def test_with_header_inserts_as_data_does_but_stuffs_nothing():
     message = b"Subject: x\r\n\r\n.\r\n..\r\nbare\nend"

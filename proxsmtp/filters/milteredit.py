@@ -28,18 +28,11 @@ from __future__ import annotations
 import re
 from typing import BinaryIO, Iterator
 
-from ..message.spool import Spool
+from ..message.spool import Spool, unstuff
 from . import miltercodec as codec
 
 _LINE_END = re.compile(rb"\r?\n")
 LINE_LIMIT = 64 * 1024         # a longer "header line" (no LF in sight) is read as body
-
-
-def unstuff(block: bytes, at_line_start: bool) -> bytes:
-    """Take off the dot RFC 5321 4.5.2 put before a line beginning with one."""
-    if at_line_start and block[:1] == b".":
-        block = block[1:]
-    return block.replace(b"\n.", b"\n") if b"\n." in block else block
 
 
 def stuff(block: bytes, at_line_start: bool) -> bytes:

@@ -156,19 +156,20 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
                           keepalive: KeepAlive, pipe: bool) -> Verdict:
     """FilterType pipe (message on stdin, new one on stdout) or file (EMAIL= rewritten)."""
     tag = envelope.tag
+    source = as_data(message) if envelope.chunked else message.path
     out_fd, out_path = message.new_file() if pipe else (-1, "")
-    stdin = open(message.path, "rb") if pipe else open(os.devnull, "rb")
+    stdin = open(source, "rb") if pipe else open(os.devnull, "rb")
     try:
         try:
             proc = FilterProcess(config.FilterCommand, stdin,
                                  out_fd if pipe else subprocess.DEVNULL,
-                                 environment(config, envelope, None if pipe else message.path))
+                                 environment(config, envelope, None if pipe else source))
         except OSError as exc:
             raise FilterError("couldn't run filter command: %s" % exc.strerror) from None
         log.debug("%s: executed filter command: %s (pid: %d)", tag, config.FilterCommand, proc.pid)
         try:
             status, stderr = await supervise(config.FilterTimeout, tag, keepalive, proc, stdin,
-                                              out_fd if pipe else message.path)
+                                              out_fd if pipe else source)
         finally:
             proc.close()
     finally:
@@ -182,7 +183,8 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
         _warn_chatter(tag, stderr)
         if pipe and message.size and not os.path.getsize(out_path):
             raise FilterError("filter command wrote no message (exit 0, no output)")
-        return Verdict(True, out_path if pipe else message.path)
+        result = out_path if pipe else source
+        return Verdict(True, as_bdat(message, result) if envelope.chunked else result)
     if status in (126, 127):
         raise FilterError("filter command could not be executed (exit %d): %s"
                           % (status, clean(last_line(stderr))))
@@ -194,6 +196,26 @@ async def command_verdict(config: Config, envelope: Envelope, message: spool.Spo
                           % (status, clean(last_line(stderr))))
     reply = reject_reply(last_line(stderr))
     return Verdict(False, reply=reply, status=reply)
+
+
+def as_data(message: spool.Spool) -> str:
+    """A message that came by BDAT, for a pipe or file filter: dot-stuffed,
+    as a DATA client would have sent it (proxsmtpd(8) FILTERS), in a file
+    of its own: the filter sees one form whichever way the message came."""
+    try:
+        return message.copy(spool.dot_stuffed(spool.with_header(message.reader(), None)))
+    except OSError as exc:
+        raise FilterError("couldn't write the message for the filter: %s" % exc.strerror) from None
+
+
+def as_bdat(message: spool.Spool, path: str) -> str:
+    """The filter's version of a message that came by BDAT (in DATA's form,
+    as as_data() gave it) in a file of its own, as the bytes to send by
+    BDAT: what the server would have stored of it sent by DATA."""
+    try:
+        return message.copy(spool.stored_by_data(spool.with_header(open(path, "rb"), None)))
+    except OSError as exc:
+        raise FilterError("couldn't store the filter's message: %s" % exc.strerror) from None
 
 
 class FilterProcess:

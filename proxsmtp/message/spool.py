@@ -148,6 +148,17 @@ class Spool:
         self.extra.append(path)
         return fd, path
 
+    def copy(self, pieces: Iterator[bytes]) -> str:
+        """Another private file beside this one holding `pieces` (the message
+        in another form); raises OSError on disk trouble."""
+        fd, path = self.new_file()
+        with os.fdopen(fd, "wb", buffering=0) as out:
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[out.write(view):]
+        return path
+
     def remove(self) -> None:
         if self.file is not None:
             try:
@@ -270,6 +281,40 @@ def dot_stuffed(pieces: Iterator[bytes]) -> Iterator[bytes]:
             piece = piece.replace(b"\n.", b"\n..")
         at_start = piece[-1:] == b"\n"
         yield piece
+
+
+def _guarded(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """`pieces` through a DotGuard, its finish() last: outgoing() without
+    the header and the final dot."""
+    guard = DotGuard()
+    for piece in pieces:
+        if piece:
+            yield guard.feed(piece)
+    yield guard.finish()
+
+
+def stored_by_data(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    """A message in DATA's form (its writer's dot-stuffing in it: a pipe or
+    file filter's output for a message that came by BDAT) as a server
+    stores it had it been sent by DATA: outgoing()'s DotGuard first (lone
+    dots escaped, a CRLF at the end), then the first dot of every line that
+    begins with one taken off (RFC 5321 4.5.2), a line begun after a bare LF
+    too: the inverse of dot_stuffed(), for the message to go on by BDAT as
+    it would have by DATA."""
+    at_start = True                         # the next byte begins a line
+    for piece in _guarded(pieces):
+        if not piece:
+            continue
+        yield unstuff(piece, at_start)
+        at_start = piece[-1:] == b"\n"
+
+
+def unstuff(block: bytes, at_line_start: bool) -> bytes:
+    """Take off the dot RFC 5321 4.5.2 put before a line beginning with one
+    (`at_line_start`: `block` begins a line)."""
+    if at_line_start and block[:1] == b".":
+        block = block[1:]
+    return block.replace(b"\n.", b"\n") if b"\n." in block else block
 
 
 def data_pieces(message: BinaryIO, header: bytes | None, chunked: bool) -> Iterator[bytes]:
