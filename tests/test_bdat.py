@@ -584,7 +584,7 @@ def test_a_refusal_at_the_milters_data_stage_answers_the_first_chunk(client, ser
     raw, _ = client(Milters=milter.spec, MilterDefaultAction="reject")
     raw.transaction()
     raw.send(bdat(b"NOOP\r\n" * 3) + bdat(b"more", last=True) + b"NOOP\r\n")
-    assert raw.replies(3) == [b"550 5.7.1 Command rejected",
+    assert raw.replies(3) == [b"550 5.5.0 Service unavailable",
                               b"503 5.5.1 Error: need MAIL command", b"250 2.1.0 Ok"]
     assert server.messages == [] and server.verbs().count(b"NOOP") == 1
 
