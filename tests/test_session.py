@@ -568,3 +568,30 @@ def test_message_log_line_of_a_refusal_by_the_server(proxy, make_upstream):
         assert send_mail(client, "a@x.test", ["b@y.test"], BODY)[0] == "554 5.7.1 no thanks"
     p.wait_log(r"size=%d, relay=127\.0\.0\.1, delay=\d+\.\d+, reply=\"554 5\.7\.1 no thanks\", "
                r"status=FILTERED$" % len(BODY))
+
+
+@pytest.mark.parametrize("settings", [{"FilterCommand": "cat"},
+                                      {"Milters": "inet:127.0.0.1:9"}])
+def test_binarymime_not_offered_is_refused_at_mail(proxy, make_upstream, settings):
+    """A client that sends BODY=BINARYMIME though the proxy hid it (a
+    filter or a milter reads the message as text) is refused at MAIL
+    (RFC 3030 3; RFC 5321 4.2.2: 555); the server never sees that MAIL."""
+    upstream = make_upstream(extensions=("CHUNKING", "BINARYMIME", "8BITMIME"))
+    p = proxy({"OutAddress": upstream.address, "MilterDefaultAction": "accept", **settings})
+    with p.connect() as client:
+        assert "250-BINARYMIME" not in client.cmd("EHLO client.example")
+        assert client.cmd("MAIL FROM:<a@x.test> BODY=BINARYMIME") == [
+            "555 5.5.4 BODY=BINARYMIME not offered"]
+        assert client.cmd("MAIL FROM:<a@x.test> BODY=8BITMIME")[0].startswith("250")
+    upstream.wait_command("MAIL")
+    assert [line for line in upstream.commands() if "BINARYMIME" in line.upper()] == []
+
+
+def test_binarymime_offered_passes_at_mail(proxy, make_upstream):
+    """Offered (no filter, the server has CHUNKING and BINARYMIME): relayed."""
+    upstream = make_upstream(extensions=("CHUNKING", "BINARYMIME", "8BITMIME"))
+    p = proxy({"OutAddress": upstream.address})
+    with p.connect() as client:
+        assert "250-BINARYMIME" in client.cmd("EHLO client.example")
+        assert client.cmd("MAIL FROM:<a@x.test> BODY=BINARYMIME")[0].startswith("250")
+    upstream.wait_command("MAIL")

@@ -27,11 +27,11 @@ from ..message.intake import discard_chunk
 from ..message.transfer import Transfer
 from ..net.channel import CRLF
 from ..process.log import clean, log
-from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_DATAAFTERBDAT, R_MAILAFTERBDAT,
-                            R_NEEDMAIL, R_NEEDRCPT, R_NOTAUTH, R_NOTSUPP, R_RCPTAFTERBDAT, R_SIZE,
-                            R_TOOLONG, Status, chunk_received)
+from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_BINARYMIME, R_DATAAFTERBDAT,
+                            R_MAILAFTERBDAT, R_NEEDMAIL, R_NEEDRCPT, R_NOTAUTH, R_NOTSUPP,
+                            R_RCPTAFTERBDAT, R_SIZE, R_TOOLONG, Status, chunk_received)
 from ..smtp.syntax import bdat_args, ehlo_keywords, ehlo_offers, envelope_address, parse_xforward
-from .ehlo import client_view
+from .ehlo import binary_ok, client_view
 from .milters import arguments
 from .replyqueue import ServerAnswers
 from .starttls import StartTLS, refusal_before_tls
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 Handler = Callable[["Session", bytes, bytes], Coroutine[None, None, None] | None]
 
 _SIZE_PARAM = re.compile(rb"\sSIZE=(\d{1,20})(?=\s|$)", re.I)
+_BINARYMIME = re.compile(rb"\sBODY=BINARYMIME(?=\s|$)", re.I)
 
 
 # --- the handlers --------------------------------------------------------------
@@ -95,6 +96,9 @@ def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
         return
     if too_big(session, line):
         session.replies.answer(R_SIZE)
+        return
+    if _BINARYMIME.search(line) and not binarymime_offered(session):
+        session.replies.answer(R_BINARYMIME)
         return
     if session.milters is not None:       # the milters first: the server sees what they let by
         return session.milters.stage(session, "mail", arguments(line, address[1]), address[1],
@@ -336,6 +340,15 @@ def xclient_offered(session: Session) -> None:
     before the client's next command, once a session."""
     if session.config.XClient and not session.xclient_sent:
         session.xclient_due = True
+
+
+def binarymime_offered(session: Session) -> bool:
+    """The client's last EHLO reply offered BINARYMIME (ehlo.client_view
+    keeps it only with CHUNKING and when binary_ok): a BODY=BINARYMIME
+    otherwise would bring a binary body past a filter that reads text, or
+    to a server that never offered it (RFC 3030 3)."""
+    return (session.chunking and binary_ok(session.config)
+            and "BINARYMIME" in session.server_leg.offers)
 
 
 def too_big(session: Session, mail: bytes) -> bool:

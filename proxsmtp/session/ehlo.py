@@ -27,8 +27,11 @@ def binary_ok(config: Config) -> bool:
     mail filters that read and rewrite text lines.  Not FilterType smtp:
     the node's extensions are learnt per message, after the client's EHLO,
     and a node without BINARYMIME could only be given the message by DATA,
-    which a binary body cannot take (RFC 3030 3)."""
-    return not config.FilterCommand or config.FilterType == "reject"
+    which a binary body cannot take (RFC 3030 3).  Not with Milters: they
+    read the message as text (headers, DKIM's canonical lines), and
+    Postfix, whose milter client they are written for, offers no
+    BINARYMIME."""
+    return (not config.FilterCommand or config.FilterType == "reject") and not config.Milters
 
 
 def size_limit(mine: int, server: int) -> int:

@@ -28,6 +28,8 @@ R_NOTSUPP = b"502 Command not implemented\r\n"
 R_NOTAUTH = b"554 Insufficient authorization\r\n"
 R_SYNC = b"554 5.5.0 Error: SMTP protocol synchronization\r\n"
 R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+# RFC 1869 6 / RFC 5321 4.2.2: a parameter of an extension the client was not offered
+R_BINARYMIME = b"555 5.5.4 BODY=BINARYMIME not offered\r\n"
 # RFC 4954 4: the mechanism needs an encrypted leg to the client
 R_AUTHTLS = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
 
