@@ -64,13 +64,18 @@ class Intake:
         True once its end was seen."""
         data, done = self.client.take_data()
         if data:
-            self.seen(data)
-            if not self.error and not self.too_big:
-                try:
-                    message.write(data)
-                except OSError as exc:
-                    self.error = "couldn't write to cache file: %s" % exc.strerror
+            self.keep(message, data)
         return done
+
+    def keep(self, message: spool.Spool, data: bytes) -> None:
+        """Count the client's `data` and spool it, unless the message is
+        refused already (too big, or the spool failed): then it is dropped."""
+        self.seen(data)
+        if not self.error and not self.too_big:
+            try:
+                message.write(data)
+            except OSError as exc:
+                self.error = "couldn't write to cache file: %s" % exc.strerror
 
     def received(self, message: spool.Spool) -> tuple[str, Status] | None:
         """The whole message is in `message`: None, or the refusal the
@@ -117,12 +122,7 @@ class Intake:
             data = client.take_count(size)
             if data:
                 size -= len(data)
-                self.seen(data)
-                if not self.error and not self.too_big:
-                    try:
-                        message.write(data)
-                    except OSError as exc:
-                        self.error = "couldn't write to cache file: %s" % exc.strerror
+                self.keep(message, data)
                 del data
                 continue
             if client.eof:
