@@ -168,3 +168,41 @@ def test_header_values_from_milters_are_folded_with_crlf(value, space, folded):
 ])
 def test_replycode_is_checked_as_postfix_does(data, reply):
     assert reply_text(data) == reply
+
+
+def _strings_one_by_one(values) -> bytes:
+    """The encoding value by value, as it was before the one-join way."""
+    return b"".join(codec._bytes(value) + b"\0" for value in values)
+
+
+def _macro_one_by_one(stage: bytes, macros: dict) -> bytes:
+    flat: list = []
+    for name, value in macros.items():
+        flat += (name, value)
+    return codec.packet(codec.MACRO, stage + _strings_one_by_one(flat))
+
+
+# Any text (NULs and lone surrogates included), bytes mixed in.
+anything = st.one_of(st.text(max_size=20), st.binary(max_size=20),
+                     st.sampled_from(["", "\0", "a\0b", "\udcff", b"\0", "é"]))
+
+
+@given(st.lists(anything, max_size=6))
+def test_strings_in_one_join_are_the_value_by_value_encoding(values):
+    assert codec._strings(values) == _strings_one_by_one(values)
+
+
+@given(st.dictionaries(st.text(max_size=12), anything, max_size=5),
+       st.sampled_from([codec.CONNECT, codec.MAIL, codec.EOH, codec.BODYEOB]))
+def test_macros_in_one_join_are_the_value_by_value_encoding(macros, stage):
+    assert codec.macro(stage, macros) == _macro_one_by_one(stage, macros)
+
+
+@given(st.integers(min_value=0, max_value=0x1FFFFF),
+       st.sampled_from(["connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body",
+                        "eob"]))
+def test_the_no_reply_masks_are_the_stage_table(protocol, stage):
+    from proxsmtp.filters import milter
+    _, skip, no_reply = milter.STAGES[stage]
+    assert milter.NO_REPLY[stage] == skip | no_reply
+    assert (not protocol & milter.NO_REPLY[stage]) == (not protocol & (skip | no_reply))

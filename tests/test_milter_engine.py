@@ -229,6 +229,21 @@ def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
         assert stage in events
 
 
+def test_a_milter_without_replies_sees_the_message_as_one_with_replies(tmp_path, test_milter):
+    """The header fields of a milter that asks for no reply go held back as
+    one piece: the milter sees the same fields, body and macros, in order."""
+    seen = []
+    for noreply in (False, True):
+        milter = test_milter(noreply=noreply)
+        outcome, data = run_message(tmp_path, [milter.spec], [])
+        assert outcome.answer.action == "continue"
+        seen.append(([(e["event"], e.get("name"), e.get("value"), e.get("data"))
+                      for e in milter.events() if e["event"] in ("header", "eoh", "body")],
+                     [e.get("macros") for e in milter.events() if e["event"] == "eom"], data))
+    assert seen[0] == seen[1]
+    assert [name for _, name, _, _ in seen[1][0][:3]] == ["Subject", "From", "X-Folded"]
+
+
 def test_a_chain_of_two_each_sees_what_the_first_left(tmp_path, test_milter):
     one, two = test_milter(name="one"), test_milter(name="two")
     outcome, data = run_message(tmp_path, [one.spec, two.spec],

@@ -42,6 +42,9 @@ STAGES = {
     "eob": (codec.BODYEOB, 0, 0),
 }
 
+# stage: the SMFIP_* bits that mean no reply to it (skipped, or sent without reply)
+NO_REPLY = {stage: skip | no_reply for stage, (_, skip, no_reply) in STAGES.items()}
+
 # What milterchain.py does with a milter's end-of-message requests.
 ACTIONS = (codec.F_ADDHDRS | codec.F_CHGBODY | codec.F_ADDRCPT | codec.F_DELRCPT
            | codec.F_CHGHDRS | codec.F_QUARANTINE | codec.F_CHGFROM | codec.F_ADDRCPT_PAR)
@@ -193,8 +196,7 @@ class Milter:
 
     def replies(self, stage: str) -> bool:
         """The milter answers this stage (so the step waits)."""
-        _, skip, no_reply = STAGES[stage]
-        return not self.protocol & (skip | no_reply)
+        return not self.protocol & NO_REPLY[stage]
 
     @property
     def leadspace(self) -> bool:
@@ -213,7 +215,9 @@ class Milter:
 
     def queue(self, data: bytes) -> None:
         """A packet that expects no reply: held back (see `held`)."""
-        self._link()
+        link = self.link
+        if link is None or link.error:
+            self._link()
         self.held.append(data)
         self.held_size += len(data)
         if self.held_size >= HELD:
@@ -234,10 +238,14 @@ class Milter:
         """The stage's macros and its packet (when the milter takes it); whether
         a reply is due (then they are written at once, else held back).
         `command`: the packet, made by the caller."""
-        due = command is not None and self.replies(stage)
+        code, skip, no_reply = STAGES[stage]
+        protocol = self.protocol
+        due = command is not None and not protocol & (skip | no_reply)
+        if command is None or protocol & skip:
+            command = b""
         if macros:
-            self.queue(codec.macro(STAGES[stage][0], macros))
-        if command is not None and self.sends(stage):
+            command = codec.macro(code, macros) + command
+        if command:
             self.queue(command)
         if due:
             self.write(b"")

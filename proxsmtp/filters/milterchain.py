@@ -133,7 +133,10 @@ class MilterChain:
     @property
     def active(self) -> bool:
         """Some milter still takes part (or has an answer for every stage)."""
-        return any(slot.sticky is not None or not slot.gone for slot in self.slots)
+        for slot in self.slots:
+            if slot.sticky is not None or not slot.gone:
+                return True
+        return False
 
     def wants_reply(self, stage: str) -> bool:
         for slot in self.slots:
@@ -392,6 +395,9 @@ class MilterChain:
             slot.gone = True
 
 
+EOH, BODYEOB = codec.simple(codec.EOH), codec.simple(codec.BODYEOB)
+
+
 def _command(stage: str, *args) -> bytes:
     if stage == "connect":
         hostname, family, port, address = args
@@ -415,29 +421,34 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     goes in as few writes as its size allows."""
     if macros:                      # (libmilter takes macros for EOH, not for HEADER)
         milter.queue(codec.macro(codec.EOH, macros))
-    if milter.sends("header"):
-        due = milter.replies("header")
-        for name, value in draft.header_values(milter.leadspace):
-            milter.queue(codec.header(name, value))
-            if due:
+    protocol = milter.protocol      # (Milter.sends and Milter.replies, read once)
+    if not protocol & codec.P_NOHDRS:
+        fields = draft.header_values(milter.leadspace)
+        if protocol & codec.P_NR_HDR:       # no reply: the fields held back as one piece
+            packets = b"".join([codec.header(name, value) for name, value in fields])
+            if packets:
+                milter.queue(packets)
+        else:
+            for name, value in fields:
+                milter.queue(codec.header(name, value))
                 code, data = await milter.answer(timeout)
                 if code == codec.SKIP:          # the rest of the header fields
                     break
                 if code != codec.CONTINUE:
                     return code, data
-    if milter.sends("eoh"):
-        milter.queue(codec.simple(codec.EOH))
-        if milter.replies("eoh"):
+    if not protocol & codec.P_NOEOH:
+        milter.queue(EOH)
+        if not protocol & codec.P_NR_EOH:
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
-    if milter.sends("body"):
+    if not protocol & codec.P_NOBODY:
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
     if macros:
         milter.queue(codec.macro(codec.BODYEOB, macros))
-    milter.write(codec.simple(codec.BODYEOB))
+    milter.write(BODYEOB)
     return codec.BODYEOB, b""
 
 

@@ -9,7 +9,7 @@ a Decoder, no I/O: milter.py does the talking.
 from __future__ import annotations
 
 import struct
-from typing import Iterable
+from typing import Iterable, Sequence
 
 VERSION = 6                     # SMFI_PROT_VERSION of libmilter 8.14+
 MAX_PACKET = 2 * 1024 * 1024    # past libmilter's largest (MDS_1M body chunks), garbage
@@ -60,7 +60,20 @@ def packet(code: bytes, data: bytes = b"") -> bytes:
     return _LENGTH.pack(len(data) + 1) + code + data
 
 
-def _strings(values: Iterable[str | bytes]) -> bytes:
+def _strings(values: Sequence[str | bytes]) -> bytes:
+    """Each value NUL-terminated.  Text (what every stage but the header
+    fields passes) goes in one join and one encode; a NUL inside a value,
+    or bytes among the values, take the value-by-value way."""
+    try:
+        text = "\0".join(values)
+    except TypeError:
+        return _each_string(values)
+    if text.count("\0") != len(values) - 1 or not values:
+        return _each_string(values)
+    return text.encode("utf-8", "surrogateescape") + b"\0"
+
+
+def _each_string(values: Iterable[str | bytes]) -> bytes:
     return b"".join(_bytes(value) + b"\0" for value in values)
 
 
@@ -77,10 +90,15 @@ def optneg(version: int, actions: int, protocol: int) -> bytes:
 
 def macro(stage: bytes, macros: dict[str, str]) -> bytes:
     """SMFIC_MACRO: the macros for the command `stage` that follows."""
-    flat: list[str] = []
-    for name, value in macros.items():
-        flat += (name, value)
-    return packet(MACRO, stage + _strings(flat))
+    try:
+        text = "\0".join(map("\0".join, macros.items()))
+    except TypeError:
+        text = None
+    if text is None or text.count("\0") != 2 * len(macros) - 1:
+        data = stage + _each_string([item for pair in macros.items() for item in pair])
+    else:
+        data = stage + text.encode("utf-8", "surrogateescape") + b"\0"
+    return _LENGTH.pack(len(data) + 1) + MACRO + data
 
 
 def connect(hostname: str, family: bytes, port: int, address: str) -> bytes:
