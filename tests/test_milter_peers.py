@@ -189,6 +189,26 @@ CASES = [
     (Case("mail-reject", sender="reject@example.org"), {"mail": REJECTED}),
 ]
 
+# SMFIR_DISCARD before the end of the message: Postfix discards the whole
+# transaction (smtpd.c's check_milter_reply sets CLEANUP_FLAG_DISCARD, and
+# MILTER_SKIP_FLAGS then keeps every later stage of it from every milter);
+# the client hears success at each stage and nothing is queued.
+DISCARD_STAGES = ("mail", "rcpt", "data", "header", "eoh", "body")
+
+
+def discard_case(stage: str) -> Case:
+    if stage == "mail":
+        return Case("discard-mail", sender="discard@example.org")
+    if stage == "rcpt":
+        return Case("discard-rcpt", recipients=("discard@example.net", RECIPIENT))
+    return Case("discard-" + stage, sender="discard-%s@example.org" % stage)
+
+
+CASES += [(discard_case(stage), {"discarded": True}) for stage in DISCARD_STAGES]
+# what the milter is told of a transaction (not ABORT or QUIT, which come
+# when each MTA gets to them)
+TRANSACTION_EVENTS = ("mail", "rcpt", "data", "header", "eoh", "body", "eom")
+
 
 def check_postfix(outcome: Outcome, expected: dict) -> None:
     """Postfix's outcome is what the CASES table says."""
@@ -201,6 +221,9 @@ def check_postfix(outcome: Outcome, expected: dict) -> None:
     assert outcome.replies["message"][0] == 250, outcome.replies
     if expected.get("discarded"):
         assert outcome.headers is None, "a discarded message was queued"
+        # success at every stage: the client cannot tell
+        assert {code for code, _ in outcome.replies.values()} == {220, 250, 354}, \
+            outcome.replies
         return
     assert outcome.held == expected.get("held", False)
     assert outcome.sender == expected.get("sender", SENDER)
@@ -330,6 +353,19 @@ def verdicts(outcome: Outcome) -> dict[str, tuple[int, list[str] | None]]:
             for stage, (code, text) in outcome.replies.items()}
 
 
+def seen_by(milter, since: int) -> list[str]:
+    """The transaction's callbacks the test milter had, from event `since`
+    to the first transaction's end (the proxy's start-up probe and the
+    client's RSET after it make no callbacks of these)."""
+    seen = []
+    for event in milter.events()[since:]:
+        if event["event"] in ("abort", "close") and seen:
+            break
+        if event["event"] in TRANSACTION_EVENTS:
+            seen.append(event["event"])
+    return seen
+
+
 def same_as_postfix(ours: Outcome, postfix: Outcome) -> None:
     """The same verdict at each stage, and what was passed on: envelope,
     headers (names, values, order), body."""
@@ -343,8 +379,16 @@ def same_as_postfix(ours: Outcome, postfix: Outcome) -> None:
 def test_proxy_as_postfix_with_the_test_milter(postfix_test_milter, proxy, upstream, case,
                                                expected):
     server, milter = postfix_test_milter
+    reference_from = len(milter.events())
     reference = through_postfix(server, case)
-    ours = through_proxy(milter_proxy(proxy, upstream, milter), upstream, case)
+    px = milter_proxy(proxy, upstream, milter)
+    ours_from = len(milter.events())
+    ours = through_proxy(px, upstream, case)
+    if expected.get("discarded"):
+        # the milter heard nothing of the transaction after its discard
+        # from either (a discard at the header or body stage: nothing after
+        # the discarding header field or chunk)
+        assert seen_by(milter, ours_from) == seen_by(milter, reference_from), case.id
     if expected.get("held"):
         # Postfix holds a quarantined message in its queue; a proxy has none,
         # so it answers 451 (proxsmtpd.conf(5), Milters) and passes nothing on
@@ -363,6 +407,27 @@ def test_proxy_as_postfix_with_a_chain_of_two(postfix, test_milter, proxy, upstr
                  Case("chain-reject", ("first: reject", "second: addheader X-Never no")),
                  Case("chain-second", ("second: replycode 550 5.7.1 second says no",))):
         same_as_postfix(through_proxy(ours, upstream, case), through_postfix(server, case))
+
+
+def test_proxy_as_postfix_with_a_discard_in_a_chain_of_two(postfix, test_milter, proxy,
+                                                           upstream):
+    """A discard before the end of the message ends the transaction for the
+    whole chain: the second milter is not asked at that stage, nor at any
+    later one (it never sees a RCPT without its MAIL)."""
+    first, second = test_milter(name="first"), test_milter(name="second")
+    server = postfix(milters=[first.spec, second.spec])
+    ours = milter_proxy(proxy, upstream, first, second)
+    for stage in DISCARD_STAGES:
+        case = discard_case(stage)
+        since = len(first.events()), len(second.events())
+        reference = through_postfix(server, case)
+        middle = len(first.events()), len(second.events())
+        outcome = through_proxy(ours, upstream, case)
+        assert verdicts(outcome) == verdicts(reference), stage
+        assert outcome.headers is None and reference.headers is None
+        for milter, start, between in zip((first, second), since, middle):
+            assert seen_by(milter, between) == seen_by(milter, start), (stage, milter.name)
+    assert upstream.messages == []
 
 
 def test_proxy_as_postfix_with_rspamd(postfix, rspamd_milter, proxy, upstream):

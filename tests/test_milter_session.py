@@ -178,6 +178,51 @@ def test_each_verdict_at_the_end_of_the_message(proxy, upstream, test_milter, di
                     r"has no queue" % re.escape(milter.spec))
 
 
+DISCARDS = [("mail", "discard@x.test", ["b@y.test"]), ("rcpt", "a@x.test", ["discard@y.test"]),
+            ("data", "discard-data@x.test", ["b@y.test"]),
+            ("header", "discard-header@x.test", ["b@y.test"]),
+            ("eoh", "discard-eoh@x.test", ["b@y.test"]),
+            ("body", "discard-body@x.test", ["b@y.test"])]
+
+
+@pytest.mark.parametrize("stage, sender, recipients", DISCARDS, ids=[d[0] for d in DISCARDS])
+def test_a_discard_before_the_end_of_the_message_discards_the_transaction(
+        proxy, upstream, test_milter, stage, sender, recipients):
+    """As Postfix: the client hears success at each command and 250 for the
+    message, the server never gets DATA (RSET forgets what it had of the
+    transaction), the milters hear nothing more of it; logged DISCARDED
+    with the milter, and counted."""
+    milter = test_milter()
+    stats = "127.0.0.1:%d" % free_port()
+    px = start(proxy, upstream, milter, StatsListen=stats)
+    with px.connect() as client:
+        transaction(client, sender, recipients + ["c@y.test"])
+        assert client.cmd("DATA")[-1].startswith("354")
+        client.send(message() + b".\r\n")
+        assert client.reply() == ["250 2.0.0 Ok"]
+        # the next transaction is the milters' again
+        assert send_mail(client, "a@x.test", ["b@y.test"], message(), helo="RSET") == [OK]
+    [delivered] = upstream.wait_messages(1)
+    assert delivered.sender == "a@x.test"
+    verbs = upstream.verbs()
+    assert verbs.count("DATA") == 1 and verbs.index("RSET") < verbs.index("DATA")
+    line = px.wait_log(r"^proxsmtpd: \w+: client=.*status=DISCARDED$").group(0)
+    assert 'reply="250 2.0.0 Ok", milter=%s' % milter.spec in line, line
+    if stage in ("mail", "rcpt", "data"):
+        px.wait_log(r"milter %s discards the transaction at %s" % (re.escape(milter.spec),
+                                                                   stage.upper()))
+    px.wait_log(r"status=FILTERED")
+    seen = [e["event"] for e in milter.events()]
+    begun = seen.index("mail")
+    first = [event for event in seen[begun:seen.index("mail", begun + 1)]
+             if event in ("mail", "rcpt", "data", "header", "eoh", "body", "eom")]
+    assert first[-1] == stage and "eom" not in first, seen
+    samples = scrape(stats)
+    assert samples[("proxsmtpd_milter_actions_total",
+                    (("action", "discard"), ("milter", milter.spec)))] == 1
+    assert samples[("proxsmtpd_messages_total", (("status", "DISCARDED"),))] == 1
+
+
 def test_header_and_body_changes_reach_the_server(proxy, upstream, test_milter):
     milter = test_milter()
     px = start(proxy, upstream, milter)

@@ -144,7 +144,9 @@ class MilterStages:
         chain = self.chain
         if stage == "mail":
             self.in_transaction = True
-        if not chain.active:
+        if self.discard is not None or not chain.active:
+            # a discarded transaction is no milter's business any more
+            # (Postfix's MILTER_SKIP_FLAGS, smtpd.c)
             return then()
         macros = self.macros(stage, value)
         call = (args[0] if stage == "helo" else args, macros)
@@ -167,6 +169,8 @@ class MilterStages:
         """What the client hears instead of the server for a refused stage
         (None: the command goes on); a discard is kept for the message."""
         if answer.action == "discard":
+            log.info("%s: milter %s discards the transaction at %s", self.tag, answer.milter,
+                     stage.upper())
             self.discard = answer
             return None
         if answer.action not in REFUSALS:

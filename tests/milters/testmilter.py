@@ -14,7 +14,11 @@ What it does is chosen by what the test sends:
 - HELO/EHLO name `reject` or `tempfail`, a sender or a recipient whose
   local part is `reject` or `tempfail` (`reject@example.org`): refused at
   that stage with no text of its own (the MTA gives its default text);
-  local part `replycode`: refused with `550 5.1.1 <addr>: no such user here`.
+  local part `replycode`: refused with `550 5.1.1 <addr>: no such user here`;
+  local part `discard`: SMFIR_DISCARD at that stage (MAIL or RCPT).
+- a sender whose local part is `discard-data`, `discard-header`,
+  `discard-eoh` or `discard-body`: SMFIR_DISCARD at that later stage of
+  its transaction (at the first header field, the first body chunk).
 - each header `X-Test-Milter: [NAME:] ACTION [ARGS]`, acted on at the end of
   the message in the order given (only by the milter called NAME when a
   name is given):
@@ -49,8 +53,14 @@ import threading
 
 import Milter
 
-MACROS = ("j", "_", "i", "{daemon_name}", "{client_addr}", "{client_name}", "{client_port}",
-          "{mail_addr}", "{rcpt_addr}", "{tls_version}", "{cipher}", "{auth_authen}")
+# Every macro Postfix's milter_*_macros send by default, and the client's
+# that it sends when asked (a test compares what each MTA sends)
+MACROS = ("j", "_", "v", "i", "{daemon_name}", "{daemon_addr}", "{client_addr}",
+          "{client_name}", "{client_port}", "{client_ptr}", "{tls_version}", "{cipher}",
+          "{cipher_bits}", "{cert_subject}", "{cert_issuer}", "{auth_type}", "{auth_authen}",
+          "{auth_author}", "{mail_addr}", "{mail_host}", "{mail_mailer}", "{rcpt_addr}",
+          "{rcpt_host}", "{rcpt_mailer}")
+DISCARD_LATER = ("data", "header", "eoh", "body")
 NOREPLY = (Milter.P_NR_CONN | Milter.P_NR_HELO | Milter.P_NR_MAIL | Milter.P_NR_RCPT
            | Milter.P_NR_DATA | Milter.P_NR_UNKN | Milter.P_NR_EOH | Milter.P_NR_BODY
            | Milter.P_NR_HDR)
@@ -75,7 +85,7 @@ def libmilter_socket(spec: str) -> str:
 def refusal(address: str) -> str | None:
     """The refusal asked for by an address's (or a HELO name's) local part."""
     local = address.strip("<>").split("@", 1)[0].lower()
-    return local if local in ("reject", "tempfail", "replycode") else None
+    return local if local in ("reject", "tempfail", "replycode", "discard") else None
 
 
 class TestMilter(Milter.Base):
@@ -83,6 +93,7 @@ class TestMilter(Milter.Base):
 
     def __init__(self) -> None:
         self.directives: list[str] = []
+        self.discard_at = ""        # a later stage of the transaction that discards it
         self._protocol = 0
 
     def record(self, event: str, **fields: object) -> None:
@@ -127,8 +138,15 @@ class TestMilter(Milter.Base):
 
     def envfrom(self, sender, *params) -> int:
         self.directives = []
+        local = sender.strip("<>").split("@", 1)[0].lower()
+        stage = local[len("discard-"):] if local.startswith("discard-") else ""
+        self.discard_at = stage if stage in DISCARD_LATER else ""
         self.record("mail", args=[sender, *params])
         return self.answer(Milter.P_NR_MAIL, self.refuse("mail", sender))
+
+    def later(self, stage: str, flag: int) -> int:
+        """A later stage's answer: DISCARD if the sender asked for it here."""
+        return self.answer(flag, Milter.DISCARD if self.discard_at == stage else Milter.CONTINUE)
 
     def envrcpt(self, recipient, *params) -> int:
         self.record("rcpt", args=[recipient, *params])
@@ -136,21 +154,21 @@ class TestMilter(Milter.Base):
 
     def data(self) -> int:
         self.record("data")
-        return self.answer(Milter.P_NR_DATA, Milter.CONTINUE)
+        return self.later("data", Milter.P_NR_DATA)
 
     def header(self, name, value) -> int:
         self.record("header", name=name, value=value)
         if name.lower() == "x-test-milter":
             self.directives.append(value.strip())
-        return self.answer(Milter.P_NR_HDR, Milter.CONTINUE)
+        return self.later("header", Milter.P_NR_HDR)
 
     def eoh(self) -> int:
         self.record("eoh")
-        return self.answer(Milter.P_NR_EOH, Milter.CONTINUE)
+        return self.later("eoh", Milter.P_NR_EOH)
 
     def body(self, chunk) -> int:
         self.record("body", size=len(chunk), data=chunk.decode("utf-8", "replace"))
-        return self.answer(Milter.P_NR_BODY, Milter.CONTINUE)
+        return self.later("body", Milter.P_NR_BODY)
 
     def eom(self) -> int:
         self.record("eom", directives=self.directives)
