@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import smtplib
+import socket
 
 import postfix as throwaway
 import pytest
@@ -428,6 +429,76 @@ def test_proxy_as_postfix_with_a_discard_in_a_chain_of_two(postfix, test_milter,
         for milter, start, between in zip((first, second), since, middle):
             assert seen_by(milter, between) == seen_by(milter, start), (stage, milter.name)
     assert upstream.messages == []
+
+
+# The client's macros the proxy sends at connect besides Postfix's defaults
+# (milter_connect_macros): Postfix is asked for them too, to compare values.
+CONNECT_MACROS = "j {daemon_name} {daemon_addr} v _ {client_addr} {client_name} {client_port}"
+CALLBACKS = ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body", "eom")
+
+
+def macros_seen(milter, since: int) -> list[tuple[str, object, dict[str, str]]]:
+    """(callback, its arguments, the macros libmilter had for it) from event `since`."""
+    seen = []
+    for event in milter.events()[since:]:
+        if event["event"] not in CALLBACKS:
+            continue
+        arguments = {key: value for key, value in event.items()
+                     if key not in ("event", "macros", "milter", "pid")}
+        if event["event"] == "connect":     # (the client's port: each connection's own)
+            arguments["hostaddr"] = arguments["hostaddr"][0]
+        seen.append((event["event"], arguments, dict(event["macros"])))
+    return seen
+
+
+def without_differences(seen: list[tuple[str, object, dict[str, str]]], mta: str) -> list:
+    """The documented differences (proxsmtpd(8) MILTERS, Macros) checked and
+    taken out: `v` names each MTA; `i` is Postfix's queue id, which it has
+    only once its queue file is open (after the first accepted RCPT's milter
+    stage: smtpd_delay_open_until_valid_rcpt), and the proxy's session id
+    from MAIL on; {client_port} is each connection's own."""
+    kept = []
+    for callback, arguments, macros in seen:
+        assert macros.pop("v").startswith(mta + " "), macros
+        assert macros.pop("{client_port}").isdigit()
+        queue_id = macros.pop("i", None)
+        if callback in ("data", "eoh", "eom") or (mta == "proxsmtpd" and callback != "connect"
+                                                 and callback != "helo"):
+            assert queue_id, (mta, callback)
+        kept.append((callback, arguments, macros))
+    return kept
+
+
+def test_proxy_sends_the_macros_postfix_sends(postfix, test_milter, proxy, upstream):
+    """The same milter records every macro each MTA sends for the same client
+    and messages (Postfix with its default milter_*_macros, its own name the
+    proxy's, and no relayhost, so that {mail_host} and {rcpt_host} are the
+    domains): the same values, but for the documented differences."""
+    milter = test_milter(name="macros")
+    hostname = socket.getfqdn()
+    server = postfix(milters=[milter.spec], relayhost="", myhostname=hostname,
+                     milter_connect_macros=CONNECT_MACROS)
+    ours = milter_proxy(proxy, upstream, milter)
+    cases = [Case("macros", recipients=(RECIPIENT, "Second@Example.NET")),
+             Case("null-sender", sender="")]
+    seen = {}
+    for mta, run in (("Postfix", lambda case: through_postfix(server, case)),
+                     ("proxsmtpd", lambda case: through_proxy(ours, upstream, case))):
+        since = len(milter.events())
+        for case in cases:
+            assert run(case).final[0] == 250
+        seen[mta] = without_differences(macros_seen(milter, since), mta)
+    assert seen["proxsmtpd"] == seen["Postfix"]
+    connect = seen["Postfix"][0][2]
+    assert connect["{client_name}"] == "unknown" and connect["_"] == "unknown [127.0.0.1]"
+    assert connect["j"] == connect["{daemon_name}"] == hostname
+    rcpts = [macros for callback, _, macros in seen["Postfix"] if callback == "rcpt"]
+    assert [(m["{rcpt_addr}"], m["{rcpt_host}"]) for m in rcpts] == [
+        (RECIPIENT, "example.net"), ("second@example.net", "Example.NET"),
+        (RECIPIENT, "example.net")]
+    mails = [macros for callback, _, macros in seen["Postfix"] if callback == "mail"]
+    assert [(m["{mail_addr}"], m["{mail_host}"]) for m in mails] == [
+        (SENDER, "example.org"), ("", hostname)]
 
 
 def test_proxy_as_postfix_with_rspamd(postfix, rspamd_milter, proxy, upstream):

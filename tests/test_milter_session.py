@@ -13,6 +13,8 @@ the session no wait before the end of the message."""
 from __future__ import annotations
 
 import re
+import smtplib
+import socket
 import urllib.request
 
 import pytest
@@ -131,13 +133,19 @@ def test_the_milter_sees_the_real_client_and_the_macros(proxy, upstream, test_mi
     connect = [e for e in events(milter, "connect") if "192.0.2.7" in str(e["hostaddr"])]
     assert connect and connect[0]["hostname"] == "[192.0.2.7]"
     macros = connect[0]["macros"]
-    assert macros["{client_addr}"] == "192.0.2.7" and macros["{client_name}"] == "[192.0.2.7]"
-    assert macros["{daemon_name}"] == "proxsmtpd" and macros["j"]
+    # as Postfix gives them for a client without a verified reverse name
+    assert macros["{client_addr}"] == "192.0.2.7" and macros["{client_name}"] == "unknown"
+    assert macros["_"] == "unknown [192.0.2.7]" and macros["{client_port}"] == "40001"
+    assert macros["{daemon_addr}"] == "198.51.100.1"
+    assert macros["{daemon_name}"] == macros["j"] == socket.getfqdn()
+    assert macros["v"].startswith("proxsmtpd ")
     mail = events(milter, "mail")[0]
     assert mail["args"][0] == "<a@x.test>" and mail["macros"]["{mail_addr}"] == "a@x.test"
     assert mail["macros"]["i"] == tag
+    assert (mail["macros"]["{mail_host}"], mail["macros"]["{mail_mailer}"]) == ("x.test", "smtp")
     [rcpt] = events(milter, "rcpt")
     assert rcpt["macros"]["{rcpt_addr}"] == "b@y.test"
+    assert (rcpt["macros"]["{rcpt_host}"], rcpt["macros"]["{rcpt_mailer}"]) == ("y.test", "smtp")
     # RSET: ABORT (libmilter calls xxfi_abort only inside a transaction)
     wait_until(lambda: events(milter, "abort"), 10, what="ABORT")
 
@@ -415,13 +423,35 @@ def test_the_helo_stage_gets_the_tls_macros_after_starttls(proxy, upstream, test
         smtp.ehlo("client.example")
         assert smtp.starttls(context=test_tls.client_context(pki))[0] == 220
         smtp.ehlo("client.example")
-        version, cipher = smtp.sock.version(), smtp.sock.cipher()[0]
+        version, cipher, bits = smtp.sock.version(), *smtp.sock.cipher()[::2]
         smtp.sendmail("a@x.test", ["b@y.test"], message())
         smtp.quit()
     upstream.wait_messages(1)
     first, second = events(milter, "helo")
     assert "{tls_version}" not in first["macros"]
     assert second["macros"]["{tls_version}"] == version and second["macros"]["{cipher}"] == cipher
+    assert second["macros"]["{cipher_bits}"] == str(bits)
+    assert "{cert_subject}" not in second["macros"]
+
+
+def test_the_helo_stage_gets_the_tls_macros_under_tlswrapper(proxy, upstream, test_milter, pki):
+    """Implicit TLS on the client leg (TLSWrapper): the first HELO stage
+    already has them, as Postfix's smtpd_tls_wrappermode."""
+    milter = test_milter()
+    px = start(proxy, upstream, milter, TLSWrapper="on", **test_tls.tls_settings(pki))
+    with smtplib.SMTP_SSL(px.host, px.port, context=test_tls.client_context(pki),
+                          timeout=20) as smtp:
+        smtp.ehlo("client.example")
+        version, cipher, bits = smtp.sock.version(), *smtp.sock.cipher()[::2]
+        smtp.sendmail("a@x.test", ["b@y.test"], message())
+        smtp.ehlo("again.example")
+    upstream.wait_messages(1)
+    helos = events(milter, "helo")
+    assert [e["name"] for e in helos] == ["client.example", "again.example"]
+    for helo in helos:
+        assert (helo["macros"]["{tls_version}"], helo["macros"]["{cipher}"],
+                helo["macros"]["{cipher_bits}"]) == (version, cipher, str(bits))
+    assert version.startswith("TLSv1.")
 
 
 def test_a_mail_the_server_refuses_aborts_the_milters_transaction(proxy, make_upstream,

@@ -100,6 +100,16 @@ def resumed(transport: asyncio.BaseTransport | None) -> bool:
     return ssl_object is not None and ssl_object.session_reused
 
 
+def details(transport: asyncio.BaseTransport | None) -> tuple[str, str, int] | None:
+    """(protocol version, cipher, its secret bits) of a TLS transport, as
+    OpenSSL names them; None for plaintext."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    cipher = ssl_object.cipher() or ("", "", 0)
+    return ssl_object.version() or "", cipher[0], cipher[2]
+
+
 def describe(transport: asyncio.BaseTransport | None) -> str:
     """`TLSv1.3 TLS_AES_256_GCM_SHA384` for a TLS transport, '' for plaintext."""
     ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None

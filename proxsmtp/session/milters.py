@@ -23,10 +23,12 @@ import logging
 import time
 from typing import TYPE_CHECKING, Callable, Coroutine
 
+from .. import __version__
 from ..filters.milterchain import Answer, MilterChain, Outcome
 from ..message import datapath
 from ..message.envelope import Envelope
 from ..message.spool import Spool
+from ..net import tls
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
@@ -39,7 +41,8 @@ if TYPE_CHECKING:
 
 Then = Callable[[], Coroutine[None, None, None] | None]
 
-DAEMON_NAME = "proxsmtpd"
+VERSION = "proxsmtpd " + __version__        # the `v` macro (Postfix's "Postfix 3.7.11")
+MAILER = "smtp"         # {mail_mailer}, {rcpt_mailer}: every address goes on by SMTP
 REFUSALS = ("reject", "tempfail", "replycode", "quarantine")
 # Closing the milters of a session cut short (a shutdown): the tasks are
 # kept here until done, as asyncio holds only weak references to tasks.
@@ -49,7 +52,7 @@ _closing: set[asyncio.Task] = set()
 def arguments(line: bytes, address: str) -> list[str]:
     """MAIL's or RCPT's arguments as Postfix gives them to a milter:
     `<address>` then each ESMTP parameter, `KEYWORD=value`."""
-    return ["<%s>" % address] + [key if value is None else "%s=%s" % (key, value)
+    return ["<>" if address == "<>" else "<%s>" % address] + [key if value is None else "%s=%s" % (key, value)
                                  for key, value in esmtp_params(line)]
 
 
@@ -62,6 +65,7 @@ class MilterStages:
         self.tag = tag
         self.hostname = config.milter_hostname
         self.discard: Answer | None = None     # a discard before the end of the message
+        self.tls: dict[str, str] = {}          # the HELO stage's macros: the client leg's TLS
         self.in_transaction = False            # the milters have seen MAIL
         self.defaults_counted = 0              # chain.fallbacks already in /metrics
 
@@ -98,20 +102,41 @@ class MilterStages:
     # --- the stages -------------------------------------------------------------
 
     def macros(self, stage: str, value: str = "") -> dict[str, str]:
-        """The macros Postfix sends at each stage (milter_*_macros), of
-        those an operator's rules use."""
-        if stage == "connect":
-            ip = self.envelope.client_ip
-            return {"j": self.hostname, "{daemon_name}": DAEMON_NAME, "{client_addr}": ip,
-                    "{client_name}": "[%s]" % ip}
+        """The macros Postfix sends at each stage by default (its
+        milter_*_macros), with the values Postfix gives them where they need
+        no DNS and no routing of its own (proxsmtpd(8) MILTERS, Macros).  The
+        connect stage's are connect()'s, the HELO stage's hello()'s."""
+        if stage == "mail" or stage == "rcpt":
+            # the address as Postfix's resolver gives {mail_addr}/{rcpt_addr}
+            # (in lower case, the null sender empty), its domain as
+            # {mail_host}/{rcpt_host} (this host's name for an address without)
+            _, at, domain = value.rpartition("@")
+            if at:
+                address, host = value.lower(), domain
+            else:
+                address, host = "" if value == "<>" else value, self.hostname
+            if stage == "mail":
+                return {"i": self.tag, "{mail_addr}": address, "{mail_host}": host,
+                        "{mail_mailer}": MAILER}
+            return {"i": self.tag, "{rcpt_addr}": address, "{rcpt_host}": host,
+                    "{rcpt_mailer}": MAILER}
         if stage == "helo":
-            version, _, cipher = self.envelope.client_tls.partition(" ")
-            return {"{tls_version}": version, "{cipher}": cipher} if version else {}
-        if stage == "mail":
-            return {"i": self.tag, "{mail_addr}": value}
-        if stage == "rcpt":
-            return {"{rcpt_addr}": value}
+            return self.tls
         return {"i": self.tag}
+
+    def connect_macros(self, ip: str, port: int) -> dict[str, str]:
+        """The connect stage's: Postfix's (j, {daemon_name} as its default
+        $myhostname, {daemon_addr}, v, _) and the client's it sends when
+        asked ({client_addr}, {client_name}, {client_port}), as Postfix
+        gives them for a client without a verified reverse name: the proxy
+        looks up no names."""
+        address = "unknown" if ip == "UNKNOWN" else ip
+        local = self.envelope.local_ip
+        return {"j": self.hostname, "{daemon_name}": self.hostname,
+                "{daemon_addr}": "unknown" if local == "UNKNOWN" else local, "v": VERSION,
+                "_": "unknown [%s]" % address,
+                "{client_addr}": "IPv6:" + address if ":" in address else address,
+                "{client_name}": "unknown", "{client_port}": str(port)}
 
     async def connect(self, session: Session) -> None:
         """The connect stage, before the server is connected: the milters
@@ -126,7 +151,7 @@ class MilterStages:
             else session.peer
         port = source[1] if isinstance(source, tuple) and len(source) > 1 else 0
         answer = await self.timed("connect", self.chain.connect(
-            self.macros("connect"), "[%s]" % ip, family, int(port), ip))
+            self.connect_macros(ip, int(port)), "[%s]" % ip, family, int(port), ip))
         if answer.action in REFUSALS:
             reply = answer.reply or b"451 4.7.1 Service unavailable - try again later\r\n"
             code = b"554" if reply[:1] == b"5" else b"421"
@@ -190,6 +215,7 @@ class MilterStages:
             self.end_transaction()
         words = line.split()
         name = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
+        self.tls = tls_macros(session.client.transport)
         return self.stage(session, "helo", [name], name, then)
 
     async def data(self, session: Session) -> None:
@@ -251,6 +277,18 @@ class MilterStages:
         task = asyncio.ensure_future(self.chain.close())
         _closing.add(task)
         task.add_done_callback(_closing.discard)
+
+
+def tls_macros(transport: asyncio.BaseTransport | None) -> dict[str, str]:
+    """The HELO stage's macros of an encrypted client leg (STARTTLS or
+    TLSWrapper), as Postfix's: {tls_version}, {cipher}, {cipher_bits}.
+    ({cert_subject} and {cert_issuer} name a trusted client certificate,
+    and the proxy asks for none.)"""
+    details = tls.details(transport)
+    if details is None:
+        return {}
+    version, cipher, bits = details
+    return {"{tls_version}": version, "{cipher}": cipher, "{cipher_bits}": str(bits)}
 
 
 def _last_line(reply: bytes) -> str:
