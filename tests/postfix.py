@@ -22,7 +22,8 @@ main.cf parameter):
   client, MILTER_README), protocol 6, `milter_default_action = tempfail`
   unless a keyword says otherwise: the reference a milter test compares the
   proxy with;
-- STARTTLS offered with `tls=(cert_file, key_file)`; AUTH offered with
+- STARTTLS offered with `tls=(cert_file, key_file)` (implicit TLS, as
+  for port 465, with `smtpd_tls_wrappermode="yes"` too); AUTH offered with
   `sasl=True` (after STARTTLS only, as `smtpd_tls_auth_only` says; no
   credentials are accepted, and each attempt is logged as failed).
 
@@ -38,6 +39,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -143,6 +145,7 @@ class PostfixServer:
                             milter_default_action="tempfail")
         settings.update(main_cf)
         self.proxy_protocol = settings.get("smtpd_upstream_proxy_protocol") == "haproxy"
+        self.wrappermode = settings.get("smtpd_tls_wrappermode") == "yes"
         (self.config / "main.cf").write_text(
             "".join("%s = %s\n" % (name, value) for name, value in settings.items()))
         (self.config / "master.cf").write_text(
@@ -182,10 +185,15 @@ class PostfixServer:
 
     def _answers(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=2) as sock:
-                sock.settimeout(5)
+            with socket.create_connection((self.host, self.port), timeout=2) as plain:
+                plain.settimeout(5)
                 if self.proxy_protocol:     # it says nothing before the header
-                    sock.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 25\r\n")
+                    plain.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1 25\r\n")
+                sock = plain
+                if self.wrappermode:        # implicit TLS: the greeting comes after a handshake
+                    context = ssl.create_default_context()
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    sock = context.wrap_socket(plain)
                 greeting = sock.recv(512)
                 sock.sendall(b"QUIT\r\n")
                 # a milter's refusal at connect (milter_default_action with

@@ -19,8 +19,10 @@ import socket
 
 import postfix as throwaway
 import pytest
+import test_tls
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.slow]
+pki = test_tls.pki              # the test CA and certificates, a fixture
 
 SENDER = "sender@example.org"
 RECIPIENT = "rcpt@example.net"
@@ -499,6 +501,43 @@ def test_proxy_sends_the_macros_postfix_sends(postfix, test_milter, proxy, upstr
     mails = [macros for callback, _, macros in seen["Postfix"] if callback == "mail"]
     assert [(m["{mail_addr}"], m["{mail_host}"]) for m in mails] == [
         (SENDER, "example.org"), ("", hostname)]
+
+
+TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
+
+
+@pytest.mark.parametrize("implicit", [True, False], ids=["tlswrapper", "starttls"])
+def test_proxy_sends_the_tls_macros_postfix_sends(postfix, test_milter, proxy, upstream, pki,
+                                                  implicit):
+    """The same TLS client through Postfix (smtpd_tls_wrappermode, or
+    STARTTLS) and through the proxy (TLSWrapper, or STARTTLS): the HELO
+    stage's TLS macros, as the client saw its TLS, alike from both."""
+    milter = test_milter(name="tls")
+    wrapper = {"smtpd_tls_wrappermode": "yes"} if implicit else {}
+    server = postfix(milters=[milter.spec], tls=(str(pki.proxy.chain), str(pki.proxy.key)),
+                     **wrapper)
+    ours = proxy({"OutAddress": upstream.address, "Milters": milter.spec,
+                  "TLSWrapper": "on" if implicit else "off", **test_tls.tls_settings(pki)})
+    context = test_tls.client_context(pki)
+    seen = {}
+    for mta, host, port in (("Postfix", server.host, server.port),
+                            ("proxsmtpd", ours.host, ours.port)):
+        since = len(milter.events())
+        smtp = (smtplib.SMTP_SSL(host, port, context=context, timeout=30) if implicit
+                else smtplib.SMTP(host, port, timeout=30))
+        with smtp:
+            if not implicit:
+                smtp.ehlo("client.example")
+                smtp.starttls(context=context)
+            smtp.ehlo("client.example")
+            version, cipher, bits = smtp.sock.version(), *smtp.sock.cipher()[::2]
+            smtp.sendmail(SENDER, [RECIPIENT], Case("tls").message())
+        helo = [event["macros"] for event in milter.events()[since:]
+                if event["event"] == "helo"][-1]
+        seen[mta] = {name: helo[name] for name in TLS_MACROS if name in helo}
+        assert seen[mta] == {"{tls_version}": version, "{cipher}": cipher,
+                             "{cipher_bits}": str(bits)}, mta
+    assert seen["proxsmtpd"] == seen["Postfix"]
 
 
 def test_proxy_as_postfix_with_rspamd(postfix, rspamd_milter, proxy, upstream):
