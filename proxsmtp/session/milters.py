@@ -215,7 +215,8 @@ class MilterStages:
             self.end_transaction()
         words = line.split()
         name = words[1].decode("utf-8", "surrogateescape") if len(words) > 1 else ""
-        self.tls = tls_macros(session.client.transport)
+        if self.envelope.client_tls:
+            self.tls = tls_macros(session.client.transport)
         return self.stage(session, "helo", [name], name, then)
 
     async def data(self, session: Session) -> None:
