@@ -578,6 +578,25 @@ def test_a_milters_verdict_is_the_last_chunks_answer(client, server, test_milter
 
 @pytest.mark.e2e
 @pytest.mark.slow
+def test_a_discard_before_the_chunks_discards_the_chunked_message(client, server, test_milter):
+    """A milter's discard at RCPT (proxsmtpd(8) MILTERS, Verdicts): each
+    chunk is taken, the LAST is answered 250, the server gets RSET and no
+    BDAT, and the milter hears nothing of the message."""
+    milter = test_milter()
+    raw, p = client(Milters=milter.spec)
+    raw.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<discard@y.test>\r\n")
+    assert [r[:3] for r in raw.replies(2)] == [b"250", b"250"]
+    message = MILTER_BODY % b"addheader X-Never no"
+    raw.send(bdat(message[:10]) + bdat(message[10:], last=True) + b"NOOP\r\n")
+    assert raw.replies(3) == [b"250 2.0.0 10 octets received", b"250 2.0.0 Ok",
+                              b"250 2.1.0 Ok"]
+    assert server.messages == [] and b"RSET" in server.verbs() and b"BDAT" not in server.verbs()
+    p.wait_log(r"milter=%s, status=DISCARDED" % re.escape(milter.spec))
+    assert [e["event"] for e in milter.events() if e["event"] in ("data", "header", "eom")] == []
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_a_refusal_at_the_milters_data_stage_answers_the_first_chunk(client, server,
                                                                       bad_milter):
     milter = bad_milter("close", stage="data")
