@@ -52,8 +52,9 @@ _closing: set[asyncio.Task] = set()
 def arguments(line: bytes, address: str) -> list[str]:
     """MAIL's or RCPT's arguments as Postfix gives them to a milter:
     `<address>` then each ESMTP parameter, `KEYWORD=value`."""
-    return ["<>" if address == "<>" else "<%s>" % address] + [key if value is None else "%s=%s" % (key, value)
-                                 for key, value in esmtp_params(line)]
+    path = "<>" if address == "<>" else "<%s>" % address     # the null sender as it came
+    return [path] + [key if value is None else "%s=%s" % (key, value)
+                     for key, value in esmtp_params(line)]
 
 
 class MilterStages:
