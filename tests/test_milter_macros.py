@@ -74,6 +74,16 @@ def test_every_address_gives_its_macros(value):
         assert macros["{rcpt_addr}"] == ("" if value == "<>" else value)
 
 
+def test_auth_type_is_the_mechanism_the_server_accepted_as_written():
+    milters = stages()
+    milters.auth_tried(b"AUTH login\r\n")
+    assert "{auth_type}" not in milters.macros("mail", "a@x.test")     # not accepted yet
+    milters.auth_tried(b"AUTH PLAIN AGpvZQBzZWNyZXQ=\r\n")
+    milters.authenticated()
+    assert milters.macros("mail", "a@x.test")["{auth_type}"] == "PLAIN"
+    assert "{auth_type}" not in milters.macros("rcpt", "b@y.test")
+
+
 def test_the_null_sender_goes_to_the_milters_as_postfix_sends_it():
     assert arguments(b"MAIL FROM:<> BODY=8BITMIME\r\n", "<>") == ["<>", "BODY=8BITMIME"]
     assert arguments(b"MAIL FROM:<a@x.test>\r\n", "a@x.test") == ["<a@x.test>"]

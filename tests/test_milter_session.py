@@ -150,6 +150,24 @@ def test_the_milter_sees_the_real_client_and_the_macros(proxy, upstream, test_mi
     wait_until(lambda: events(milter, "abort"), 10, what="ABORT")
 
 
+def test_the_mail_stage_gets_auth_type_after_the_server_accepted_auth(proxy, upstream,
+                                                                       test_milter):
+    """{auth_type}: the mechanism of the AUTH the server accepted, as the
+    client wrote it (Postfix's sasl_method); no identity (the SASL exchange
+    is the server's, never read by the proxy)."""
+    milter = test_milter()
+    px = start(proxy, upstream, milter)
+    with px.connect() as client:
+        assert send_mail(client, "a@x.test", ["b@y.test"], message()) == [OK]
+        assert client.cmd("AUTH PLAIN AGpvZQBzZWNyZXQ=") == ["235 2.7.0 Authentication successful"]
+        assert send_mail(client, "c@x.test", ["b@y.test"], message(), helo="RSET") == [OK]
+    upstream.wait_messages(2)
+    before, after = events(milter, "mail")
+    assert "{auth_type}" not in before["macros"]
+    assert after["macros"]["{auth_type}"] == "PLAIN"
+    assert "{auth_authen}" not in after["macros"] and "{auth_author}" not in after["macros"]
+
+
 # --- the end of the message ------------------------------------------------------------------
 
 @pytest.mark.parametrize("directive, reply, status, delivered", [

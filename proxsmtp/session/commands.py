@@ -166,6 +166,8 @@ def smtp_AUTH(session: Session, line: bytes, verb: bytes) -> None:
         session.replies.answer(R_AUTHTLS)
         return
     session.auth_started = True
+    if session.milters is not None:
+        session.milters.auth_tried(line)
     session.server.write(line)
     session.replies.expect(ServerAnswers(verb, line))
 
@@ -445,6 +447,8 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
         if session.auth_started:
             log.debug("%s: client authenticated successfully", session.tag)
             session.authenticated = True
+            if session.milters is not None:
+                session.milters.authenticated()
         else:
             log.warning("%s: authentication success code without AUTH", session.tag)
     return lines

@@ -67,6 +67,8 @@ class MilterStages:
         self.hostname = config.milter_hostname
         self.discard: Answer | None = None     # a discard before the end of the message
         self.tls: dict[str, str] = {}          # the HELO stage's macros: the client leg's TLS
+        self.mechanism = ""                    # of the client's last AUTH command
+        self.auth_type = ""                    # {auth_type}: the mechanism that succeeded
         self.in_transaction = False            # the milters have seen MAIL
         self.defaults_counted = 0              # chain.fallbacks already in /metrics
 
@@ -117,13 +119,28 @@ class MilterStages:
             else:
                 address, host = "" if value == "<>" else value, self.hostname
             if stage == "mail":
-                return {"i": self.tag, "{mail_addr}": address, "{mail_host}": host,
-                        "{mail_mailer}": MAILER}
+                macros = {"i": self.tag, "{mail_addr}": address, "{mail_host}": host,
+                          "{mail_mailer}": MAILER}
+                if self.auth_type:
+                    macros["{auth_type}"] = self.auth_type
+                return macros
             return {"i": self.tag, "{rcpt_addr}": address, "{rcpt_host}": host,
                     "{rcpt_mailer}": MAILER}
         if stage == "helo":
             return self.tls
         return {"i": self.tag}
+
+    def auth_tried(self, line: bytes) -> None:
+        """The client's AUTH command (RFC 4954 4): its mechanism, for
+        {auth_type} once the server accepts it.  The SASL exchange itself is
+        the server's: the proxy reads no identity from it ({auth_authen},
+        {auth_author})."""
+        words = line.split()
+        self.mechanism = words[1].decode("ascii", "replace") if len(words) > 1 else ""
+
+    def authenticated(self) -> None:
+        """The server said 235: the client authenticated with that mechanism."""
+        self.auth_type = self.mechanism
 
     def connect_macros(self, ip: str, port: int) -> dict[str, str]:
         """The connect stage's: Postfix's (j, {daemon_name} as its default
