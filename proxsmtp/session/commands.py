@@ -413,7 +413,10 @@ def on_reply(session: Session, place: ServerAnswers, lines: list[bytes]) -> list
     """State changes for a whole server reply; what the client gets of it.
     (Session.on_reply: the reply queue calls it for each reply it places.)"""
     if lines[-1][:1] != b"2":
-        if place.verb == b"MAIL" and session.milters is not None:   # no transaction after all
+        # a refused MAIL leaves the milters no transaction, but for a nested
+        # one refused inside the server's (RFC 5321 4.1.4)
+        if (place.verb == b"MAIL" and session.milters is not None
+                and session.envelope.sender is None):
             session.milters.end_transaction()
         return lines
     verb, envelope = place.verb, session.envelope
