@@ -253,7 +253,9 @@ class MilterChain:
         """`family`: inet, inet6, unix or unknown (an inet address with a
         colon is sent as inet6)."""
         new = [slot for slot in self.slots if slot.milter is None and not slot.gone]
-        if new:
+        if len(new) == 1:
+            await self._open(new[0])
+        elif new:                       # connected side by side
             await asyncio.gather(*(self._open(slot) for slot in new))
         return await self._stage("connect", _command("connect", hostname, family, port, address),
                                  macros)
@@ -375,7 +377,7 @@ class MilterChain:
         self.in_mail = False
         self._transaction_over()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """SMFIC_QUIT to each milter, and its connection closed; or, for a
         milter in MilterReuse whose conversation ended cleanly (no step cut
         short, nothing owed or unread), SMFIC_QUIT_NC and the connection
