@@ -264,7 +264,9 @@ class Milter:
 
     def write(self, data: bytes) -> None:
         """`data` now, after what was held back."""
-        link = self._link()
+        link = self.link
+        if link is None or link.error:
+            self._link()
         if self.held:
             self.held.append(data)
             data = b"".join(self.held)
@@ -279,15 +281,16 @@ class Milter:
         `command`: the packet, made by the caller."""
         code, skip, no_reply = STAGES[stage]
         protocol = self.protocol
-        due = command is not None and not protocol & (skip | no_reply)
         if command is None or protocol & skip:
-            command = b""
+            due, command = False, b""
+        else:
+            due = not protocol & no_reply
         if macros:
             command = codec.macro(code, macros) + command
-        if command:
-            self.queue(command)
         if due:
-            self.write(b"")
+            self.write(command)
+        elif command:
+            self.queue(command)
         return due
 
     async def answer(self, timeout: float) -> tuple[bytes, bytes]:
