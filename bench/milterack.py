@@ -63,7 +63,7 @@ async def messages(spec: str, count: int, directory: str) -> float:
         outcome.message.remove()
         chain.abort()
     elapsed = time.perf_counter() - start
-    await chain.close()
+    chain.close()
     return count / elapsed
 
 

@@ -73,47 +73,69 @@ class Counter:
         return each
 
 
-async def session(messages: int, counter: Counter, directory: str) -> None:
-    from proxsmtp.message import datapath
+class Client:
+    """What MilterStages.connect reads of the session."""
+
+    proxy_header = None
+    peer = ("192.0.2.7", 4321)
+
+
+async def session(messages: int, counter: Counter, directory: str, sessions: bool,
+                  reuse: bool) -> None:
     from proxsmtp.message.envelope import Envelope
-    from proxsmtp.message.spool import Spool
     from proxsmtp.net.addresses import parse_milter
     from proxsmtp.process.config import Config
     from proxsmtp.session.milters import MilterStages
 
     server = await asyncio.start_server(milter, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = Config(Milters=(parse_milter("inet:127.0.0.1:%d" % port),))
-    envelope = Envelope(tag="4B2A1C", client_ip="192.0.2.7")
-    stages = MilterStages(config, envelope, "4B2A1C")
+    spec = (parse_milter("inet:127.0.0.1:%d" % port),)
+    config = Config(Milters=spec)
+    if reuse:
+        config.milter_reuse = frozenset([spec[0].spec])
     body = b"Subject: bench\r\nFrom: <a@example.org>\r\n\r\n" + b"x" * 76 + b"\r\n"
     body = body * (10240 // len(body))
-
-    class Session:
-        proxy_header = None
-        peer = ("192.0.2.7", 4321)
-
-    await stages.connect(Session)
-    assert stages.stage(Session, "helo", ["client.test"], "client.test", lambda: None) is None
+    stages = None
     for number in range(messages + 1):
         if number == 1:
             sys.settrace(counter)       # the first message warms up
-        envelope.sender, envelope.recipients = "a@example.org", ["b@example.org"]
-        assert stages.stage(Session, "mail", ["<a@example.org>"], "a@example.org",
-                            lambda: None) is None
-        assert stages.stage(Session, "rcpt", ["<b@example.org>"], "b@example.org",
-                            lambda: None) is None
-        assert await stages.data_stage(Session, datapath.FILTERED) is None
-        message = Spool(directory, in_memory=True)
-        message.write(body)
-        message.finish()
-        outcome = await stages.message(message, envelope, directory)
-        assert outcome.answer.action in ("accept", "continue"), outcome.answer
-        stages.end_transaction()
+        if stages is None:
+            envelope = Envelope(tag="4B2A1C", client_ip="192.0.2.7")
+            stages = MilterStages(config, envelope, "4B2A1C")
+            await stages.connect(Client)
+            assert stages.stage(Client, "helo", ["client.test"], "client.test",
+                                lambda: None) is None
+        await one_message(stages, envelope, body, directory)
+        if sessions:                    # the session ends: its milters closed (or kept)
+            stages.close()
+            stages = None
+            await asyncio.sleep(0)
     sys.settrace(None)
-    stages.close()
+    if stages is not None:
+        stages.close()
     await asyncio.sleep(0.05)
+    from proxsmtp.filters import milterpool
+    milterpool.close_idle()
     server.close()
+
+
+async def one_message(stages, envelope, body: bytes, directory: str) -> None:
+    """MAIL, RCPT, DATA, the end of the message, the transaction's end."""
+    from proxsmtp.message import datapath
+    from proxsmtp.message.spool import Spool
+
+    envelope.sender, envelope.recipients = "a@example.org", ["b@example.org"]
+    assert stages.stage(Client, "mail", ["<a@example.org>"], "a@example.org",
+                        lambda: None) is None
+    assert stages.stage(Client, "rcpt", ["<b@example.org>"], "b@example.org",
+                        lambda: None) is None
+    assert await stages.data_stage(Client, datapath.FILTERED) is None
+    message = Spool(directory, in_memory=True)
+    message.write(body)
+    message.finish()
+    outcome = await stages.message(message, envelope, directory)
+    assert outcome.answer.action in ("accept", "continue"), outcome.answer
+    stages.end_transaction()
 
 
 def main() -> int:
@@ -121,14 +143,20 @@ def main() -> int:
     parser.add_argument("--tree", default=os.path.dirname(HERE))
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sessions", action="store_true",
+                        help="one message per session: each connects (or, with --reuse, "
+                        "takes a kept connection), says connect and HELO, and closes")
+    parser.add_argument("--reuse", action="store_true", help="MilterReuse names the milter")
     args = parser.parse_args()
     tree = os.path.abspath(args.tree)
     sys.path.insert(0, tree)
     counter = Counter(os.path.join(tree, "proxsmtp"))
     with tempfile.TemporaryDirectory() as directory:
-        asyncio.run(session(args.messages, counter, directory))
+        asyncio.run(session(args.messages, counter, directory, args.sessions, args.reuse))
     n = args.messages
-    print("%s: per message, %d messages on one session" % (tree, n))
+    print("%s: per message, %d messages, %s%s" % (
+        tree, n, "a session each" if args.sessions else "on one session",
+        ", MilterReuse" if args.reuse else ""))
     print("bytecodes %.0f, Python calls %.1f" % (sum(counter.bytecodes.values()) / n,
                                                  sum(counter.calls.values()) / n))
     for name, count in counter.bytecodes.most_common(args.top):

@@ -73,7 +73,11 @@ FILTERS = {
 NODES = {"smtp": "filter-node", "smtp, node offers STARTTLS": "filter-node-tls"}
 # The milter configurations (no FilterCommand): the bench/milter.py peers each
 # one's `Milters:` names, in order.
-MILTERS = {"milter": ("milter-1",), "milter chain": ("milter-1", "milter-2")}
+MILTERS = {"milter": ("milter-1",), "milter, no reuse": ("milter-1",),
+           "milter chain": ("milter-1", "milter-2")}
+# Not in MilterReuse: a connection and an OPTNEG per client session, as for a
+# milter on libmilter (OpenDKIM, clamav-milter), which cannot take SMFIC_QUIT_NC.
+NO_REUSE = frozenset(("milter, no reuse",))
 
 # The baselines measured beside the proxy: the TCP-relay ceiling (haproxy),
 # Python's floor (an empty byte relay) and the contract floor (SMTP, no more).
@@ -178,7 +182,8 @@ class Bench:
                                              for milter in MILTERS[name])}
             # bench/milter.py takes SMFIC_QUIT_NC as rspamd does: its connections
             # are kept across client sessions (proxsmtpd(8) MILTERS)
-            settings["MilterReuse"] = settings["Milters"]
+            if name not in NO_REUSE:
+                settings["MilterReuse"] = settings["Milters"]
         else:
             settings = dict(FILTERS[name])
         if name in NODES:
@@ -466,10 +471,14 @@ class Bench:
         print("milter: %d sessions, %d messages of %d bytes, none and one milter; %d sessions"
               " held through two" % (a.parallel, a.messages, a.size, a.hold),
               file=sys.stderr, flush=True)
-        paths = {"none": "milter-none", "milter": "milter"}     # row -> its proxy
+        # row -> its proxy; the no-reuse row is for information (no target),
+        # and has no reused-sessions twin (one connection per session either way)
+        paths = {"none": "milter-none", "milter": "milter",
+                 "milter, no reuse": "milter-noreuse"}
         started = [self.start_proxy(proxy, row) for row, proxy in paths.items()]
         variants = [(row + (REUSED if same else ""), proxy, same)
-                    for same in (False, True) for row, proxy in paths.items()]
+                    for same in (False, True) for row, proxy in paths.items()
+                    if not (same and row in NO_REUSE)]
         runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
         try:
             for round_no in range(a.rounds):
@@ -481,7 +490,7 @@ class Bench:
         finally:
             for proxy in started:
                 self.stop(proxy)
-        table = self.table(runs, "per_second", ["none", "milter"])
+        table = self.table(runs, "per_second", ["none", "milter", "milter, no reuse"])
         table.update(self.table(runs, "per_second", ["none" + REUSED, "milter" + REUSED]))
         holds: list[dict] = []
         for _ in range(a.rounds):
@@ -845,6 +854,13 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                    " the message): %d parallel sessions, %d messages of %d bytes"
                    % (args.parallel, args.messages, args.size))
         out.extend(rows(results["milter"]["throughput"], "msg/s", ".1f", ".3f"))
+        table = results["milter"]["throughput"]
+        ratios = []
+        for path, none in (("milter", "none"), ("milter, no reuse", "none"),
+                           ("milter" + REUSED, "none" + REUSED)):
+            cpu, base = table.get(path, {}).get("cpu_us"), table.get(none, {}).get("cpu_us")
+            ratios.append("%s %s" % (path, fmt(cpu / base if cpu and base else None, ".2f")))
+        out.append("  CPU x none: " + ", ".join(ratios))
         held = results["milter"]["hold"]
         out.append("  (x direct: against none; CPU: the proxy's processes, not the milter's)")
         out.append("  milter chain (two): %s/%d sessions held; PSS idle %s MB, held %s MB,"

@@ -114,7 +114,7 @@ def test_bench_quick_run_produces_every_figure(tmp_path):
     assert tls["hold"]["held_pss_mb"] > tls["hold"]["idle_pss_mb"] > 0
 
     milter = results["milter"]           # bench/milter.py beside none, then a chain held
-    for path in ("none", "milter", "none, reused", "milter, reused"):
+    for path in ("none", "milter", "milter, no reuse", "none, reused", "milter, reused"):
         row = milter["throughput"][path]
         assert [run for run in row["runs"] if "error" in run] == []
         assert row["median"] > 0 and row["cpu_us"] > 0

@@ -123,6 +123,22 @@ def test_packets_split_anywhere_come_out_whole(packets, data):
     assert out == packets and not decoder.buffer
 
 
+@given(st.one_of(st.binary(max_size=40),
+                 st.tuples(st.sampled_from(sorted(codec.RESPONSES) + [b"Z"]),
+                           st.binary(max_size=40)).map(lambda packet: codec.packet(*packet))),
+       st.booleans(), st.integers(1, 64))
+def test_a_whole_answer_taken_at_once_is_the_packet_by_packet_split(data, any_code, limit):
+    """feed's one-packet way gives what the buffered split gives, errors included."""
+    def outcome(split: bool):
+        decoder = codec.Decoder(limit=limit, codes=None if any_code else codec.RESPONSES)
+        try:
+            packets = decoder._split(data) if split else decoder.feed(data)
+        except codec.CodecError as exc:
+            return "error", str(exc)
+        return packets, bytes(decoder.buffer)
+    assert outcome(False) == outcome(True)
+
+
 @given(st.lists(st.binary(max_size=64), max_size=10))
 def test_the_decoder_survives_any_bytes(pieces):
     decoder = codec.Decoder(limit=1000)

@@ -75,7 +75,7 @@ def run_message(tmp_path, specs, directives, **options):
             chain.abort()
             return outcome, data
         finally:
-            await chain.close()
+            chain.close()
     return asyncio.run(go())
 
 
@@ -172,7 +172,7 @@ def test_early_refusals_answer_their_stage(tmp_path, test_milter):
             try:
                 return await envelope(chain, rcpt)
             finally:
-                await chain.close()
+                chain.close()
         answer = asyncio.run(go())
         assert (answer.action, answer.reply) == (reject_word(rcpt), reply)
 
@@ -188,7 +188,7 @@ def test_a_refusal_at_connect_answers_every_later_stage(test_milter):
         chain = chain_of(milter.spec)
         answers = [await chain.connect({}, "c", "inet", 1, "192.0.2.1"),
                    await chain.helo("c", {}), await chain.mail(["<a@b>"], {})]
-        await chain.close()
+        chain.close()
         return answers
     answers = asyncio.run(go())
     assert {(a.action, a.reply) for a in answers} == {("reject", b"550 5.7.1 Command rejected\r\n")}
@@ -219,7 +219,7 @@ def test_no_reply_stages_cost_no_wait(tmp_path, test_milter):
         outcome = await chain.message(spool(tmp_path, ["addheader X-Late yes"]), {}, "<a@b>",
                                       ["<c@d>"], str(tmp_path))
         outcome.message.remove()
-        await chain.close()
+        chain.close()
         return wanted, outcome
     wanted, outcome = asyncio.run(go())
     assert wanted == [False] * 4
@@ -277,7 +277,7 @@ def test_body_chunks_are_at_most_65535_bytes(tmp_path, test_milter):
         message = spool(tmp_path, [], body)
         outcome = await chain.message(message, {}, "<a@b>", ["<c@d>"], str(tmp_path))
         outcome.message.remove()
-        await chain.close()
+        chain.close()
     asyncio.run(go())
     sizes = [e["size"] for e in milter.events() if e["event"] == "body"]
     assert max(sizes) == codec.BODY_CHUNK and sum(sizes) == len(body)
@@ -343,7 +343,7 @@ def run_scripted(tmp_path, scripted: Scripted, directives: list[str], body=None)
             outcome.message.remove()
             return outcome, data
         finally:
-            await chain.close()
+            chain.close()
             server.close()
     return asyncio.run(go())
 
@@ -421,7 +421,7 @@ def test_no_reply_and_skip_flags_are_honoured(tmp_path):
             outcome.message.remove()
             return answers, wanted, outcome
         finally:
-            await chain.close()
+            chain.close()
             server.close()
     answers, wanted, outcome = asyncio.run(go())
     assert [answer.action for answer in answers] == ["continue"] * 5
@@ -453,7 +453,7 @@ def test_a_malformed_verdict_is_a_protocol_error(tmp_path, caplog, default, acti
             outcome.message.remove()
             return spec, outcome, data
         finally:
-            await chain.close()
+            chain.close()
             server.close()
     spec, outcome, data = asyncio.run(go())
     assert outcome.answer.action == action and b"X-Broken" not in data

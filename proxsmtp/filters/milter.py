@@ -10,12 +10,15 @@ packet goes, nobody waits).  A step is the stage's macros (SMFIC_MACRO, sent
 even for a stage the milter skips, as Postfix does), its packet, and, when
 a reply is due, the wait for it, which SMFIR_PROGRESS restarts.
 
-TCP_NODELAY: every step is a small packet the milter waits for.
-TCP_QUICKACK, set again after every read (Linux clears it when it sees a
-request/response pattern): most milters write their answers in several
-small packets (edits, then the verdict) without TCP_NODELAY, so the second
-one waits for our ACK, which a delayed ACK holds back for up to 40 ms
-(bench/milterack.py; the figures are in docs/BEHAVIOUR.md, "Milters").
+TCP_NODELAY: every step is a small packet the milter waits for (the event
+loop sets it on the connections it makes; uvloop on every TCP transport).
+TCP_QUICKACK, set again after every read that leaves the milter's answer
+unfinished (Linux clears it when it sees a request/response pattern): most
+milters write their answers in several small packets (edits, then the
+verdict) without TCP_NODELAY, so the second one waits for our ACK, which a
+delayed ACK holds back for up to 40 ms (bench/milterack.py; the figures are
+in docs/BEHAVIOUR.md, "Milters").  A read that ends with the answer's last
+packet (a verdict, OPTNEG's) leaves nothing waiting for that ACK.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import asyncio
 import socket
 from collections import deque
 
-from ..net import addresses, destination
+from ..net import addresses, channel, destination
+from ..net.waits import within
 from . import miltercodec as codec
 
 TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 12)
@@ -57,9 +61,30 @@ PROTOCOL = (codec.P_NOCONNECT | codec.P_NOHELO | codec.P_NOMAIL | codec.P_NORCPT
             | codec.P_NR_HELO | codec.P_NR_MAIL | codec.P_NR_RCPT | codec.P_NR_DATA
             | codec.P_NR_UNKN | codec.P_NR_EOH | codec.P_NR_BODY | codec.P_HDR_LEADSPC)
 
+# Packets after which the milter has more to say (SMFIR_PROGRESS, an end of
+# message's change requests): a read that ends with one wants its ACK now.
+MORE = frozenset((codec.PROGRESS, codec.ADDHEADER, codec.INSHEADER, codec.CHGHEADER,
+                  codec.REPLBODY, codec.CHGFROM, codec.ADDRCPT, codec.ADDRCPT_PAR,
+                  codec.DELRCPT, codec.QUARANTINE, codec.SETSYMLIST))
+
 QUIT_NC = codec.simple(codec.QUIT_NC)
+OPTNEG = codec.optneg(codec.VERSION, ACTIONS, PROTOCOL)
 NODELAY = QUICKACK = True       # bench/milterack.py turns them off to measure them
 HELD = 64 * 1024                # bytes of packets without reply held back at most
+
+
+def _destination(address: addresses.MilterAddress) -> addresses.Address:
+    """Where a milter is, as an Address (made once per milter: its `is_ip`
+    is worked out once)."""
+    dest = _DESTINATIONS.get(address)
+    if dest is None:
+        dest = _DESTINATIONS[address] = (
+            addresses.Address(path=address.path) if address.family == "unix"
+            else addresses.Address(address.host, address.port))
+    return dest
+
+
+_DESTINATIONS: dict[addresses.MilterAddress, addresses.Address] = {}
 
 
 class MilterError(Exception):
@@ -83,9 +108,8 @@ class _Link(asyncio.Protocol):
         self.transport = transport
         self.sock = transport.get_extra_info("socket")
         if self.sock is not None and self.sock.family != socket.AF_UNIX:
-            if NODELAY:
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.quickack()
+            if not (NODELAY and channel.SETS_NODELAY):
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(NODELAY))
         else:
             self.sock = None
 
@@ -97,11 +121,15 @@ class _Link(asyncio.Protocol):
                 self.sock = None
 
     def data_received(self, data: bytes) -> None:
-        self.quickack()
+        decoder = self.decoder
         try:
-            self.packets.extend(self.decoder.feed(data))
+            packets = decoder.feed(data)
         except codec.CodecError as exc:
             self.fail("protocol error: %s" % exc)
+            return
+        if decoder.buffer or not packets or packets[-1][0] in MORE:
+            self.quickack()
+        self.packets.extend(packets)
         self.wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -147,6 +175,7 @@ class Milter:
         # of the message costs one send per message, not one per command.
         self.held: list[bytes] = []
         self.held_size = 0
+        self.loop: asyncio.AbstractEventLoop | None = None     # the one it was opened on
         self.reused = False             # taken from the worker's pool (milterpool.py)
         self.expires = 0.0           # in the pool: loop time it is to be closed
 
@@ -156,22 +185,32 @@ class Milter:
 
     async def open(self) -> None:
         """Connect and negotiate; MilterError if either fails."""
-        address = self.address
-        if address.family == "unix":
-            dest = addresses.Address(path=address.path)
+        dest = _destination(self.address)
+        loop = self.loop = asyncio.get_running_loop()
+        link = _Link()
+        if dest.is_unix or dest.is_ip:
+            # The event loop's own connect (uvloop: libuv's), as the server's
+            # connection is made: no Python socket to make and watch.
+            connecting = (loop.create_unix_connection(lambda: link, dest.path) if dest.is_unix
+                          else loop.create_connection(lambda: link, dest.host, dest.port))
+            try:
+                await within(self.timeout, connecting, loop)
+            except OSError as exc:       # TimeoutError included
+                raise MilterError("connect to milter %s failed: %s"
+                                  % (dest, destination.connect_failure(exc))) from None
         else:
-            dest = addresses.Address(address.host, address.port)
-        try:
-            sock, _ = await destination.dial(dest, self.timeout, None, "", "milter")
-        except destination.DestinationError as exc:
-            raise MilterError(str(exc)) from None
-        self.link = _Link()
-        try:
-            await asyncio.get_running_loop().create_connection(lambda: self.link, sock=sock)
-        except OSError as exc:
-            sock.close()
-            raise MilterError("connect failed: %s" % destination.connect_failure(exc)) from None
-        self.write(codec.optneg(codec.VERSION, ACTIONS, PROTOCOL))
+            try:
+                sock, _ = await destination.dial(dest, self.timeout, None, "", "milter")
+            except destination.DestinationError as exc:
+                raise MilterError(str(exc)) from None
+            try:
+                await loop.create_connection(lambda: link, sock=sock)
+            except OSError as exc:
+                sock.close()
+                raise MilterError("connect failed: %s"
+                                  % destination.connect_failure(exc)) from None
+        self.link = link
+        self.write(OPTNEG)
         code, data = await self.answer(self.timeout)
         if code != codec.OPTNEG:
             raise self.broken("OPTNEG answered with %r" % code)
@@ -225,7 +264,9 @@ class Milter:
 
     def write(self, data: bytes) -> None:
         """`data` now, after what was held back."""
-        link = self._link()
+        link = self.link
+        if link is None or link.error:
+            self._link()
         if self.held:
             self.held.append(data)
             data = b"".join(self.held)
@@ -240,15 +281,16 @@ class Milter:
         `command`: the packet, made by the caller."""
         code, skip, no_reply = STAGES[stage]
         protocol = self.protocol
-        due = command is not None and not protocol & (skip | no_reply)
         if command is None or protocol & skip:
-            command = b""
+            due, command = False, b""
+        else:
+            due = not protocol & no_reply
         if macros:
             command = codec.macro(code, macros) + command
-        if command:
-            self.queue(command)
         if due:
-            self.write(b"")
+            self.write(command)
+        elif command:
+            self.queue(command)
         return due
 
     async def answer(self, timeout: float) -> tuple[bytes, bytes]:
@@ -256,7 +298,7 @@ class Milter:
         if self.held:
             self.write(b"")
         link = self.link
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while True:
             while not link.packets:
                 if link.error:
@@ -281,7 +323,7 @@ class Milter:
         link = self.link
         if link is None or not link.paused:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         while link.paused and not link.error:
             waiter = link.waiter = loop.create_future()
             timer = loop.call_later(timeout, _expire, waiter)

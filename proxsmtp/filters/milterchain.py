@@ -253,7 +253,9 @@ class MilterChain:
         """`family`: inet, inet6, unix or unknown (an inet address with a
         colon is sent as inet6)."""
         new = [slot for slot in self.slots if slot.milter is None and not slot.gone]
-        if new:
+        if len(new) == 1:
+            await self._open(new[0])
+        elif new:                       # connected side by side
             await asyncio.gather(*(self._open(slot) for slot in new))
         return await self._stage("connect", _command("connect", hostname, family, port, address),
                                  macros)
@@ -375,7 +377,7 @@ class MilterChain:
         self.in_mail = False
         self._transaction_over()
 
-    async def close(self) -> None:
+    def close(self) -> None:
         """SMFIC_QUIT to each milter, and its connection closed; or, for a
         milter in MilterReuse whose conversation ended cleanly (no step cut
         short, nothing owed or unread), SMFIC_QUIT_NC and the connection
@@ -418,37 +420,40 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     milter; a reply that ends the message early (anything but continue, or
     SMFIR_SKIP in the body), or (BODYEOB, b"") when the end of body was sent
     and its answers are to be read.  What expects no reply is held back and
-    goes in as few writes as its size allows."""
-    if macros:                      # (libmilter takes macros for EOH, not for HEADER)
-        milter.queue(codec.macro(codec.EOH, macros))
+    goes in as few writes as its size allows: what leads up to the body
+    (macros, the fields, EOH) as one piece when nothing in it is answered."""
+    # (libmilter takes macros for EOH, not for HEADER: they go first)
+    ahead = [codec.macro(codec.EOH, macros)] if macros else []
     protocol = milter.protocol      # (Milter.sends and Milter.replies, read once)
     if not protocol & codec.P_NOHDRS:
         fields = draft.header_values(milter.leadspace)
-        if protocol & codec.P_NR_HDR:       # no reply: the fields held back as one piece
-            packets = b"".join([codec.header(name, value) for name, value in fields])
-            if packets:
-                milter.queue(packets)
+        if protocol & codec.P_NR_HDR:       # no reply: the fields held back with the rest
+            ahead += [codec.header(name, value) for name, value in fields]
         else:
             for name, value in fields:
-                milter.queue(codec.header(name, value))
+                ahead.append(codec.header(name, value))
+                milter.queue(b"".join(ahead))
+                ahead = []
                 code, data = await milter.answer(timeout)
                 if code == codec.SKIP:          # the rest of the header fields
                     break
                 if code != codec.CONTINUE:
                     return code, data
     if not protocol & codec.P_NOEOH:
-        milter.queue(EOH)
+        ahead.append(EOH)
         if not protocol & codec.P_NR_EOH:
+            milter.queue(b"".join(ahead))
+            ahead = []
             code, data = await milter.answer(timeout)
             if code != codec.CONTINUE:
                 return code, data
+    if ahead:
+        milter.queue(b"".join(ahead))
     if not protocol & codec.P_NOBODY:
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
-    if macros:
-        milter.queue(codec.macro(codec.BODYEOB, macros))
-    milter.write(BODYEOB)
+    milter.write(codec.macro(codec.BODYEOB, macros) + BODYEOB if macros else BODYEOB)
     return codec.BODYEOB, b""
 
 

@@ -198,6 +198,18 @@ class Decoder:
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """Each (code, data) that `data` completes, in order."""
+        # Most reads are one whole answer (a verdict): taken as it is, without
+        # the buffer (tests/test_milter_codec.py holds it to `_split`).
+        if not self.buffer and type(data) is bytes and len(data) > 4:
+            length = _LENGTH.unpack_from(data)[0]
+            if length + 4 == len(data) and length <= self.limit:
+                code = data[4:5]
+                if self.codes is None or code in self.codes:
+                    return [(code, data[5:])]
+        return self._split(data)
+
+    def _split(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """`feed`, for any bytes: buffered, packet by packet."""
         buffer = self.buffer
         buffer += data
         start, packets = 0, []

@@ -92,11 +92,12 @@ class Draft:
         self.body: Spool | None = None       # a replacement body, not dot-stuffed
         self.changed = False
 
-    def header_values(self, leadspace: bool) -> Iterator[tuple[bytes, bytes]]:
-        for name, value in self.headers:
-            if not leadspace and value[:1] == b" ":
-                value = value[1:]
-            yield name, value
+    def header_values(self, leadspace: bool) -> list[tuple[bytes, bytes]]:
+        """(name, value) of each field, the value's first space dropped
+        unless the milter takes it (SMFIP_HDR_LEADSPC)."""
+        if leadspace:
+            return [(name, value) for name, value in self.headers]
+        return [(name, value[1:] if value[:1] == b" " else value) for name, value in self.headers]
 
     def body_chunks(self) -> Iterator[bytes]:
         """The body as milters get it, in chunks of at most BODY_CHUNK."""

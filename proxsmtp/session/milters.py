@@ -18,7 +18,6 @@ the Transfer's (message/milterstep.py), handed this object.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Callable, Coroutine
@@ -44,9 +43,6 @@ Then = Callable[[], Coroutine[None, None, None] | None]
 VERSION = "proxsmtpd " + __version__        # the `v` macro (Postfix's "Postfix 3.7.11")
 MAILER = "smtp"         # {mail_mailer}, {rcpt_mailer}: every address goes on by SMTP
 REFUSALS = ("reject", "tempfail", "replycode", "quarantine")
-# Closing the milters of a session cut short (a shutdown): the tasks are
-# kept here until done, as asyncio holds only weak references to tasks.
-_closing: set[asyncio.Task] = set()
 
 
 def arguments(line: bytes, address: str) -> list[str]:
@@ -291,11 +287,9 @@ class MilterStages:
         self.defaults_counted = 0
 
     def close(self) -> None:
-        """The session is over: QUIT to each milter (not awaited: the
-        session's end waits for nothing)."""
-        task = asyncio.ensure_future(self.chain.close())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        """The session is over: QUIT to each milter (or QUIT_NC, kept), and
+        nothing awaited: the session's end waits for nothing."""
+        self.chain.close()
 
 
 def tls_macros(transport: asyncio.BaseTransport | None) -> dict[str, str]:
