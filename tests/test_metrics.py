@@ -15,13 +15,14 @@ import urllib.error
 import urllib.request
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title, wait_until,
+                     write_config)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title,
-                     wait_until, write_config)
-from proxsmtp.process import exporter, stats
 from proxsmtp.net.proxyproto import build
+from proxsmtp.process import exporter, stats
 
 
 def scrape(px, path: str = "/metrics") -> dict:
@@ -66,6 +67,10 @@ def metered(proxy, upstream):
         merged.update(settings or {})
         px = proxy(merged, **kwargs)
         px.stats = "127.0.0.1:%d" % port
+        # The start's own probe (harness.answers) is a session that ends
+        # after the proxy returned; a worker's title shows its count only a
+        # moment later (worker.TITLE_EVERY), the gauge at once.
+        idle(px)
         wait_until(lambda: all("[0 sessions]" in t for t in px.children().values()), 10,
                    what="idle workers")
         return px
