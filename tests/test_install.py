@@ -22,10 +22,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-import netns
 import pytest
-from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process, title,
-                     wait_until)
+
+import netns
+from harness import (REPO, RecordingServer, children, free_port, pid_alive, stop_process,
+                     title, wait_until)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

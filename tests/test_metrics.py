@@ -15,14 +15,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title, wait_until,
-                     write_config)
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxsmtp.net.proxyproto import build
+from harness import (REPO, Client, detached, free_port, run_proxsmtpd, send_mail, title,
+                     wait_until, write_config)
 from proxsmtp.process import exporter, stats
+from proxsmtp.net.proxyproto import build
 
 
 def scrape(px, path: str = "/metrics") -> dict:
