@@ -50,8 +50,13 @@ deps:
 	  else echo "warning: missing Debian packages:$$missing (tests that need them are skipped)" >&2; fi; \
 	fi
 
+# pytest-xdist's workers: most of a test's time is spent waiting on its peers
+# (a proxsmtpd, Postfix or a milter starting, a timeout running out), so
+# more workers than cores.  Each test runs once, in one of them.
+TEST_JOBS ?= 4
+
 test: venv deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) tests
 
 # The quick loop: every test but the slow ones (pytest.ini; README.md, "Tests").
 .PHONY: test-quick

@@ -17,6 +17,7 @@ setup(
         "uvloop>=0.17",
         "prometheus-client>=0.16",
     ],
-    extras_require={"test": ["pytest>=7", "aiosmtpd>=1.4", "hypothesis>=6", "trustme>=0.9"]},
+    extras_require={"test": ["pytest>=7", "aiosmtpd>=1.4", "hypothesis>=6", "trustme>=0.9",
+                             "pytest-xdist>=3"]},
     entry_points={"console_scripts": ["proxsmtpd = proxsmtp.cli:main"]},
 )

@@ -15,11 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import milterpeers  # noqa: E402
 from harness import Proxy, RecordingServer, SmtpSink  # noqa: E402
+
+# Hypothesis fails an example slower than its deadline (200 ms by default),
+# a timing assertion: with `make test`'s workers sharing the machine's cores
+# (pytest-xdist, Makefile) a property would fail for the load, not for what
+# it asserts.  Loaded before any test module makes its own settings, which
+# inherit it.
+settings.register_profile("proxsmtpd", deadline=None)
+settings.load_profile("proxsmtpd")
 
 # The milter peers' fixtures (tests/milterpeers.py), for every test module.
 test_milter = milterpeers.test_milter

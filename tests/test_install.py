@@ -381,6 +381,17 @@ def init_script(staged, tmp_path):
         script.cleanup()
 
 
+def settled_workers(master: int, wanted, what: str = "two workers") -> dict[int, str]:
+    """The master's two workers once each has its own title: a worker just
+    forked still carries the master's until it sets its own (pool.py), so
+    a count of children alone can be taken before that."""
+    def found() -> dict[int, str]:
+        workers = children(master)
+        named = all(name.startswith("proxsmtpd: worker ") for name in workers.values())
+        return workers if len(workers) == 2 and named and wanted(workers) else {}
+    return wait_until(found, 20, what=what)
+
+
 def test_init_script_start_status_reload_stop(init_script, tmp_path):
     server = RecordingServer()
     port = free_port()
@@ -397,8 +408,7 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
         master = init.pid()
         assert pid_alive(master)
         assert title(master) == "proxsmtpd: master -f %s" % init.config
-        workers = wait_until(lambda: len(children(master)) == 2 and children(master), 20,
-                             what="two workers")
+        workers = settled_workers(master, lambda found: True)
         assert sorted(workers.values()) == ["proxsmtpd: worker 1 [0 sessions]",
                                             "proxsmtpd: worker 2 [0 sessions]"]
         status = init("status")
@@ -414,9 +424,8 @@ def test_init_script_start_status_reload_stop(init_script, tmp_path):
         reloaded = init("reload")
         assert reloaded.returncode == 0, reloaded.stderr
         # workers are replaced one by one (at most Workers x 3 alive): wait for all
-        fresh = wait_until(lambda: not set(children(master)) & set(workers) and
-                           len(children(master)) == 2 and children(master), 20,
-                           what="workers replaced after SIGHUP")
+        fresh = settled_workers(master, lambda found: not set(found) & set(workers),
+                                "workers replaced after SIGHUP")
         assert sorted(fresh.values()) == ["proxsmtpd: worker 3 [0 sessions]",
                                           "proxsmtpd: worker 4 [0 sessions]"]
         assert init.pid() == master and init("status").returncode == 0

@@ -66,6 +66,10 @@ def metered(proxy, upstream):
         merged.update(settings or {})
         px = proxy(merged, **kwargs)
         px.stats = "127.0.0.1:%d" % port
+        # The start's own probe (harness.answers) is a session that ends
+        # after the proxy returned; a worker's title shows its count only a
+        # moment later (worker.TITLE_EVERY), the gauge at once.
+        idle(px)
         wait_until(lambda: all("[0 sessions]" in t for t in px.children().values()), 10,
                    what="idle workers")
         return px
