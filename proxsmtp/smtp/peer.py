@@ -60,30 +60,38 @@ class Peer:
         # the TLS session to keep for resumption once a reply came inside TLS
         self.unkept: tlssessions.Key | None = None
 
-    async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """One whole (multi-line) reply.  An overlong line is cut short; an
-        endless reply (ReplyTooLong), the peer's EOF (ChannelClosed) or
-        `timeout` seconds without news (TimeoutError) raise what `failure`
-        makes of them."""
+    async def read_reply(self, timeout: float | None = None,
+                         known: tuple[bytes, list[bytes]] | None = None) -> list[bytes]:
+        """One whole (multi-line) reply, as `heard` takes it: `known`'s lines
+        when its bytes come again (Reader.take_known).  An overlong line is
+        cut short; an endless reply (ReplyTooLong), the peer's EOF
+        (ChannelClosed) or `timeout` seconds without news (TimeoutError)
+        raise what `failed` makes of them."""
         channel = self.channel
-        if timeout is None:
-            timeout = self.timeout
         lines: list[bytes] = []
         size = 0
         try:
             while True:
                 if not lines:       # all of it here at once: the common case
+                    if known is not None and channel.take_known(known[0]):
+                        lines = known[1]
+                        break
                     whole = channel.take_reply()
                     if whole is not None:
-                        if self.unkept is not None:
-                            self.keep_session()
-                        return whole
+                        lines = whole
+                        break
+                    if not channel.buf:         # nothing here: no line either
+                        if channel.eof:
+                            raise ChannelClosed("%s: connection closed by peer" % channel.name,
+                                                channel.name)
+                        await channel.wait(self.timeout if timeout is None else timeout)
+                        continue
                 got = channel.take_line()
                 if got is None:
                     if channel.eof:
                         raise ChannelClosed("%s: connection closed by peer" % channel.name,
                                             channel.name)
-                    await channel.wait(timeout)
+                    await channel.wait(self.timeout if timeout is None else timeout)
                     continue
                 line, too_long = got
                 if too_long:
@@ -94,11 +102,21 @@ class Peer:
                 if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
                     raise too_long_reply(channel.name)
                 if not is_continued(line):
-                    if self.unkept is not None:
-                        self.keep_session()
-                    return lines
+                    break
         except (ChannelClosed, asyncio.TimeoutError) as exc:
-            raise self.failure(exc) from None
+            raise self.failed(exc) from None
+        if self.unkept is not None:
+            self.keep_session()
+        return self.heard(lines)
+
+    def heard(self, reply: list[bytes]) -> list[bytes]:
+        """A whole reply read: given to the reader's caller as it is (a
+        filter node's connection keeps count, filters.nodepool)."""
+        return reply
+
+    def failed(self, exc: Exception) -> Exception:
+        """What a reply not read whole means: the `failure` the Peer was made with."""
+        return self.failure(exc)
 
     def write(self, data: bytes, trace: bool = True) -> None:
         """Bytes for the peer (trace=False: message content, never logged);
