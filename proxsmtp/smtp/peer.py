@@ -72,21 +72,17 @@ class Peer:
         size = 0
         try:
             while True:
-                if not lines:       # all of it here at once: the common case
-                    if known is not None and channel.take_known(known[0]):
-                        lines = known[1]
-                        break
-                    whole = channel.take_reply()
-                    if whole is not None:
-                        lines = whole
-                        break
-                    if not channel.buf:         # nothing here: no line either
-                        if channel.eof:
-                            raise ChannelClosed("%s: connection closed by peer" % channel.name,
-                                                channel.name)
-                        await channel.wait(self.timeout if timeout is None else timeout)
-                        continue
-                got = channel.take_line()
+                got = None
+                if channel.buf:
+                    if not lines:       # all of it here at once: the common case
+                        if known is not None and channel.take_known(known[0]):
+                            lines = known[1]
+                            break
+                        whole = channel.take_reply()
+                        if whole is not None:
+                            lines = whole
+                            break
+                    got = channel.take_line()
                 if got is None:
                     if channel.eof:
                         raise ChannelClosed("%s: connection closed by peer" % channel.name,
