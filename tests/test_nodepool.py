@@ -157,3 +157,86 @@ def test_the_node_ehlo_reply_said_again_is_taken_whole_and_a_new_one_read_anew()
         assert node.due == 0 and node.last == b"250"
     finally:
         loop.close()
+
+
+XCLIENT = b"XCLIENT ADDR=127.0.0.9 HELO=client.example\r\n"
+EHLO = b"EHLO client.example\r\n"
+NODE_EHLO = b"250-node.test\r\n250 PIPELINING\r\n"
+
+
+@pytest.mark.parametrize("said, ehlo_sent, first", [
+    ([b"220 node.test ESMTP\r\n"], True, [b"220 node.test ESMTP\r\n"]),
+    # EHLO only once the line is whole
+    ([b"22", b"0 node.test", b" ESMTP\r\n"], True, [b"220 node.test ESMTP\r\n"]),
+    # refused: the task's to read
+    ([b"550 5.7.0 not you\r\n"], False, [b"550 5.7.0 not you\r\n"]),
+    # more than one line: the task's
+    ([b"220-node.test\r\n220 ESMTP\r\n"], False, [b"220-node.test\r\n", b"220 ESMTP\r\n"]),
+    # something behind it: out of step
+    ([b"220 node.test ESMTP\r\n250 what\r\n"], False, [b"220 node.test ESMTP\r\n"]),
+    # a continuation line: the rest is still to come
+    ([b"220-node.test\r\n", b"220 ESMTP\r\n"], False, [b"220-node.test\r\n", b"220 ESMTP\r\n"]),
+    ([b"2x0 node.test\r\n"], False, [b"2x0 node.test\r\n"]),
+    ([b""], False, None),                                   # EOF
+    ([b"22", b""], False, None),                            # EOF in the line
+])
+def test_ehlo_goes_from_the_news_only_behind_a_whole_2xx_line(said, ehlo_sent, first):
+    """NodePeer.xclient_then_ehlo: EHLO is written from the channel's news
+    once XCLIENT's reply is one whole 2xx line with nothing behind it, never
+    before, and the task wakes once for both replies; for anything else the
+    task wakes with EHLO unsent, and both replies are left for read_reply."""
+    from proxsmtp.net.channel import Channel
+
+    loop = asyncio.new_event_loop()
+    channel = Channel("FILTER", trace=False, loop=loop)
+    transport = channel.transport = FakeTransport()
+    node = nodepool.NodePeer(channel, 5.0, KEY, lambda exc: exc)
+    node.due = 0
+    step = loop.create_task(node.xclient_then_ehlo(XCLIENT, "client.example"))
+    written = []
+
+    async def feed() -> None:
+        await asyncio.sleep(0)
+        for piece in said:
+            assert transport.written == [XCLIENT]       # nothing ahead of XCLIENT's reply
+            if piece:
+                channel.data_received(piece)
+            else:
+                channel.eof_received()
+            await asyncio.sleep(0)
+        written.extend(transport.written)
+        if ehlo_sent:
+            assert not step.done()          # the task sleeps on until EHLO's reply
+            channel.data_received(NODE_EHLO)
+        await step
+
+    try:
+        loop.run_until_complete(asyncio.wait_for(feed(), 5))
+        assert step.result() is ehlo_sent
+        assert written == [XCLIENT, EHLO] if ehlo_sent else [XCLIENT]
+        assert node.due == (2 if ehlo_sent else 1)
+        if first is not None:
+            assert loop.run_until_complete(node.read_reply()) == first
+        if ehlo_sent:
+            assert loop.run_until_complete(node.ehlo_reply()) == NODE_EHLO.splitlines(True)
+            assert node.due == 0
+    finally:
+        loop.close()
+
+
+def test_a_node_silent_after_xclient_times_out():
+    """No reply to XCLIENT within the node's timeout: what `failed` makes of
+    the TimeoutError is raised (Stale on a reused connection), EHLO unsent."""
+    from proxsmtp.net.channel import Channel
+
+    loop = asyncio.new_event_loop()
+    channel = Channel("FILTER", trace=False, loop=loop)
+    channel.transport = FakeTransport()
+    failures = []
+    node = nodepool.NodePeer(channel, 0.05, KEY, lambda exc: failures.append(exc) or exc)
+    try:
+        with pytest.raises(asyncio.TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(node.xclient_then_ehlo(XCLIENT, "c"), 5))
+        assert len(failures) == 1 and channel.transport.written == [XCLIENT]
+    finally:
+        loop.close()

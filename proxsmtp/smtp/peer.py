@@ -136,10 +136,7 @@ class Peer:
     def xclient(self, ip: str, helo: str | None = None) -> Awaitable[list[bytes]]:
         """XCLIENT ADDR (and HELO): who the client really is (Postfix's
         XCLIENT_README); the reply, to await."""
-        line = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
-        if helo:
-            line += " HELO=%s" % xtext(helo)
-        return self.command(line.encode("ascii") + CRLF)
+        return self.command(xclient_line(ip, helo))
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str | None,
                        timeout: float) -> str | None:
@@ -176,6 +173,14 @@ class Peer:
         key, self.unkept = self.unkept, None
         if not self.channel.closed and self.channel.transport is not None:
             tlssessions.keep(key, self.channel.transport.get_extra_info("ssl_object"))
+
+
+def xclient_line(ip: str, helo: str | None = None) -> bytes:
+    """`XCLIENT ADDR=ip [HELO=helo]`, the values as xtext (Postfix's XCLIENT_README)."""
+    line = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
+    if helo:
+        line += " HELO=%s" % xtext(helo)
+    return line.encode("ascii") + CRLF
 
 
 def server_failure(exc: Exception) -> SessionEnd:
