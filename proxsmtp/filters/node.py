@@ -21,7 +21,7 @@ from ..net.channel import Channel, ChannelClosed
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
-from ..smtp.peer import Peer, ReplyTooLong, xclient_line
+from ..smtp.peer import Peer, ReplyTooLong
 from ..smtp.replies import NOT_UTF8
 from ..smtp.syntax import ehlo_offers, esmtp_params
 from . import nodepool
@@ -212,8 +212,7 @@ async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
     """XCLIENT with the client's attributes, then EHLO as `name`: the node's
     session is then the client's (FilterError if the node refuses either)."""
     node.client = None
-    sent = await node.xclient_then_ehlo(xclient_line(*client), name)
-    reply = await node.read_reply()
+    reply = await node.xclient(*client)
     if reply[0][:1] != b"2" or not reply[0][:3].isdigit():     # code_text's code // 100 != 2
         raise FilterError("filter node refused XCLIENT: %s" % clean(code_text(reply)[1]))
     # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
@@ -221,7 +220,7 @@ async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
     # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
     # EHLO waits for that 220: Postfix's smtpd takes a command sent behind
     # XCLIENT for one sent before its greeting (proxsmtpd(8) FILTERS).
-    reply = await (node.ehlo_reply() if sent else node.ehlo(name))
+    reply = await node.ehlo(name)
     if reply[0][:3] != b"250":
         raise FilterError("filter node refused EHLO after XCLIENT: %s"
                           % clean(code_text(reply)[1]))

@@ -43,10 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Awaitable, Hashable
+from typing import Hashable
 
 from ..net.channel import REPLY_FAST, Channel, ChannelClosed
-from ..net.waits import wait_any
 from ..process.log import clean, log
 from ..smtp.peer import Failure, Peer, ReplyTooLong
 from ..smtp.syntax import ehlo_keywords, ehlo_offers
@@ -86,9 +85,6 @@ class NodePeer(Peer):
         # its bytes, and it, while they are few enough to be taken whole
         # again (Reader.take_known)
         self._known: tuple[bytes, list[bytes]] | None = None
-        # EHLO as written from the channel's news (xclient_then_ehlo), for
-        # the trace once XCLIENT's reply is read: the log in the wire's order
-        self._untraced: bytes | None = None
         # The XCLIENT attributes the session speaks for since its EHLO after
         # XCLIENT; None before, or while they change.
         self.client: tuple | None = None
@@ -112,17 +108,9 @@ class NodePeer(Peer):
         self.due += 1
         return Peer.command(self, line)
 
-    def ehlo(self, name: str) -> Awaitable[list[bytes]]:
-        """EHLO as `name`; its reply (ehlo_reply), to await."""
+    async def ehlo(self, name: str) -> list[bytes]:
         self.due += 1
         self.channel.write(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
-        return self.ehlo_reply()
-
-    async def ehlo_reply(self) -> list[bytes]:
-        """The reply to EHLO; the node's offers, read again when it changed."""
-        if self._untraced is not None:
-            self.channel.trace_late(">", self._untraced)
-            self._untraced = None
         reply = await self.read_reply(None, self._known)
         if reply is not self._ehlo and reply != self._ehlo:    # a node says the same every time
             self._ehlo = reply
@@ -131,51 +119,6 @@ class NodePeer(Peer):
             known = b"".join(reply)
             self._known = (known, reply) if len(known) < REPLY_FAST else None
         return reply
-
-    async def xclient_then_ehlo(self, xclient: bytes, name: str) -> bool:
-        """Send XCLIENT; when its reply is one whole 2xx line with nothing
-        behind it, send EHLO as `name` at once, from the channel's news (the
-        task wakes once for both replies): whether EHLO went.  EHLO never
-        goes ahead of XCLIENT's 220 (proxsmtpd(8) FILTERS), nor behind a
-        reply the task's read (read_reply, then the 2xx check) would refuse.
-        Both replies are left for read_reply."""
-        channel = self.channel
-        self.due += 1
-        channel.write(xclient)
-        if channel.buf or channel.eof:      # out of step already: the reader's to see
-            return False
-        ehlo = b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape")
-        sent = False
-
-        def news() -> None:
-            nonlocal sent
-            buf = channel.buf
-            end = buf.find(b"\n")
-            if sent or channel.eof or not 0 <= end < REPLY_FAST:
-                if sent or channel.eof or len(buf) >= REPLY_FAST:
-                    channel.wake()
-                else:           # a line on its way, as read_reply waits for it
-                    channel.extend_wait(self.timeout)
-                return
-            if (end + 1 != len(buf) or buf[:1] != b"2" or not buf[:3].isdigit()
-                    or buf[3:4] == b"-"):
-                channel.wake()
-                return
-            try:
-                channel.write(ehlo, False)
-            except ChannelClosed:
-                channel.wake()
-                return
-            self.due += 1
-            self._untraced = ehlo
-            sent = True
-            channel.extend_wait(self.timeout)
-
-        try:
-            await wait_any((channel,), self.timeout, news)
-        except asyncio.TimeoutError as exc:
-            raise self.failed(exc) from None
-        return sent
 
     def failed(self, exc: Exception) -> Exception:
         """A lost reply (EOF, reset, timeout) on a reused connection before

@@ -262,12 +262,6 @@ class Reader:
         """Bytes received and not yet taken (or a long line being discarded)."""
         return len(self.buf) or int(self._discarding is not None)
 
-    def trace_late(self, direction: str, data: bytes) -> None:
-        """Trace what was written untraced earlier (write(trace=False)) at
-        its place in the exchange, when the trace is on."""
-        if self._trace:
-            self.trace(direction, data)
-
     def trace(self, direction: str, data: bytes) -> None:
         """Protocol trace at debug level, one log line per SMTP line."""
         for line in bytes(data).splitlines()[:50]:

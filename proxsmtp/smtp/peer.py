@@ -133,6 +133,11 @@ class Peer:
         """EHLO with the proxy's `name` for itself; the reply, to await."""
         return self.command(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
 
+    def xclient(self, ip: str, helo: str | None = None) -> Awaitable[list[bytes]]:
+        """XCLIENT ADDR (and HELO): who the client really is (Postfix's
+        XCLIENT_README); the reply, to await."""
+        return self.command(xclient_line(ip, helo))
+
     async def starttls(self, context: ssl.SSLContext, server_hostname: str | None,
                        timeout: float) -> str | None:
         """STARTTLS (RFC 3207): None when TLS is up, else why not.  A refusal
