@@ -49,6 +49,6 @@ def test_the_node_leg_is_counted_and_another_client_costs_xclient_and_ehlo():
     output = run("--messages", "40", "--node")
     assert output.startswith("40 messages delivered")
     node = per_message(output)
-    assert "node.py:_offer" in output and "nodepool.py:NodePeer.read_reply" in output
+    assert "node.py:_offer" in output and "nodepool.py:NodePeer.heard" in output
     clients = per_message(run("--messages", "40", "--node", "--helos", "5"))
     assert none[0] < node[0] < clients[0] and none[1] < node[1] < clients[1]

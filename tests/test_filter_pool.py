@@ -111,6 +111,48 @@ def test_postfix_node_keeps_the_session_of_the_same_client(proxy, upstream, post
     assert p.log().count("XCLIENT ADDR=") == 3, p.log()
 
 
+
+def replies_of(sock: socket.socket, count: int) -> list[bytes]:
+    """The next `count` replies (their last lines), or fewer when the
+    connection closes first."""
+    data, last = b"", []
+    sock.settimeout(15)
+    while len(last) < count:
+        got = sock.recv(65536)
+        if not got:
+            break
+        data += got
+        *lines, data = data.split(b"\n")
+        last += [line for line in lines if line[3:4] != b"-"]
+    return last
+
+
+@pytest.mark.root
+def test_postfix_node_refuses_ehlo_pipelined_behind_xclient(postfix):
+    """Why the proxy waits for XCLIENT's 220 before EHLO (proxsmtpd(8)
+    FILTERS): the hardened Postfix takes a command sent behind XCLIENT as
+    one sent before its greeting, 554 and the connection closed; sent
+    after the 220, the same EHLO is served."""
+    node = postfix()
+    for pipelined in (True, False):
+        with socket.create_connection((node.host, node.port)) as sock:
+            assert replies_of(sock, 1)[0].startswith(b"220")
+            sock.sendall(b"EHLO proxy.example\r\n")
+            assert replies_of(sock, 1)[0].startswith(b"250 ")
+            xclient = b"XCLIENT ADDR=127.0.0.9 HELO=client.example\r\n"
+            if pipelined:
+                sock.sendall(xclient + b"EHLO client.example\r\n")
+                assert replies_of(sock, 2) == [b"554 5.5.0 Error: SMTP protocol synchronization\r"]
+            else:
+                sock.sendall(xclient)
+                assert replies_of(sock, 1)[0].startswith(b"220 ")
+                sock.sendall(b"EHLO client.example\r\n")
+                assert replies_of(sock, 1)[0].startswith(b"250 ")
+                sock.sendall(b"QUIT\r\n")
+                assert replies_of(sock, 1)[0].startswith(b"221")
+    assert node.wait_log("improper command pipelining after XCLIENT")
+    assert node.log().count("improper command pipelining") == 1
+
 @pytest.mark.root
 def test_postfix_node_with_starttls_keeps_its_tls_connection(proxy, upstream, postfix):
     """Under ServerTLS may a node that offers STARTTLS costs one handshake,

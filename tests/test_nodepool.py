@@ -109,3 +109,51 @@ def test_the_surplus_timer_is_cancelled_when_the_worker_stops(pool):
     assert pool._trim is not None
     pool.loop.run_until_complete(pool.close_all())
     assert pool._trim is None and pool.count == 0
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_node_ehlo_reply_said_again_is_taken_whole_and_a_new_one_read_anew():
+    """NodePeer.ehlo: the node's EHLO reply, when it comes again byte for
+    byte, is the reply read before (Reader.take_known), what follows it
+    left for the next read; a reply that changed is read and its keywords
+    taken again."""
+    from proxsmtp.net.channel import Channel
+
+    loop = asyncio.new_event_loop()
+    channel = Channel("FILTER", trace=False, loop=loop)
+    channel.transport = FakeTransport()
+    node = nodepool.NodePeer(channel, 5.0, KEY, lambda exc: exc)
+    node.due = 0
+    first = b"250-node.test\r\n250-PIPELINING\r\n250-SMTPUTF8\r\n250 8BITMIME\r\n"
+
+    def ehlo(said: bytes) -> list[bytes]:
+        channel.data_received(said)
+        return loop.run_until_complete(node.ehlo("client.example"))
+
+    try:
+        reply = ehlo(first)
+        assert reply == first.splitlines(keepends=True)
+        assert node.pipelining and node.offered == {"PIPELINING", "SMTPUTF8", "8BITMIME"}
+        again = ehlo(first + b"250 2.1.0 Ok\r\n")
+        assert again is reply and bytes(channel.buf) == b"250 2.1.0 Ok\r\n"
+        node.send(b"MAIL FROM:<>\r\n")       # that reply's command
+        assert loop.run_until_complete(node.read_reply()) == [b"250 2.1.0 Ok\r\n"]
+        changed = ehlo(b"250-node.test\r\n250-CHUNKING\r\n250 8BITMIME\r\n")
+        assert changed == [b"250-node.test\r\n", b"250-CHUNKING\r\n", b"250 8BITMIME\r\n"]
+        assert not node.pipelining and node.offered == {"CHUNKING", "8BITMIME"}
+        assert ehlo(b"250-node.test\r\n250-CHUNKING\r\n250 8BITMIME\r\n") is changed
+        assert channel.transport.written == [b"EHLO client.example\r\n"] * 2 + [
+            b"MAIL FROM:<>\r\n"] + [b"EHLO client.example\r\n"] * 2
+        assert node.due == 0 and node.last == b"250"
+    finally:
+        loop.close()

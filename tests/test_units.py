@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import event, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from proxsmtp import filters
@@ -530,6 +530,82 @@ def test_reply_queue_groups_and_refuses_replies_as_the_peer_reader_does(lines, c
     # the queue is left with the unfinished reply, if any; the reader finds the EOF
     assert peer_end == (queue_end or (SERVER_GONE, R_FAILED))
 
+
+
+@st.composite
+def reply_buffers(draw) -> bytes:
+    """What may sit in a reader's buffer: reply lines of any codes and
+    separators (bare LF and CR inside, lines around REPLY_FAST), and a
+    last line cut anywhere."""
+    from proxsmtp.net.channel import REPLY_FAST
+    code = st.sampled_from([b"250", b"354", b"25", b"abc", b"", b"2500"])
+    separator = st.sampled_from([b"-", b" ", b"", b"\r", b"--"])
+    text = st.one_of(st.binary(max_size=12), st.binary(max_size=12), st.binary(max_size=12),
+                     st.integers(REPLY_FAST - 40, REPLY_FAST + 5).map(lambda n: b"y" * n))
+    line = st.one_of(st.just(b"250-"), st.tuples(code, separator).map(b"".join))
+    lines = [draw(line) + draw(text).replace(b"\n", b" ") + draw(st.sampled_from([b"\r\n", b"\n"]))
+             for _ in range(draw(st.integers(0, 8)))]
+    stream = b"".join(lines)
+    return stream[:draw(st.one_of(st.just(len(stream)), st.integers(0, len(stream))))]
+
+
+@settings(max_examples=500, deadline=None)
+@given(reply_buffers())
+def test_take_reply_is_the_line_by_line_reading(data):
+    """Channel.take_reply finds a reply's end by regular expressions: it
+    gives the lines RFC 5321 4.2.1 makes a reply of (those up to the first
+    that is no `NNN-` continuation) exactly when all of them are here
+    within REPLY_FAST bytes, and leaves the rest as it was; else nothing,
+    with nothing taken."""
+    from proxsmtp.net.channel import REPLY_FAST
+    expected, start = [], 0
+    while True:
+        end = data.find(b"\n", start)
+        if end < 0 or end >= REPLY_FAST:
+            expected = None
+            break
+        line = data[start:end + 1]
+        expected.append(line)
+        start = end + 1
+        if line[3:4] != b"-" or not line[:3].isdigit():
+            break
+    channel = Channel("FILTER", trace=False)
+    if data:
+        channel.data_received(data)
+    got = channel.take_reply()
+    event("a reply of %s lines" % ("no" if got is None else min(len(got), 3)))
+    assert got == expected
+    assert bytes(channel.buf) == (data if got is None else data[start:])
+
+
+@settings(max_examples=300, deadline=None)
+@given(reply_buffers(), reply_buffers(), st.booleans())
+def test_take_known_takes_what_take_reply_would(first, data, again):
+    """Reader.take_known(bytes of a reply take_reply took before, under
+    REPLY_FAST): when the buffer starts with them, it takes what take_reply
+    would take (the same bytes, as lines: the same reply), and leaves the
+    same rest; else nothing is taken."""
+    from proxsmtp.net.channel import REPLY_FAST
+    before = Channel("FILTER", trace=False)
+    if first:
+        before.data_received(first)
+    reply = before.take_reply()
+    known = b"".join(reply or [b"250 ok\r\n"])
+    assume(len(known) < REPLY_FAST)
+    if again:       # the same reply once more, then whatever follows
+        data = known + data
+    reference, channel = Channel("FILTER", trace=False), Channel("FILTER", trace=False)
+    if data:
+        reference.data_received(data)
+        channel.data_received(data)
+    taken = channel.take_known(known)
+    event("taken" if taken else "not taken")
+    assert taken == data.startswith(known)
+    if taken:
+        assert b"".join(reference.take_reply()) == known
+        assert channel.buf == reference.buf
+    else:
+        assert bytes(channel.buf) == data
 
 # --- which way a DATA goes (message.datapath) -------------------------------------------
 

@@ -218,6 +218,8 @@ async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],
     # XCLIENT's 220 starts the session over (Postfix's XCLIENT_README): EHLO
     # again, with the client's name, and its reply read before MAIL; a node
     # with smtpd_helo_required or smtpd_forbid_unauth_pipelining insists.
+    # EHLO waits for that 220: Postfix's smtpd takes a command sent behind
+    # XCLIENT for one sent before its greeting (proxsmtpd(8) FILTERS).
     reply = await node.ehlo(name)
     if reply[0][:3] != b"250":
         raise FilterError("filter node refused EHLO after XCLIENT: %s"

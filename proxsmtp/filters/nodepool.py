@@ -45,7 +45,7 @@ import asyncio
 import functools
 from typing import Hashable
 
-from ..net.channel import Channel, ChannelClosed
+from ..net.channel import REPLY_FAST, Channel, ChannelClosed
 from ..process.log import clean, log
 from ..smtp.peer import Failure, Peer, ReplyTooLong
 from ..smtp.syntax import ehlo_keywords, ehlo_offers
@@ -65,10 +65,6 @@ class Stale(FilterError):
     """A pooled connection failed before the message left: try a new one."""
 
 
-def _as_is(exc: Exception) -> Exception:
-    return exc
-
-
 class NodePeer(Peer):
     """A connection to the filter node as the pool keeps it: what was said on
     it for the current message (whether the message may be on its way, how
@@ -76,17 +72,19 @@ class NodePeer(Peer):
 
     def __init__(self, channel: Channel, timeout: float, key: Hashable,
                  failure: Failure) -> None:
-        # Peer raises a lost reply's exception as it is; read_reply below
-        # decides what it means (Stale, or `failure`'s error).
-        super().__init__(channel, timeout, "the filter node", _as_is)
+        # `failure`: a lost reply on a new connection, or after 354 (`failed`
+        # below makes the others Stale).
+        super().__init__(channel, timeout, "the filter node", failure)
         self.key = key
-        self.lost = failure         # a failure on a new connection, or after 354
         self.reused = False         # taken from the pool for this message
         self.committed = False      # the node said 354: the message may be on its way
         self.due = 1                # replies owed (the greeting, then for what was sent)
         self.pipelining = False     # the node's last EHLO offered PIPELINING
         self.offered: set[str] = set()      # the keywords of the node's last EHLO
         self._ehlo: list[bytes] = []        # that EHLO reply
+        # its bytes, and it, while they are few enough to be taken whole
+        # again (Reader.take_known)
+        self._known: tuple[bytes, list[bytes]] | None = None
         # The XCLIENT attributes the session speaks for since its EHLO after
         # XCLIENT; None before, or while they change.
         self.client: tuple | None = None
@@ -111,20 +109,25 @@ class NodePeer(Peer):
         return Peer.command(self, line)
 
     async def ehlo(self, name: str) -> list[bytes]:
-        reply = await self.command(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
-        if reply != self._ehlo:     # (a node says the same every time: read once)
+        self.due += 1
+        self.channel.write(b"EHLO %s\r\n" % name.encode("utf-8", "surrogateescape"))
+        reply = await self.read_reply(None, self._known)
+        if reply is not self._ehlo and reply != self._ehlo:    # a node says the same every time
             self._ehlo = reply
             self.pipelining = ehlo_offers(reply, b"PIPELINING")
             self.offered = ehlo_keywords(reply)
+            known = b"".join(reply)
+            self._known = (known, reply) if len(known) < REPLY_FAST else None
         return reply
 
-    async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """Peer.read_reply, keeping count: 354 commits the message; on a
-        reused connection 421 before that, or a lost reply, is Stale."""
-        try:
-            reply = await Peer.read_reply(self, timeout)
-        except (ChannelClosed, asyncio.TimeoutError) as exc:
-            raise self.stale(exc) or self.lost(exc) from None
+    def failed(self, exc: Exception) -> Exception:
+        """A lost reply (EOF, reset, timeout) on a reused connection before
+        354 is Stale; else it is the `failure` this connection was made with."""
+        return self.stale(exc) or self.failure(exc)
+
+    def heard(self, reply: list[bytes]) -> list[bytes]:
+        """Peer.read_reply's reply, counted: 354 commits the message; on a
+        reused connection 421 before that is Stale."""
         self.due -= 1
         code = self.last = reply[-1][:3]
         if not self.committed:

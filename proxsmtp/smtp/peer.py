@@ -60,30 +60,34 @@ class Peer:
         # the TLS session to keep for resumption once a reply came inside TLS
         self.unkept: tlssessions.Key | None = None
 
-    async def read_reply(self, timeout: float | None = None) -> list[bytes]:
-        """One whole (multi-line) reply.  An overlong line is cut short; an
-        endless reply (ReplyTooLong), the peer's EOF (ChannelClosed) or
-        `timeout` seconds without news (TimeoutError) raise what `failure`
-        makes of them."""
+    async def read_reply(self, timeout: float | None = None,
+                         known: tuple[bytes, list[bytes]] | None = None) -> list[bytes]:
+        """One whole (multi-line) reply, as `heard` takes it: `known`'s lines
+        when its bytes come again (Reader.take_known).  An overlong line is
+        cut short; an endless reply (ReplyTooLong), the peer's EOF
+        (ChannelClosed) or `timeout` seconds without news (TimeoutError)
+        raise what `failed` makes of them."""
         channel = self.channel
-        if timeout is None:
-            timeout = self.timeout
         lines: list[bytes] = []
         size = 0
         try:
             while True:
-                if not lines:       # all of it here at once: the common case
-                    whole = channel.take_reply()
-                    if whole is not None:
-                        if self.unkept is not None:
-                            self.keep_session()
-                        return whole
-                got = channel.take_line()
+                got = None
+                if channel.buf:
+                    if not lines:       # all of it here at once: the common case
+                        if known is not None and channel.take_known(known[0]):
+                            lines = known[1]
+                            break
+                        whole = channel.take_reply()
+                        if whole is not None:
+                            lines = whole
+                            break
+                    got = channel.take_line()
                 if got is None:
                     if channel.eof:
                         raise ChannelClosed("%s: connection closed by peer" % channel.name,
                                             channel.name)
-                    await channel.wait(timeout)
+                    await channel.wait(self.timeout if timeout is None else timeout)
                     continue
                 line, too_long = got
                 if too_long:
@@ -94,11 +98,21 @@ class Peer:
                 if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
                     raise too_long_reply(channel.name)
                 if not is_continued(line):
-                    if self.unkept is not None:
-                        self.keep_session()
-                    return lines
+                    break
         except (ChannelClosed, asyncio.TimeoutError) as exc:
-            raise self.failure(exc) from None
+            raise self.failed(exc) from None
+        if self.unkept is not None:
+            self.keep_session()
+        return self.heard(lines)
+
+    def heard(self, reply: list[bytes]) -> list[bytes]:
+        """A whole reply read: given to the reader's caller as it is (a
+        filter node's connection keeps count, filters.nodepool)."""
+        return reply
+
+    def failed(self, exc: Exception) -> Exception:
+        """What a reply not read whole means: the `failure` the Peer was made with."""
+        return self.failure(exc)
 
     def write(self, data: bytes, trace: bool = True) -> None:
         """Bytes for the peer (trace=False: message content, never logged);
@@ -122,10 +136,7 @@ class Peer:
     def xclient(self, ip: str, helo: str | None = None) -> Awaitable[list[bytes]]:
         """XCLIENT ADDR (and HELO): who the client really is (Postfix's
         XCLIENT_README); the reply, to await."""
-        line = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
-        if helo:
-            line += " HELO=%s" % xtext(helo)
-        return self.command(line.encode("ascii") + CRLF)
+        return self.command(xclient_line(ip, helo))
 
     async def starttls(self, context: ssl.SSLContext, server_hostname: str | None,
                        timeout: float) -> str | None:
@@ -162,6 +173,14 @@ class Peer:
         key, self.unkept = self.unkept, None
         if not self.channel.closed and self.channel.transport is not None:
             tlssessions.keep(key, self.channel.transport.get_extra_info("ssl_object"))
+
+
+def xclient_line(ip: str, helo: str | None = None) -> bytes:
+    """`XCLIENT ADDR=ip [HELO=helo]`, the values as xtext (Postfix's XCLIENT_README)."""
+    line = "XCLIENT ADDR=%s%s" % ("IPv6:" if ":" in ip else "", xtext(ip))
+    if helo:
+        line += " HELO=%s" % xtext(helo)
+    return line.encode("ascii") + CRLF
 
 
 def server_failure(exc: Exception) -> SessionEnd:
