@@ -36,6 +36,8 @@ from ..smtp.replies import Status
 from ..smtp.syntax import esmtp_params
 
 if TYPE_CHECKING:
+    import asyncio
+
     from .session import Session
 
 Then = Callable[[], Coroutine[None, None, None] | None]
