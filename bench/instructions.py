@@ -35,6 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import memory  # noqa: E402
 import peers  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -108,7 +109,7 @@ def measure(name: str, argv: list[str], port: int, sink_port: int, workdir: str,
         # The proxy's own processes by pid (the master and the worker it
         # forked): without pids callgrind_control acts on every callgrind run
         # on the machine, another bench's too, and the figures go wrong.
-        pids = [str(pid) for pid in _tree(peer.pid)]
+        pids = [str(pid) for pid in memory.family(peer.pid)]
         subprocess.run(["callgrind_control", "--zero", *pids], capture_output=True, check=False)
         peers.source(port, 20, messages, 10240, clients=clients)
         subprocess.run(["callgrind_control", "--dump", *pids], capture_output=True, check=False)
@@ -120,25 +121,6 @@ def measure(name: str, argv: list[str], port: int, sink_port: int, workdir: str,
         raise peers.PeerError("%s: callgrind left no dump" % name)
     costs = max((by_object(path) for path in dumps), key=lambda cost: sum(cost.values()))
     return split(costs, messages)
-
-
-def _tree(pid: int) -> list[int]:
-    """`pid` and its descendants (from /proc)."""
-    children: dict[int, list[int]] = collections.defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as handle:
-                    fields = handle.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children[int(fields[1])].append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo.extend(children.get(current, ()))
-    return found
 
 
 def split(costs: collections.Counter, messages: int) -> dict[str, float]:
