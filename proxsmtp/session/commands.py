@@ -28,8 +28,8 @@ from ..message.transfer import Transfer
 from ..net.channel import CRLF
 from ..process.log import clean, log
 from ..smtp.replies import (R_AUTHTLS, R_BARECR, R_BDATSYNTAX, R_BINARYMIME, R_DATAAFTERBDAT,
-                            R_MAILAFTERBDAT, R_NEEDMAIL, R_NEEDRCPT, R_NOTAUTH, R_NOTSUPP,
-                            R_RCPTAFTERBDAT, R_SIZE, R_TOOLONG, Status, chunk_received)
+                            R_MAILAFTERBDAT, R_NEEDMAIL, R_NEEDRCPT, R_NESTEDMAIL, R_NOTAUTH,
+                            R_NOTSUPP, R_RCPTAFTERBDAT, R_SIZE, R_TOOLONG, Status, chunk_received)
 from ..smtp.syntax import bdat_args, ehlo_keywords, ehlo_offers, envelope_address, parse_xforward
 from .ehlo import binary_ok, client_view
 from .milters import arguments
@@ -101,6 +101,11 @@ def smtp_MAIL(session: Session, line: bytes, verb: bytes) -> Coroutine[None, Non
         session.replies.answer(R_BINARYMIME)
         return
     if session.milters is not None:       # the milters first: the server sees what they let by
+        if session.envelope.in_transaction:
+            # refused before the milters, as Postfix's smtpd does: a second
+            # MAIL would tell them of a sender the server never takes
+            session.replies.answer(R_NESTEDMAIL)
+            return
         return session.milters.stage(session, "mail", arguments(line, address[1]), address[1],
                                      lambda: relay_envelope(session, line, verb, address[1]))
     session.server.write(line)

@@ -32,6 +32,9 @@ R_SIZE = b"552 5.3.4 Message size exceeds fixed maximum message size\r\n"
 R_BINARYMIME = b"555 5.5.4 BODY=BINARYMIME not offered\r\n"
 # RFC 4954 4: the mechanism needs an encrypted leg to the client
 R_AUTHTLS = b"538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+# RFC 5321 4.1.4: MAIL inside a transaction, in Postfix's smtpd's words (said
+# by the proxy only with Milters, whose transaction it must keep the server's)
+R_NESTEDMAIL = b"503 5.5.1 Error: nested MAIL command\r\n"
 
 # --- BDAT (RFC 3030), in Postfix's smtpd's words -----------------------------
 
