@@ -22,11 +22,36 @@ class PeerError(Exception):
     """A peer could not be started, or a client run failed."""
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+# Under pytest-xdist (`make test`) each worker takes its ports from a range
+# of its own, below the kernel's ephemeral ports (ip_local_port_range,
+# 32768 and up): a port one worker found free and has not bound yet is then
+# never another worker's, nor a connection's source port.  Found free and
+# then taken by someone else, a port would put one test's traffic into
+# another's server.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")     # gw0, gw1, ...
+PORTS_PER_WORKER = 1500
+_next_port = (os.getpid() * 7) % PORTS_PER_WORKER       # a subprocess of the worker starts elsewhere
+
+
+def free_port(host: str = HOST) -> int:
+    """A port of `host` nobody listens on right now."""
+    global _next_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not XDIST_WORKER[2:].isdigit():
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return sock.getsockname()[1]
+    base = 20000 + PORTS_PER_WORKER * int(XDIST_WORKER[2:])
+    for _ in range(PORTS_PER_WORKER):
+        port = base + _next_port
+        _next_port = (_next_port + 1) % PORTS_PER_WORKER
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise PeerError("no free port in %d-%d" % (base, base + PORTS_PER_WORKER - 1))
 
 
 def raise_nofile(limit: int = NOFILE) -> None:

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import peers  # noqa: E402  (bench/peers.py: free_port)
 # how a foreground log line starts (proxsmtp/log.py)
 TIMESTAMP = re.compile(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?=proxsmtpd: )")
 PYTHON = sys.executable
@@ -40,11 +42,9 @@ CRLF = b"\r\n"
 # --- sockets ------------------------------------------------------------------
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (bind to 0, ask, close)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port nobody listens on right now (bench/peers.py: under
+    pytest-xdist, from this worker's own range)."""
+    return peers.free_port(host)
 
 
 def connected(host: str, port: int | None, timeout: float = 1.0) -> socket.socket:
