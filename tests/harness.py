@@ -33,6 +33,7 @@ from typing import Awaitable, Callable
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 import peers  # noqa: E402  (bench/peers.py: free_port)
+
 # how a foreground log line starts (proxsmtp/log.py)
 TIMESTAMP = re.compile(r"(?m)^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} (?=proxsmtpd: )")
 PYTHON = sys.executable
