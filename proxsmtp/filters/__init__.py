@@ -9,6 +9,8 @@ the session turns into `451 Local Error`.
 
 from __future__ import annotations
 
+from typing import Awaitable
+
 from ..message import spool
 from ..message.envelope import Envelope
 from ..process.config import Config
@@ -21,11 +23,18 @@ __all__ = ["FilterError", "KeepAlive", "Verdict", "check", "last_line", "protoco
            "reject_reply", "xtext"]
 
 
-async def check(config: Config, envelope: Envelope, message: spool.Spool,
-                keepalive: KeepAlive) -> Verdict:
-    """Run the configured filter over a spooled message."""
+def check(config: Config, envelope: Envelope, message: spool.Spool,
+          keepalive: KeepAlive) -> Awaitable[Verdict]:
+    """Run the configured filter over a spooled message: the filter's own
+    coroutine, to await (no frame of this function's to resume through at
+    each of the filter's waits)."""
     if not config.FilterCommand:
-        return Verdict(True)
+        return _accept()
     if config.FilterType == "smtp":
-        return await smtp_verdict(config, envelope, message)
-    return await command_verdict(config, envelope, message, keepalive, config.FilterType == "pipe")
+        return smtp_verdict(config, envelope, message)
+    return command_verdict(config, envelope, message, keepalive, config.FilterType == "pipe")
+
+
+async def _accept() -> Verdict:
+    """No FilterCommand (milters only): the message goes on."""
+    return Verdict(True)
