@@ -147,15 +147,28 @@ class Transfer:
 
     async def taken(self, message: spool.Spool) -> None:
         """The whole message is in `message` (DATA's final dot, BDAT's LAST
-        chunk): refused, or filtered and offered to the server."""
+        chunk): refused, or filtered and offered to the server.  The filter
+        sees the message as the milters left it; a milter's discard or
+        refusal, or the filter's failure (451), ends it here."""
         refusal = self.intake.received(message)
         if refusal is not None:
             self.refuse(*refusal)
             return
         if self.path is datapath.FILTERED:
-            verdict = await self.run_filter(message)
-            if verdict is None:
+            started = time.monotonic()      # the milters' and the filter's time, for the log
+            try:
+                if self.milters is not None:
+                    message = await milterstep.run(self, self.milters)
+                    if message is None:
+                        return
+                verdict = await filters.check(self.config, self.envelope, message,
+                                              self.server.keepalive)
+            except filters.FilterError as exc:
+                log.error("%s: %s", self.tag, exc)
+                self.refuse(FAILED, FILTER_ERROR)
                 return
+            finally:
+                self.envelope.filter_seconds = time.monotonic() - started
             if not verdict.accept:
                 self.refuse(verdict.reply, REJECTED)
                 return
@@ -163,24 +176,6 @@ class Transfer:
             if self.replay and not await milterstep.replay(self):
                 return
         self.offer()
-
-    async def run_filter(self, message: spool.Spool) -> filters.Verdict | None:
-        """The milters' and the filter's verdict, timed for the log; None
-        when the message was refused (with 451 when the filter failed) or
-        discarded.  The filter sees the message as the milters left it."""
-        started = time.monotonic()
-        try:
-            if self.milters is not None:
-                message = await milterstep.run(self, self.milters)
-                if message is None:
-                    return None
-            return await filters.check(self.config, self.envelope, message, self.server.keepalive)
-        except filters.FilterError as exc:
-            log.error("%s: %s", self.tag, exc)
-            self.refuse(FAILED, FILTER_ERROR)
-            return None
-        finally:
-            self.envelope.filter_seconds = time.monotonic() - started
 
     # --- the offer, through the reply queue ---------------------------------------
 
