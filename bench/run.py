@@ -90,10 +90,10 @@ RELAYS = ("haproxy", "relay", "floor")
 SCRIPTS = {"relay": "barerelay.py", "floor": "floor.py"}
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
-FULL = dict(rounds=3, parallel=20, messages=2000, size=10240, latency_messages=200,
+FULL = dict(rounds=3, cpu_rounds=5, parallel=20, messages=2000, size=10240, latency_messages=200,
             latency_size=1024, hold=3000, large_mb=50, data_hold=600, data_kb=500,
             tls_messages=600, tls_hold=3000)
-QUICK = dict(rounds=1, parallel=20, messages=200, size=10240, latency_messages=20,
+QUICK = dict(rounds=1, cpu_rounds=1, parallel=20, messages=200, size=10240, latency_messages=20,
              latency_size=1024, hold=300, large_mb=5, data_hold=100, data_kb=500,
              tls_messages=60, tls_hold=300)
 MIDDATA_PATHS = ("none", "pipe", "smtp")
@@ -116,6 +116,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "100 mid-DATA, 5 MB")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--rounds", type=int, help="rounds to take medians over")
+    parser.add_argument("--cpu-rounds", type=int,
+                        help="rounds of the sections with CPU targets (throughput, latency,"
+                        " bdat, milter)")
     parser.add_argument("--messages", type=int, help="throughput: messages per run")
     parser.add_argument("--parallel", type=int, help="throughput: parallel sessions")
     parser.add_argument("--size", type=int, help="throughput: message payload bytes")
@@ -149,6 +152,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def summary(runs: list[dict], key: str) -> float | None:
     values = [run[key] for run in runs if key in run]
     return statistics.median(values) if values else None
+
+
+def paired_ratio(runs: list[dict], base: list[dict], key: str = "cpu_us") -> float | None:
+    """`runs` against `base`: the median of the per-round ratios, round i of
+    one over round i of the other.  Every round measures each path once, in
+    rotated order, so the machine's drift from round to round (another
+    tenant of the host, its CPU's clock) cancels out of each round's ratio;
+    the ratio of the two medians would keep it, as each median may come
+    from a different round."""
+    ratios = [run[key] / other[key] for run, other in zip(runs, base)
+              if key in run and other.get(key)]
+    return statistics.median(ratios) if ratios else None
 
 
 def attempt(runs: list[dict], label: str, measure) -> None:
@@ -343,7 +358,7 @@ class Bench:
         print("bdat: %d sessions, %d messages of %d bytes, by DATA and by BDAT"
               % (a.parallel, a.messages, a.size), file=sys.stderr, flush=True)
         runs: dict[str, list[dict]] = {label: [] for label in BDAT_ROWS}
-        for round_no in range(a.rounds):
+        for round_no in range(a.cpu_rounds):
             for label in rotated(list(BDAT_ROWS), round_no):
                 port, bdat = BDAT_ROWS[label]
                 attempt(runs[label], label, lambda port=port, bdat=bdat: self.counted(
@@ -363,7 +378,7 @@ class Bench:
             variants.append((CLIENTS % clients, "smtp", False, clients))
         variants += [(path + REUSED, path, True, 1) for path in ("direct", "none")]
         runs: dict[str, list[dict]] = {label: [] for label, _, _, _ in variants}
-        for round_no in range(self.args.rounds):
+        for round_no in range(self.args.cpu_rounds):
             for label, path, same, many in rotated(variants, round_no):
                 attempt(runs[label], label,
                         lambda: measure(path, same, many) if many > 1 else measure(path, same))
@@ -374,21 +389,20 @@ class Bench:
     def table(self, runs: dict[str, list[dict]], key: str, order: list[str]) -> dict:
         """Per path: the runs, the median of `key`, and its ratio to the first
         path; with CPU figures, the median CPU per message; and, when haproxy
-        is among the paths, both against haproxy's."""
-        base = summary(runs[order[0]], key)
-        relay = summary(runs["haproxy"], key) if "haproxy" in order else None
-        relay_cpu = summary(runs["haproxy"], "cpu_us") if "haproxy" in order else None
+        is among the paths, both against haproxy's.  Every ratio is paired
+        by round (paired_ratio)."""
+        relay = runs["haproxy"] if "haproxy" in order else None
         table = {}
         for path in order:
             median = summary(runs[path], key)
-            ratio = median / base if median is not None and base else None
-            row = {"runs": runs[path], "median": median, "ratio": ratio}
+            row = {"runs": runs[path], "median": median,
+                   "ratio": paired_ratio(runs[path], runs[order[0]], key)}
             cpu = summary(runs[path], "cpu_us")
             if cpu is not None:
                 row["cpu_us"] = cpu
             if relay:
-                row["relay_ratio"] = median / relay if median is not None else None
-                row["relay_cpu_ratio"] = cpu / relay_cpu if cpu is not None and relay_cpu else None
+                row["relay_ratio"] = paired_ratio(runs[path], relay, key)
+                row["relay_cpu_ratio"] = paired_ratio(runs[path], relay)
             table[path] = row
         return table
 
@@ -487,7 +501,7 @@ class Bench:
                     if not (same and row in NO_REUSE)]
         runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
         try:
-            for round_no in range(a.rounds):
+            for round_no in range(a.cpu_rounds):
                 for label, path, same in rotated(variants, round_no):
                     attempt(runs[label], label, lambda: self.counted(
                         path, a.messages, lambda: peers.source(
@@ -663,24 +677,22 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
             shown += " (%s)" % ", ".join(floors)
         target(name % limit, value, ok, shown)
     if "throughput" in results:
-        none = results["throughput"]["none"].get("cpu_us")
-        none_clients = results["throughput"].get(NONE_CLIENTS % args.parallel, {}).get("cpu_us")
-        for path, limit, base, base_name in (
-                ("smtp", TARGETS["smtp_cpu_ratio"], none, "none"),
-                (CLIENTS % args.parallel, TARGETS["smtp_cpu_ratio"], none_clients,
-                 NONE_CLIENTS % args.parallel),
-                ("smtp, node offers STARTTLS", TARGETS["smtp_tls_cpu_ratio"], none, "none")):
-            if path not in results["throughput"]:
+        table = results["throughput"]
+        for path, limit, base_name in (
+                ("smtp", TARGETS["smtp_cpu_ratio"], "none"),
+                (CLIENTS % args.parallel, TARGETS["smtp_cpu_ratio"], NONE_CLIENTS % args.parallel),
+                ("smtp, node offers STARTTLS", TARGETS["smtp_tls_cpu_ratio"], "none")):
+            if path not in table or base_name not in table:
                 continue
-            cpu = results["throughput"][path].get("cpu_us")
-            ratio = cpu / base if cpu is not None and base else None
+            cpu, base = table[path].get("cpu_us"), table[base_name].get("cpu_us")
+            ratio = paired_ratio(table[path]["runs"], table[base_name]["runs"])
             target("CPU per message, %s <= %.2f x %s" % (path, limit, base_name), ratio,
                    ratio is not None and ratio <= limit,
                    "%s x (%s us, %s %s us)" % (fmt(ratio, ".2f"), fmt(cpu, ".0f"), base_name,
                                               fmt(base, ".0f")))
     if "bdat" in results:
         data, bdat = (results["bdat"][path].get("cpu_us") for path in ("none", "none, BDAT"))
-        ratio = bdat / data if bdat is not None and data else None
+        ratio = paired_ratio(results["bdat"]["none, BDAT"]["runs"], results["bdat"]["none"]["runs"])
         limit = TARGETS["bdat_cpu_ratio"]
         target("CPU per message, none by BDAT <= %.2f x by DATA" % limit, ratio,
                ratio is not None and ratio <= limit,
@@ -688,7 +700,7 @@ def check_targets(results: dict, args: argparse.Namespace) -> list[dict]:
     if "milter" in results:
         table = results["milter"]["throughput"]
         cpu, none = table["milter"].get("cpu_us"), table["none"].get("cpu_us")
-        ratio = cpu / none if cpu is not None and none else None
+        ratio = paired_ratio(table["milter"]["runs"], table["none"]["runs"])
         limit = TARGETS["milter_cpu_ratio"]
         target("CPU per message, milter <= %.1f x none" % limit, ratio,
                ratio is not None and ratio <= limit,
@@ -755,9 +767,10 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                 fmt(row.get("relay_cpu_ratio"), ".2f"), errors(row)))
         return lines
 
-    out.append("proxsmtpd benchmark: medians of %d round(s); %s CPUs; workers %s; spool on %s;"
-               " commit %s" % (args.rounds, meta["cpus"], meta["workers"], meta["spool_fs"],
-                               meta["commit"]))
+    out.append("proxsmtpd benchmark: medians of %d round(s), %d where CPU has a target;"
+               " ratios: the median of the per-round ratios; %s CPUs; workers %s; spool on %s;"
+               " commit %s" % (args.rounds, args.cpu_rounds, meta["cpus"], meta["workers"],
+                               meta["spool_fs"], meta["commit"]))
     if "throughput" in results:
         out.append("")
         out.append("throughput: %d parallel sessions, %d messages of %d bytes"
@@ -775,20 +788,21 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
                            " /bin/sh -c cat %.0f us, cat %.0f us; pipe - none is %.2f x the"
                            " /bin/sh -c cat floor" % (floor["shell_us"], floor["exec_us"],
                                                       spawn / floor["shell_us"]))
-        none_clients = table.get(NONE_CLIENTS % args.parallel, {}).get("cpu_us")
-        for path, base, base_name in [*((path, none, "none") for path in NODES),
-                                      (CLIENTS % args.parallel, none_clients,
-                                       NONE_CLIENTS % args.parallel)]:
+        for path, base_name in [*((path, "none") for path in NODES),
+                                (CLIENTS % args.parallel, NONE_CLIENTS % args.parallel)]:
             cpu = table.get(path, {}).get("cpu_us")
-            if cpu is not None and base:
+            ratio = paired_ratio(table[path]["runs"], table[base_name]["runs"]) \
+                if cpu is not None and base_name in table else None
+            if ratio is not None:
                 out.append("  filter node (bench/node.py), %s: %.0f us per message, %.2f x %s"
-                           % (path, cpu, cpu / base, base_name))
+                           % (path, cpu, ratio, base_name))
         for path, what in (("relay", "empty uvloop relay (Python's floor)"),
                            ("floor", "SMTP contract on uvloop (the contract floor)")):
             floor = table.get(path, {}).get("cpu_us")
             if floor and none:
                 out.append("  %s %.0f us per message; proxsmtpd (none) is %.2f x that floor"
-                           % (what, floor, none / floor))
+                           % (what, floor, paired_ratio(table["none"]["runs"],
+                                                        table[path]["runs"])))
     if "latency" in results:
         out.append("")
         out.append("serial latency: 1 client, %d messages of %d bytes one after another"
@@ -870,8 +884,9 @@ def render(results: dict, targets: list[dict], meta: dict, args: argparse.Namesp
         ratios = []
         for path, none in (("milter", "none"), ("milter, no reuse", "none"),
                            ("milter" + REUSED, "none" + REUSED)):
-            cpu, base = table.get(path, {}).get("cpu_us"), table.get(none, {}).get("cpu_us")
-            ratios.append("%s %s" % (path, fmt(cpu / base if cpu and base else None, ".2f")))
+            ratio = paired_ratio(table[path]["runs"], table[none]["runs"]) \
+                if path in table and none in table else None
+            ratios.append("%s %s" % (path, fmt(ratio, ".2f")))
         out.append("  CPU x none: " + ", ".join(ratios))
         held = results["milter"]["hold"]
         out.append("  (x direct: against none; CPU: the proxy's processes, not the milter's)")
