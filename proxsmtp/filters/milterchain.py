@@ -423,7 +423,8 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     goes in as few writes as its size allows: what leads up to the body
     (macros, the fields, EOH) as one piece when nothing in it is answered."""
     # (libmilter takes macros for EOH, not for HEADER: they go first)
-    ahead = [codec.macro(codec.EOH, macros)] if macros else []
+    given = codec.macro(codec.EOH, macros) if macros else b""
+    ahead = [given] if given else []
     protocol = milter.protocol      # (Milter.sends and Milter.replies, read once)
     if not protocol & codec.P_NOHDRS:
         fields = draft.header_values(milter.leadspace)
@@ -453,7 +454,7 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
-    milter.write(codec.macro(codec.BODYEOB, macros) + BODYEOB if macros else BODYEOB)
+    milter.write(codec.restage(given, codec.BODYEOB) + BODYEOB if given else BODYEOB)
     return codec.BODYEOB, b""
 
 

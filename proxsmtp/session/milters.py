@@ -69,6 +69,7 @@ class MilterStages:
         self.auth_type = ""                    # {auth_type}: the mechanism that succeeded
         self.in_transaction = False            # the milters have seen MAIL
         self.defaults_counted = 0              # chain.fallbacks already in /metrics
+        self.tagged = {"i": tag}               # the DATA and end of message stages' macros
 
     # --- counting -------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class MilterStages:
                     "{rcpt_mailer}": MAILER}
         if stage == "helo":
             return self.tls
-        return {"i": self.tag}
+        return self.tagged
 
     def auth_tried(self, line: bytes) -> None:
         """The client's AUTH command (RFC 4954 4): its mechanism, for
