@@ -272,22 +272,24 @@ class MilterChain:
     async def data(self, macros: dict[str, str]) -> Answer:
         return await self._stage("data", _command("data"), macros)
 
-    def send_only(self, stage: str, *args) -> None:
-        """A stage no milter answers (wants_reply is False): its packets are
-        written, nothing is awaited; a failure shows at the next awaited step.
-        `args` as the stage's method takes them, macros included."""
-        if stage == "connect":
-            macros, command = args[0], _command(stage, *args[1:])
-        else:
-            macros, command = args[-1], _command(stage, *args[:-1])
-            if stage == "mail":
-                self.in_mail = True
+    def send_only(self, stage: str, *args) -> bool:
+        """A stage no milter answers: its packets written, nothing awaited (a
+        failure shows at the next awaited step), and True; False, and nothing
+        written, when some milter answers it (wants_reply): the caller awaits
+        the stage's method.  `args` as that method takes them (not connect's)."""
+        if self.wants_reply(stage):
+            return False
+        macros = args[-1]
+        command = _ENCODE[stage](*args[:-1])
+        if stage == "mail":
+            self.in_mail = True
         for slot in self.slots:
             if slot.takes(stage):
                 try:
                     slot.milter.send(stage, command, macros)
                 except MilterError as exc:
                     self.failed(slot, str(exc))
+        return True
 
     async def message(self, message: Spool, macros: dict[str, str], sender: str,
                       recipients: list[str], directory: str, stuffed: bool = True) -> Outcome:
@@ -407,11 +409,12 @@ def _command(stage: str, *args) -> bytes:
         if code == codec.FAMILY_INET and ":" in address:
             code = codec.FAMILY_INET6
         return codec.connect(hostname, code, port, address)
-    if stage == "helo":
-        return codec.helo(args[0])
-    if stage in ("mail", "rcpt"):
-        return (codec.mail if stage == "mail" else codec.rcpt)(args[0])
-    return codec.simple(codec.DATA)
+    return _ENCODE[stage](*args)
+
+
+DATA = codec.simple(codec.DATA)
+# The packet of each stage after connect, from the stage method's arguments.
+_ENCODE = {"helo": codec.helo, "mail": codec.mail, "rcpt": codec.rcpt, "data": lambda: DATA}
 
 
 async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],

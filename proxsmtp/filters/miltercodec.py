@@ -49,7 +49,7 @@ FAMILY_UNKNOWN, FAMILY_UNIX, FAMILY_INET, FAMILY_INET6 = b"U", b"L", b"4", b"6"
 
 _LENGTH = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")
-_MACRO = struct.Struct("!Ic")           # the length, SMFIC_MACRO
+_HEAD = struct.Struct("!Ic")            # the length, the command
 _pairs = itertools.chain.from_iterable  # a dict's items as one run of strings
 
 
@@ -60,7 +60,7 @@ class CodecError(ValueError):
 
 def packet(code: bytes, data: bytes = b"") -> bytes:
     """One packet on the wire."""
-    return _LENGTH.pack(len(data) + 1) + code + data
+    return _HEAD.pack(len(data) + 1, code) + data
 
 
 def _strings(values: Sequence[str | bytes]) -> bytes:
@@ -101,7 +101,7 @@ def macro(stage: bytes, macros: dict[str, str]) -> bytes:
         data = _each_string([item for pair in macros.items() for item in pair])
     else:
         data = text.encode("utf-8", "surrogateescape") + b"\0"
-    return _MACRO.pack(len(data) + 2, MACRO) + stage + data
+    return _HEAD.pack(len(data) + 2, MACRO) + stage + data
 
 
 def restage(packet: bytes, stage: bytes) -> bytes:
@@ -134,7 +134,7 @@ def header(name: bytes, value: bytes) -> bytes:
     data = b"%s\0%s\0" % (name, value)
     if data.count(b"\0") != 2:
         data = _strings([name, value])
-    return _LENGTH.pack(len(data) + 1) + HEADER + data
+    return _HEAD.pack(len(data) + 1, HEADER) + data
 
 
 def body(chunk: bytes) -> bytes:

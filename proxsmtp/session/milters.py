@@ -192,8 +192,7 @@ class MilterStages:
             return then()
         macros = self.macros(stage, value)
         call = (args[0] if stage == "helo" else args, macros)
-        if not chain.wants_reply(stage):
-            chain.send_only(stage, *call)
+        if chain.send_only(stage, *call):
             return then()
         return self._awaited(session, stage, call, then)
 
@@ -259,14 +258,12 @@ class MilterStages:
         chain = self.chain
         if path is datapath.FILTERED and chain.active and self.discard is None:
             macros = self.macros("data")
-            if chain.wants_reply("data"):
+            if not chain.send_only("data", macros):
                 answer = await self.timed("data", chain.data(macros))
                 reply = self.refusal("data", answer)
                 if reply is not None:
                     session.envelope.milter = answer.milter
                     return reply
-            else:
-                chain.send_only("data", macros)
         return None
 
     # --- the message and after --------------------------------------------------
