@@ -296,7 +296,10 @@ class MilterChain:
         """Headers, body and end of message through the chain; the changes
         applied.  A message that is refused is returned as it came.
         `stuffed`: the spool is DATA's, dot-stuffed (not BDAT's)."""
-        if not any(slot.sticky is not None or slot.takes("eob") for slot in self.slots):
+        for slot in self.slots:
+            if slot.sticky is not None or slot.takes("eob"):
+                break
+        else:                           # no milter has a say in this message
             outcome = Outcome(CONTINUE, message, actions=self.fallbacks)
             self._transaction_over()
             return outcome
