@@ -139,15 +139,25 @@ class MilterChain:
         return False
 
     def wants_reply(self, stage: str) -> bool:
+        return self._takers(stage) is None
+
+    def _takers(self, stage: str) -> list[_Slot] | None:
+        """The milters that take this stage's packet, when none of them
+        answers it; None when some milter answers it, or will say at connect
+        whether it does."""
+        takers = []
         for slot in self.slots:
             if slot.sticky is not None:
-                return True
-            if slot.milter is None:
+                return None
+            milter = slot.milter
+            if milter is None:
                 if not slot.gone:
-                    return True         # not connected yet: connect() will tell
-            elif slot.takes(stage) and slot.milter.replies(stage):
-                return True
-        return False
+                    return None         # not connected yet: connect() will tell
+            elif slot.takes(stage):
+                if milter.replies(stage):
+                    return None
+                takers.append(slot)
+        return takers
 
     def failed(self, slot: _Slot, reason: str) -> Answer | None:
         """MilterDefaultAction for a milter that failed: its answer, or None
@@ -167,14 +177,18 @@ class MilterChain:
                              slot.spec, reason)
         return slot.sticky
 
-    async def _open(self, slot: _Slot) -> None:
+    def _kept(self, slot: _Slot) -> bool:
+        """A connection kept from an earlier session (MilterReuse) taken."""
         if slot.spec in self.reuse:
             milter = milterpool.worker_pool().take(slot.spec)
             if milter is not None:
                 milter.reused = True
                 slot.milter = milter
                 log.debug("%s: milter %s: a kept connection", self.tag, slot.spec)
-                return
+                return True
+        return False
+
+    async def _open(self, slot: _Slot) -> None:
         milter = Milter(slot.address, self.timeout)
         try:
             await milter.open()
@@ -252,7 +266,10 @@ class MilterChain:
                       port: int, address: str) -> Answer:
         """`family`: inet, inet6, unix or unknown (an inet address with a
         colon is sent as inet6)."""
-        new = [slot for slot in self.slots if slot.milter is None and not slot.gone]
+        new = []
+        for slot in self.slots:
+            if slot.milter is None and not slot.gone and not self._kept(slot):
+                new.append(slot)
         if len(new) == 1:
             await self._open(new[0])
         elif new:                       # connected side by side
@@ -277,18 +294,18 @@ class MilterChain:
         failure shows at the next awaited step), and True; False, and nothing
         written, when some milter answers it (wants_reply): the caller awaits
         the stage's method.  `args` as that method takes them (not connect's)."""
-        if self.wants_reply(stage):
+        takers = self._takers(stage)
+        if takers is None:
             return False
         macros = args[-1]
         command = _ENCODE[stage](*args[:-1])
         if stage == "mail":
             self.in_mail = True
-        for slot in self.slots:
-            if slot.takes(stage):
-                try:
-                    slot.milter.send(stage, command, macros)
-                except MilterError as exc:
-                    self.failed(slot, str(exc))
+        for slot in takers:
+            try:
+                slot.milter.send(stage, command, macros)
+            except MilterError as exc:
+                self.failed(slot, str(exc))
         return True
 
     async def message(self, message: Spool, macros: dict[str, str], sender: str,
