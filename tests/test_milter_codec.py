@@ -214,6 +214,12 @@ def test_macros_in_one_join_are_the_value_by_value_encoding(macros, stage):
     assert codec.macro(stage, macros) == _macro_one_by_one(stage, macros)
 
 
+@given(st.dictionaries(st.text(max_size=12), anything, max_size=5),
+       st.sampled_from([codec.EOH, codec.DATA]), st.sampled_from([codec.BODYEOB, codec.MAIL]))
+def test_macros_restaged_are_those_encoded_for_the_other_stage(macros, first, then):
+    assert codec.restage(codec.macro(first, macros), then) == codec.macro(then, macros)
+
+
 @given(st.integers(min_value=0, max_value=0x1FFFFF),
        st.sampled_from(["connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body",
                         "eob"]))

@@ -67,7 +67,8 @@ MORE = frozenset((codec.PROGRESS, codec.ADDHEADER, codec.INSHEADER, codec.CHGHEA
                   codec.REPLBODY, codec.CHGFROM, codec.ADDRCPT, codec.ADDRCPT_PAR,
                   codec.DELRCPT, codec.QUARANTINE, codec.SETSYMLIST))
 
-QUIT_NC = codec.simple(codec.QUIT_NC)
+QUIT_NC, QUIT, ABORT = (codec.simple(codec.QUIT_NC), codec.simple(codec.QUIT),
+                        codec.simple(codec.ABORT))
 OPTNEG = codec.optneg(codec.VERSION, ACTIONS, PROTOCOL)
 NODELAY = QUICKACK = True       # bench/milterack.py turns them off to measure them
 HELD = 64 * 1024                # bytes of packets without reply held back at most
@@ -339,7 +340,7 @@ class Milter:
     def abort(self) -> None:
         """SMFIC_ABORT: the transaction is over; no reply."""
         if self.alive:
-            self.queue(codec.simple(codec.ABORT))
+            self.queue(ABORT)
 
     def quit_nc(self) -> None:
         """SMFIC_QUIT_NC: the client session's conversation is over, the
@@ -357,7 +358,7 @@ class Milter:
         if not link.error:
             if self.held and self.held[-1] is QUIT_NC:
                 self.held.pop()
-            link.transport.write(b"".join(self.held) + codec.simple(codec.QUIT))
+            link.transport.write(b"".join(self.held) + QUIT)
             link.error = "closed"
             link.transport.close()
         self.link = None

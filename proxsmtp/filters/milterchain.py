@@ -139,15 +139,25 @@ class MilterChain:
         return False
 
     def wants_reply(self, stage: str) -> bool:
+        return self._takers(stage) is None
+
+    def _takers(self, stage: str) -> list[_Slot] | None:
+        """The milters that take this stage's packet, when none of them
+        answers it; None when some milter answers it, or will say at connect
+        whether it does."""
+        takers = []
         for slot in self.slots:
             if slot.sticky is not None:
-                return True
-            if slot.milter is None:
+                return None
+            milter = slot.milter
+            if milter is None:
                 if not slot.gone:
-                    return True         # not connected yet: connect() will tell
-            elif slot.takes(stage) and slot.milter.replies(stage):
-                return True
-        return False
+                    return None         # not connected yet: connect() will tell
+            elif slot.takes(stage):
+                if milter.replies(stage):
+                    return None
+                takers.append(slot)
+        return takers
 
     def failed(self, slot: _Slot, reason: str) -> Answer | None:
         """MilterDefaultAction for a milter that failed: its answer, or None
@@ -167,14 +177,18 @@ class MilterChain:
                              slot.spec, reason)
         return slot.sticky
 
-    async def _open(self, slot: _Slot) -> None:
+    def _kept(self, slot: _Slot) -> bool:
+        """A connection kept from an earlier session (MilterReuse) taken."""
         if slot.spec in self.reuse:
             milter = milterpool.worker_pool().take(slot.spec)
             if milter is not None:
                 milter.reused = True
                 slot.milter = milter
                 log.debug("%s: milter %s: a kept connection", self.tag, slot.spec)
-                return
+                return True
+        return False
+
+    async def _open(self, slot: _Slot) -> None:
         milter = Milter(slot.address, self.timeout)
         try:
             await milter.open()
@@ -252,7 +266,10 @@ class MilterChain:
                       port: int, address: str) -> Answer:
         """`family`: inet, inet6, unix or unknown (an inet address with a
         colon is sent as inet6)."""
-        new = [slot for slot in self.slots if slot.milter is None and not slot.gone]
+        new = []
+        for slot in self.slots:
+            if slot.milter is None and not slot.gone and not self._kept(slot):
+                new.append(slot)
         if len(new) == 1:
             await self._open(new[0])
         elif new:                       # connected side by side
@@ -272,29 +289,34 @@ class MilterChain:
     async def data(self, macros: dict[str, str]) -> Answer:
         return await self._stage("data", _command("data"), macros)
 
-    def send_only(self, stage: str, *args) -> None:
-        """A stage no milter answers (wants_reply is False): its packets are
-        written, nothing is awaited; a failure shows at the next awaited step.
-        `args` as the stage's method takes them, macros included."""
-        if stage == "connect":
-            macros, command = args[0], _command(stage, *args[1:])
-        else:
-            macros, command = args[-1], _command(stage, *args[:-1])
-            if stage == "mail":
-                self.in_mail = True
-        for slot in self.slots:
-            if slot.takes(stage):
-                try:
-                    slot.milter.send(stage, command, macros)
-                except MilterError as exc:
-                    self.failed(slot, str(exc))
+    def send_only(self, stage: str, *args) -> bool:
+        """A stage no milter answers: its packets written, nothing awaited (a
+        failure shows at the next awaited step), and True; False, and nothing
+        written, when some milter answers it (wants_reply): the caller awaits
+        the stage's method.  `args` as that method takes them (not connect's)."""
+        takers = self._takers(stage)
+        if takers is None:
+            return False
+        macros = args[-1]
+        command = _ENCODE[stage](*args[:-1])
+        if stage == "mail":
+            self.in_mail = True
+        for slot in takers:
+            try:
+                slot.milter.send(stage, command, macros)
+            except MilterError as exc:
+                self.failed(slot, str(exc))
+        return True
 
     async def message(self, message: Spool, macros: dict[str, str], sender: str,
                       recipients: list[str], directory: str, stuffed: bool = True) -> Outcome:
         """Headers, body and end of message through the chain; the changes
         applied.  A message that is refused is returned as it came.
         `stuffed`: the spool is DATA's, dot-stuffed (not BDAT's)."""
-        if not any(slot.sticky is not None or slot.takes("eob") for slot in self.slots):
+        for slot in self.slots:
+            if slot.sticky is not None or slot.takes("eob"):
+                break
+        else:                           # no milter has a say in this message
             outcome = Outcome(CONTINUE, message, actions=self.fallbacks)
             self._transaction_over()
             return outcome
@@ -407,11 +429,12 @@ def _command(stage: str, *args) -> bytes:
         if code == codec.FAMILY_INET and ":" in address:
             code = codec.FAMILY_INET6
         return codec.connect(hostname, code, port, address)
-    if stage == "helo":
-        return codec.helo(args[0])
-    if stage in ("mail", "rcpt"):
-        return (codec.mail if stage == "mail" else codec.rcpt)(args[0])
-    return codec.simple(codec.DATA)
+    return _ENCODE[stage](*args)
+
+
+DATA = codec.simple(codec.DATA)
+# The packet of each stage after connect, from the stage method's arguments.
+_ENCODE = {"helo": codec.helo, "mail": codec.mail, "rcpt": codec.rcpt, "data": lambda: DATA}
 
 
 async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
@@ -423,7 +446,8 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
     goes in as few writes as its size allows: what leads up to the body
     (macros, the fields, EOH) as one piece when nothing in it is answered."""
     # (libmilter takes macros for EOH, not for HEADER: they go first)
-    ahead = [codec.macro(codec.EOH, macros)] if macros else []
+    given = codec.macro(codec.EOH, macros) if macros else b""
+    ahead = [given] if given else []
     protocol = milter.protocol      # (Milter.sends and Milter.replies, read once)
     if not protocol & codec.P_NOHDRS:
         fields = draft.header_values(milter.leadspace)
@@ -453,7 +477,7 @@ async def exchange(milter: Milter, draft: Draft, macros: dict[str, str],
         code, data = await _body(milter, draft, timeout * CONTENT_FACTOR)
         if code not in (codec.CONTINUE, codec.SKIP):
             return code, data
-    milter.write(codec.macro(codec.BODYEOB, macros) + BODYEOB if macros else BODYEOB)
+    milter.write(codec.restage(given, codec.BODYEOB) + BODYEOB if given else BODYEOB)
     return codec.BODYEOB, b""
 
 

@@ -8,6 +8,7 @@ a Decoder, no I/O: milter.py does the talking.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Iterable, Sequence
 
@@ -48,6 +49,8 @@ FAMILY_UNKNOWN, FAMILY_UNIX, FAMILY_INET, FAMILY_INET6 = b"U", b"L", b"4", b"6"
 
 _LENGTH = struct.Struct("!I")
 _OPTNEG = struct.Struct("!III")
+_HEAD = struct.Struct("!Ic")            # the length, the command
+_pairs = itertools.chain.from_iterable  # a dict's items as one run of strings
 
 
 class CodecError(ValueError):
@@ -57,7 +60,7 @@ class CodecError(ValueError):
 
 def packet(code: bytes, data: bytes = b"") -> bytes:
     """One packet on the wire."""
-    return _LENGTH.pack(len(data) + 1) + code + data
+    return _HEAD.pack(len(data) + 1, code) + data
 
 
 def _strings(values: Sequence[str | bytes]) -> bytes:
@@ -91,14 +94,20 @@ def optneg(version: int, actions: int, protocol: int) -> bytes:
 def macro(stage: bytes, macros: dict[str, str]) -> bytes:
     """SMFIC_MACRO: the macros for the command `stage` that follows."""
     try:
-        text = "\0".join(map("\0".join, macros.items()))
+        text = "\0".join(_pairs(macros.items()))
     except TypeError:
         text = None
     if text is None or text.count("\0") != 2 * len(macros) - 1:
-        data = stage + _each_string([item for pair in macros.items() for item in pair])
+        data = _each_string([item for pair in macros.items() for item in pair])
     else:
-        data = stage + text.encode("utf-8", "surrogateescape") + b"\0"
-    return _LENGTH.pack(len(data) + 1) + MACRO + data
+        data = text.encode("utf-8", "surrogateescape") + b"\0"
+    return _HEAD.pack(len(data) + 2, MACRO) + stage + data
+
+
+def restage(packet: bytes, stage: bytes) -> bytes:
+    """A `macro` packet with the same macros for another command: the end
+    of message's macros go at EOH and at BODYEOB, encoded once."""
+    return packet[:5] + stage + packet[6:]
 
 
 def connect(hostname: str, family: bytes, port: int, address: str) -> bytes:
@@ -125,7 +134,7 @@ def header(name: bytes, value: bytes) -> bytes:
     data = b"%s\0%s\0" % (name, value)
     if data.count(b"\0") != 2:
         data = _strings([name, value])
-    return _LENGTH.pack(len(data) + 1) + HEADER + data
+    return _HEAD.pack(len(data) + 1, HEADER) + data
 
 
 def body(chunk: bytes) -> bytes:

@@ -69,6 +69,7 @@ class MilterStages:
         self.auth_type = ""                    # {auth_type}: the mechanism that succeeded
         self.in_transaction = False            # the milters have seen MAIL
         self.defaults_counted = 0              # chain.fallbacks already in /metrics
+        self.tagged = {"i": tag}               # the DATA and end of message stages' macros
 
     # --- counting -------------------------------------------------------------
 
@@ -126,7 +127,7 @@ class MilterStages:
                     "{rcpt_mailer}": MAILER}
         if stage == "helo":
             return self.tls
-        return {"i": self.tag}
+        return self.tagged
 
     def auth_tried(self, line: bytes) -> None:
         """The client's AUTH command (RFC 4954 4): its mechanism, for
@@ -191,8 +192,7 @@ class MilterStages:
             return then()
         macros = self.macros(stage, value)
         call = (args[0] if stage == "helo" else args, macros)
-        if not chain.wants_reply(stage):
-            chain.send_only(stage, *call)
+        if chain.send_only(stage, *call):
             return then()
         return self._awaited(session, stage, call, then)
 
@@ -258,14 +258,12 @@ class MilterStages:
         chain = self.chain
         if path is datapath.FILTERED and chain.active and self.discard is None:
             macros = self.macros("data")
-            if chain.wants_reply("data"):
+            if not chain.send_only("data", macros):
                 answer = await self.timed("data", chain.data(macros))
                 reply = self.refusal("data", answer)
                 if reply is not None:
                     session.envelope.milter = answer.milter
                     return reply
-            else:
-                chain.send_only("data", macros)
         return None
 
     # --- the message and after --------------------------------------------------
