@@ -630,13 +630,13 @@ def test_data_taken_in_callbacks_only_when_nothing_waits():
     plain = config.parse("OutAddress: 127.0.0.1:25\n")
     keepalives = config.parse("OutAddress: 127.0.0.1:25\nKeepAlives: 30\n")
     may = datapath.callbacks_may_take
-    assert may(datapath.RELAYED, plain, False, False)
-    assert not may(datapath.RELAYED, keepalives, False, False)
-    assert not may(datapath.RELAYED, plain, True, False)
-    assert not may(datapath.RELAYED, plain, False, True)
-    for path in datapath.Path:
-        if path is not datapath.RELAYED:
-            assert not may(path, plain, False, False), path
+    for path in (datapath.RELAYED, datapath.FILTERED):
+        assert may(path, plain, False, False)
+        assert not may(path, keepalives, False, False)
+        assert not may(path, plain, True, False)
+        assert not may(path, plain, False, True)
+    for path in (datapath.SKIPPED, datapath.REJECTED, datapath.NO_RECIPIENT):
+        assert not may(path, plain, False, False), path
 
 
 def test_take_reply_takes_a_whole_reply_or_nothing():

@@ -2,9 +2,10 @@
 envelope (proxsmtpd(8) FILTERS, proxsmtpd.conf(5) FilterType and Skip).
 
 The session asks it at the client's DATA; the Transfer follows the answer.
-Whether the relay's callbacks may take the message without waking the
-session's task is a second question, asked only of a relayed message
-(`callbacks_may_take`).
+Whether the relay's callbacks may take the message in without waking the
+session's task is a second question (`callbacks_may_take`), asked the same
+way of every message that is taken in, filtered or not: what a filter
+needs comes after the final dot.
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ def choose(config: Config, envelope: Envelope, skip: bool) -> Path:
     return FILTERED
 
 
+# The ways that take the client's message in (into a spool) before anything
+# is offered to the server.
+TAKEN_IN = frozenset((RELAYED, FILTERED))
+
+
 def callbacks_may_take(path: Path, config: Config, replies_due: bool, xclient_due: bool) -> bool:
-    """The relay's callbacks may take this DATA (no task wake-up per step):
-    a relayed message that needs nothing the task waits on.  Not so with
-    keepalives to send (KeepAlives), replies to earlier commands still due,
-    or XCLIENT still to be sent first."""
-    return path is RELAYED and config.KeepAlives == 0 and not replies_due and not xclient_due
+    """The relay's callbacks may take this DATA's message in (no task
+    wake-up per step): one that is taken in (relayed or filtered), while
+    nothing is waited on meanwhile.  Not so with keepalives to send
+    (KeepAlives), replies to earlier commands still due, or XCLIENT still
+    to be sent first."""
+    return (path in TAKEN_IN and config.KeepAlives == 0 and not replies_due
+            and not xclient_due)

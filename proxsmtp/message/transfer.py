@@ -10,12 +10,14 @@ the final reply, which the client gets verbatim and only then.  A refusal
 and the server RSET.  `done` gets the message's Status at the end (None:
 no message was taken, the server refused DATA without recipients).
 
-A relayed message with nothing to wait on is taken entirely in the relay's
-callbacks (`start()`, then `receive()` as bytes arrive), so the session's
-task does not wake for each step.  Otherwise the task runs `run()` for the
-steps that wait (an upload with keepalives, the filter) and hands over to
-the same offer steps.  The task also does what is sent under flow control
-(`stream()`): a message on disk, the filter's new version, Skip's upload.
+While nothing else is waited on, the relay's callbacks take the message
+in (`start()`, then `receive()` as bytes arrive), filtered or not, so the
+session's task does not wake for each step.  Otherwise the task runs
+`run()` for the steps that wait (an upload with keepalives, replies still
+due) and hands over to the same steps.  What waits on something after the
+final dot is the task's too, handed to it as `task`: the filter
+(`filter()`), and what is sent under flow control (`stream()`: a message
+on disk, the filter's new version, Skip's upload).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Protocol
+from typing import Callable, Coroutine, Protocol
 
 from .. import filters
 from ..net.channel import CRLF, Channel, ChannelClosed
@@ -67,8 +69,7 @@ class Transfer:
         self.path = path
         # What the log line says of a message the server had its say on.
         self.status = SKIPPED if path is datapath.SKIPPED else FILTERED
-        if info is None:
-            info = log.isEnabledFor(logging.INFO)
+        info = log.isEnabledFor(logging.INFO) if info is None else info
         self.debug = log.isEnabledFor(logging.DEBUG) if debug is None else debug
         self.intake = Intake(envelope, client, server, size_limit, info, self.debug)
         self.message: spool.Spool | None = None
@@ -76,7 +77,7 @@ class Transfer:
         self.milters = milters            # the session's milters, if any (Milters)
         self.replay = False               # they changed the envelope: the server hears it again
         self.receiving = False            # the client's message is coming in, in the callbacks
-        self.streaming = False            # the task is to send the message (stream())
+        self.task: Coroutine[None, None, None] | None = None    # its next: filter(), stream()
         self.awaiting_final = False       # the server has the message; its verdict is due
         self.chunk_refusal: list[bytes] | None = None   # a BDAT chunk's refusal (_on_chunk)
         self.timeout = float(config.TimeOut)
@@ -91,22 +92,27 @@ class Transfer:
     def start(self) -> None:
         """Take the message in the relay's callbacks (datapath.callbacks_may_take):
         the relay feeds the client's bytes to receive() as they arrive."""
-        self.message = spool.Spool(self.config.TempDirectory, in_memory=True)
+        if self.open_spool() is None:
+            self.refuse(FAILED, FILTER_ERROR)
+            return
         self.receiving = True
         self.client.write(R_DATAINTERMED)
         self.client.start_data()
 
     def receive(self) -> bool:
-        """The client's bytes so far; True once the whole message is in
-        (and the transfer has gone on to the server)."""
-        if not self.intake.absorb(self.message):
+        """The client's bytes so far; True once the whole message is in (and
+        has gone on: to the server, or to the filter, in the task)."""
+        message = self.message
+        if not self.intake.absorb(message):
             return False
         self.receiving = False
-        refusal = self.intake.received(self.message)
-        if refusal is None:
-            self.offer()
-        else:
+        refusal = self.intake.received(message)
+        if refusal is not None:
             self.refuse(*refusal)
+        elif self.path is datapath.FILTERED:
+            self.task = self.filter(message)
+        else:
+            self.offer()
         return True
 
     async def run(self) -> None:
@@ -146,35 +152,40 @@ class Transfer:
         return self.message
 
     async def taken(self, message: spool.Spool) -> None:
-        """The whole message is in `message` (DATA's final dot, BDAT's LAST
-        chunk): refused, or filtered and offered to the server.  The filter
-        sees the message as the milters left it; a milter's discard or
-        refusal, or the filter's failure (451), ends it here."""
+        """The whole message is in `message`, taken by the task (DATA's final
+        dot, BDAT's LAST chunk): refused, or filtered, and offered."""
         refusal = self.intake.received(message)
         if refusal is not None:
             self.refuse(*refusal)
+        elif self.path is datapath.FILTERED:
+            await self.filter(message)
+        else:
+            self.offer()
+
+    async def filter(self, message: spool.Spool) -> None:
+        """The whole message through the milters, then the filter (which sees
+        it as they left it), and offered; a milter's discard or refusal, or
+        the filter's failure (451), ends it here."""
+        started = time.monotonic()      # the milters' and the filter's time, for the log
+        try:
+            if self.milters is not None:
+                message = await milterstep.run(self, self.milters)
+                if message is None:
+                    return
+            verdict = await filters.check(self.config, self.envelope, message,
+                                          self.server.keepalive)
+        except filters.FilterError as exc:
+            log.error("%s: %s", self.tag, exc)
+            self.refuse(FAILED, FILTER_ERROR)
             return
-        if self.path is datapath.FILTERED:
-            started = time.monotonic()      # the milters' and the filter's time, for the log
-            try:
-                if self.milters is not None:
-                    message = await milterstep.run(self, self.milters)
-                    if message is None:
-                        return
-                verdict = await filters.check(self.config, self.envelope, message,
-                                              self.server.keepalive)
-            except filters.FilterError as exc:
-                log.error("%s: %s", self.tag, exc)
-                self.refuse(FAILED, FILTER_ERROR)
-                return
-            finally:
-                self.envelope.filter_seconds = time.monotonic() - started
-            if not verdict.accept:
-                self.refuse(verdict.reply, REJECTED)
-                return
-            self.source = verdict.path
-            if self.replay and not await milterstep.replay(self):
-                return
+        finally:
+            self.envelope.filter_seconds = time.monotonic() - started
+        if not verdict.accept:
+            self.refuse(verdict.reply, REJECTED)
+            return
+        self.source = verdict.path
+        if self.replay and not await milterstep.replay(self):
+            return
         self.offer()
 
     # --- the offer, through the reply queue ---------------------------------------
@@ -194,7 +205,7 @@ class Transfer:
             return
         message = self.message
         if self.source is not None or message.memory is None:
-            self.streaming = True
+            self.task = self.stream()
             return
         header = self._header()
         data = message.memory if header is None else b"".join(
@@ -258,23 +269,20 @@ class Transfer:
         message = self.message
         if message is None:             # Skip: the client uploads to the server itself
             self.client.write(b"".join(reply))
-            self.streaming = True
-        elif self.source is not None or message.memory is None:   # sent by the task
-            self.streaming = True
+        if message is None or self.source is not None or message.memory is None:
+            self.task = self.stream()   # sent by the task
+            return
+        chunked = self.envelope.chunked     # by DATA to a server without CHUNKING
+        if not self.config.Header and not chunked:
+            self.server.write(message.as_sent(), False)
         else:
-            chunked = self.envelope.chunked     # by DATA to a server without CHUNKING
-            if not self.config.Header and not chunked:
-                self.server.write(message.as_sent(), False)
-            else:
-                self.server.write(b"".join(spool.data_pieces(message.reader(), self._header(),
-                                                             chunked)), False)
-            self._await_final()
+            self.server.write(b"".join(spool.data_pieces(message.reader(), self._header(),
+                                                         chunked)), False)
+        self._await_final()
 
     async def stream(self) -> None:
-        """The session's task sends the message under flow control: from
-        disk (a spool that outgrew memory, or the filter's new version), or
-        with Skip as the client uploads it."""
-        self.streaming = False
+        """The task sends the message under flow control: from disk (a spool
+        that outgrew memory, the filter's new version), or Skip's upload."""
         if self.message is None:
             await self.intake.relay(self.timeout)
         elif self.by_bdat:
@@ -314,6 +322,9 @@ class Transfer:
         a cycle for the collector."""
         if self.message is not None:
             self.message.remove()
+        if self.task is not None:       # the session's task never got to it
+            self.task.close()
+            self.task = None
         self.done = self.replies = None
 
     # --- what the client hears ------------------------------------------------------

@@ -141,17 +141,18 @@ def relay_envelope(session: Session, line: bytes, verb: bytes, address: str) -> 
 
 
 def smtp_DATA(session: Session, line: bytes, verb: bytes) -> Coroutine[None, None, None] | None:
-    """DATA: taken in the relay's callbacks when it needs nothing the task
-    waits on (Session.relayed_data), else by the task (Session.data; with
-    milters, their DATA stage first).  Not after BDAT in one transaction
-    (RFC 3030 2: 503)."""
+    """DATA: its message taken in by the relay's callbacks when nothing is
+    waited on meanwhile (Session.callbacks_data), else by the task
+    (Session.data; with milters, their DATA stage first).  Not after BDAT
+    in one transaction (RFC 3030 2: 503)."""
     if session.chunks is not None:
         session.replies.answer(R_DATAAFTERBDAT)
         return None
     if session.milters is not None:
         return session.milters.data(session)
-    if session.relayed_data:
-        session.start_data()
+    path = session.callbacks_data
+    if path is not None:
+        session.start_data(path)
         return None
     return session.data()
 

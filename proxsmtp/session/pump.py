@@ -7,7 +7,8 @@ goes through `Pump.relay_lines`.  Its rules:
   `passthru`, the channels' callbacks (`Channel.data_received`) call
   `on_news`, which relays what it can there and then and only wakes the
   task for what must wait on something (a handler that returns an
-  awaitable, a message streamed from disk, either side closing).
+  awaitable, a message's filter or its send from disk, either side
+  closing).
 - **No new call layer.**  A client line goes from relay_lines straight to
   its handler in `commands.HANDLERS` (the screens: a line too long, a bare
   CR, TLS still owed, XCLIENT due, are the choice of another handler, made
@@ -95,7 +96,7 @@ class Pump:
         this task sleeps, straight from the channels' callbacks (on_news).
         The task itself only runs what waits on something: what a handler
         left it (DATA, STARTTLS, XCLIENT, the first EHLO with ServerTLS), or
-        a relayed message sent from disk."""
+        what a message's Transfer left it (its filter, its send from disk)."""
         client = self.client
         while True:
             step = self.relay_lines()
@@ -115,10 +116,9 @@ class Pump:
                                      if self.replies.waiting_for_server else None) from None
             elif step is COMMAND:
                 command, self.deferred = self.deferred, None
-                if command is None:     # a relayed message to send from disk
-                    await self.transfer.stream()    # type: ignore[union-attr]
-                else:
-                    await command
+                if command is None:     # the Transfer's: its filter, or a send from disk
+                    command, self.transfer.task = self.transfer.task, None  # type: ignore
+                await command       # type: ignore[misc]
             elif step is YIELD:           # let the worker's other sessions run
                 await asyncio.sleep(0)
             else:
@@ -142,7 +142,7 @@ class Pump:
                                 raise SessionEnd(CLIENT_GONE, None)
                             return WAIT
                         continue
-                    if transfer.streaming:
+                    if transfer.task is not None:   # the filter, or a send under flow control
                         return COMMAND
                 got = server.take_line() if server.buf else None
                 if got is not None:

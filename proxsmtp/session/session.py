@@ -305,7 +305,7 @@ class Session(Pump):
     # --- DATA ------------------------------------------------------------------
 
     async def data(self) -> None:
-        """DATA the relay's callbacks do not take (see relayed_data): once
+        """DATA the relay's callbacks do not take (see callbacks_data): once
         every earlier reply is relayed, the Transfer's task steps run here;
         its offer's replies then come through the reply queue, and
         data_done() ends it.
@@ -321,19 +321,19 @@ class Session(Pump):
         await self.new_transfer(datapath.choose(self.config, self.envelope, self.skipping)).run()
 
     @property
-    def relayed_data(self) -> bool:
-        """This DATA is taken in the relay's callbacks (Transfer.start):
-        datapath says it is relayed unfiltered, and it needs nothing the
-        task waits on."""
+    def callbacks_data(self) -> datapath.Path | None:
+        """This DATA's way (datapath's) when the relay's callbacks take its
+        message in (Transfer.start); else None: the task does (data())."""
         config = self.config
-        return datapath.callbacks_may_take(
-            datapath.choose(config, self.envelope,
-                            self.authenticated and config.skip_authenticated),
-            config, bool(self.replies), self.xclient_due)
+        path = datapath.choose(config, self.envelope,
+                               self.authenticated and config.skip_authenticated)
+        if datapath.callbacks_may_take(path, config, bool(self.replies), self.xclient_due):
+            return path
+        return None
 
-    def start_data(self) -> None:
-        """DATA in the relay's callbacks (relayed_data said so)."""
-        self.new_transfer(datapath.RELAYED).start()
+    def start_data(self, path: datapath.Path) -> None:
+        """DATA in the relay's callbacks (callbacks_data said so)."""
+        self.new_transfer(path).start()
 
     def data_done(self, status: Status | None) -> None:
         """The Transfer is over: its message logged (unless none was taken); commands again."""
