@@ -157,3 +157,103 @@ def test_the_node_ehlo_reply_said_again_is_taken_whole_and_a_new_one_read_anew()
         assert node.due == 0 and node.last == b"250"
     finally:
         loop.close()
+
+
+class ChunkingNode:
+    """A filter node on loopback that takes BDAT (RFC 3030) and XCLIENT, and
+    records each message's bytes; a message with `die` in it gets no reply:
+    the node closes the connection once it has read it."""
+
+    EHLO = b"250-node.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 XCLIENT ADDR HELO\r\n"
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.messages: list[bytes] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 node.test\r\n")
+        while line := await reader.readline():
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == b"EHLO":
+                writer.write(self.EHLO)
+            elif verb == b"XCLIENT":
+                writer.write(b"220 node.test\r\n")
+            elif verb in (b"MAIL", b"RCPT"):
+                writer.write(b"250 2.1.0 Ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                message = await reader.readuntil(b"\r\n.\r\n")
+                if not self.took(message[:-3], writer):
+                    break
+            elif verb == b"BDAT":
+                message = await reader.readexactly(int(line.split()[1]))
+                if not self.took(message, writer):
+                    break
+            else:
+                writer.write(b"221 bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+    def took(self, message: bytes, writer: asyncio.StreamWriter) -> bool:
+        self.messages.append(message)
+        if b"die" in message:
+            return False
+        writer.write(b"250 2.0.0 Ok: queued as N%d\r\n" % len(self.messages))
+        return True
+
+
+def test_a_message_by_bdat_is_on_its_way_as_one_after_354_is(tmp_path, monkeypatch):
+    """By BDAT there is no 354 before the message leaves (RFC 3030): the
+    connection is kept after the node's 2xx like any other, and a reply lost
+    after the chunk is the message's FilterError (451), never Stale, which
+    would offer the message a second time on a new connection."""
+    from proxsmtp.filters import node as nodefilter
+    from proxsmtp.filters.verdict import FilterError
+    from proxsmtp.message import spool
+    from proxsmtp.message.envelope import Envelope
+    from proxsmtp.process import config
+
+    node = ChunkingNode()
+    sent = {}
+    real_chunk = nodepool.NodePeer.sending_chunk
+
+    def sending_chunk(self) -> None:
+        sent["reused"] = self.reused
+        real_chunk(self)
+    monkeypatch.setattr(nodepool.NodePeer, "sending_chunk", sending_chunk)
+
+    def message(body: bytes, chunked: bool) -> tuple[Envelope, spool.Spool]:
+        envelope = Envelope("TAG", client_ip="127.0.0.1", helo="client.test", sender="a@x.test",
+                            recipients=["b@y.test"], mail_line=b"MAIL FROM:<a@x.test>\r\n",
+                            rcpt_lines=[b"RCPT TO:<b@y.test>\r\n"])
+        envelope.chunked = chunked
+        kept = spool.Spool(str(tmp_path), in_memory=True)
+        kept.write(b"Subject: pooled\r\n\r\n" + body + b"\r\n")
+        kept.finish()
+        return envelope, kept
+
+    async def offers() -> None:
+        server = await asyncio.start_server(node.serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conf = config.parse("OutAddress: 127.0.0.1:25\nFilterType: smtp\n"
+                            "FilterCommand: 127.0.0.1:%d\nFilterConnections: 1\n"
+                            "FilterTLS: off\nFilterTimeout: 3\n" % port)
+        try:
+            assert (await nodefilter.smtp_verdict(conf, *message(b"one", False))).accept
+            with pytest.raises(FilterError) as failed:      # on the kept connection
+                await nodefilter.smtp_verdict(conf, *message(b"die", True))
+            assert not isinstance(failed.value, nodepool.Stale)
+            assert sent["reused"], "the BDAT message went on the kept connection"
+            for body in (b"two", b"three"):     # a new connection, kept after BDAT too
+                assert (await nodefilter.smtp_verdict(conf, *message(body, True))).accept
+        finally:
+            await nodepool.close_idle()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(offers())
+    assert [m.split(b"\r\n\r\n", 1)[1] for m in node.messages] == \
+        [b"one\r\n", b"die\r\n", b"two\r\n", b"three\r\n"], "die offered once"
+    assert node.connections == 2, "the second one kept after a message by BDAT"

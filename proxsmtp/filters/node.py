@@ -14,10 +14,13 @@ session already speaks for that message's client.
 
 from __future__ import annotations
 
+import asyncio
+
 from ..message import spool
 from ..message.envelope import Envelope
 from ..net import destination, tls
 from ..net.channel import Channel, ChannelClosed
+from ..net.waits import wait_any
 from ..process import stats
 from ..process.config import Config
 from ..process.log import clean, log
@@ -182,32 +185,122 @@ async def _offer(node: nodepool.NodePeer, envelope: Envelope,
     steps = envelope_steps(envelope, sender, offered, message.size)
     if chunked:         # RFC 3030: no DATA, no 354; the envelope's replies first
         steps.pop()
-    lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
-    pipelining = node.pipelining
-    if pipelining:      # RFC 2920: one group, the replies read in order
-        node.send(*lines)
-    last = len(steps) - 1
-    for at, line in enumerate(lines):
-        if not pipelining:
-            node.send(line)
-        reply = await node.read_reply()
-        code = reply[0][:3]     # as code_text reads it: the first line's
-        if code != b"354" if at == last and not chunked else code[:1] != b"2" or not code.isdigit():
+    offer = Offer(node, envelope, message, steps, chunked)
+    offer.begin()
+    channel = node.channel
+    try:
+        while True:
+            while not offer.take():
+                await wait_any((channel,), node.timeout, offer.news)
+            if offer.verdict is not None:
+                return offer.verdict
+            await offer.send()
+    except (ChannelClosed, asyncio.TimeoutError) as exc:
+        raise node.failed(exc) from None
+
+
+class Offer:
+    """The envelope and the message to the node, on a connection that speaks
+    for the message's client, and the node's verdict.
+
+    The envelope goes as one group under PIPELINING (RFC 2920), else one
+    command per reply.  The message follows the 354 to DATA or, by BDAT
+    (RFC 3030), the envelope's last reply: never before the node answered
+    on this connection for this message, so that a reused connection that
+    turns out dead before it left still gets its retry (nodepool.Stale).
+    The replies are taken as they come, in the node channel's news
+    callback (`news`), so the task that awaits the offer wakes once for
+    the verdict (and once more to send a message from disk or by BDAT
+    under flow control).
+    """
+
+    __slots__ = ("node", "envelope", "message", "steps", "lines", "chunked", "at",
+                 "verdict", "sending")
+
+    def __init__(self, node: nodepool.NodePeer, envelope: Envelope, message: spool.Spool,
+                 steps: list[str], chunked: bool) -> None:
+        self.node = node
+        self.envelope = envelope
+        self.message = message
+        self.steps = steps
+        self.lines = [step.encode("utf-8", "surrogateescape") + b"\r\n" for step in steps]
+        self.chunked = chunked          # by BDAT, byte for byte
+        self.at = 0                     # the step whose reply is next; len(steps): the verdict's
+        self.verdict: Verdict | None = None
+        self.sending = False            # the task is to send the message (send())
+
+    def begin(self) -> None:
+        """The envelope: all of it in one group, or its first command."""
+        node = self.node
+        if node.pipelining:
+            node.send(*self.lines)
+        else:
+            node.send(self.lines[0])
+
+    def news(self) -> None:
+        """The node channel's news (wait_any's callback): its replies taken,
+        and the task woken once it has something to do; what fails is
+        raised in the task, which knows what it means."""
+        channel = self.node.channel
+        try:
+            if self.take():
+                channel.wake()
+            else:
+                channel.extend_wait(self.node.timeout)
+        except Exception as exc:
+            channel.fail(exc)
+
+    def take(self) -> bool:
+        """The replies that are here, in order; True once there is a verdict,
+        or a message for the task to send."""
+        take_reply, heard = self.node.take_reply, self.heard
+        while self.verdict is None and not self.sending:
+            reply = take_reply()
+            if reply is None:
+                return False
+            heard(reply)
+        return True
+
+    def heard(self, reply: list[bytes]) -> None:
+        at, steps = self.at, self.steps
+        if at == len(steps):        # the verdict on the message
+            code, text = code_text(reply)
+            if code // 100 == 2:
+                self.envelope.filter_reply = text.splitlines()[-1]
+                self.verdict = Verdict(True)
+            else:
+                self.verdict = as_rejection(code, text, "the message")
+            return
+        code = reply[0][:3]         # as code_text reads it: the first line's
+        last = at == len(steps) - 1
+        if code != b"354" if last and not self.chunked else code[:1] != b"2" or not code.isdigit():
             number, text = code_text(reply)
-            return as_rejection(number, text, steps[at].split(":", 1)[0])
-    if chunked:         # in one chunk: one reply, the verdict
-        await spool.send_bdat(node.channel, message.reader(), None, message.size,
-                              max(message.size, 1), node.timeout)
-    elif message.memory is not None and not envelope.chunked:   # framed once, for the server too
-        node.write(message.as_sent(), False)
-        await node.channel.drain(node.timeout)
-    else:
-        await spool.send(node.channel, message.reader(), None, node.timeout, envelope.chunked)
-    code, text = code_text(await node.read_reply())
-    if code // 100 == 2:
-        envelope.filter_reply = text.splitlines()[-1]
-        return Verdict(True)
-    return as_rejection(code, text, "the message")
+            self.verdict = as_rejection(number, text, steps[at].split(":", 1)[0])
+            return
+        self.at = at + 1
+        node = self.node
+        if not last:
+            if not node.pipelining:
+                node.send(self.lines[at + 1])
+            return
+        message = self.message
+        if self.chunked or message.memory is None or self.envelope.chunked:
+            self.sending = True
+        else:       # framed once, for the server too
+            node.write(message.as_sent(), False)
+
+    async def send(self) -> None:
+        """The message under flow control, by the task: by BDAT in one chunk
+        (its reply is the verdict), or from disk by DATA."""
+        self.sending = False
+        node, message = self.node, self.message
+        if self.chunked:
+            node.sending_chunk()
+            await spool.send_bdat(node.channel, message.reader(), None, message.size,
+                                  max(message.size, 1), node.timeout)
+        else:
+            await spool.send(node.channel, message.reader(), None, node.timeout,
+                             self.envelope.chunked)
 
 
 async def _speak_for(node: nodepool.NodePeer, client: tuple[str, str | None],

@@ -35,8 +35,9 @@ transaction in one session would.
 - A reused connection that turns out dead before the message left (EOF, a
   reset, a timeout or 421 in answer to XCLIENT, EHLO, MAIL, RCPT or
   DATA) raises Stale: the message gets one more try on a new connection.
-  Once the node said 354 the message may be on its way: a reply lost then
-  is FilterError (451) as on a new connection, never a second offer.
+  Once the node said 354, or the message left by BDAT, it may be on its
+  way: a reply lost then is FilterError (451) as on a new connection,
+  never a second offer.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class NodePeer(Peer):
         super().__init__(channel, timeout, "the filter node", failure)
         self.key = key
         self.reused = False         # taken from the pool for this message
-        self.committed = False      # the node said 354: the message may be on its way
+        self.committed = False      # 354, or BDAT sent: the message may be on its way
         self.due = 1                # replies owed (the greeting, then for what was sent)
         self.pipelining = False     # the node's last EHLO offered PIPELINING
         self.offered: set[str] = set()      # the keywords of the node's last EHLO
@@ -120,13 +121,20 @@ class NodePeer(Peer):
             self._known = (known, reply) if len(known) < REPLY_FAST else None
         return reply
 
+    def sending_chunk(self) -> None:
+        """The message leaves by BDAT, with no 354 before it (RFC 3030): it is
+        on its way from now (a reply lost is the message's, never Stale),
+        and its chunk's reply, the verdict, is owed."""
+        self.committed = True
+        self.due += 1
+
     def failed(self, exc: Exception) -> Exception:
         """A lost reply (EOF, reset, timeout) on a reused connection before
         354 is Stale; else it is the `failure` this connection was made with."""
         return self.stale(exc) or self.failure(exc)
 
     def heard(self, reply: list[bytes]) -> list[bytes]:
-        """Peer.read_reply's reply, counted: 354 commits the message; on a
+        """Peer.take_reply's reply, counted: 354 commits the message; on a
         reused connection 421 before that is Stale."""
         self.due -= 1
         code = self.last = reply[-1][:3]

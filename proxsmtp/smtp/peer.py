@@ -3,9 +3,10 @@ proxy's own commands, EHLO, STARTTLS (RFC 3207) and XCLIENT.
 
 A Peer is a connection the proxy speaks SMTP on itself: the server leg
 (ServerLeg, for NOOP, XCLIENT, DATA, RSET and STARTTLS) or a filter node
-(filters.node).  Both read replies with Peer.read_reply; what a failure to
-read one means (the session's end, or a filter's error) is the `failure`
-each is made with.
+(filters.node).  Both read replies with Peer.take_reply, from a news
+callback or awaited through Peer.read_reply; what a failure to read one
+means (the session's end, or a filter's error) is the `failure` each is
+made with.
 """
 
 from __future__ import annotations
@@ -59,51 +60,62 @@ class Peer:
         self.failure = failure
         # the TLS session to keep for resumption once a reply came inside TLS
         self.unkept: tlssessions.Key | None = None
+        self._lines: list[bytes] = []   # a reply's lines so far (take_reply)
+        self._size = 0                  # and their bytes
 
     async def read_reply(self, timeout: float | None = None,
                          known: tuple[bytes, list[bytes]] | None = None) -> list[bytes]:
-        """One whole (multi-line) reply, as `heard` takes it: `known`'s lines
-        when its bytes come again (Reader.take_known).  An overlong line is
-        cut short; an endless reply (ReplyTooLong), the peer's EOF
-        (ChannelClosed) or `timeout` seconds without news (TimeoutError)
-        raise what `failed` makes of them."""
-        channel = self.channel
-        lines: list[bytes] = []
-        size = 0
+        """One whole (multi-line) reply (take_reply), waiting for it up to
+        `timeout` seconds between news (TimeoutError); a failure to read it
+        raises what `failed` makes of it."""
         try:
             while True:
-                got = None
-                if channel.buf:
-                    if not lines:       # all of it here at once: the common case
-                        if known is not None and channel.take_known(known[0]):
-                            lines = known[1]
-                            break
-                        whole = channel.take_reply()
-                        if whole is not None:
-                            lines = whole
-                            break
-                    got = channel.take_line()
-                if got is None:
-                    if channel.eof:
-                        raise ChannelClosed("%s: connection closed by peer" % channel.name,
-                                            channel.name)
-                    await channel.wait(self.timeout if timeout is None else timeout)
-                    continue
-                line, too_long = got
-                if too_long:
-                    log.warning("%s: SMTP response line too long. discarded extra", channel.tag)
-                    line = line[:-2].rstrip(b"\r\n") + CRLF
-                lines.append(line)
-                size += len(line)
-                if len(lines) > REPLY_MAX_LINES or size > REPLY_MAX_BYTES:
-                    raise too_long_reply(channel.name)
-                if not is_continued(line):
-                    break
+                reply = self.take_reply(known)
+                if reply is not None:
+                    return reply
+                await self.channel.wait(self.timeout if timeout is None else timeout)
         except (ChannelClosed, asyncio.TimeoutError) as exc:
             raise self.failed(exc) from None
+
+    def take_reply(self, known: tuple[bytes, list[bytes]] | None = None) -> list[bytes] | None:
+        """One whole (multi-line) reply as `heard` takes it, when it is here;
+        else None, its lines so far kept for the next call.  `known`'s lines
+        when its bytes come again (Reader.take_known).  An overlong line is
+        cut short; an endless reply raises ReplyTooLong, the peer's EOF
+        before the reply's end ChannelClosed (the caller's `failed` says
+        what either means).  Not a coroutine: the callbacks of a channel's
+        news read replies with it too."""
+        channel = self.channel
+        lines = self._lines
+        while channel.buf:
+            if not lines:       # all of it here at once: the common case
+                if known is not None and channel.take_known(known[0]):
+                    return self._whole(known[1])
+                whole = channel.take_reply()
+                if whole is not None:
+                    return self._whole(whole)
+            got = channel.take_line()
+            if got is None:
+                break
+            line, too_long = got
+            if too_long:
+                log.warning("%s: SMTP response line too long. discarded extra", channel.tag)
+                line = line[:-2].rstrip(b"\r\n") + CRLF
+            lines.append(line)
+            self._size += len(line)
+            if len(lines) > REPLY_MAX_LINES or self._size > REPLY_MAX_BYTES:
+                raise too_long_reply(channel.name)
+            if not is_continued(line):
+                self._lines, self._size = [], 0
+                return self._whole(lines)
+        if channel.eof:
+            raise ChannelClosed("%s: connection closed by peer" % channel.name, channel.name)
+        return None
+
+    def _whole(self, reply: list[bytes]) -> list[bytes]:
         if self.unkept is not None:
             self.keep_session()
-        return self.heard(lines)
+        return self.heard(reply)
 
     def heard(self, reply: list[bytes]) -> list[bytes]:
         """A whole reply read: given to the reader's caller as it is (a
