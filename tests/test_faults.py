@@ -25,11 +25,13 @@ from harness import Client, RawServer, free_port, pid_alive, wait_until
 
 BODY = b"Subject: fault\r\nFrom: a@x.test\r\n\r\nhello\r\n"
 
-# DATA runs two ways: without a filter the relay's callbacks take the message
-# (Transfer.start); with one, the session's task does (Transfer.run).  The
-# faults around DATA are tried both ways.
-BOTH_DATA_PATHS = pytest.mark.parametrize("filter_command", [None, "cat"],
-                                          ids=["relayed", "filtered"])
+# DATA's message comes in two ways: the relay's callbacks take it
+# (Transfer.start) when nothing else is waited on, filtered or not; else the
+# session's task does (Transfer.run; here KeepAlives makes it so).  The faults
+# around DATA are tried each way, with and without a filter.
+BOTH_DATA_PATHS = pytest.mark.parametrize(
+    "data_path", [{}, {"FilterCommand": "cat"}, {"FilterCommand": "cat", "KeepAlives": 30}],
+    ids=["relayed", "filtered", "by-the-task"])
 
 
 def envelope(client: Client, rcpt: str = "b@y.test") -> None:
@@ -138,9 +140,9 @@ def _354_then_close(line, conn):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_server_closes_after_354(proxy, make_upstream, filter_command):
+def test_server_closes_after_354(proxy, make_upstream, data_path):
     server = make_upstream(replies={"DATA": _354_then_close})
-    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
+    px = proxy({"OutAddress": server.address, **data_path}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client, BODY + b"x" * 300000 + b"\r\n") == ["451 Local Error"]
@@ -154,9 +156,9 @@ def test_server_closes_after_354(proxy, make_upstream, filter_command):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
+def test_server_closes_before_final_reply(proxy, make_upstream, data_path):
     server = make_upstream(drop_at="DATA-END")
-    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
+    px = proxy({"OutAddress": server.address, **data_path}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client) == ["451 Local Error"]
@@ -170,9 +172,9 @@ def test_server_closes_before_final_reply(proxy, make_upstream, filter_command):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream, filter_command):
+def test_server_421_at_final_reply_is_passed_on(proxy, make_upstream, data_path):
     server = make_upstream(data_reply="421 4.3.0 shutting down")
-    px = proxy({"OutAddress": server.address, "FilterCommand": filter_command}, debug=3)
+    px = proxy({"OutAddress": server.address, **data_path}, debug=3)
     with px.connect() as client:
         envelope(client)
         assert message(client) == ["421 4.3.0 shutting down"]
@@ -331,8 +333,8 @@ def test_filter_writes_100_mb(proxy, make_upstream, source):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_client_disconnects_mid_data(proxy, upstream, filter_command):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
+def test_client_disconnects_mid_data(proxy, upstream, data_path):
+    px = proxy({"OutAddress": upstream.address, **data_path}, debug=3)
     mark = len(px.log())
     client = px.connect()
     envelope(client)
@@ -350,8 +352,8 @@ def test_client_disconnects_mid_data(proxy, upstream, filter_command):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_client_stalls_mid_line_in_data(proxy, upstream, filter_command):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command, "TimeOut": 2},
+def test_client_stalls_mid_line_in_data(proxy, upstream, data_path):
+    px = proxy({"OutAddress": upstream.address, **data_path, "TimeOut": 2},
                debug=3)
     mark = len(px.log())
     with px.connect() as client:
@@ -408,8 +410,8 @@ def test_client_command_without_crlf_at_eof_is_not_relayed(proxy, upstream):
 @BOTH_DATA_PATHS
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream, filter_command):
-    px = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command}, debug=3)
+def test_client_data_without_end_at_eof_is_not_delivered(proxy, upstream, data_path):
+    px = proxy({"OutAddress": upstream.address, **data_path}, debug=3)
     mark = len(px.log())
     with px.connect() as client:
         envelope(client)

@@ -210,17 +210,19 @@ def test_client_out_of_step_after_data(proxy, upstream, refused):
     p.wait_log("improper pipelining after DATA")
 
 
-# Without a filter the relay's callbacks take DATA (Transfer.start); with one,
-# the session's task does: what follows is tried both ways.
-BOTH_DATA_PATHS = pytest.mark.parametrize("filter_command", [None, "cat"],
-                                          ids=["relayed", "filtered"])
+# The relay's callbacks take DATA (Transfer.start) when nothing else is
+# waited on, filtered or not; else the session's task does (here KeepAlives
+# makes it so): what follows is tried each way.
+BOTH_DATA_PATHS = pytest.mark.parametrize(
+    "data_path", [{}, {"FilterCommand": "cat"}, {"FilterCommand": "cat", "KeepAlives": 30}],
+    ids=["relayed", "filtered", "by-the-task"])
 
 
 @BOTH_DATA_PATHS
-def test_message_sent_along_with_data_is_out_of_step(proxy, upstream, filter_command):
+def test_message_sent_along_with_data_is_out_of_step(proxy, upstream, data_path):
     """A lockstep client that sends DATA and its message in one write, not
     waiting for the 354: the same 554 5.5.0, nothing delivered."""
-    p = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command})
+    p = proxy({"OutAddress": upstream.address, **data_path})
     with p.connect() as client:
         client.cmd("EHLO c.test")
         assert client.code("MAIL FROM:<a@x.test>") == 250
@@ -233,12 +235,12 @@ def test_message_sent_along_with_data_is_out_of_step(proxy, upstream, filter_com
 
 
 @BOTH_DATA_PATHS
-def test_commands_behind_the_dot_wait_for_the_verdict(proxy, upstream, filter_command):
+def test_commands_behind_the_dot_wait_for_the_verdict(proxy, upstream, data_path):
     """Commands sent right behind the final dot (Postfix sends its QUIT so,
     a pipelining client its next envelope) wait until the server's verdict on
     the message is relayed; every reply comes in order, and the next message
     is taken as well."""
-    p = proxy({"OutAddress": upstream.address, "FilterCommand": filter_command})
+    p = proxy({"OutAddress": upstream.address, **data_path})
     with p.connect() as client:
         client.cmd("EHLO c.test")
         client.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")

@@ -46,16 +46,12 @@ def choose(config: Config, envelope: Envelope, skip: bool) -> Path:
     return FILTERED
 
 
-# The ways that take the client's message in (into a spool) before anything
-# is offered to the server.
-TAKEN_IN = frozenset((RELAYED, FILTERED))
-
-
 def callbacks_may_take(path: Path, config: Config, replies_due: bool, xclient_due: bool) -> bool:
     """The relay's callbacks may take this DATA's message in (no task
     wake-up per step): one that is taken in (relayed or filtered), while
     nothing is waited on meanwhile.  Not so with keepalives to send
     (KeepAlives), replies to earlier commands still due, or XCLIENT still
     to be sent first."""
-    return (path in TAKEN_IN and config.KeepAlives == 0 and not replies_due
-            and not xclient_due)
+    # `is` twice, not a set: an Enum member's hash is a Python call.
+    return ((path is RELAYED or path is FILTERED) and config.KeepAlives == 0
+            and not replies_due and not xclient_due)

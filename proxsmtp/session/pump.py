@@ -104,8 +104,9 @@ class Pump:
                 try:
                     await wait_any((client, self.server), self.idle_wait(), self.on_news)
                 except asyncio.TimeoutError:
-                    if self.receiving:
-                        raise SessionEnd(READ_TIMEOUT, None) from None
+                    if self.receiving:      # said as Intake.wait says it in the task
+                        raise (SessionEnd(READ_TIMEOUT, None) if client.line_started is None
+                               else unfinished_line(READ_TIMEOUT, self.timeout)) from None
                     if self.replies.proxy_command_due:
                         raise SessionEnd(SERVER_TIMEOUT, server_error="timeout") from None
                     # A begun line bounded this wait (the loop's timer may fire a

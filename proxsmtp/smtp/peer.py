@@ -87,13 +87,15 @@ class Peer:
         news read replies with it too."""
         channel = self.channel
         lines = self._lines
+        reply = None
         while channel.buf:
             if not lines:       # all of it here at once: the common case
                 if known is not None and channel.take_known(known[0]):
-                    return self._whole(known[1])
-                whole = channel.take_reply()
-                if whole is not None:
-                    return self._whole(whole)
+                    reply = known[1]
+                    break
+                reply = channel.take_reply()
+                if reply is not None:
+                    break
             got = channel.take_line()
             if got is None:
                 break
@@ -106,13 +108,13 @@ class Peer:
             if len(lines) > REPLY_MAX_LINES or self._size > REPLY_MAX_BYTES:
                 raise too_long_reply(channel.name)
             if not is_continued(line):
-                self._lines, self._size = [], 0
-                return self._whole(lines)
-        if channel.eof:
-            raise ChannelClosed("%s: connection closed by peer" % channel.name, channel.name)
-        return None
-
-    def _whole(self, reply: list[bytes]) -> list[bytes]:
+                reply, self._lines, self._size = lines, [], 0
+                break
+        if reply is None:
+            if channel.eof:
+                raise ChannelClosed("%s: connection closed by peer" % channel.name,
+                                    channel.name)
+            return None
         if self.unkept is not None:
             self.keep_session()
         return self.heard(reply)
