@@ -262,6 +262,11 @@ class Offer:
         return True
 
     def heard(self, reply: list[bytes]) -> None:
+        """The next reply: an envelope step's (a refusal is the verdict; the
+        last one's success sends the message), or the verdict's.  A message
+        in memory is written here: the node's verdict cannot come before it
+        has read all of it, so the wait for the verdict (FilterTimeout
+        between news) is its drain too."""
         at, steps = self.at, self.steps
         if at == len(steps):        # the verdict on the message
             code, text = code_text(reply)
@@ -291,7 +296,8 @@ class Offer:
 
     async def send(self) -> None:
         """The message under flow control, by the task: by BDAT in one chunk
-        (its reply is the verdict), or from disk by DATA."""
+        (its reply is the verdict); else by DATA, from disk, or dot-stuffed
+        from one that came by BDAT."""
         self.sending = False
         node, message = self.node, self.message
         if self.chunked:

@@ -12,9 +12,9 @@ no message was taken, the server refused DATA without recipients).
 
 While nothing else is waited on, the relay's callbacks take the message
 in (`start()`, then `receive()` as bytes arrive), filtered or not, so the
-session's task does not wake for each step.  Otherwise the task runs
-`run()` for the steps that wait (an upload with keepalives, replies still
-due) and hands over to the same steps.  What waits on something after the
+session's task does not wake for each step.  Otherwise (keepalives to
+send meanwhile, replies or XCLIENT still due) the task takes it in with
+`run()` and hands over to the same steps.  What waits on something after the
 final dot is the task's too, handed to it as `task`: the filter
 (`filter()`), and what is sent under flow control (`stream()`: a message
 on disk, the filter's new version, Skip's upload).
