@@ -190,11 +190,12 @@ async def _offer(node: nodepool.NodePeer, envelope: Envelope,
     channel = node.channel
     try:
         while True:
-            while not offer.take():
+            if not offer.take():    # what is here already; the rest as it comes
                 await wait_any((channel,), node.timeout, offer.news)
             if offer.verdict is not None:
                 return offer.verdict
-            await offer.send()
+            if offer.sending:
+                await offer.send()
     except (ChannelClosed, asyncio.TimeoutError) as exc:
         raise node.failed(exc) from None
 
@@ -251,22 +252,20 @@ class Offer:
             channel.fail(exc)
 
     def take(self) -> bool:
-        """The replies that are here, in order; True once there is a verdict,
-        or a message for the task to send."""
+        """The replies that are here, in order; True once the task has
+        something to do: the verdict, or the message to send."""
         take_reply, heard = self.node.take_reply, self.heard
-        while self.verdict is None and not self.sending:
-            reply = take_reply()
-            if reply is None:
-                return False
-            heard(reply)
-        return True
+        while (reply := take_reply()) is not None:
+            if heard(reply):
+                return True
+        return False
 
-    def heard(self, reply: list[bytes]) -> None:
+    def heard(self, reply: list[bytes]) -> bool:
         """The next reply: an envelope step's (a refusal is the verdict; the
-        last one's success sends the message), or the verdict's.  A message
-        in memory is written here: the node's verdict cannot come before it
-        has read all of it, so the wait for the verdict (FilterTimeout
-        between news) is its drain too."""
+        last one's success sends the message), or the verdict's; True when
+        the task has something to do.  A message in memory is written here:
+        the node's verdict cannot come before it has read all of it, so the
+        wait for the verdict (FilterTimeout between news) is its drain too."""
         at, steps = self.at, self.steps
         if at == len(steps):        # the verdict on the message
             code, text = code_text(reply)
@@ -275,24 +274,25 @@ class Offer:
                 self.verdict = Verdict(True)
             else:
                 self.verdict = as_rejection(code, text, "the message")
-            return
+            return True
         code = reply[0][:3]         # as code_text reads it: the first line's
         last = at == len(steps) - 1
         if code != b"354" if last and not self.chunked else code[:1] != b"2" or not code.isdigit():
             number, text = code_text(reply)
             self.verdict = as_rejection(number, text, steps[at].split(":", 1)[0])
-            return
+            return True
         self.at = at + 1
         node = self.node
         if not last:
             if not node.pipelining:
                 node.send(self.lines[at + 1])
-            return
+            return False
         message = self.message
         if self.chunked or message.memory is None or self.envelope.chunked:
             self.sending = True
-        else:       # framed once, for the server too
-            node.write(message.as_sent(), False)
+            return True
+        node.write(message.as_sent(), False)    # framed once, for the server too
+        return False
 
     async def send(self) -> None:
         """The message under flow control, by the task: by BDAT in one chunk
