@@ -118,7 +118,8 @@ class Pump:
             elif step is COMMAND:
                 command, self.deferred = self.deferred, None
                 if command is None:     # the Transfer's: its filter, or a send from disk
-                    command, self.transfer.task = self.transfer.task, None  # type: ignore
+                    transfer = self.transfer
+                    command, transfer.task = transfer.task, None    # type: ignore[union-attr]
                 await command       # type: ignore[misc]
             elif step is YIELD:           # let the worker's other sessions run
                 await asyncio.sleep(0)
